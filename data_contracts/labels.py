@@ -1,0 +1,22 @@
+"""The six MER2024 emotion classes and the three modalities, in the order used everywhere."""
+
+from __future__ import annotations
+
+CLASSES: tuple[str, ...] = ("neutral", "angry", "happy", "sad", "worried", "surprise")
+CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
+NUM_CLASSES = len(CLASSES)
+
+# Modalities, and the single-letter classifier names of METHOD.md (A, V, T, plus F for fusion).
+MODALITIES: tuple[str, ...] = ("visual", "acoustic", "text")
+CLASSIFIER_OF_MODALITY: dict[str, str] = {"acoustic": "A", "visual": "V", "text": "T"}
+CLASSIFIERS: tuple[str, ...] = ("A", "V", "T", "F")
+
+
+def label_index(name: str) -> int:
+    """Index of a class name; an unknown name lists the valid ones."""
+    try:
+        return CLASS_INDEX[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown emotion label {name!r}; valid labels are {', '.join(CLASSES)}"
+        ) from None

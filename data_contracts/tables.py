@@ -1,0 +1,48 @@
+"""References to the stored tables: a name (its folder under the stores) and its contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from data_contracts import contracts as c
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """One stored table: `name` is its folder under `<data_root>/stores/`."""
+
+    name: str
+    contract: c.Contract
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The columns that identify a row."""
+        return self.contract.key
+
+
+MANIFEST = TableRef("manifest", c.MANIFEST)
+AUDIO = TableRef("audio", c.AUDIO)
+FACES = TableRef("faces", c.FACES)
+TRANSCRIPTS = TableRef("transcripts", c.TRANSCRIPTS)
+LABELS = TableRef("labels", c.LABELS)
+PSEUDO_LABELS = TableRef("pseudo_labels", c.PSEUDO_LABELS)
+PREDICTIONS = TableRef("predictions", c.PREDICTIONS)
+FAILURES = TableRef("failures", c.FAILURES)
+
+FIXED_TABLES: tuple[TableRef, ...] = (
+    MANIFEST,
+    AUDIO,
+    FACES,
+    TRANSCRIPTS,
+    LABELS,
+    PSEUDO_LABELS,
+    PREDICTIONS,
+    FAILURES,
+)
+
+
+def features(modality: str, extractor_id: str, dim: int) -> TableRef:
+    """The feature table of one modality and extractor (one table per modality and extractor)."""
+    if not extractor_id or "/" in extractor_id or extractor_id.startswith("."):
+        raise ValueError(f"extractor_id {extractor_id!r} is not a valid table folder name")
+    return TableRef(f"features/{modality}/{extractor_id}", c.feature_contract(modality, dim))

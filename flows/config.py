@@ -1,0 +1,277 @@
+"""Typed settings: a profile file from configs/, then MERFLOW_* environment variables, then
+`key=value` overrides. Unknown keys and wrong types are errors that list every problem at once;
+the resolved settings are saved beside every output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "configs"
+ENV_PREFIX = "MERFLOW_"
+
+
+class SettingsError(ValueError):
+    """Settings could not be loaded; the message lists every problem and the way out."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusSettings(_Section):
+    """Where a MER2024-shaped corpus keeps its videos and CSVs (relative to the corpus folder)."""
+
+    labeled_dir: str = "video-labeled"
+    unlabeled_dir: str = "video-unlabeled"
+    labels_csv: str = "label-disdim.csv"
+    transcripts_csv: str = "label-transcription.csv"
+    video_extensions: list[str] = Field(
+        default_factory=lambda: [".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv"]
+    )
+
+
+class AudioSettings(_Section):
+    """FFmpeg audio split."""
+
+    sample_rate: int = Field(16000, gt=0)
+    ffmpeg_bin: str | None = None
+
+
+class FaceSettings(_Section):
+    """Face crop and alignment."""
+
+    backend: Literal["dlib", "opencv", "openface"] = "dlib"
+    size: int = Field(112, ge=16)
+    fps: float | None = Field(None, gt=0)
+    max_frames: int | None = Field(None, gt=0)
+    openface_bin: str | None = None
+
+
+class ModelSettings(_Section):
+    """Which extractor specs to run (names from models.registry) and how."""
+
+    visual: str = "clip-vit-large-patch14"
+    acoustic: str = "chinese-hubert-large"
+    asr: str = "wenet-wenetspeech-ctc"
+    text: str = "baichuan2-13b-base"
+    models_dir: str | None = None  # local checkpoints; default <data_root>/models
+    allow_download: bool = False
+    trust_remote_code: bool = False
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    visual_batch: int = Field(64, gt=0)
+    audio_batch_seconds: float = Field(120.0, gt=0)
+    audio_chunk_seconds: float = Field(10.0, gt=0)
+    text_batch_tokens: int = Field(4096, gt=0)
+
+
+class ExtractSettings(_Section):
+    """The extraction flow."""
+
+    shard_size: int = Field(64, gt=0)
+    prefer_official_transcripts: bool = True
+    gpu_concurrency: int = Field(1, gt=0)
+    retries: int = Field(2, ge=0)
+
+
+class TrainSettings(_Section):
+    """The train flow (METHOD.md: every number and decision)."""
+
+    seed: int = 0
+    n_splits: int = Field(5, ge=2)
+    lr: float = Field(1e-4, gt=0)
+    lr_step2: float = Field(5e-5, gt=0)
+    batch_size: int = Field(512, gt=0)
+    max_epochs: int = Field(40, gt=0)
+    patience: int = Field(5, gt=0)
+    final_epochs: int = Field(20, gt=0)
+    pretrain_epochs: int = Field(20, ge=0)
+    lambda_con: float = Field(1.0, ge=0)
+    hidden: int = Field(256, gt=0)
+    n_tokens: int = Field(8, gt=0)
+    n_layers: int = Field(2, gt=0)
+    n_heads: int = Field(4, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    nee_schedule: Literal["linear", "scaled_linear"] = "linear"
+    oversample_step1: dict[str, int] = Field(
+        default_factory=lambda: {"sad": 850, "worried": 850, "surprise": 850}
+    )
+    oversample_step2: dict[str, int] = Field(
+        default_factory=lambda: {"sad": 1000, "worried": 1000, "surprise": 1000}
+    )
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: {
+            "neutral": 0.99,
+            "angry": 0.99,
+            "happy": 0.99,
+            "sad": 0.99,
+            "worried": 0.85,
+            "surprise": 0.85,
+        }
+    )
+    preferred_baseline: list[str] = Field(default_factory=lambda: ["happy", "worried", "surprise"])
+    vote_weights: list[float] = Field(default_factory=lambda: [0.7, 0.5, 0.4, 0.7])
+    # Ablations of the paper's Table 1, one switch each.
+    use_pretraining: bool = True
+    use_nee: bool = True
+    use_pseudo_labels: bool = True
+    use_oversampling: bool = True
+    device: str = "auto"
+
+
+class PrefectSettings(_Section):
+    """The Prefect server merflow talks to."""
+
+    api_url: str | None = None  # default: the local server merflow starts under the data root
+    host: str = "127.0.0.1"
+    port: int = Field(4200, gt=0, lt=65536)
+
+
+class Settings(_Section):
+    """Everything a merflow run needs, resolved."""
+
+    profile: str = "paper"
+    data_root: str | None = None  # default: <corpus>/merflow
+    corpus: CorpusSettings = Field(default_factory=CorpusSettings)
+    audio: AudioSettings = Field(default_factory=AudioSettings)
+    faces: FaceSettings = Field(default_factory=FaceSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    extract: ExtractSettings = Field(default_factory=ExtractSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+
+    def resolved_data_root(self, corpus_dir: Path | str | None = None) -> Path:
+        """The data root: the setting, else `<corpus_dir>/merflow`."""
+        if self.data_root:
+            return Path(self.data_root).expanduser().resolve()
+        if corpus_dir is None:
+            raise SettingsError("no data root: pass --data-root or set data_root=PATH")
+        return (Path(corpus_dir).expanduser() / "merflow").resolve()
+
+    def models_dir(self, data_root: Path) -> Path:
+        """Where local checkpoints live."""
+        return (
+            Path(self.models.models_dir).expanduser()
+            if self.models.models_dir
+            else data_root / "models"
+        )
+
+
+def list_profiles() -> list[str]:
+    """Profile names available in configs/."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _profile_path(profile: str | Path) -> Path:
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = CONFIG_DIR / f"{profile}.yaml"
+    if candidate.exists():
+        return candidate
+    raise SettingsError(
+        f"unknown profile {str(profile)!r}; valid profiles are {', '.join(list_profiles())} "
+        f"(files in {CONFIG_DIR}), or give the path of a .yaml file"
+    )
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, problems: list[str], origin: str) -> None:
+    parts = dotted.split(".")
+    model: type[BaseModel] = Settings
+    node = tree
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i]) or "top level"
+            problems.append(
+                f"{origin}: unknown setting {dotted!r} ({part!r} is not in {where}; "
+                f"valid: {', '.join(fields)})"
+            )
+            return
+        annotation = fields[part].annotation
+        last = i == len(parts) - 1
+        if last:
+            node[part] = value
+            return
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            problems.append(f"{origin}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            return
+        node = node.setdefault(part, {})
+        model = annotation
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML parsing gives ints, floats, bools, null, lists and dicts their natural types.
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def load_settings(
+    profile: str | Path = "demo",
+    overrides: list[str] | tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Settings:
+    """Load a profile, apply MERFLOW_SECTION__KEY environment variables, then overrides."""
+    path = _profile_path(profile)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SettingsError(f"profile {path} is not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise SettingsError(f"profile {path} must be a mapping of settings")
+    tree.setdefault("profile", Path(profile).stem)
+    problems: list[str] = []
+    flat = dict(tree)
+    tree = {}
+    for key, value in flat.items():
+        _merge_tree(tree, key, value, problems, f"profile {path.name}")
+    env = os.environ if env is None else env
+    for name, raw in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and name not in ("MERFLOW_HOME",):
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_dotted(tree, dotted, _parse_value(raw), problems, f"environment {name}")
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r} is not of the form key=value (e.g. faces.fps=5)")
+            continue
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), _parse_value(raw.strip()), problems, f"override {item!r}")
+    settings = None
+    try:
+        settings = Settings.model_validate(tree)
+    except ValidationError as e:
+        problems += [
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+            for err in e.errors()
+        ]
+    if problems or settings is None:
+        raise SettingsError("settings refused:\n" + "\n".join(f"  - {p}" for p in problems))
+    return settings
+
+
+def _merge_tree(tree: dict, key: str, value: Any, problems: list[str], origin: str) -> None:
+    if isinstance(value, dict) and key in Settings.model_fields:
+        annotation = Settings.model_fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for sub, v in value.items():
+                _set_dotted(tree, f"{key}.{sub}", v, problems, origin)
+            return
+    _set_dotted(tree, key, value, problems, origin)
+
+
+def save_resolved(settings: Settings, path: Path) -> Path:
+    """Write the resolved settings as YAML (beside an output, so it can be reproduced)."""
+    from data_contracts.atomic import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    return path

@@ -79,10 +79,10 @@ def list_videos(
 
 def _probe_row(path: Path) -> dict:
     # Imported here so that scanning a folder that needs no probe costs no PyAV import.
-    from tasks.media import probe_video
+    from tasks.media import probe
 
     try:
-        info = probe_video(path)
+        info = probe(path)
     except BadInputError as e:
         return {"has_video": False, "has_audio": False, "probe_error": str(e)}
     return {

@@ -1,0 +1,370 @@
+"""Face crops: the largest face of each sampled frame, aligned, stored as one `.npz` per video.
+
+The crops file holds `crops` (n, size, size, 3) uint8 RGB, `frame_idx` (n,) int32, `boxes`
+(n, 4) float32 (x0, y0, x1, y1 in frame pixels) and `confidence` (n,) float32. Zero faces in a
+video is a recorded failure of the visual modality, never an empty file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from prefect import task
+
+from data_contracts import tables
+from data_contracts.atomic import atomic_path
+from data_contracts.store import Store
+from tasks.errors import BadInputError
+from tasks.face_backends import (
+    BACKENDS,
+    DEFAULT_DETECT_MAX_SIDE,
+    DEFAULT_PADDING,
+    Face,
+    FaceBackend,
+    FrameSampler,
+    load_backend,
+)
+from tasks.media import (
+    NoVideoStreamError,
+    UnreadableMediaError,
+    current_attempt,
+    now_utc,
+    probe,
+    retry_if_transient,
+    run_shard,
+    shard_cache_key,
+)
+from tasks.shard import ShardReport
+
+FACES_STAGE = "faces"
+# Bump when a code change alters crops for the same settings, so old artifacts are not reused.
+FACES_CODE_VERSION = 1
+
+
+class NoFaceError(BadInputError):
+    """No face in any sampled frame: the video's visual features are missing."""
+
+
+# -- settings ------------------------------------------------------------------------------------
+def faces_extractor_id(
+    backend: str = "dlib",
+    size: int = 112,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    detect_max_side: int = DEFAULT_DETECT_MAX_SIDE,
+    padding: float = DEFAULT_PADDING,
+) -> str:
+    """A readable name plus a short hash of all output-changing settings: `faces-dlib-112-all-…`."""
+    rate = "all" if fps is None and max_frames is None else ""
+    if fps is not None:
+        rate += f"{fps:g}fps"
+    if max_frames is not None:
+        rate += f"{'-' if rate else ''}max{max_frames}"
+    settings = {
+        "backend": backend,
+        "size": size,
+        "fps": fps,
+        "max_frames": max_frames,
+        # The OpenFace binary does its own detection and framing; these do not change its crops.
+        "detect_max_side": None if backend == "openface" else detect_max_side,
+        "padding": None if backend == "openface" else padding,
+        "code": FACES_CODE_VERSION,
+    }
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return f"faces-{backend}-{size}-{rate}-{digest}"
+
+
+@dataclass(frozen=True)
+class FaceSettings:
+    """How to crop faces: backend, crop size, sampling, and the backends' knobs."""
+
+    backend: str = "dlib"
+    size: int = 112  # the paper's (and OpenFace's -simsize) 112 x 112 aligned faces
+    fps: float | None = None  # None: every frame, as the paper
+    max_frames: int | None = None
+    detect_max_side: int = DEFAULT_DETECT_MAX_SIDE  # detect on a copy no larger than this
+    padding: float = DEFAULT_PADDING  # margin around the face, as dlib's get_face_chip
+    openface_bin: str | None = None  # path of FeatureExtraction (a location, not an output knob)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"unknown face backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
+            )
+        if not 16 <= self.size <= 1024:
+            raise ValueError(f"crop size {self.size} is out of range; use 16..1024 (paper: 112)")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be positive or None (every frame), got {self.fps}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1 or None (no cap), got {self.max_frames}")
+        if self.detect_max_side < 64:
+            raise ValueError(f"detect_max_side {self.detect_max_side} is too small; use >= 64")
+        if not 0 <= self.padding <= 2:
+            raise ValueError(f"padding {self.padding} is out of range; use 0..2 (default 0.25)")
+
+    @property
+    def extractor_id(self) -> str:
+        """The extractor id of these settings (keys the faces table and the artifact folder)."""
+        return faces_extractor_id(
+            self.backend,
+            self.size,
+            self.fps,
+            self.max_frames,
+            self.detect_max_side,
+            self.padding,
+        )
+
+    def load(self) -> FaceBackend:
+        """The backend these settings name, loaded once per process."""
+        return load_backend(self.backend, self.detect_max_side, self.padding, self.openface_bin)
+
+
+# -- crops file ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FaceCrops:
+    """The content of one crops file."""
+
+    crops: np.ndarray  # (n, size, size, 3) uint8 RGB
+    frame_idx: np.ndarray  # (n,) int32
+    boxes: np.ndarray  # (n, 4) float32
+    confidence: np.ndarray  # (n,) float32
+
+
+def load_crops(path: str | os.PathLike[str]) -> FaceCrops:
+    """Read a crops `.npz` written by `crop_faces`."""
+    with np.load(path, allow_pickle=False) as z:
+        return FaceCrops(z["crops"], z["frame_idx"], z["boxes"], z["confidence"])
+
+
+class CropWriter:
+    """Collects crops with bounded memory and writes them as one compressed `.npz`, atomically.
+
+    Crops go to a raw scratch file beside the output every `chunk` faces; the final write
+    streams that file into the archive, so a long video never holds all its crops in memory.
+    """
+
+    def __init__(self, out: Path, size: int, chunk: int = 256):
+        self.out, self.size, self.chunk = Path(out), size, chunk
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".raw", dir=self.out.parent)
+        self._raw_path = Path(name)
+        self._raw = os.fdopen(fd, "wb")
+        self._pending: list[np.ndarray] = []
+        self.frame_idx: list[int] = []
+        self.boxes: list[tuple[float, float, float, float]] = []
+        self.confidence: list[float] = []
+
+    @property
+    def n(self) -> int:
+        """Number of crops added."""
+        return len(self.frame_idx)
+
+    def add(self, face: Face) -> None:
+        """Append one face."""
+        if face.crop.shape != (self.size, self.size, 3) or face.crop.dtype != np.uint8:
+            raise ValueError(
+                f"crop of frame {face.frame_idx} is {face.crop.shape} {face.crop.dtype}; "
+                f"expected ({self.size}, {self.size}, 3) uint8"
+            )
+        self._pending.append(face.crop)
+        self.frame_idx.append(face.frame_idx)
+        self.boxes.append(face.box)
+        self.confidence.append(face.confidence)
+        if len(self._pending) >= self.chunk:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self._pending:
+            self._raw.write(np.stack(self._pending).tobytes())
+            self._pending.clear()
+
+    def commit(self) -> Path:
+        """Write the `.npz` (atomically) and remove the scratch file."""
+        self._spill()
+        self._raw.close()
+        shape = (self.n, self.size, self.size, 3)
+        crops = (
+            np.memmap(self._raw_path, dtype=np.uint8, mode="r", shape=shape)
+            if self.n
+            else np.zeros(shape, np.uint8)
+        )
+        with atomic_path(self.out) as tmp, open(tmp, "wb") as f:
+            # A file object, not a name: np.savez would append ".npz" to the temporary name.
+            np.savez_compressed(
+                f,
+                crops=crops,
+                frame_idx=np.asarray(self.frame_idx, np.int32),
+                boxes=np.asarray(self.boxes, np.float32).reshape(-1, 4),
+                confidence=np.asarray(self.confidence, np.float32),
+            )
+        del crops
+        self.close()
+        return self.out
+
+    def close(self) -> None:
+        """Drop the scratch file (the output, if committed, stays)."""
+        self._raw.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._raw_path.unlink()
+
+    def __enter__(self) -> CropWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- preview -------------------------------------------------------------------------------------
+def contact_sheet(
+    crops: np.ndarray, out: str | os.PathLike[str], cols: int = 8, max_tiles: int = 64
+) -> Path:
+    """Write a PNG grid of up to `max_tiles` crops, evenly spread over the video."""
+    if len(crops) == 0:
+        raise ValueError("no crops to put on a contact sheet")
+    pick = np.unique(np.linspace(0, len(crops) - 1, min(max_tiles, len(crops))).round().astype(int))
+    tiles = crops[pick]
+    n, h, w, _ = tiles.shape
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    sheet = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, cols)
+        sheet[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = tile
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        Image.fromarray(sheet).save(tmp, format="PNG")
+    return out
+
+
+# -- one video -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FaceResult:
+    """What cropping one video produced."""
+
+    path: Path
+    backend: str
+    n_frames_decoded: int
+    n_frames_sampled: int
+    n_faces: int
+    mean_confidence: float | None
+    crop_size: int
+
+    @property
+    def face_ratio(self) -> float:
+        """Share of sampled frames in which a face was found."""
+        return self.n_faces / self.n_frames_sampled if self.n_frames_sampled else 0.0
+
+
+def crop_faces(
+    video: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    settings: FaceSettings | None = None,
+    backend: FaceBackend | None = None,
+) -> FaceResult:
+    """Crop and align the largest face of each sampled frame of `video` into `out` (.npz)."""
+    video, out = Path(video), Path(out)
+    settings = settings or FaceSettings()
+    info = probe(video)
+    if not info.has_video:
+        raise NoVideoStreamError(
+            f"{video} has no video stream (audio only?); its visual features will be marked missing"
+        )
+    backend = backend or settings.load()
+    sampler = FrameSampler(settings.fps, settings.max_frames)
+    with CropWriter(out, settings.size) as writer:
+        for face in backend.faces(video, sampler, settings.size):
+            writer.add(face)
+        if sampler.n_decoded == 0:
+            raise UnreadableMediaError(
+                f"the video stream of {video} decodes to no frames; re-encode or re-download it"
+            )
+        if writer.n == 0:
+            raise NoFaceError(
+                f"no face in any of the {sampler.n_sampled} sampled frames ({sampler.n_decoded} "
+                f"decoded) of {video} (backend {backend.name}); its visual features will be marked "
+                "missing. If it does show "
+                "a face, try another backend or a larger detect_max_side"
+            )
+        confidence = np.asarray(writer.confidence, np.float64)
+        finite = confidence[np.isfinite(confidence)]
+        writer.commit()
+    return FaceResult(
+        path=out,
+        backend=backend.name,
+        n_frames_decoded=sampler.n_decoded,
+        n_frames_sampled=sampler.n_sampled,
+        n_faces=writer.n,
+        mean_confidence=float(finite.mean()) if finite.size else None,
+        crop_size=settings.size,
+    )
+
+
+# -- shards --------------------------------------------------------------------------------------
+def crop_faces_shard(
+    videos: pd.DataFrame,
+    store: Store,
+    settings: FaceSettings | None = None,
+    retry_failed: bool = False,
+    attempt: int = 1,
+) -> ShardReport:
+    """Crop the faces of every video in the shard that the faces table lacks."""
+    settings = settings or FaceSettings()
+    extractor_id = settings.extractor_id
+    backend = settings.load()  # once per process; a missing binary stops the shard here
+
+    def work(video: Any) -> dict:
+        out = store.artifact_path("faces", extractor_id, video.video_id, video.sha256, ".npz")
+        r = crop_faces(Path(video.path), out, settings, backend)
+        return {
+            "video_id": video.video_id,
+            "sha256": video.sha256,
+            "extractor_id": extractor_id,
+            "path": store.relative(r.path),
+            "backend": r.backend,
+            "n_frames_decoded": r.n_frames_decoded,
+            "n_frames_sampled": r.n_frames_sampled,
+            "n_faces": r.n_faces,
+            "face_ratio": r.face_ratio,
+            "mean_confidence": r.mean_confidence,
+            "crop_size": r.crop_size,
+            "created_at": now_utc(),
+        }
+
+    return run_shard(
+        videos, store, tables.FACES, FACES_STAGE, extractor_id, work, retry_failed, attempt
+    )
+
+
+def _faces_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    settings = parameters.get("settings") or FaceSettings()
+    return shard_cache_key(parameters["videos"], settings.extractor_id, FACES_STAGE)
+
+
+@task(
+    name="crop-faces",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_if_transient,
+    cache_key_fn=_faces_cache_key,
+)
+def crop_faces_task(
+    videos: pd.DataFrame, data_root: str, settings: FaceSettings | None = None
+) -> ShardReport:
+    """Prefect task: crop the faces of one shard into the store under `data_root`."""
+    return crop_faces_shard(videos, Store(data_root), settings, attempt=current_attempt())
+
+
+def settings_dict(settings: FaceSettings) -> dict[str, Any]:
+    """The settings as a plain dict (for logs and the resolved config saved beside outputs)."""
+    return asdict(settings)

@@ -1,0 +1,472 @@
+"""Raw media: find FFmpeg, probe streams with PyAV, split a video's audio into a 16 kHz mono wav.
+
+Also holds what the raw-video stages share: the per-video error types and `run_shard`, the
+loop that turns per-video bad inputs into failure rows and writes a shard's rows in one upsert.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import wave
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import av
+import ffmpeg
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from data_contracts import tables
+from data_contracts.atomic import atomic_path
+from data_contracts.failures import failure_row
+from data_contracts.store import Store
+from data_contracts.tables import TableRef
+from tasks.errors import BadInputError, TransientError
+from tasks.shard import ShardReport, commit
+
+AUDIO_STAGE = "audio"
+DEFAULT_SAMPLE_RATE = 16000
+FFMPEG_ENV = "MERFLOW_FFMPEG"
+
+
+# -- errors: each names one way a video is deterministically unusable ----------------------------
+class MissingInputError(BadInputError):
+    """The video file is gone (deleted, moved, or a symlink whose target is missing)."""
+
+
+class UnreadableMediaError(BadInputError):
+    """The file is empty, not a media file, or too corrupt to open or decode."""
+
+
+class TruncatedMediaError(BadInputError):
+    """The file opens but its data stops before the duration its header declares."""
+
+
+class NoAudioStreamError(BadInputError):
+    """The video has no audio stream, so acoustic and text features are missing for it."""
+
+
+class NoVideoStreamError(BadInputError):
+    """The file has no video stream, so visual features are missing for it."""
+
+
+class FFmpegNotFoundError(RuntimeError):
+    """No usable ffmpeg binary: a configuration problem, not a property of one video."""
+
+
+# -- ffmpeg discovery ----------------------------------------------------------------------------
+def find_ffmpeg(configured: str | os.PathLike[str] | None = None) -> str:
+    """The ffmpeg binary: `configured` (or $MERFLOW_FFMPEG), else PATH's, else imageio-ffmpeg's."""
+    configured = configured or os.environ.get(FFMPEG_ENV) or None
+    if configured:
+        path = shutil.which(str(configured))
+        if path is None:
+            raise FFmpegNotFoundError(
+                f"configured ffmpeg {str(configured)!r} is not an executable file; fix the path "
+                f"(setting ffmpeg_bin or ${FFMPEG_ENV}) or unset it to use ffmpeg from PATH or "
+                "the binary that imageio-ffmpeg ships"
+            )
+        return path
+    on_path = shutil.which("ffmpeg")
+    if on_path:
+        return on_path
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as e:
+        raise FFmpegNotFoundError(
+            "no ffmpeg found: none configured, none on PATH, and imageio-ffmpeg has no binary "
+            f"({e}); install ffmpeg or `pip install imageio-ffmpeg`"
+        ) from e
+
+
+# -- probing -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MediaInfo:
+    """What a probe learned about one file's container and its first video and audio streams."""
+
+    path: str
+    format_name: str
+    duration: float | None
+    has_video: bool
+    has_audio: bool
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    n_frames: int | None = None
+    audio_sample_rate: int | None = None
+    audio_channels: int | None = None
+    audio_duration: float | None = None
+
+
+def check_input(path: Path) -> None:
+    """Raise a BadInputError when `path` is missing, not a regular file, or empty."""
+    if not path.exists():
+        why = "a symlink whose target is missing" if path.is_symlink() else "missing"
+        raise MissingInputError(
+            f"video {path} is {why}; restore the file, or rescan so it leaves the manifest"
+        )
+    if not path.is_file():
+        raise UnreadableMediaError(f"{path} is not a regular file; point the manifest at videos")
+    if path.stat().st_size == 0:
+        raise UnreadableMediaError(
+            f"video {path} is an empty (0-byte) file; re-copy or re-download it"
+        )
+
+
+def media_error(path: Path, e: Exception, what: str = "open") -> Exception:
+    """Map a PyAV error on `path` to a BadInputError, or return it unchanged when transient."""
+    if isinstance(e, FileNotFoundError):
+        return MissingInputError(f"video {path} disappeared while reading it; restore or rescan")
+    if isinstance(e, PermissionError):
+        return UnreadableMediaError(f"video {path} is not readable ({e}); fix its permissions")
+    if isinstance(e, OSError) and (not isinstance(e, av.FFmpegError) or e.errno in _IO_ERRNOS):
+        return e  # a real I/O error: transient, re-raised so Prefect retries
+    return UnreadableMediaError(
+        f"cannot {what} {path} as media ({type(e).__name__}: {e}); the file is corrupt or not a "
+        "video: re-encode or re-download it"
+    )
+
+
+_IO_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ENOMEM, errno.ESTALE}
+
+
+def _seconds(value: Any, time_base: Any) -> float | None:
+    if value is None or time_base is None:
+        return None
+    return float(value * time_base)
+
+
+def probe(path: str | os.PathLike[str]) -> MediaInfo:
+    """Describe `path`'s streams, read with PyAV (no ffprobe); BadInputError when unusable."""
+    path = Path(path)
+    check_input(path)
+    try:
+        with av.open(str(path), mode="r") as container:
+            video = container.streams.video[0] if container.streams.video else None
+            audio = container.streams.audio[0] if container.streams.audio else None
+            duration = container.duration / av.time_base if container.duration else None
+            info = MediaInfo(
+                path=str(path),
+                format_name=container.format.name,
+                duration=duration,
+                has_video=video is not None,
+                has_audio=audio is not None,
+            )
+            if video is not None:
+                rate = video.average_rate or video.guessed_rate
+                info = replace(
+                    info,
+                    width=video.codec_context.width or None,
+                    height=video.codec_context.height or None,
+                    fps=float(rate) if rate else None,
+                    n_frames=video.frames or None,
+                )
+            if audio is not None:
+                info = replace(
+                    info,
+                    audio_sample_rate=audio.codec_context.sample_rate or None,
+                    audio_channels=audio.codec_context.channels or None,
+                    audio_duration=_seconds(audio.duration, audio.time_base) or duration,
+                )
+    except (av.FFmpegError, OSError) as e:
+        raise media_error(path, e) from e
+    if not info.has_video and not info.has_audio:
+        raise UnreadableMediaError(f"{path} holds no audio or video stream; it is not a video")
+    return info
+
+
+# -- audio split ---------------------------------------------------------------------------------
+def audio_extractor_id(sample_rate: int = DEFAULT_SAMPLE_RATE) -> str:
+    """The extractor id of the audio split, e.g. `ffmpeg-16k-mono-s16`."""
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    rate = f"{sample_rate // 1000}k" if sample_rate % 1000 == 0 else f"{sample_rate}hz"
+    return f"ffmpeg-{rate}-mono-s16"
+
+
+@dataclass(frozen=True)
+class AudioResult:
+    """One extracted wav: where it is and what it holds."""
+
+    path: Path
+    sample_rate: int
+    n_samples: int
+    duration: float
+    speech_ratio: float | None
+
+
+def audio_command(
+    video: Path, out: Path, ffmpeg_bin: str, sample_rate: int = DEFAULT_SAMPLE_RATE
+) -> list[str]:
+    """The ffmpeg command line (built by ffmpeg-python) that writes `video`'s audio to `out`."""
+    # The file: prefix keeps a name with a colon from being read as a protocol (e.g. "a:b.mp4").
+    stream = ffmpeg.input(f"file:{video}").output(
+        f"file:{out}",
+        map="0:a:0",
+        vn=None,
+        sn=None,
+        dn=None,
+        ac=1,
+        ar=sample_rate,
+        acodec="pcm_s16le",
+        f="wav",
+        map_metadata=-1,
+        fflags="+bitexact",  # no encoder tag: the same input gives the same bytes
+        **{"flags:a": "+bitexact"},
+    )
+    stream = stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error").overwrite_output()
+    return stream.compile(cmd=ffmpeg_bin)
+
+
+def run_ffmpeg(cmd: list[str], video: Path, timeout: float) -> None:
+    """Run an ffmpeg command; a killed or hung process is transient, a refusal a bad input."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise TransientError(
+            f"ffmpeg on {video} did not finish in {timeout:.0f} s; retrying"
+        ) from e
+    stderr = proc.stderr.decode("utf-8", "replace").strip()
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        raise TransientError(f"ffmpeg on {video} was killed by {sig}; retrying")
+    if proc.returncode != 0:
+        raise UnreadableMediaError(
+            f"ffmpeg could not decode {video} (exit {proc.returncode}): {stderr[-400:]}; the file "
+            "is corrupt: re-encode or re-download it"
+        )
+
+
+def extract_audio(
+    video: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    ffmpeg_bin: str | None = None,
+    sample_rate: int = DEFAULT_SAMPLE_RATE,
+    info: MediaInfo | None = None,
+) -> AudioResult:
+    """Write `video`'s first audio stream to `out` as mono 16-bit PCM wav, atomically."""
+    video, out = Path(video), Path(out)
+    if info is None:
+        info = probe(video)
+    else:
+        check_input(video)
+    if not info.has_audio:
+        raise NoAudioStreamError(
+            f"video {video} has no audio stream; its acoustic and text features will be marked "
+            "missing (nothing to retry)"
+        )
+    cmd_bin = find_ffmpeg(ffmpeg_bin)
+    with atomic_path(out) as tmp:
+        cmd = audio_command(video.resolve(), tmp, cmd_bin, sample_rate)
+        run_ffmpeg(cmd, video, timeout=120.0 + 2.0 * (info.duration or 0.0))
+        n_samples = wav_frames(tmp)
+        duration = n_samples / sample_rate
+        if n_samples == 0:
+            raise UnreadableMediaError(
+                f"the audio stream of {video} decodes to no samples; treat its audio as missing "
+                "or re-encode the file"
+            )
+        declared = info.audio_duration
+        # AAC priming makes a few ms of difference; a cut-short file misses far more.
+        if declared and duration < declared - max(0.1, 0.02 * declared):
+            raise TruncatedMediaError(
+                f"audio of {video} stops at {duration:.2f} s of the {declared:.2f} s its header "
+                "declares: the file is truncated; re-copy or re-download it"
+            )
+        ratio = speech_ratio(tmp)
+    return AudioResult(out, sample_rate, n_samples, duration, ratio)
+
+
+def wav_frames(path: Path) -> int:
+    """Number of samples per channel in a PCM wav file."""
+    with wave.open(str(path), "rb") as w:
+        return w.getnframes()
+
+
+def speech_ratio(
+    path: Path,
+    frame_ms: float = 30.0,
+    floor_dbfs: float = -50.0,
+    above_noise_db: float = 6.0,
+    below_peak_db: float = 30.0,
+    chunk_frames: int = 4096,
+) -> float | None:
+    """Fraction of `frame_ms` frames whose energy is voice-like (energy VAD), read in chunks.
+
+    A frame counts when its RMS level is above `floor_dbfs` (silence), `above_noise_db` over
+    the noise floor (10th percentile: a steady hum or tone is not voice), and within
+    `below_peak_db` of the loud level (95th percentile).
+    """
+    with wave.open(str(path), "rb") as w:
+        if w.getsampwidth() != 2:
+            raise ValueError(f"{path} is not 16-bit PCM; speech_ratio reads s16 wav only")
+        rate, channels = w.getframerate(), w.getnchannels()
+        hop = max(1, int(rate * frame_ms / 1000))
+        levels = []
+        while True:
+            raw = w.readframes(hop * chunk_frames)
+            if not raw:
+                break
+            x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+            x = x.reshape(-1, channels).mean(axis=1)
+            n = len(x) // hop
+            if n == 0:
+                break  # a tail shorter than one frame carries no decision
+            power = np.mean(x[: n * hop].reshape(n, hop) ** 2, axis=1)
+            levels.append(10.0 * np.log10(power + 1e-12))
+    if not levels:
+        return None
+    db = np.concatenate(levels)
+    noise, loud = np.percentile(db, [10, 95])
+    threshold = max(floor_dbfs, float(noise) + above_noise_db, float(loud) - below_peak_db)
+    return float(np.mean(db > threshold))
+
+
+# -- shards --------------------------------------------------------------------------------------
+def run_shard(
+    videos: pd.DataFrame,
+    store: Store,
+    table: TableRef,
+    stage: str,
+    extractor_id: str,
+    work: Callable[[Any], dict],
+    retry_failed: bool = False,
+    attempt: int = 1,
+) -> ShardReport:
+    """Run `work(row)` on each video the store lacks; bad inputs become failure rows.
+
+    Rows are written in one upsert at the end, and also when a transient error escapes, so
+    work already done is never lost. A video that failed deterministically before with the
+    same bytes and settings would fail again, so it is skipped (counted in `skipped`) unless
+    `retry_failed`.
+    """
+    missing = {"video_id", "sha256", "path"} - set(videos.columns)
+    if missing:
+        raise ValueError(f"videos lack columns {sorted(missing)}; pass manifest rows")
+    report = ShardReport(stage)
+    done = store.existing_keys(table)
+    failed_before = {
+        (k[0], k[1]) for k in store.existing_keys(tables.FAILURES) if k[2:] == (stage, extractor_id)
+    }
+    rows: list[dict] = []
+    failures: list[dict] = []
+    try:
+        for video in videos.itertuples(index=False):
+            key = (video.video_id, video.sha256)
+            if (*key, extractor_id) in done or (key in failed_before and not retry_failed):
+                report.skipped += 1
+                continue
+            try:
+                rows.append(work(video))
+            except BadInputError as e:
+                failures.append(failure_row(*key, stage, e, extractor_id, attempt))
+            else:
+                report.processed += 1
+    finally:
+        commit(store, table, rows, failures, report)
+        # A video that now succeeds (retry_failed) must not keep its old failure row.
+        healed = {(r["video_id"], r["sha256"]) for r in rows} & failed_before
+        if healed:
+            store.delete(tables.FAILURES, {(*k, stage, extractor_id) for k in healed})
+    return report
+
+
+def now_utc() -> datetime:
+    """The current time, timezone-aware UTC, for created_at columns."""
+    return datetime.now(UTC)
+
+
+def extract_audio_shard(
+    videos: pd.DataFrame,
+    store: Store,
+    ffmpeg_bin: str | None = None,
+    sample_rate: int = DEFAULT_SAMPLE_RATE,
+    retry_failed: bool = False,
+    attempt: int = 1,
+) -> ShardReport:
+    """Split the audio of every video in the shard that the audio table lacks."""
+    extractor_id = audio_extractor_id(sample_rate)
+    ffmpeg_bin = find_ffmpeg(ffmpeg_bin)  # a configuration error stops the shard at once
+
+    def work(video: Any) -> dict:
+        out = store.artifact_path("audio", extractor_id, video.video_id, video.sha256, ".wav")
+        result = extract_audio(Path(video.path), out, ffmpeg_bin, sample_rate)
+        return {
+            "video_id": video.video_id,
+            "sha256": video.sha256,
+            "extractor_id": extractor_id,
+            "path": store.relative(result.path),
+            "sample_rate": result.sample_rate,
+            "n_samples": result.n_samples,
+            "duration": result.duration,
+            "speech_ratio": result.speech_ratio,
+            "created_at": now_utc(),
+        }
+
+    return run_shard(
+        videos, store, tables.AUDIO, AUDIO_STAGE, extractor_id, work, retry_failed, attempt
+    )
+
+
+# -- Prefect wrappers ----------------------------------------------------------------------------
+def shard_cache_key(videos: pd.DataFrame, extractor_id: str, stage: str) -> str:
+    """A cache key from the shard's sorted (video_id, sha256) pairs and extractor id; no paths."""
+    pairs = sorted(zip(videos["video_id"].astype(str), videos["sha256"].astype(str), strict=True))
+    h = hashlib.sha256(f"{stage}\n{extractor_id}\n".encode())
+    for vid, sha in pairs:
+        h.update(f"{vid}\t{sha}\n".encode())
+    return f"{stage}-{extractor_id}-{h.hexdigest()[:24]}"
+
+
+def retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry I/O and transient errors, never configuration errors."""
+    exc = getattr(state, "data", None)
+    if isinstance(exc, FFmpegNotFoundError | ValueError | BadInputError):
+        return False
+    return isinstance(exc, TransientError | OSError)
+
+
+def current_attempt() -> int:
+    """The run count of the Prefect task run this is called from (1 outside Prefect)."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return max(1, ctx.task_run.run_count) if ctx and ctx.task_run else 1
+
+
+def _audio_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    return shard_cache_key(
+        parameters["videos"],
+        audio_extractor_id(parameters.get("sample_rate", DEFAULT_SAMPLE_RATE)),
+        AUDIO_STAGE,
+    )
+
+
+@task(
+    name="extract-audio",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_if_transient,
+    cache_key_fn=_audio_cache_key,
+)
+def extract_audio_task(
+    videos: pd.DataFrame,
+    data_root: str,
+    ffmpeg_bin: str | None = None,
+    sample_rate: int = DEFAULT_SAMPLE_RATE,
+) -> ShardReport:
+    """Prefect task: split the audio of one shard into the store under `data_root`."""
+    return extract_audio_shard(
+        videos, Store(data_root), ffmpeg_bin, sample_rate, attempt=current_attempt()
+    )

@@ -113,33 +113,132 @@ def _manifest():
     return tables.MANIFEST
 
 
+def _connect(settings: Settings, root: Path) -> dict[str, str]:
+    from flows import server
+
+    try:
+        url, env = server.connect(root, settings.prefect.api_url, settings.prefect.port)
+    except server.ServerError as e:
+        raise _fail(str(e)) from e
+    typer.echo(f"Prefect API {url} (UI: {url.removesuffix('/api')})")
+    return env
+
+
+def _run_extract(
+    corpus_dir: Path,
+    settings: Settings,
+    profile: str,
+    overrides: list[str] | None,
+    data_root: Path | None,
+    only_new: bool = False,
+) -> dict:
+    from flows import server
+    from flows.extract import ExtractionSummary, extract_flow
+    from tasks.errors import MerflowError
+
+    root = data_root.resolve() if data_root else settings.resolved_data_root(corpus_dir)
+    env = _connect(settings, root)
+    try:
+        with server.use_server(env):
+            summary = extract_flow(
+                str(corpus_dir),
+                profile=profile,
+                data_root=str(root),
+                overrides=list(overrides or []),
+                only_new=only_new,
+            )
+    except (MerflowError, SettingsError) as e:
+        raise _fail(str(e)) from e
+    typer.echo(ExtractionSummary(**summary).markdown())
+    return summary
+
+
+@app.command("extract")
+def extract_cmd(
+    corpus_dir: Annotated[Path, typer.Argument(help="MER2024-shaped corpus folder")],
+    profile: ProfileOpt = "demo",
+    data_root: DataRootOpt = None,
+    only_new: Annotated[
+        bool, typer.Option(help="only videos new or changed since last scan")
+    ] = False,
+    strict: Annotated[bool, typer.Option(help="exit non-zero when any video failed")] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Extract visual, acoustic and text features into the feature stores (a Prefect flow)."""
+    settings = _settings(profile, overrides)
+    summary = _run_extract(corpus_dir, settings, profile, overrides, data_root, only_new)
+    if strict and summary["failures"]:
+        raise _fail(f"{len(summary['failures'])} failure(s) and --strict was given", code=3)
+
+
 @app.command("demo")
 def demo_cmd(
-    out_dir: Annotated[Path, typer.Option("--out", help="where the corpus and data root go")] = Path(
-        "demo-run"
-    ),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="where the corpus and data root go")
+    ] = Path("demo-run"),
     labeled: Annotated[int, typer.Option(help="labelled clips")] = 60,
     unlabeled: Annotated[int, typer.Option(help="unlabelled clips")] = 120,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     overrides: Overrides = None,
 ) -> None:
     """Run the main job end to end on the built-in demo corpus with tiny models."""
-    from data_contracts.store import Store
-    from flows.config import save_resolved
     from tasks.demo_corpus import make_demo_corpus
-    from tasks.scan import corpus_video_dirs, scan_videos
 
     settings = _settings("demo", overrides)
-    corpus_dir = out_dir / "corpus"
+    corpus_dir = (out_dir / "corpus").resolve()
     if not (corpus_dir / settings.corpus.labels_csv).exists():
         make_demo_corpus(corpus_dir, n_labeled=labeled, n_unlabeled=unlabeled, seed=seed)
-    root = settings.resolved_data_root(corpus_dir)
-    store = Store(root)
-    save_resolved(settings, root / "runs" / "demo-settings.yaml")
-    dirs = corpus_video_dirs(corpus_dir, settings.corpus.labeled_dir, settings.corpus.unlabeled_dir)
-    report, _ = scan_videos(dirs, store)
-    typer.echo(f"scan: {report.summary()}")
-    typer.echo(f"data root: {root}")
+    _run_extract(corpus_dir, settings, "demo", overrides, None)
+    typer.echo(f"data root: {settings.resolved_data_root(corpus_dir)}")
+
+
+server_app = typer.Typer(help="A local Prefect server under the data root.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+RootArg = Annotated[Path, typer.Option("--data-root", help="the data root whose server this is")]
+
+
+@server_app.command("start")
+def server_start(
+    data_root: RootArg,
+    host: Annotated[
+        str, typer.Option(help="bind address (loopback unless an auth string is set)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="API and UI port")] = 4200,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL URL for teams (default: SQLite under the data root)"),
+    ] = None,
+) -> None:
+    """Start a Prefect server in the background (SQLite under the data root)."""
+    from flows import server
+
+    try:
+        info = server.start(data_root, host=host, port=port, database_url=database_url)
+    except server.ServerError as e:
+        raise _fail(str(e)) from e
+    typer.echo(f"Prefect server pid {info.pid} at {info.ui_url} (log {info.log})")
+    typer.echo(f"clients: export PREFECT_API_URL={info.api_url}")
+
+
+@server_app.command("stop")
+def server_stop(data_root: RootArg) -> None:
+    """Stop the data root's Prefect server."""
+    from flows import server
+
+    typer.echo("stopped" if server.stop(data_root) else "no server was running")
+
+
+@server_app.command("status")
+def server_status(data_root: RootArg) -> None:
+    """Say whether the data root's Prefect server runs, and where."""
+    from flows import server
+
+    info = server.status(data_root)
+    if info is None:
+        typer.echo("not running")
+        raise typer.Exit(1)
+    state = "healthy" if server.healthy(info.api_url) else "not answering"
+    typer.echo(f"pid {info.pid} at {info.ui_url}: {state} (database {info.database})")
 
 
 def _mount_subcommands() -> None:

@@ -58,11 +58,13 @@ class ModelSettings(_Section):
 
     visual: str = "clip-vit-large-patch14"
     acoustic: str = "chinese-hubert-large"
-    asr: str = "wenet-wenetspeech-ctc"
+    asr: str = "wenet-wenetspeech"
     text: str = "baichuan2-13b-base"
     models_dir: str | None = None  # local checkpoints; default <data_root>/models
     allow_download: bool = False
-    trust_remote_code: bool = False
+    build_tiny: bool = False  # build the tiny-* checkpoints (seeded) when absent: the demo
+    tiny_seed: int = 0
+    trust_remote_code: bool | None = None  # None: what each spec says
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     visual_batch: int = Field(64, gt=0)

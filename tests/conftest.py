@@ -25,10 +25,7 @@ def prefect_server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("prefect-root")
     info = server.start(root, port=server.free_port())
-    env = server.client_env(root, info.api_url)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
+    with server.use_server(server.client_env(root, info.api_url)):
         yield info
     server.stop(root)
 

@@ -1,0 +1,304 @@
+"""The extraction flow: scan → shards → audio → (HuBERT, ASR → LLM) and faces → CLIP."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+
+from data_contracts import tables
+from data_contracts.store import Store
+from flows.config import Settings, load_settings, save_resolved
+from tasks.embed import (
+    ModelChoice,
+    embed_acoustic_task,
+    embed_text_task,
+    embed_visual_task,
+    transcribe_task,
+    transcripts_extractor_id,
+)
+from tasks.faces import FaceSettings, crop_faces_task
+from tasks.labels import load_labels, load_transcripts
+from tasks.media import audio_extractor_id, extract_audio_task
+from tasks.scan import corpus_video_dirs, scan_videos
+from tasks.shard import ShardReport, select_pending, shards
+
+log = logging.getLogger(__name__)
+
+STAGES = ("audio", "faces", "acoustic", "transcribe", "text", "visual")
+
+
+@dataclass
+class ExtractionSummary:
+    """What one extraction run did, per stage, and where its outputs are."""
+
+    data_root: str
+    videos: int
+    shards: int
+    scan: str
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    feature_tables: dict[str, str] = field(default_factory=dict)
+    failures: list[dict] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        """The run summary as a Markdown table (a Prefect artifact and the CLI's printout)."""
+        lines = [
+            f"**{self.videos} videos in {self.shards} shards** · data root `{self.data_root}`",
+            f"scan: {self.scan}",
+            "",
+            "| stage | computed | already done | cached shards | failed | reasons |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for stage, s in self.stages.items():
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["reasons"].items())) or "-"
+            lines.append(
+                f"| {stage} | {s['processed']} | {s['skipped']} | {s['cached_shards']} "
+                f"| {s['failed']} | {reasons} |"
+            )
+        lines += ["", "| modality | feature table |", "|---|---|"]
+        lines += [f"| {m} | `{t}` |" for m, t in self.feature_tables.items()]
+        if self.failures:
+            lines += ["", "| video | stage | reason |", "|---|---|---|"]
+            for f in self.failures[:50]:
+                lines.append(f"| {f['video_id']} | {f['stage']} | {f['message'][:160]} |")
+        return "\n".join(lines)
+
+
+def model_choices(settings: Settings, data_root: Path) -> dict[str, ModelChoice]:
+    """The four extractors of a profile, as picklable choices for the tasks."""
+    m = settings.models
+    models_dir = settings.models_dir(data_root)
+    if m.build_tiny:
+        from models.tiny import build_tiny_models
+
+        build_tiny_models(models_dir, seed=m.tiny_seed)
+    dtype = None if m.dtype == "auto" else m.dtype
+    common = {
+        "models_dir": str(models_dir),
+        "device": m.device,
+        "dtype": dtype,
+        "allow_download": m.allow_download,
+        "trust_remote_code": m.trust_remote_code,
+    }
+    sr = settings.audio.sample_rate
+    return {
+        "visual": ModelChoice(m.visual, batch=m.visual_batch, **common),
+        "acoustic": ModelChoice(m.acoustic, batch=m.audio_batch_seconds * sr, **common),
+        "asr": ModelChoice(m.asr, **common),
+        "text": ModelChoice(m.text, batch=m.text_batch_tokens, **common),
+    }
+
+
+def face_settings(settings: Settings) -> FaceSettings:
+    """The faces stage's settings from the profile."""
+    f = settings.faces
+    return FaceSettings(
+        backend=f.backend,
+        size=f.size,
+        fps=f.fps,
+        max_frames=f.max_frames,
+        openface_bin=f.openface_bin,
+    )
+
+
+@task(name="scan", cache_policy=NO_CACHE)
+def scan_task(video_dirs: list[str], data_root: str) -> tuple[Any, pd.DataFrame]:
+    """Prefect task: scan the folders into the manifest."""
+    return scan_videos([Path(d) for d in video_dirs], Store(data_root))
+
+
+@task(name="load-labels", cache_policy=NO_CACHE)
+def load_labels_task(labels_csv: str, data_root: str) -> int:
+    """Prefect task: validate the label CSV and upsert it into the labels table."""
+    labels = load_labels(Path(labels_csv))
+    Store(data_root).upsert(tables.LABELS, labels)
+    return len(labels)
+
+
+def _resolve_corpus(corpus_dir: str, settings: Settings, video_dirs: list[str] | None):
+    corpus = Path(corpus_dir).expanduser().resolve()
+    c = settings.corpus
+    if video_dirs:
+        dirs = [Path(d).expanduser().resolve() for d in video_dirs]
+    else:
+        dirs = corpus_video_dirs(corpus, c.labeled_dir, c.unlabeled_dir)
+    return corpus, dirs
+
+
+_TASKS = {
+    "audio": extract_audio_task,
+    "faces": crop_faces_task,
+    "acoustic": embed_acoustic_task,
+    "transcribe": transcribe_task,
+    "text": embed_text_task,
+    "visual": embed_visual_task,
+}
+
+
+def _pending_per_stage(
+    store: Store,
+    videos: pd.DataFrame,
+    models: dict[str, ModelChoice],
+    faces: FaceSettings,
+    audio_id: str,
+    transcripts_id: str,
+) -> dict[str, set[str]]:
+    """Per stage, the video ids whose output (or recorded failure) the store lacks."""
+    out_tables = {
+        "audio": (tables.AUDIO, audio_id),
+        "faces": (tables.FACES, faces.extractor_id),
+        "transcribe": (tables.TRANSCRIPTS, transcripts_id),
+    }
+    for modality, upstream in (
+        ("visual", faces.extractor_id),
+        ("acoustic", audio_id),
+        ("text", transcripts_id),
+    ):
+        ext = models[modality].extractor_id(upstream)
+        out_tables[modality] = (
+            tables.features(modality, ext, models[modality].spec.output_dim),
+            ext,
+        )
+    return {
+        stage: set(select_pending(videos, store, table, stage, ext)[0].video_id)
+        for stage, (table, ext) in out_tables.items()
+    }
+
+
+@flow(name="extract", flow_run_name="extract-{profile}", log_prints=True)
+def extract_flow(
+    corpus_dir: str,
+    profile: str = "demo",
+    data_root: str | None = None,
+    overrides: list[str] | None = None,
+    only_new: bool = False,
+    video_dirs: list[str] | None = None,
+) -> dict:
+    """Extract every modality's features of a MER2024-shaped corpus into the feature stores.
+
+    corpus_dir: folder holding video-labeled/, video-unlabeled/ and the label CSVs.
+    profile: settings profile (demo: tiny models; paper: the real ones).
+    data_root: where stores and artifacts go (default <corpus_dir>/merflow).
+    overrides: key=value settings, e.g. ["faces.fps=5"].
+    only_new: extract only videos that the scan found new or changed.
+    video_dirs: scan these folders instead of the corpus's two pools.
+    """
+    logger = get_run_logger()
+    settings = load_settings(profile, overrides or [])
+    corpus, dirs = _resolve_corpus(corpus_dir, settings, video_dirs)
+    root = settings.resolved_data_root(corpus) if not data_root else Path(data_root).resolve()
+    store = Store(root)
+    save_resolved(settings, root / "runs" / "extract-settings.yaml")
+
+    labels_csv = corpus / settings.corpus.labels_csv
+    if labels_csv.exists():
+        load_labels_task(str(labels_csv), str(root))
+    official = None
+    transcripts_csv = corpus / settings.corpus.transcripts_csv
+    if settings.extract.prefer_official_transcripts and transcripts_csv.exists():
+        t = load_transcripts(transcripts_csv)
+        official = dict(zip(t.video_id, t.text, strict=True))
+
+    report, manifest = scan_task([str(d) for d in dirs], str(root))
+    logger.info("scan: %s", report.summary())
+    videos = manifest[manifest.has_video | manifest.has_audio]
+    if only_new:
+        videos = videos[videos.video_id.isin(set(report.new) | set(report.changed))]
+    parts = shards(videos, settings.extract.shard_size)
+    models = model_choices(settings, root)
+    faces = face_settings(settings)
+    audio_id = audio_extractor_id(settings.audio.sample_rate)
+    asr_id = models["asr"].extractor_id(audio_id)
+    tr_id = transcripts_extractor_id(asr_id, official is not None)
+
+    progress = create_progress_artifact(
+        progress=0.0, key="extract-progress", description="extraction shards finished"
+    )
+    futures: dict[str, list[PrefectFuture]] = defaultdict(list)
+    r = str(root)
+    # The store is the truth: a Prefect cache entry whose rows the store no longer holds (a
+    # deleted or restored data root) is refreshed, never trusted.
+    pending = _pending_per_stage(store, videos, models, faces, audio_id, tr_id)
+    fresh = {stage: t.with_options(refresh_cache=True) for stage, t in _TASKS.items()}
+
+    def pick(stage: str, part: pd.DataFrame):
+        return fresh[stage] if pending[stage] & set(part.video_id) else _TASKS[stage]
+
+    for part in parts:
+        ids = set(part.video_id)
+        shard_official = {k: v for k, v in (official or {}).items() if k in ids}
+        audio = pick("audio", part).submit(
+            part, r, settings.audio.ffmpeg_bin, settings.audio.sample_rate
+        )
+        crops = pick("faces", part).submit(part, r, faces)
+        futures["audio"].append(audio)
+        futures["faces"].append(crops)
+        futures["acoustic"].append(
+            pick("acoustic", part).submit(part, r, models["acoustic"], audio_id, wait_for=[audio])
+        )
+        tr = pick("transcribe", part).submit(
+            part,
+            r,
+            models["asr"],
+            audio_id,
+            shard_official if official is not None else None,
+            wait_for=[audio],
+        )
+        futures["transcribe"].append(tr)
+        futures["text"].append(
+            pick("text", part).submit(part, r, models["text"], tr_id, wait_for=[tr])
+        )
+        futures["visual"].append(
+            pick("visual", part).submit(
+                part, r, models["visual"], faces.extractor_id, wait_for=[crops]
+            )
+        )
+
+    totals: dict[str, ShardReport] = {s: ShardReport(s) for s in STAGES}
+    cached: Counter = Counter()
+    for i, part in enumerate(parts):
+        for stage in STAGES:
+            fut = futures[stage][i]
+            fut.wait()
+            if fut.state.name == "Cached":  # Prefect skipped the task: nothing was computed
+                cached[stage] += 1
+                totals[stage] = totals[stage].merge(ShardReport(stage, skipped=len(part)))
+            else:
+                totals[stage] = totals[stage].merge(fut.result())
+        update_progress_artifact(progress, progress=100.0 * (i + 1) / len(parts))
+
+    summary = ExtractionSummary(str(root), len(videos), len(parts), report.summary())
+    for stage, t in totals.items():
+        summary.stages[stage] = {
+            "processed": t.processed,
+            "skipped": t.skipped,
+            "failed": t.failed,
+            "cached_shards": cached[stage],
+            "reasons": dict(t.reasons),
+        }
+    for modality, choice, upstream in (
+        ("visual", models["visual"], faces.extractor_id),
+        ("acoustic", models["acoustic"], audio_id),
+        ("text", models["text"], tr_id),
+    ):
+        summary.feature_tables[modality] = tables.features(
+            modality, choice.extractor_id(upstream), choice.spec.output_dim
+        ).name
+    failed = store.read(tables.FAILURES)
+    if len(failed):
+        failed = failed[failed.video_id.isin(set(videos.video_id) | set(report.unreadable))]
+        summary.failures = failed[["video_id", "stage", "error_type", "message"]].to_dict("records")
+    create_markdown_artifact(summary.markdown(), key="extract-summary", description="extraction")
+    return summary.__dict__

@@ -1,0 +1,109 @@
+"""From the feature stores to in-memory training sets: join on video, mask missing modalities."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from data_contracts import tables
+from data_contracts.labels import CLASS_INDEX, MODALITIES
+from data_contracts.store import Store
+from data_contracts.tables import TableRef
+from models.featureset import UNLABELLED, FeatureSet
+from tasks.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """Labelled and unlabelled feature sets of the current manifest, plus what was left out."""
+
+    labelled: FeatureSet
+    unlabelled: FeatureSet
+    dropped: list[str] = field(default_factory=list)  # videos with no modality at all
+    missing: dict[str, int] = field(default_factory=dict)  # modality -> videos lacking it
+    extractor_ids: dict[str, str] = field(default_factory=dict)
+    load_seconds: float = 0.0
+
+
+def load_training_data(store: Store, feature_tables: dict[str, TableRef]) -> TrainingData:
+    """Join every modality's features onto the manifest's current bytes (video_id + sha256).
+
+    A feature row of an older version of a video (another sha256) is not used; a modality
+    without a row is masked (present=False), never zero-filled silently.
+    """
+    started = time.perf_counter()
+    manifest = store.read(tables.MANIFEST, columns=["video_id", "sha256", "pool"])
+    if manifest.empty:
+        raise BadInputError(
+            f"the manifest under {store.root} is empty; run `merflow extract` (or `merflow scan`) "
+            f"on the corpus first"
+        )
+    manifest = manifest.sort_values("video_id").reset_index(drop=True)
+    position = {
+        (v, s): i for i, (v, s) in enumerate(zip(manifest.video_id, manifest.sha256, strict=True))
+    }
+    n = len(manifest)
+    features, present, ext_ids = {}, {}, {}
+    for modality in MODALITIES:
+        table = feature_tables[modality]
+        dim = dict(table.contract.vector_dims)["embedding"]
+        keys, mat = store.read_vectors(table)
+        x = np.zeros((n, dim), dtype=np.float32)
+        p = np.zeros(n, dtype=bool)
+        rows = [position.get(k) for k in zip(keys.video_id, keys.sha256, strict=True)]
+        take = np.array([r is not None for r in rows], dtype=bool)
+        idx = np.array([r for r in rows if r is not None], dtype=np.int64)
+        x[idx] = mat[take]
+        p[idx] = True
+        features[modality], present[modality] = x, p
+        ext_ids[modality] = table.name.rsplit("/", 1)[-1]
+    labels_df = store.read(tables.LABELS)
+    label_of = dict(zip(labels_df.video_id, labels_df.label, strict=True))
+    labels = np.array(
+        [CLASS_INDEX[label_of[v]] if v in label_of else UNLABELLED for v in manifest.video_id],
+        dtype=np.int64,
+    )
+    anything = np.stack([present[m] for m in MODALITIES]).any(axis=0)
+    dropped = manifest.video_id[~anything].tolist()
+    keep = np.flatnonzero(anything)
+    full = FeatureSet(
+        video_ids=manifest.video_id.to_numpy()[keep],
+        features={m: features[m][keep] for m in MODALITIES},
+        present={m: present[m][keep] for m in MODALITIES},
+        labels=labels[keep],
+    )
+    lab = full.labels != UNLABELLED
+    if not lab.any():
+        raise BadInputError(
+            f"no video of the manifest under {store.root} has both features and a label; "
+            f"check the label CSV's names against the video file stems"
+        )
+    missing = {m: int((~full.present[m]).sum()) for m in MODALITIES}
+    data = TrainingData(
+        labelled=full.subset(np.flatnonzero(lab)),
+        unlabelled=full.subset(np.flatnonzero(~lab)),
+        dropped=dropped,
+        missing=missing,
+        extractor_ids=ext_ids,
+        load_seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "training data: %d labelled, %d unlabelled, %d without any modality; missing %s (%.2f s)",
+        len(data.labelled),
+        len(data.unlabelled),
+        len(dropped),
+        missing,
+        data.load_seconds,
+    )
+    return data
+
+
+def label_frame(data: FeatureSet) -> pd.DataFrame:
+    """video_id and class index of a feature set, for reports."""
+    return pd.DataFrame({"video_id": data.video_ids, "label": data.labels})

@@ -1,0 +1,183 @@
+"""HuBERT utterance features: last-layer mean over time, in chunks, padding excluded.
+
+The challenge baseline runs HuBERT in 10 s chunks and averages the zero padding of the last
+chunk into the feature. Here every chunk carries an attention mask, frames computed from
+padding are dropped, and a clip's feature is the mean over all its valid frames, so a clip
+embedded alone equals the same clip embedded in a batch with longer ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.extractors import Extractor, masked_sum, mean_of_last_layers, pack_batches
+from models.registry import CheckpointMismatchError, ExtractorInputError, ExtractorSpec
+
+logger = logging.getLogger(__name__)
+
+
+def conv_output_length(n_samples: int, kernels: Sequence[int], strides: Sequence[int]) -> int:
+    """Frames the HuBERT conv feature encoder makes from `n_samples` (0 when too short)."""
+    length = n_samples
+    for kernel, stride in zip(kernels, strides, strict=True):
+        if length < kernel:
+            return 0
+        length = (length - kernel) // stride + 1
+    return length
+
+
+def receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> int:
+    """Samples the conv feature encoder needs for one frame (400 for HuBERT's stack)."""
+    field, hop = 1, 1
+    for kernel, stride in zip(kernels, strides, strict=True):
+        field += (kernel - 1) * hop
+        hop *= stride
+    return field
+
+
+class AcousticEncoder(Extractor):
+    """Embeds 16 kHz mono float waveforms into one vector each (mean of last layers, time)."""
+
+    def __init__(
+        self,
+        spec: ExtractorSpec,
+        model: nn.Module,
+        feature_extractor: Any,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        model_path: Path | None = None,
+        max_batch_samples: int = 16_000 * 80,
+    ) -> None:
+        super().__init__(spec, device, dtype, model_path)
+        self.model = model.eval()
+        self.feature_extractor = feature_extractor
+        self.max_batch_samples = max_batch_samples
+        config = model.config
+        self.output_dim = int(config.hidden_size)
+        if spec.output_dim is not None and self.output_dim != spec.output_dim:
+            raise CheckpointMismatchError(
+                f"extractor {spec.name} expects {spec.output_dim}-d features but the checkpoint "
+                f"at {model_path} has hidden size {self.output_dim}; check the folder"
+            )
+        rate = int(getattr(feature_extractor, "sampling_rate", spec.sample_rate))
+        if rate != spec.sample_rate:
+            raise CheckpointMismatchError(
+                f"extractor {spec.name} runs at {spec.sample_rate} Hz but the checkpoint's "
+                f"preprocessor_config.json says {rate} Hz; check the folder"
+            )
+        self._kernels = tuple(config.conv_kernel)
+        self._strides = tuple(config.conv_stride)
+        self.min_samples = receptive_field(self._kernels, self._strides)
+        # At least two frames' worth, so that equal chunks of a split clip each make a frame.
+        self.chunk_samples = max(
+            2 * self.min_samples + 2, round(spec.chunk_seconds * spec.sample_rate)
+        )
+        # With group norm the first conv normalises over time, so zero padding would leak
+        # into every frame: such models get one chunk per forward pass.
+        self._one_chunk_per_batch = getattr(config, "feat_extract_norm", "layer") != "layer"
+
+    def chunk_bounds(self, n_samples: int) -> list[tuple[int, int]]:
+        """(start, end) of the equal chunks, each at most chunk_seconds long, covering a clip.
+
+        Equal chunks rather than fixed ones with a remainder: no tail too short to make a frame,
+        and less padding when chunks are batched.
+        """
+        count = max(1, math.ceil(n_samples / self.chunk_samples))
+        edges = [round(i * n_samples / count) for i in range(count + 1)]
+        return list(itertools.pairwise(edges))
+
+    def _prepare(self, index: int, waveform: np.ndarray) -> np.ndarray:
+        """Validated, normalised float32 samples of one clip, or an error naming the clip."""
+        wave = np.asarray(waveform)
+        if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating):
+            raise ExtractorInputError(
+                f"waveform {index} has shape {wave.shape} and dtype {wave.dtype}; expected 1-D "
+                f"float mono samples at {self.spec.sample_rate} Hz"
+            )
+        if wave.shape[0] < self.min_samples:
+            raise ExtractorInputError(
+                f"waveform {index} has {wave.shape[0]} samples, fewer than the "
+                f"{self.min_samples} ({self.min_samples / self.spec.sample_rate * 1000:.0f} ms) "
+                f"{self.spec.name} needs for one frame; mark its acoustic features missing"
+            )
+        if not np.isfinite(wave).all():
+            raise ExtractorInputError(f"waveform {index} holds NaN or infinite samples")
+        # The checkpoint's own preprocessing (zero mean, unit variance when do_normalize),
+        # applied to the whole clip before chunking so that all chunks share one scale.
+        values = self.feature_extractor(
+            wave.astype(np.float32), sampling_rate=self.spec.sample_rate, return_tensors="np"
+        ).input_values[0]
+        return np.asarray(values, dtype=np.float32)
+
+    @torch.inference_mode()
+    def embed(
+        self, waveforms: Sequence[np.ndarray], max_batch_samples: int | None = None
+    ) -> np.ndarray:
+        """One feature per clip, (n, output_dim) float32; long clips run in chunks."""
+        clips = [self._prepare(i, w) for i, w in enumerate(waveforms)]
+        chunks = [
+            (clip, start, end)
+            for clip, samples in enumerate(clips)
+            for start, end in self.chunk_bounds(samples.shape[0])
+        ]
+        sums = np.zeros((len(clips), self.output_dim), dtype=np.float64)
+        counts = np.zeros(len(clips), dtype=np.int64)
+        budget = max_batch_samples or self.max_batch_samples
+        limit = 1 if self._one_chunk_per_batch else None
+        for batch in pack_batches([end - start for _, start, end in chunks], budget, limit):
+            members = [chunks[i] for i in batch]
+            longest = max(end - start for _, start, end in members)
+            values = torch.zeros(len(members), longest)  # (B, L), zero padded on the right
+            mask = torch.zeros(len(members), longest, dtype=torch.long)
+            for row, (clip, start, end) in enumerate(members):
+                values[row, : end - start] = torch.from_numpy(clips[clip][start:end])
+                mask[row, : end - start] = 1
+            out = self.model(
+                values.to(self.device, self.dtype),
+                attention_mask=mask.to(self.device),
+                output_hidden_states=True,
+            )
+            states = mean_of_last_layers(out.hidden_states, self.spec.layers)  # (B, T, D)
+            frames = torch.tensor(
+                [
+                    conv_output_length(end - start, self._kernels, self._strides)
+                    for _, start, end in members
+                ]
+            )
+            frame_mask = torch.arange(states.shape[1]).unsqueeze(0) < frames.unsqueeze(1)
+            total, count = masked_sum(states, frame_mask.to(states.device))
+            total_np = total.double().cpu().numpy()
+            for row, (clip, _, _) in enumerate(members):
+                sums[clip] += total_np[row]
+                counts[clip] += int(count[row])
+        if len(clips) == 0:
+            return np.zeros((0, self.output_dim), dtype=np.float32)
+        return (sums / counts[:, None]).astype(np.float32)
+
+
+def load_acoustic(
+    spec: ExtractorSpec, model_path: Path, device: torch.device, dtype: torch.dtype
+) -> AcousticEncoder:
+    """An AcousticEncoder from a transformers save_pretrained HuBERT folder."""
+    from transformers import AutoFeatureExtractor, HubertModel
+
+    feature_extractor = AutoFeatureExtractor.from_pretrained(model_path, local_files_only=True)
+    model = HubertModel.from_pretrained(model_path, dtype=dtype, local_files_only=True)
+    return AcousticEncoder(
+        spec,
+        model.to(device),
+        feature_extractor,
+        device=device,
+        dtype=dtype,
+        model_path=model_path,
+    )

@@ -1,0 +1,268 @@
+"""Loading feature extractors once per process, and the helpers their encoders share.
+
+`load_extractor(spec, model_path, device, dtype)` returns one of
+`models.visual.VisualEncoder`, `models.acoustic.AcousticEncoder`, `models.asr.AsrModel` or
+`models.text.TextEncoder`, built through the spec's loader and kept in a process-level cache
+keyed by spec + path + device + dtype, so that a worker loads each model once and reuses it
+across shards. The encoder modules are imported lazily: importing this module does not pull
+in open_clip, transformers or sherpa-onnx.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.registry import (
+    ExtractorSpec,
+    ModelNotFoundError,
+    canonical_dtype,
+    checkpoint_problems,
+    checkpoint_revision,
+    extractor_id,
+)
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """`cuda` when asked for "auto" and a GPU is visible, else `cpu`; explicit devices pass."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r} was asked for but no CUDA device is visible; "
+            "use device='cpu' or 'auto'"
+        )
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: "auto" is bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."""
+    name = canonical_dtype(dtype if dtype is not None else "auto")
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        # Where no GPU is visible (planning ids for GPU workers) the policy's bf16 is assumed.
+        old_gpu = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+        return torch.float16 if old_gpu else torch.bfloat16
+    return _TORCH_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name ('fp32', 'bf16', 'fp16') of a torch dtype."""
+    for name, value in _TORCH_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported compute dtype {dtype}; use fp32, bf16 or fp16")
+
+
+def effective_dtype(
+    spec: ExtractorSpec, dtype: str | torch.dtype | None, device: torch.device
+) -> torch.dtype:
+    """The dtype the spec will compute in: the request, else the spec's policy.
+
+    ONNX exports (the ASR models) run as exported, so a requested dtype does not apply to them.
+    """
+    if spec.loader == "sherpa-wenet-ctc":
+        return resolve_dtype(spec.dtype, device)
+    return resolve_dtype(dtype if dtype is not None else spec.dtype, device)
+
+
+def planned_extractor_id(
+    spec: ExtractorSpec,
+    model_path: Path | None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    **settings: Any,
+) -> str:
+    """The extractor_id an encoder loaded with these arguments will report, without loading it."""
+    # No availability check: ids may be planned on a CPU machine for GPU workers.
+    auto = device is None or str(device) == "auto"
+    planned_device = resolve_device(device) if auto else torch.device(device)
+    resolved = effective_dtype(spec, dtype, planned_device)
+    revision = checkpoint_revision(spec, model_path) if model_path is not None else "random-init"
+    return extractor_id(spec, dtype=dtype_name(resolved), checkpoint=revision, **settings)
+
+
+class Extractor:
+    """What every loaded extractor knows about itself: spec, device, dtype, checkpoint."""
+
+    def __init__(
+        self,
+        spec: ExtractorSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        model_path: Path | None,
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.model_path = model_path
+        # In-memory models (benchmarks, shape tests) have no checkpoint on disk.
+        self.revision = (
+            checkpoint_revision(spec, model_path) if model_path is not None else "random-init"
+        )
+
+    @property
+    def dtype_name(self) -> str:
+        """Short name of the compute dtype ('fp32', 'bf16', 'fp16')."""
+        return dtype_name(self.dtype)
+
+    def extractor_id(self, **settings: Any) -> str:
+        """The id keying this extractor's rows: spec, checkpoint, dtype and caller settings."""
+        return extractor_id(self.spec, dtype=self.dtype_name, checkpoint=self.revision, **settings)
+
+    def __repr__(self) -> str:
+        where = self.model_path if self.model_path is not None else "in-memory"
+        return f"{type(self).__name__}({self.spec.name}, {where}, {self.device}, {self.dtype_name})"
+
+
+def pack_batches(
+    lengths: Sequence[int], max_padded: int, max_items: int | None = None
+) -> list[list[int]]:
+    """Group item indices, longest first, so each batch's padded size stays under `max_padded`.
+
+    The padded size of a batch is (items x longest item); an item longer than the budget gets
+    a batch of its own rather than being refused.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # Sorted longest first, so the batch's first item sets its padded length.
+        longest = lengths[current[0]] if current else lengths[index]
+        too_many = max_items is not None and len(current) >= max_items
+        if current and (too_many or (len(current) + 1) * longest > max_padded):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def mean_of_last_layers(hidden_states: Sequence[torch.Tensor], layers: int) -> torch.Tensor:
+    """Mean of the last `layers` hidden states in float32, (B, T, D).
+
+    `hidden_states` holds the embedding output plus one entry per layer, so a model with fewer
+    than `layers` - 1 layers averages all it has (a 2-layer tiny model: 3 states).
+    """
+    used = hidden_states[-min(layers, len(hidden_states)) :]
+    return torch.stack([h.float() for h in used]).mean(dim=0)
+
+
+def masked_sum(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over time of the states where mask is true, and the count: (B, D), (B,)."""
+    weights = mask.to(states.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (states * weights).sum(dim=1), mask.sum(dim=1)
+
+
+_CACHE: dict[tuple[Any, ...], Extractor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_extractor(
+    spec: ExtractorSpec,
+    model_path: Path,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    *,
+    trust_remote_code: bool | None = None,
+    num_threads: int | None = None,
+) -> Extractor:
+    """The extractor for `spec` from `model_path`, loaded once per process and then reused.
+
+    `dtype` None uses the spec's policy ("auto": bf16 on CUDA, fp32 on CPU).
+    `trust_remote_code` None follows the spec; only True from the spec or this argument lets
+    a checkpoint run its own Python code, and the log says so.
+    """
+    model_path = Path(model_path).resolve()
+    problems = checkpoint_problems(spec, model_path)
+    if problems:
+        raise ModelNotFoundError(
+            f"checkpoint for extractor {spec.name} at {model_path} is unusable: "
+            f"{'; '.join(problems)}; resolve it with models.registry.resolve_model_path"
+        )
+    resolved_device = resolve_device(device)
+    resolved_dtype = effective_dtype(spec, dtype, resolved_device)
+    trust = spec.trust_remote_code if trust_remote_code is None else trust_remote_code
+    key = (spec, str(model_path), str(resolved_device), resolved_dtype, trust, num_threads)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+        if cached is not None:
+            return cached
+        started = time.perf_counter()
+        extractor = _build(spec, model_path, resolved_device, resolved_dtype, trust, num_threads)
+        _CACHE[key] = extractor
+    logger.info(
+        "loaded extractor %s from %s on %s/%s in %.1f s",
+        spec.name,
+        model_path,
+        resolved_device,
+        dtype_name(resolved_dtype),
+        time.perf_counter() - started,
+    )
+    return extractor
+
+
+def _build(
+    spec: ExtractorSpec,
+    model_path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    num_threads: int | None,
+) -> Extractor:
+    """Dispatch to the spec's loader (imported here so unused libraries stay unloaded)."""
+    if trust_remote_code and spec.loader != "hf-causal-lm":
+        logger.info("trust_remote_code has no effect on loader %s (%s)", spec.loader, spec.name)
+    if spec.loader == "open_clip":
+        from models.visual import load_visual
+
+        return load_visual(spec, model_path, device, dtype)
+    if spec.loader == "hf-hubert":
+        from models.acoustic import load_acoustic
+
+        return load_acoustic(spec, model_path, device, dtype)
+    if spec.loader == "sherpa-wenet-ctc":
+        from models.asr import load_asr
+
+        return load_asr(spec, model_path, device, dtype, num_threads=num_threads)
+    if spec.loader == "hf-causal-lm":
+        from models.text import load_text
+
+        reason = "set by the spec" if spec.trust_remote_code else "set by a setting"
+        return load_text(
+            spec, model_path, device, dtype, trust_remote_code=trust_remote_code, reason=reason
+        )
+    raise ValueError(f"extractor {spec.name} has no loader for {spec.loader!r}")
+
+
+def cached_extractors() -> list[Extractor]:
+    """The extractors this process holds loaded."""
+    with _CACHE_LOCK:
+        return list(_CACHE.values())
+
+
+def clear_extractor_cache() -> None:
+    """Drop every loaded extractor and return their memory (GPU included)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

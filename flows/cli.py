@@ -93,7 +93,12 @@ def scan_cmd(
     from tasks.errors import BadInputError
     from tasks.scan import scan_videos
 
-    root = data_root or Path(video_dirs[0]).resolve().parent / "merflow"
+    settings = _settings("demo", [])
+    root = data_root or (
+        Path(settings.data_root)
+        if settings.data_root
+        else Path(video_dirs[0]).resolve().parent / "merflow"
+    )
     try:
         report, _ = scan_videos(video_dirs, Store(root))
     except BadInputError as e:
@@ -171,6 +176,49 @@ def extract_cmd(
         raise _fail(f"{len(summary['failures'])} failure(s) and --strict was given", code=3)
 
 
+def _run_train(
+    corpus_dir: Path,
+    settings: Settings,
+    profile: str,
+    overrides: list[str] | None,
+    data_root: Path | None,
+) -> dict:
+    from flows import server
+    from flows.train import train_flow
+    from tasks.errors import MerflowError
+    from tasks.train_report import report_markdown
+
+    root = data_root.resolve() if data_root else settings.resolved_data_root(corpus_dir)
+    env = _connect(settings, root)
+    try:
+        with server.use_server(env):
+            report = train_flow(
+                str(corpus_dir),
+                profile=profile,
+                data_root=str(root),
+                overrides=list(overrides or []),
+            )
+    except (MerflowError, SettingsError, ValueError) as e:
+        raise _fail(str(e)) from e
+    typer.echo(report_markdown(report))
+    typer.echo(
+        f"report: {report['report_dir']} (report.md, confusion.png, curves.png, submission.csv)"
+    )
+    return report
+
+
+@app.command("train")
+def train_cmd(
+    corpus_dir: Annotated[Path, typer.Argument(help="the extracted corpus folder")],
+    profile: ProfileOpt = "demo",
+    data_root: DataRootOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """MR-CCL pretraining, two-step self-training and voting on the feature stores; WAF report."""
+    settings = _settings(profile, overrides)
+    _run_train(corpus_dir, settings, profile, overrides, data_root)
+
+
 @app.command("demo")
 def demo_cmd(
     out_dir: Annotated[
@@ -189,6 +237,7 @@ def demo_cmd(
     if not (corpus_dir / settings.corpus.labels_csv).exists():
         make_demo_corpus(corpus_dir, n_labeled=labeled, n_unlabeled=unlabeled, seed=seed)
     _run_extract(corpus_dir, settings, "demo", overrides, None)
+    _run_train(corpus_dir, settings, "demo", overrides, None)
     typer.echo(f"data root: {settings.resolved_data_root(corpus_dir)}")
 
 

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 ENV_PREFIX = "MERFLOW_"
+# Environment variables read by single tools, not settings (tasks/media.py, face_backends.py).
+TOOL_ENV = frozenset({"MERFLOW_HOME", "MERFLOW_FFMPEG", "MERFLOW_OPENFACE_BIN"})
 
 
 class SettingsError(ValueError):
@@ -86,6 +88,7 @@ class TrainSettings(_Section):
     """The train flow (METHOD.md: every number and decision)."""
 
     seed: int = 0
+    standardize: bool = True  # z-score each modality over all videos (label-free) before training
     n_splits: int = Field(5, ge=2)
     lr: float = Field(1e-4, gt=0)
     lr_step2: float = Field(5e-5, gt=0)
@@ -140,6 +143,9 @@ class Settings(_Section):
 
     profile: str = "paper"
     data_root: str | None = None  # default: <corpus>/merflow
+    # Folders that run parameters (from the UI) may point into; empty: no restriction (local
+    # CLI). `merflow serve` sets it; see flows/safety.py. MERFLOW_ALLOWED_ROOTS=/a:/b works too.
+    allowed_roots: list[str] = Field(default_factory=list)
     corpus: CorpusSettings = Field(default_factory=CorpusSettings)
     audio: AudioSettings = Field(default_factory=AudioSettings)
     faces: FaceSettings = Field(default_factory=FaceSettings)
@@ -147,6 +153,21 @@ class Settings(_Section):
     extract: ExtractSettings = Field(default_factory=ExtractSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):  # an environment variable: os.pathsep-separated folders
+            return [v for v in value.split(os.pathsep) if v]
+        return value
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[str]) -> list[str]:
+        relative = [v for v in value if not Path(v).expanduser().is_absolute()]
+        if relative:
+            raise ValueError(f"allowed_roots must be absolute paths; relative: {relative}")
+        return value
 
     def resolved_data_root(self, corpus_dir: Path | str | None = None) -> Path:
         """The data root: the setting, else `<corpus_dir>/merflow`."""
@@ -237,7 +258,7 @@ def load_settings(
         _merge_tree(tree, key, value, problems, f"profile {path.name}")
     env = os.environ if env is None else env
     for name, raw in sorted(env.items()):
-        if name.startswith(ENV_PREFIX) and name not in ("MERFLOW_HOME",):
+        if name.startswith(ENV_PREFIX) and name not in TOOL_ENV:
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             _set_dotted(tree, dotted, _parse_value(raw), problems, f"environment {name}")
     for item in overrides:

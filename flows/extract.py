@@ -21,17 +21,17 @@ from prefect.futures import PrefectFuture
 from data_contracts import tables
 from data_contracts.store import Store
 from flows.config import Settings, load_settings, save_resolved
+from flows.plan import ExtractionPlan, plan_extraction
+from flows.safety import check_all_under_roots, trusted_roots
 from tasks.embed import (
-    ModelChoice,
     embed_acoustic_task,
     embed_text_task,
     embed_visual_task,
     transcribe_task,
-    transcripts_extractor_id,
 )
-from tasks.faces import FaceSettings, crop_faces_task
+from tasks.faces import crop_faces_task
 from tasks.labels import load_labels, load_transcripts
-from tasks.media import audio_extractor_id, extract_audio_task
+from tasks.media import extract_audio_task
 from tasks.scan import corpus_video_dirs, scan_videos
 from tasks.shard import ShardReport, select_pending, shards
 
@@ -76,43 +76,6 @@ class ExtractionSummary:
         return "\n".join(lines)
 
 
-def model_choices(settings: Settings, data_root: Path) -> dict[str, ModelChoice]:
-    """The four extractors of a profile, as picklable choices for the tasks."""
-    m = settings.models
-    models_dir = settings.models_dir(data_root)
-    if m.build_tiny:
-        from models.tiny import build_tiny_models
-
-        build_tiny_models(models_dir, seed=m.tiny_seed)
-    dtype = None if m.dtype == "auto" else m.dtype
-    common = {
-        "models_dir": str(models_dir),
-        "device": m.device,
-        "dtype": dtype,
-        "allow_download": m.allow_download,
-        "trust_remote_code": m.trust_remote_code,
-    }
-    sr = settings.audio.sample_rate
-    return {
-        "visual": ModelChoice(m.visual, batch=m.visual_batch, **common),
-        "acoustic": ModelChoice(m.acoustic, batch=m.audio_batch_seconds * sr, **common),
-        "asr": ModelChoice(m.asr, **common),
-        "text": ModelChoice(m.text, batch=m.text_batch_tokens, **common),
-    }
-
-
-def face_settings(settings: Settings) -> FaceSettings:
-    """The faces stage's settings from the profile."""
-    f = settings.faces
-    return FaceSettings(
-        backend=f.backend,
-        size=f.size,
-        fps=f.fps,
-        max_frames=f.max_frames,
-        openface_bin=f.openface_bin,
-    )
-
-
 @task(name="scan", cache_policy=NO_CACHE)
 def scan_task(video_dirs: list[str], data_root: str) -> tuple[Any, pd.DataFrame]:
     """Prefect task: scan the folders into the manifest."""
@@ -148,29 +111,16 @@ _TASKS = {
 
 
 def _pending_per_stage(
-    store: Store,
-    videos: pd.DataFrame,
-    models: dict[str, ModelChoice],
-    faces: FaceSettings,
-    audio_id: str,
-    transcripts_id: str,
+    store: Store, videos: pd.DataFrame, plan: ExtractionPlan
 ) -> dict[str, set[str]]:
     """Per stage, the video ids whose output (or recorded failure) the store lacks."""
+    features = plan.feature_tables()
     out_tables = {
-        "audio": (tables.AUDIO, audio_id),
-        "faces": (tables.FACES, faces.extractor_id),
-        "transcribe": (tables.TRANSCRIPTS, transcripts_id),
+        "audio": (tables.AUDIO, plan.audio_id),
+        "faces": (tables.FACES, plan.faces.extractor_id),
+        "transcribe": (tables.TRANSCRIPTS, plan.transcripts_id),
+        **{m: (t, t.name.rsplit("/", 1)[-1]) for m, t in features.items()},
     }
-    for modality, upstream in (
-        ("visual", faces.extractor_id),
-        ("acoustic", audio_id),
-        ("text", transcripts_id),
-    ):
-        ext = models[modality].extractor_id(upstream)
-        out_tables[modality] = (
-            tables.features(modality, ext, models[modality].spec.output_dim),
-            ext,
-        )
     return {
         stage: set(select_pending(videos, store, table, stage, ext)[0].video_id)
         for stage, (table, ext) in out_tables.items()
@@ -197,8 +147,23 @@ def extract_flow(
     """
     logger = get_run_logger()
     settings = load_settings(profile, overrides or [])
+    # Parameters may come from the UI: every path must lie under the allowed roots (if set),
+    # checked before anything is read or written; the derived paths are checked again below.
+    roots = trusted_roots(profile, overrides or [], settings)
+    given = [("corpus_dir", corpus_dir), *(("video_dirs entry", d) for d in video_dirs or [])]
+    check_all_under_roots([*given, *([("data_root", data_root)] if data_root else [])], roots)
     corpus, dirs = _resolve_corpus(corpus_dir, settings, video_dirs)
     root = settings.resolved_data_root(corpus) if not data_root else Path(data_root).resolve()
+    check_all_under_roots(
+        [
+            ("data_root", root),
+            ("models_dir", settings.models_dir(root)),
+            ("labels CSV", corpus / settings.corpus.labels_csv),
+            ("transcripts CSV", corpus / settings.corpus.transcripts_csv),
+            *(("video folder", d) for d in dirs),
+        ],
+        roots,
+    )
     store = Store(root)
     save_resolved(settings, root / "runs" / "extract-settings.yaml")
 
@@ -217,11 +182,9 @@ def extract_flow(
     if only_new:
         videos = videos[videos.video_id.isin(set(report.new) | set(report.changed))]
     parts = shards(videos, settings.extract.shard_size)
-    models = model_choices(settings, root)
-    faces = face_settings(settings)
-    audio_id = audio_extractor_id(settings.audio.sample_rate)
-    asr_id = models["asr"].extractor_id(audio_id)
-    tr_id = transcripts_extractor_id(asr_id, official is not None)
+    plan = plan_extraction(settings, root, corpus)
+    models, faces = plan.models, plan.faces
+    audio_id, tr_id = plan.audio_id, plan.transcripts_id
 
     progress = create_progress_artifact(
         progress=0.0, key="extract-progress", description="extraction shards finished"
@@ -230,7 +193,7 @@ def extract_flow(
     r = str(root)
     # The store is the truth: a Prefect cache entry whose rows the store no longer holds (a
     # deleted or restored data root) is refreshed, never trusted.
-    pending = _pending_per_stage(store, videos, models, faces, audio_id, tr_id)
+    pending = _pending_per_stage(store, videos, plan)
     fresh = {stage: t.with_options(refresh_cache=True) for stage, t in _TASKS.items()}
 
     def pick(stage: str, part: pd.DataFrame):
@@ -288,14 +251,7 @@ def extract_flow(
             "cached_shards": cached[stage],
             "reasons": dict(t.reasons),
         }
-    for modality, choice, upstream in (
-        ("visual", models["visual"], faces.extractor_id),
-        ("acoustic", models["acoustic"], audio_id),
-        ("text", models["text"], tr_id),
-    ):
-        summary.feature_tables[modality] = tables.features(
-            modality, choice.extractor_id(upstream), choice.spec.output_dim
-        ).name
+    summary.feature_tables = {m: t.name for m, t in plan.feature_tables().items()}
     failed = store.read(tables.FAILURES)
     if len(failed):
         failed = failed[failed.video_id.isin(set(videos.video_id) | set(report.unreadable))]

@@ -29,9 +29,34 @@ class TrainingData:
     missing: dict[str, int] = field(default_factory=dict)  # modality -> videos lacking it
     extractor_ids: dict[str, str] = field(default_factory=dict)
     load_seconds: float = 0.0
+    # Per modality (mean, std) over every present row, labelled or not; None: not standardised.
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
 
-def load_training_data(store: Store, feature_tables: dict[str, TableRef]) -> TrainingData:
+def standardize(
+    features: dict[str, np.ndarray], present: dict[str, np.ndarray]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Z-score each modality in place with the mean/std of its present rows; returns the stats.
+
+    Label-free (every video, labelled or not), so no label leaks into validation folds.
+    Extractor outputs differ wildly in scale (a random tiny HuBERT's per-dimension spread is
+    ~0.01, CLIP's ~1): without this, small-spread modalities barely move the networks.
+    """
+    stats = {}
+    for m, x in features.items():
+        rows = x[present[m]]
+        mean = rows.mean(0) if len(rows) else np.zeros(x.shape[1], np.float32)
+        std = rows.std(0) if len(rows) > 1 else np.ones(x.shape[1], np.float32)
+        std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+        x[present[m]] = (rows - mean) / std
+        x[~present[m]] = 0.0
+        stats[m] = (mean.astype(np.float32), std)
+    return stats
+
+
+def load_training_data(
+    store: Store, feature_tables: dict[str, TableRef], standardized: bool = True
+) -> TrainingData:
     """Join every modality's features onto the manifest's current bytes (video_id + sha256).
 
     A feature row of an older version of a video (another sha256) is not used; a modality
@@ -69,6 +94,7 @@ def load_training_data(store: Store, feature_tables: dict[str, TableRef]) -> Tra
         [CLASS_INDEX[label_of[v]] if v in label_of else UNLABELLED for v in manifest.video_id],
         dtype=np.int64,
     )
+    stats = standardize(features, present) if standardized else None
     anything = np.stack([present[m] for m in MODALITIES]).any(axis=0)
     dropped = manifest.video_id[~anything].tolist()
     keep = np.flatnonzero(anything)
@@ -92,6 +118,7 @@ def load_training_data(store: Store, feature_tables: dict[str, TableRef]) -> Tra
         missing=missing,
         extractor_ids=ext_ids,
         load_seconds=time.perf_counter() - started,
+        stats=stats,
     )
     log.info(
         "training data: %d labelled, %d unlabelled, %d without any modality; missing %s (%.2f s)",

@@ -1,0 +1,300 @@
+"""MR-CCL vs the challenge baseline on class-conditional synthetic features of the real dims.
+
+Comparison mode (default) prints the WAF of the supervised baseline, the full method and each
+ablation of the paper's Table 1. `--throughput` prints samples/s of pretraining, fine-tuning
+and prediction on N rows of the real dimensions, and the peak memory.
+
+    .venv/bin/python benchmarks/train_synthetic.py --scale 0.2 --unlabelled 4000 --hidden 64
+    .venv/bin/python benchmarks/train_synthetic.py --throughput --rows 115595 --device cuda
+
+The generator: each video has a latent emotion vector z (a class mode plus within-class
+spread, some videos halfway between two classes) that every modality sees through its own
+random projection, buried under modality-specific nuisance factors (speaker, lighting,
+wording) and per-dimension noise; some visual and text inputs are missing. The modalities
+agree only on z, which is what cross-modal contrastive learning can find without labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_contracts.labels import CLASSES, MODALITIES
+from models.baseline import BaselineConfig, BaselineNet
+from models.featureset import FeatureSet
+from models.mrccl import MRCCL, PAPER_DIMS, MRCCLConfig
+from models.training import (
+    RecipeConfig,
+    TrainConfig,
+    cross_validate_baseline,
+    fine_tune,
+    predict,
+    pretrain,
+    run_self_training,
+    train_baseline,
+    waf,
+)
+
+# MER2024 Train&Val, in CLASSES order.
+MER_COUNTS = {
+    "neutral": 1248,
+    "angry": 1208,
+    "happy": 1038,
+    "sad": 730,
+    "worried": 616,
+    "surprise": 190,
+}
+
+
+@dataclass
+class SynthConfig:
+    """Difficulty knobs of the generator."""
+
+    latent: int = 16  # dims of the shared emotion latent z
+    modes_per_class: int = 3  # each class is a mixture of this many modes
+    mode_spread: float = 0.8  # distance of the modes from their class centre
+    within: float = 0.9  # within-mode spread of z
+    ambiguous: float = 0.15  # share of videos halfway between their class and another
+    nuisance_dims: int = 16  # modality-specific factors unrelated to emotion
+    nuisance: float = 3.0  # their scale relative to the emotion signal
+    noise: float = 2.5  # per-dimension noise
+    signal: tuple[float, float, float] = (0.8, 1.0, 0.6)  # visual, acoustic, text strength
+    missing_visual: float = 0.05
+    missing_text: float = 0.08
+
+
+def make_synthetic(
+    counts: dict[str, int],
+    n_unlabelled: int,
+    seed: int = 0,
+    dims: dict[str, int] | None = None,
+    synth: SynthConfig | None = None,
+) -> tuple[FeatureSet, FeatureSet, np.ndarray]:
+    """Labelled set with the given class counts, unlabelled pool of the same law, pool's truth."""
+    dims = dims or dict(PAPER_DIMS)
+    s = synth or SynthConfig()
+    world = np.random.default_rng(seed)  # the fixed "world": class modes and projections
+    centres = world.normal(size=(len(CLASSES), s.latent))
+    modes = centres[:, None] + s.mode_spread * world.normal(
+        size=(len(CLASSES), s.modes_per_class, s.latent)
+    )
+    proj = {m: world.normal(size=(s.latent, d)) / np.sqrt(s.latent) for m, d in dims.items()}
+    nuis = {
+        m: world.normal(size=(s.nuisance_dims, d)) / np.sqrt(s.nuisance_dims)
+        for m, d in dims.items()
+    }
+    offset = {m: world.normal(size=d) for m, d in dims.items()}
+    strength = dict(zip(MODALITIES, s.signal, strict=True))
+    prior = np.array([counts[c] for c in CLASSES], dtype=float)
+
+    def draw(labels: np.ndarray, rng: np.random.Generator, tag: str) -> FeatureSet:
+        n = len(labels)
+        z = modes[labels, rng.integers(0, s.modes_per_class, n)] + s.within * rng.normal(
+            size=(n, s.latent)
+        )
+        other = rng.integers(0, len(CLASSES), n)
+        mix = rng.random(n) < s.ambiguous
+        z[mix] = (
+            0.5 * z[mix] + 0.5 * modes[other[mix], rng.integers(0, s.modes_per_class, mix.sum())]
+        )
+        feats, present = {}, {}
+        for m, d in dims.items():
+            x = strength[m] * (z @ proj[m]) + offset[m]
+            x += s.nuisance * (rng.normal(size=(n, s.nuisance_dims)) @ nuis[m])
+            x += s.noise * rng.normal(size=(n, d))
+            feats[m] = x.astype(np.float32)
+            present[m] = np.ones(n, dtype=bool)
+        present["visual"] = rng.random(n) >= s.missing_visual
+        present["text"] = rng.random(n) >= s.missing_text
+        present["acoustic"] |= ~(present["visual"] | present["text"])
+        for m in MODALITIES:
+            feats[m][~present[m]] = 0.0
+        ids = np.array([f"{tag}_{i:08d}" for i in range(n)])
+        return FeatureSet(ids, feats, present, labels)
+
+    rng = np.random.default_rng(seed + 1)
+    y = np.repeat(np.arange(len(CLASSES)), [counts[c] for c in CLASSES])
+    rng.shuffle(y)
+    labelled = draw(y, rng, "sample")
+    y_unl = rng.choice(len(CLASSES), size=n_unlabelled, p=prior / prior.sum())
+    unlabelled = draw(y_unl, rng, "unlabelled")
+    hidden_truth = unlabelled.labels.copy()
+    return labelled, unlabelled.with_labels(np.full(n_unlabelled, -1)), hidden_truth
+
+
+def recipe(args: argparse.Namespace, dims: dict[str, int]) -> RecipeConfig:
+    """The recipe at the chosen size; everything else is METHOD.md's."""
+    model = MRCCLConfig(
+        dims=dims,
+        hidden=args.hidden,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_tokens=args.tokens,
+    )
+    return RecipeConfig(
+        train=TrainConfig(
+            lr=args.lr,
+            batch_size=args.batch,
+            max_epochs=args.max_epochs,  # the baseline's limit; MR-CCL steps use final_epochs
+            lambda_con=args.lambda_con,
+            seed=args.seed,
+            device=args.device,
+        ),
+        model=model,
+        baseline=BaselineConfig(dims=dims, hidden=args.hidden),
+        n_splits=args.folds,
+        pretrain_epochs=args.pretrain_epochs,
+        final_epochs=args.final_epochs,
+        lr_step2=args.lr / 2,
+        oversample_scale=args.scale,
+        keep_models=False,
+    )
+
+
+def ablations(base: RecipeConfig) -> dict[str, tuple[str, RecipeConfig]]:
+    """The systems of the paper's Table 1: name -> (kind, recipe)."""
+    replace = dataclasses.replace
+    return {
+        "baseline (supervised, no oversampling)": (
+            "baseline",
+            replace(base, use_oversampling=False),
+        ),
+        "full method": ("mrccl", base),
+        "w/o contrastive pre-training": ("mrccl", replace(base, use_pretraining=False)),
+        "w/o NEE": ("mrccl", replace(base, model=replace(base.model, use_nee=False))),
+        "w/o pseudo labels": ("mrccl", replace(base, use_pseudo_labels=False)),
+        "w/o oversampling": ("mrccl", replace(base, use_oversampling=False)),
+    }
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Baseline, full method and each ablation on one synthetic corpus; prints a WAF table."""
+    counts = {c: max(args.folds, round(n * args.scale)) for c, n in MER_COUNTS.items()}
+    dims = dict(PAPER_DIMS) if not args.small_dims else {"visual": 96, "acoustic": 128, "text": 640}
+    t0 = time.perf_counter()
+    labelled, unlabelled, truth = make_synthetic(counts, args.unlabelled, args.seed, dims)
+    print(
+        f"data: {len(labelled)} labelled {counts}, {len(unlabelled)} unlabelled, dims {dims} "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+    only = {int(i) for i in args.only.split(",")} if args.only else None
+    rows = []
+    for i, (name, (kind, cfg)) in enumerate(ablations(recipe(args, dims)).items()):
+        if only is not None and i not in only:
+            continue
+        t = time.perf_counter()
+        if kind == "baseline":
+            res = cross_validate_baseline(labelled, cfg, test=unlabelled)
+        else:
+            res = run_self_training(labelled, unlabelled, cfg)
+        s = res.summary()
+        # The pool's hidden truth plays MER-SEMI's test set (which is inside the unlabelled pool).
+        pool_waf = waf(truth, res.test_probs.argmax(1))
+        seconds = time.perf_counter() - t
+        rows.append({"system": name, **s, "pool_waf": pool_waf, "seconds": seconds})
+        folds = [round(100 * w, 2) for w in s["fold_waf"]]
+        print(
+            f"{name:40s} CV WAF {100 * s['mean_waf']:6.2f}  pool WAF {100 * pool_waf:6.2f}  "
+            f"folds {folds}  ({seconds:.0f} s)",
+            flush=True,
+        )
+        if s["pseudo_counts"]:
+            mean = {c: round(float(np.mean([p[c] for p in s["pseudo_counts"]]))) for c in CLASSES}
+            print(f"{'':40s} pseudo labels per fold (mean): {mean}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """Samples/s of one pretraining epoch, one fine-tuning epoch and prediction on N rows."""
+    n, cuda = args.rows, args.device.startswith("cuda")
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    feats = {m: rng.standard_normal((n, d), dtype=np.float32) for m, d in PAPER_DIMS.items()}
+    present = {m: np.ones(n, dtype=bool) for m in MODALITIES}
+    data = FeatureSet(np.array([f"v{i}" for i in range(n)]), feats, present, rng.integers(0, 6, n))
+    gib = sum(f.nbytes for f in feats.values()) / 2**30
+    print(f"{n} rows of dims {PAPER_DIMS} ({gib:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
+    cfg = TrainConfig(batch_size=args.batch, max_epochs=1, device=args.device, seed=args.seed)
+    mcfg = MRCCLConfig(
+        hidden=args.hidden, n_layers=args.layers, n_heads=args.heads, n_tokens=args.tokens
+    )
+    model = MRCCL(mcfg)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(
+        f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch}; "
+        f"MR-CCL hidden {mcfg.hidden}, {mcfg.n_layers} layers, {mcfg.n_tokens} tokens: "
+        f"{params:.2f} M parameters"
+    )
+    val = data.subset(np.arange(min(n, 512)))
+
+    def timed(label: str, fn: Callable[[], object]) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        print(f"{label:42s} {n / dt:9.0f} samples/s  ({n} rows in {dt:.1f} s)", flush=True)
+
+    timed("MR-CCL pretraining epoch", lambda: pretrain(model, data, cfg, epochs=1))
+    timed("MR-CCL fine-tuning epoch (+512 val rows)", lambda: fine_tune(model, data, val, cfg))
+    timed("MR-CCL prediction", lambda: predict(model, data, cfg.eval_batch_size))
+    base = BaselineNet(BaselineConfig(hidden=args.hidden))
+    timed("baseline training epoch (+512 val rows)", lambda: train_baseline(base, data, val, cfg))
+    print(f"peak RSS {peak_rss_gib():.2f} GiB")
+    if cuda:
+        print(f"peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+def main() -> None:
+    """Parse arguments and run the chosen mode."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--throughput", action="store_true", help="measure samples/s and memory instead")
+    p.add_argument("--rows", type=int, default=115595, help="throughput: rows of real dims")
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="labelled counts x this (and oversampling targets)"
+    )
+    p.add_argument("--unlabelled", type=int, default=20000)
+    p.add_argument("--small-dims", action="store_true", help="dims / 8, for quick checks")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--max-epochs", type=int, default=40, help="baseline: at most this many epochs")
+    p.add_argument("--final-epochs", type=int, default=20, help="MR-CCL step 1 and step 2 limit")
+    p.add_argument("--pretrain-epochs", type=int, default=20)
+    p.add_argument("--lambda-con", type=float, default=1.0)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--only", default="", help="comma list of run numbers 0-5 to run")
+    p.add_argument("--json", default="", help="also write the results to this file")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    (throughput if args.throughput else compare)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The train flow: load features → MR-CCL pretraining → k folds (step 1, baseline, pseudo
+labels, step 2) → voting → report, predictions and submission. Every step is a cached Prefect
+task whose outputs live under the run folder, so a killed run resumes where it stopped."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from data_contracts.store import Store
+from flows.config import load_settings, save_resolved
+from flows.plan import plan_extraction
+from tasks.train import (
+    DONE,
+    data_fingerprint,
+    fold_step,
+    pretrain_step,
+    recipe_from_settings,
+    run_key,
+    save_normalizer,
+    training_data,
+)
+from tasks.train_report import build_report, report_markdown
+
+log = logging.getLogger(__name__)
+
+
+def _step_key(context, parameters) -> str:
+    return f"train-{parameters['step']}-{parameters['key']}-{Path(parameters['run_dir']).name}"
+
+
+@task(name="pretrain", cache_key_fn=_step_key, retries=1, retry_delay_seconds=[10], tags=["gpu"])
+def pretrain_task(
+    step: str,
+    key: str,
+    run_dir: str,
+    data_root: str,
+    profile: str,
+    overrides: list[str],
+    corpus_dir: str,
+) -> str:
+    """Prefect task: MR-CCL contrastive pretraining (skipped when its checkpoint exists)."""
+    ctx = _context(data_root, profile, overrides, corpus_dir)
+    return str(pretrain_step(Path(run_dir), ctx["data"], ctx["recipe"]))
+
+
+@task(name="train-fold", cache_key_fn=_step_key, retries=1, retry_delay_seconds=[10], tags=["gpu"])
+def fold_task(
+    step: str,
+    key: str,
+    run_dir: str,
+    data_root: str,
+    profile: str,
+    overrides: list[str],
+    corpus_dir: str,
+    k: int,
+) -> str:
+    """Prefect task: one cross-validation fold of the self-training recipe."""
+    ctx = _context(data_root, profile, overrides, corpus_dir)
+    return str(fold_step(k, Path(run_dir), ctx["data"], ctx["recipe"]))
+
+
+def _fresh(t, folder: Path):
+    return t if (folder / DONE).is_file() else t.with_options(refresh_cache=True)
+
+
+def _context(data_root: str, profile: str, overrides: list[str], corpus_dir: str | None = None):
+    settings = load_settings(profile, overrides)
+    store = Store(data_root)
+    plan = plan_extraction(settings, store.root, Path(corpus_dir) if corpus_dir else None)
+    feature_tables = plan.feature_tables()
+    fingerprint = data_fingerprint(store, feature_tables)
+    data = training_data(store, feature_tables, fingerprint, settings.train.standardize)
+    recipe = recipe_from_settings(settings.train, data.labelled.dims)
+    return {
+        "settings": settings,
+        "store": store,
+        "data": data,
+        "recipe": recipe,
+        # Standardisation changes every input: it is part of the run's identity.
+        "key": run_key(f"{fingerprint}+z{int(settings.train.standardize)}", recipe),
+    }
+
+
+@flow(name="train", flow_run_name="train-{profile}", log_prints=True)
+def train_flow(
+    corpus_dir: str,
+    profile: str = "demo",
+    data_root: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
+    """Train MR-CCL with two-step self-training on the extracted features; report WAF.
+
+    Args:
+        corpus_dir: the corpus folder whose features were extracted (video-labeled/, ...).
+        profile: settings profile (demo: tiny models; paper: the real ones).
+        data_root: where the stores are (default <corpus_dir>/merflow).
+        overrides: key=value settings, e.g. ["train.use_pseudo_labels=false"] for an ablation.
+    """
+    logger = get_run_logger()
+    overrides = list(overrides or [])
+    settings = load_settings(profile, overrides)
+    corpus = Path(corpus_dir).expanduser().resolve()
+    root = Path(data_root).resolve() if data_root else settings.resolved_data_root(corpus)
+    # The plan sees the corpus: official transcripts change the text features' id.
+    ctx = _context(str(root), profile, overrides, str(corpus))
+    data, key = ctx["data"], ctx["key"]
+    run_dir = root / "runs" / f"train-{key}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(settings, run_dir / "settings.yaml")
+    if data.stats:  # what a checkpoint's inputs were standardised with, to apply it elsewhere
+        save_normalizer(data.stats, run_dir / "normalizer.npz")
+    logger.info(
+        "run %s: %d labelled, %d unlabelled videos, features %s",
+        key,
+        len(data.labelled),
+        len(data.unlabelled),
+        data.extractor_ids,
+    )
+    common = {
+        "key": key,
+        "run_dir": str(run_dir),
+        "data_root": str(root),
+        "profile": profile,
+        "overrides": overrides,
+        "corpus_dir": str(corpus),
+    }
+    # A step's outputs are the truth: a cache entry whose folder is gone is refreshed.
+    _fresh(pretrain_task, run_dir / "pretrain")(step="pretrain", **common)
+    for k in range(settings.train.n_splits):
+        _fresh(fold_task, run_dir / f"fold-{k}")(step=f"fold-{k}", k=k, **common)
+    report = build_report(
+        run_dir, key, data, settings.train.n_splits, ctx["store"], settings.train.model_dump()
+    )
+    create_markdown_artifact(
+        report_markdown(report), key="train-report", description="training report"
+    )
+    create_table_artifact(
+        [{"class": c, "f1": round(f, 4)} for c, f in report["per_class_f1"].items()],
+        key="train-per-class-f1",
+    )
+    report["run_dir"] = str(run_dir)
+    report["report_dir"] = str(run_dir / "report")
+    return report

@@ -1,0 +1,237 @@
+"""The training report: WAF per fold and mean, per-class F1, confusion matrix, pseudo-label
+counts (the paper's Table 2), curves, predictions under their contract, the submission CSV."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: workers have no display
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix
+
+from data_contracts import tables
+from data_contracts.atomic import atomic_path
+from data_contracts.labels import (
+    CLASSES,
+    CLASSIFIER_OF_MODALITY,
+    CLASSIFIERS,
+    MODALITIES,
+    NUM_CLASSES,
+)
+from data_contracts.store import Store
+from models.training import per_class_f1, waf
+from tasks.train import load_fold
+from tasks.train_data import TrainingData
+
+PROB_KEYS = (*CLASSIFIERS, "voted")
+
+
+def _write_text(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def _plot_confusion(cm: np.ndarray, path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 4.8), dpi=110)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(NUM_CLASSES), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(NUM_CLASSES), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    peak = cm.max() if cm.size else 0
+    for i in range(NUM_CLASSES):
+        for j in range(NUM_CLASSES):
+            color = "white" if cm[i, j] > peak / 2 else "black"
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color=color, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def _plot_curves(folds: list[dict], pretrain: list[dict], path: Path) -> Path:
+    stages = ("step1", "baseline", "step2")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), dpi=100)
+    if pretrain:
+        axes[0].plot([h["epoch"] for h in pretrain], [h["loss"] for h in pretrain])
+    axes[0].set_title("pretraining loss (L_intra + L_imc)")
+    axes[0].set_xlabel("epoch")
+    for ax, stage in zip(axes[1:], stages, strict=True):
+        for f in folds:
+            hist = f.get("history", {}).get(stage) or []
+            if hist:
+                ax.plot(
+                    [h["epoch"] for h in hist], [h["val_waf"] for h in hist], label=f"fold {f['k']}"
+                )
+        ax.set_title(f"{stage}: validation WAF")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def build_report(
+    run_dir: Path,
+    run_id: str,
+    data: TrainingData,
+    n_splits: int,
+    store: Store,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Aggregate the finished folds into the report files, the predictions and pseudo-label
+    tables, and the submission CSV; returns the report as a dict."""
+    lab, unl = data.labelled, data.unlabelled
+    n_lab, n_unl = len(lab), len(unl)
+    oof = {k: np.zeros((n_lab, NUM_CLASSES), np.float32) for k in PROB_KEYS}
+    fold_of = np.full(n_lab, -1, np.int32)
+    test = {k: np.zeros((n_unl, NUM_CLASSES), np.float64) for k in PROB_KEYS}
+    folds: list[dict] = []
+    pseudo_rows: list[dict] = []
+    now = datetime.now(UTC)
+    for k in range(n_splits):
+        summary, arrays = load_fold(run_dir / f"fold-{k}")
+        folds.append(summary)
+        idx = arrays["val_index"]
+        fold_of[idx] = k
+        for key in PROB_KEYS:
+            oof[key][idx] = arrays[f"val_{key}"]
+            test[key] += arrays[f"test_{key}"] / n_splits
+        for i, c, p in zip(
+            arrays["pseudo_index"], arrays["pseudo_label"], arrays["pseudo_confidence"], strict=True
+        ):
+            pseudo_rows.append(
+                {
+                    "video_id": str(unl.video_ids[i]),
+                    "run_id": f"{run_id}/fold-{k}",
+                    "label": CLASSES[int(c)],
+                    "confidence": float(p),
+                    "preferred_model": settings_preferred(settings, int(c)),
+                    "created_at": now,
+                }
+            )
+    pred = oof["voted"].argmax(1)
+    cm = confusion_matrix(lab.labels, pred, labels=list(range(NUM_CLASSES)))
+    fold_waf = [f["val_waf"] for f in folds]
+    baseline_waf = [f["baseline_waf"] for f in folds if f.get("baseline_waf") is not None]
+    step1_waf = [f["step1_waf"] for f in folds]
+    pseudo_counts = [f["pseudo_counts"] for f in folds]
+    pretrain = []
+    pre_done = run_dir / "pretrain" / "done.json"
+    if pre_done.is_file():
+        pretrain = json.loads(pre_done.read_text()).get("history", [])
+    report = {
+        "run_id": run_id,
+        "n_labelled": n_lab,
+        "n_unlabelled": n_unl,
+        "dropped_without_features": data.dropped,
+        "missing_modalities": data.missing,
+        "extractor_ids": data.extractor_ids,
+        "fold_waf": fold_waf,
+        "mean_waf": float(np.mean(fold_waf)),
+        "oof_waf": waf(lab.labels, pred),
+        "step1_mean_waf": float(np.mean(step1_waf)),
+        "baseline_mean_waf": float(np.mean(baseline_waf)) if baseline_waf else None,
+        "per_classifier_oof_waf": {c: waf(lab.labels, oof[c].argmax(1)) for c in CLASSIFIERS},
+        "per_class_f1": per_class_f1(lab.labels, pred),
+        "confusion": cm.tolist(),
+        "pseudo_counts": pseudo_counts,
+        "classes": list(CLASSES),
+        "settings": settings,
+    }
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "report.json", json.dumps(report, indent=2, sort_keys=True))
+    _plot_confusion(cm, out / "confusion.png", f"out-of-fold, WAF {report['oof_waf']:.3f}")
+    _plot_curves(folds, pretrain, out / "curves.png")
+    _write_text(out / "report.md", report_markdown(report))
+    submission = pd.DataFrame(
+        {"name": unl.video_ids, "discrete": [CLASSES[i] for i in test["voted"].argmax(1)]}
+    )
+    _write_text(out / "submission.csv", submission.to_csv(index=False))
+    _write_predictions(store, run_id, lab, unl, oof, test, fold_of)
+    if pseudo_rows:
+        store.upsert(tables.PSEUDO_LABELS, pd.DataFrame(pseudo_rows))
+    return report
+
+
+def settings_preferred(settings: dict[str, Any], c: int) -> str:
+    """Which model's confidence decided class c's pseudo labels."""
+    return "baseline" if CLASSES[c] in settings.get("preferred_baseline", []) else "mrccl"
+
+
+def _write_predictions(store, run_id, lab, unl, oof, test, fold_of) -> None:
+    def rows(data, probs, split, folds, labels):
+        ids, n = data.video_ids, len(data)
+        # A classifier of a missing modality gave no vote: its probabilities are null.
+        present = {CLASSIFIER_OF_MODALITY[m]: data.present[m] for m in MODALITIES}
+        present["F"] = np.ones(n, dtype=bool)
+        return pd.DataFrame(
+            {
+                "video_id": ids,
+                "run_id": run_id,
+                "split": split,
+                "fold": folds,
+                **{
+                    f"prob_{c}": [
+                        p if ok else None for p, ok in zip(probs[c], present[c], strict=True)
+                    ]
+                    for c in CLASSIFIERS
+                },
+                "prob_voted": list(probs["voted"].astype(np.float32)),
+                "predicted": [CLASSES[i] for i in probs["voted"].argmax(1)],
+                "label": labels if labels is not None else [None] * n,
+            }
+        )
+
+    cv = rows(lab, oof, "cv", fold_of, [CLASSES[i] for i in lab.labels])
+    test32 = {k: v.astype(np.float32) for k, v in test.items()}
+    unl_rows = rows(unl, test32, "unlabeled", np.full(len(unl), -1, np.int32), None)
+    store.upsert(tables.PREDICTIONS, pd.concat([cv, unl_rows], ignore_index=True))
+
+
+def report_markdown(r: dict[str, Any]) -> str:
+    """The report as Markdown (a Prefect artifact and report.md)."""
+    lines = [
+        f"## Training report `{r['run_id']}`",
+        "",
+        f"{r['n_labelled']} labelled, {r['n_unlabelled']} unlabelled videos; "
+        f"missing modalities {r['missing_modalities']}",
+        "",
+        "| model | WAF (mean over folds) |",
+        "|---|---:|",
+    ]
+    if r["baseline_mean_waf"] is not None:
+        lines.append(f"| baseline (attention fusion) | {100 * r['baseline_mean_waf']:.2f} |")
+    lines.append(f"| MR-CCL step 1 | {100 * r['step1_mean_waf']:.2f} |")
+    lines.append(f"| **full method (voted)** | **{100 * r['mean_waf']:.2f}** |")
+    lines += ["", "| fold | WAF |", "|---|---:|"]
+    lines += [f"| {k} | {100 * w:.2f} |" for k, w in enumerate(r["fold_waf"])]
+    lines += ["", "| class | F1 (out of fold) |", "|---|---:|"]
+    lines += [f"| {c} | {100 * f:.2f} |" for c, f in r["per_class_f1"].items()]
+    lines += ["", "Confusion matrix (rows: true, columns: predicted)", ""]
+    lines.append("| | " + " | ".join(r["classes"]) + " |")
+    lines.append("|---" * (len(r["classes"]) + 1) + "|")
+    for name, row in zip(r["classes"], r["confusion"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(map(str, row)) + " |")
+    if any(r["pseudo_counts"]):
+        lines += ["", "Pseudo labels per class (Table 2 layout)", ""]
+        lines.append("| fold | " + " | ".join(r["classes"]) + " | total |")
+        lines.append("|---" * (len(r["classes"]) + 2) + "|")
+        for k, counts in enumerate(r["pseudo_counts"]):
+            vals = [counts.get(c, 0) for c in r["classes"]]
+            lines.append(f"| {k} | " + " | ".join(map(str, vals)) + f" | {sum(vals)} |")
+    return "\n".join(lines) + "\n"

@@ -374,3 +374,22 @@ def feature_contract(modality: str, dim: int) -> Contract:
         vector_dims=(("embedding", dim),),
         extra_metadata=(("modality", modality), ("dim", str(dim))),
     )
+
+
+FINDINGS = Contract(
+    name="findings",
+    version="1",
+    fields=(
+        _f("check_id", pa.string()),  # one run of `merflow check`
+        _f("seq", pa.int32()),  # the finding's position in that run's report
+        _f("level", pa.string()),  # error, warning or info
+        _f("code", pa.string()),  # e.g. nan-vectors, duplicate-content-across-pools, drift
+        _f("table", pa.string()),  # the store table it is about (features/<modality>/<id>, ...)
+        _f("message", pa.string()),
+        _f("video_ids", pa.list_(pa.string())),
+        _f("n_videos", pa.int32()),
+        _f("details", pa.string(), True),  # JSON: the figures behind the finding
+        _CREATED,
+    ),
+    key=("check_id", "seq"),
+)

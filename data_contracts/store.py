@@ -12,13 +12,22 @@ between the two steps can leave two versions of a row on disk, and every read ke
 newest, so the logical table is always exact. Small parts are merged once there are many of
 them, so 115,595 videos become a few dozen files, not one ever-growing file nor 115,595 tiny ones.
 Plain `pandas.read_parquet(<data_root>/stores/<table>)` and duckdb read the folder as they are.
+
+Readers take no lock: a read lists the parts, reads them and lists them again, and retries when
+a writer changed the folder in between (writers only ever add files, replace them under new
+inodes, or delete them), so a read is always one consistent version of the table. A write that
+the disk refuses (full, read-only, no permission) raises StoreWriteError, naming the path and
+the way out, and leaves the table as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +36,75 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from data_contracts.atomic import atomic_path
 from data_contracts.contracts import Contract
 from data_contracts.tables import TableRef
 
+# The store raises merflow's own error type so that the CLI and the tasks' retry rule treat it
+# as a user-facing error; tasks.errors imports nothing, so this adds no cycle.
+from tasks.errors import MerflowError
+
 PART_GLOB = "part-*.parquet"
+STALE_TMP_GLOB = ".part-*.tmp"  # atomic_path's temporary names for part files
+_READ_ATTEMPTS = 8
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class StoreWriteError(MerflowError, OSError):
+    """The disk refused a write (full, read-only, no permission); the table is as it was.
+
+    Still an OSError, so code that handles I/O errors keeps handling it. `transient` tells the
+    tasks' retry rule whether trying again can help: a full disk may be freed by a clean-up
+    while the task waits, a read-only or forbidden data root will not change.
+    """
+
+    def __init__(self, message: str, path: Path, errno_: int | None, transient: bool):
+        super().__init__(message)
+        self.path = path
+        self.errno = errno_
+        self.transient = transient
+
+
+def store_write_error(e: OSError, what: str, path: Path | str, root: Path) -> StoreWriteError:
+    """A StoreWriteError for OSError `e` raised while writing `what` at `path` under `root`."""
+    where = Path(getattr(e, "filename", None) or path)
+    reason = e.strerror or str(e)
+    if isinstance(e, Timeout):
+        return StoreWriteError(
+            f"cannot write {what}: another process holds its lock {where} for too long; wait "
+            f"for the other merflow run to finish, then run again",
+            where,
+            None,
+            True,
+        )
+    if e.errno in _FULL:
+        return StoreWriteError(
+            f"cannot write {what}: no space left on the disk that holds {where} ({reason}); "
+            f"free space there or point data_root at a larger disk, then run again (rows "
+            f"already stored are kept and finished shards are skipped)",
+            where,
+            e.errno,
+            True,
+        )
+    if e.errno in _READ_ONLY:
+        return StoreWriteError(
+            f"cannot write {what}: the data root {root} is not writable here ({where}: "
+            f"{reason}); mount it read-write, give the user that runs merflow write permission, "
+            f"or choose another data_root (data_root=PATH); the stores stay readable",
+            where,
+            e.errno,
+            False,
+        )
+    return StoreWriteError(
+        f"cannot write {what} at {where}: {reason}; check the disk under {root} and run again",
+        where,
+        e.errno,
+        True,
+    )
 
 
 @dataclass
@@ -78,7 +149,10 @@ class Store:
     ) -> Path:
         """Absolute path of one video's artifact; its folder exists."""
         folder = self.artifacts / kind / extractor_id
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise store_write_error(e, f"{kind} artifacts", folder, self.root) from e
         return folder / f"{video_id}-{sha256[:12]}{suffix}"
 
     def relative(self, path: Path | str) -> str:
@@ -93,10 +167,20 @@ class Store:
         # Names sort by write sequence: later parts win when a key appears twice.
         return sorted(self.table_dir(table).glob(PART_GLOB))
 
-    def _lock(self, table: TableRef) -> FileLock:
+    @contextlib.contextmanager
+    def _writing(self, table: TableRef) -> Iterator[None]:
+        """Hold the table's write lock; any OSError inside becomes a StoreWriteError."""
         folder = self.table_dir(table)
-        folder.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(folder / ".lock"), timeout=self.lock_timeout)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(folder / ".lock"), timeout=self.lock_timeout):
+                # Every write to the folder happens under this lock, so a temporary part file
+                # seen now was left by a writer that was killed before its rename.
+                for stale in folder.glob(STALE_TMP_GLOB):
+                    stale.unlink(missing_ok=True)
+                yield
+        except OSError as e:
+            raise store_write_error(e, f"table {table.name!r}", folder, self.root) from e
 
     # -- reading -------------------------------------------------------------------------------
     def exists(self, table: TableRef) -> bool:
@@ -104,18 +188,45 @@ class Store:
         return bool(self._parts(table))
 
     def read_arrow(self, table: TableRef, columns: list[str] | None = None) -> pa.Table:
-        """The table as Arrow, newest row per key, contract checked on every file."""
-        return self._read(table, self._parts(table), columns)
+        """The table as Arrow, newest row per key, contract checked on every file.
+
+        Lock-free and consistent: the folder is listed before and after reading, and the read
+        is redone when a concurrent writer changed it in between.
+        """
+        for _ in range(_READ_ATTEMPTS):
+            before = self._snapshot(table)
+            if before is None:
+                continue
+            try:
+                t = self._read(table, list(before), columns)
+            except (OSError, pa.ArrowInvalid):
+                if self._snapshot(table) == before:
+                    raise  # nothing moved: the file itself is unreadable
+                continue  # a writer replaced or removed a part while we read it
+            if self._snapshot(table) == before:
+                return t
+        # Writers kept changing the folder: read once under their lock.
+        with self._writing(table):
+            return self._read(table, self._parts(table), columns)
+
+    def _snapshot(self, table: TableRef) -> dict[Path, tuple[int, int, int]] | None:
+        # Writers never modify a part in place (new files, renames onto new inodes, deletes),
+        # so equal (name, inode, mtime, size) sets before and after a read mean nothing moved.
+        snap = {}
+        for p in self._parts(table):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                return None
+            snap[p] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        return snap
 
     def _read(self, table: TableRef, parts: list[Path], columns: list[str] | None) -> pa.Table:
         contract = table.contract
         want = None if columns is None else list(dict.fromkeys([*contract.key, *columns]))
         pieces = []
         for i, part in enumerate(parts):
-            try:
-                schema = pq.read_schema(part)
-            except FileNotFoundError:
-                continue  # compacted away by a concurrent writer after we listed it
+            schema = pq.read_schema(part)
             contract.check_schema(schema, f"{part}")
             t = pq.read_table(part, columns=want, schema=None)
             pieces.append(t.append_column("__part", pa.array(np.full(t.num_rows, i, np.int32))))
@@ -162,7 +273,7 @@ class Store:
         if df is None or len(df) == 0:
             return report
         new = table.contract.to_arrow(df)
-        with self._lock(table):
+        with self._writing(table):
             parts = self._parts(table)
             old = self._read(table, parts, None) if parts else None
             if old is not None and old.num_rows:
@@ -206,7 +317,7 @@ class Store:
 
     def compact(self, table: TableRef) -> int:
         """Merge all small part files of a table into one; returns the number merged."""
-        with self._lock(table):
+        with self._writing(table):
             small = [p for p in self._parts(table) if p.stat().st_size < self.target_part_bytes]
             if len(small) > 1:
                 self._merge(table, small)
@@ -222,9 +333,10 @@ class Store:
 
     def delete(self, table: TableRef, keys: set[tuple]) -> int:
         """Remove rows by key; returns how many keys were held."""
-        with self._lock(table):
+        with self._writing(table):
             parts = self._parts(table)
-            held = self.existing_keys(table) & keys
+            t = self._read(table, parts, list(table.key))
+            held = set(zip(*(t.column(k).to_pylist() for k in table.key), strict=True)) & keys
             if held:
                 self._drop_keys_from(table, parts, held)
             return len(held)

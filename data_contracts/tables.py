@@ -46,3 +46,7 @@ def features(modality: str, extractor_id: str, dim: int) -> TableRef:
     if not extractor_id or "/" in extractor_id or extractor_id.startswith("."):
         raise ValueError(f"extractor_id {extractor_id!r} is not a valid table folder name")
     return TableRef(f"features/{modality}/{extractor_id}", c.feature_contract(modality, dim))
+
+
+# Results of `merflow check` (tasks.quality): one row per finding, one check_id per run.
+FINDINGS = TableRef("findings", c.FINDINGS)

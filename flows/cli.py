@@ -241,6 +241,84 @@ def demo_cmd(
     typer.echo(f"data root: {settings.resolved_data_root(corpus_dir)}")
 
 
+def _serve_options(corpus_dir, profile, data_root, interval, cron, overrides):
+    from flows.deploy import ServeOptions
+
+    return ServeOptions(
+        corpus_dir=str(corpus_dir.resolve()),
+        profile=profile,
+        data_root=str(data_root.resolve()) if data_root else None,
+        interval_seconds=interval,
+        cron=cron,
+        overrides=tuple(overrides or ()),
+    )
+
+
+IntervalOpt = Annotated[
+    float, typer.Option(help="reextract-new runs every this many seconds (0: no schedule)")
+]
+CronOpt = Annotated[str | None, typer.Option(help="cron schedule for reextract-new instead")]
+
+
+@app.command("serve")
+def serve_cmd(
+    corpus_dir: Annotated[Path, typer.Argument(help="the corpus the deployments work on")],
+    profile: ProfileOpt = "demo",
+    data_root: DataRootOpt = None,
+    interval: IntervalOpt = 3600.0,
+    cron: CronOpt = None,
+    allow: Annotated[
+        list[Path] | None, typer.Option("--allow", help="more folders runs may read or write")
+    ] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Serve the extract, train, pipeline and scheduled reextract-new deployments to the UI."""
+    import os
+
+    from prefect import serve
+
+    from flows import server
+    from flows.deploy import allowed_roots_for, build_deployments
+
+    settings = _settings(profile, overrides)
+    opts = _serve_options(corpus_dir, profile, data_root, interval or None, cron, overrides)
+    root = Path(opts.data_root) if opts.data_root else settings.resolved_data_root(corpus_dir)
+    env = _connect(settings, root)
+    roots = allowed_roots_for(opts, [str(root), *map(str, allow or [])])
+    # Runs started from the UI may only touch these folders (flows/safety.py); the environment,
+    # not a run's overrides, carries the restriction into every flow-run process.
+    env["MERFLOW_ALLOWED_ROOTS"] = os.pathsep.join(roots)
+    typer.echo(f"serving extract, train, pipeline, reextract-new; runs may touch {roots}")
+    with server.use_server(env):
+        serve(*build_deployments(opts), print_starting_message=False)
+
+
+@app.command("deploy")
+def deploy_cmd(
+    corpus_dir: Annotated[Path, typer.Argument(help="the corpus the deployments work on")],
+    cpu_pool: Annotated[str, typer.Option(help="work pool for extraction")] = "merflow-cpu",
+    gpu_pool: Annotated[str, typer.Option(help="work pool for training")] = "merflow-gpu",
+    profile: ProfileOpt = "demo",
+    data_root: DataRootOpt = None,
+    interval: IntervalOpt = 3600.0,
+    cron: CronOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Register the deployments on work pools (start workers with `prefect worker start`)."""
+    from flows import server
+    from flows.deploy import deploy_to_pools
+
+    settings = _settings(profile, overrides)
+    opts = _serve_options(corpus_dir, profile, data_root, interval or None, cron, overrides)
+    root = Path(opts.data_root) if opts.data_root else settings.resolved_data_root(corpus_dir)
+    env = _connect(settings, root)
+    with server.use_server(env):
+        ids = deploy_to_pools(opts, cpu_pool, gpu_pool)
+    typer.echo(f"registered {len(ids)} deployments; start the workers:")
+    typer.echo(f"  PREFECT_API_URL={env['PREFECT_API_URL']} prefect worker start --pool {cpu_pool}")
+    typer.echo(f"  PREFECT_API_URL={env['PREFECT_API_URL']} prefect worker start --pool {gpu_pool}")
+
+
 server_app = typer.Typer(help="A local Prefect server under the data root.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
 RootArg = Annotated[Path, typer.Option("--data-root", help="the data root whose server this is")]
@@ -296,6 +374,9 @@ def _mount_subcommands() -> None:
     except ImportError:  # pragma: no cover - present in every install
         return
     app.add_typer(task_app, name="task", help="Run one task on one video, locally, no server.")
+    from flows.quality_cli import register
+
+    register(app)
 
 
 _mount_subcommands()

@@ -32,6 +32,7 @@ from tasks.embed import (
 from tasks.faces import crop_faces_task
 from tasks.labels import load_labels, load_transcripts
 from tasks.media import extract_audio_task
+from tasks.quality import check_task
 from tasks.scan import corpus_video_dirs, scan_videos
 from tasks.shard import ShardReport, select_pending, shards
 
@@ -51,6 +52,7 @@ class ExtractionSummary:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     feature_tables: dict[str, str] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
+    check: dict[str, int] = field(default_factory=dict)
 
     def markdown(self) -> str:
         """The run summary as a Markdown table (a Prefect artifact and the CLI's printout)."""
@@ -257,4 +259,11 @@ def extract_flow(
         failed = failed[failed.video_id.isin(set(videos.video_id) | set(report.unreadable))]
         summary.failures = failed[["video_id", "stage", "error_type", "message"]].to_dict("records")
     create_markdown_artifact(summary.markdown(), key="extract-summary", description="extraction")
+    # The feature-store health check (leakage, NaN/zero vectors, drift) as a UI artifact; its
+    # findings never fail the extraction, `merflow check` exits non-zero on errors.
+    check = check_task(r, settings.train.n_splits, settings.train.seed)
+    create_markdown_artifact(
+        check.markdown(), key="merflow-check", description="feature-store check"
+    )
+    summary.check = {"errors": check.count("error"), "warnings": check.count("warning")}
     return summary.__dict__

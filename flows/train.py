@@ -4,6 +4,7 @@ task whose outputs live under the run folder, so a killed run resumes where it s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from data_contracts.store import Store
 from flows.config import load_settings, save_resolved
 from flows.plan import plan_extraction
+from flows.safety import check_all_under_roots, trusted_roots
+from tasks.quality import quality_mask, quality_signals
 from tasks.train import (
     DONE,
     data_fingerprint,
@@ -23,6 +26,7 @@ from tasks.train import (
     save_normalizer,
     training_data,
 )
+from tasks.train_data import mask_modalities
 from tasks.train_report import build_report, report_markdown
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,31 @@ def _fresh(t, folder: Path):
     return t if (folder / DONE).is_file() else t.with_options(refresh_cache=True)
 
 
+def _quality_filtered(data, store: Store, settings, plan):
+    t = settings.train
+    thresholds = {
+        "min_face_ratio": t.quality_min_face_ratio,
+        "min_face_confidence": t.quality_min_face_confidence,
+        "min_speech_ratio": t.quality_min_speech_ratio,
+        "min_asr_confidence": t.quality_min_asr_confidence,
+        "min_transcript_chars": t.quality_min_transcript_chars,
+    }
+    if all(v is None for v in thresholds.values()):
+        return data
+    signals = quality_signals(store, plan.faces.extractor_id, plan.audio_id, plan.transcripts_id)
+    parts, dropped = {}, list(data.dropped)
+    for name in ("labelled", "unlabelled"):
+        fs = getattr(data, name)
+        keep = quality_mask(store, fs.video_ids, signals=signals, **thresholds)
+        parts[name], lost = mask_modalities(fs, keep)
+        dropped += lost
+    missing = {
+        m: int((~parts["labelled"].present[m]).sum() + (~parts["unlabelled"].present[m]).sum())
+        for m in parts["labelled"].present
+    }
+    return dataclasses.replace(data, **parts, dropped=dropped, missing=missing)
+
+
 def _context(data_root: str, profile: str, overrides: list[str], corpus_dir: str | None = None):
     settings = load_settings(profile, overrides)
     store = Store(data_root)
@@ -74,14 +103,15 @@ def _context(data_root: str, profile: str, overrides: list[str], corpus_dir: str
     feature_tables = plan.feature_tables()
     fingerprint = data_fingerprint(store, feature_tables)
     data = training_data(store, feature_tables, fingerprint, settings.train.standardize)
+    data = _quality_filtered(data, store, settings, plan)
     recipe = recipe_from_settings(settings.train, data.labelled.dims)
     return {
         "settings": settings,
         "store": store,
         "data": data,
         "recipe": recipe,
-        # Standardisation changes every input: it is part of the run's identity.
-        "key": run_key(f"{fingerprint}+z{int(settings.train.standardize)}", recipe),
+        # Standardisation and quality filters change the inputs: part of the run's identity.
+        "key": run_key(f"{fingerprint}+{settings.train.model_dump_json()}", recipe),
     }
 
 
@@ -103,8 +133,13 @@ def train_flow(
     logger = get_run_logger()
     overrides = list(overrides or [])
     settings = load_settings(profile, overrides)
+    roots = trusted_roots(profile, overrides, settings)
+    check_all_under_roots(
+        [("corpus_dir", corpus_dir), *([("data_root", data_root)] if data_root else [])], roots
+    )
     corpus = Path(corpus_dir).expanduser().resolve()
     root = Path(data_root).resolve() if data_root else settings.resolved_data_root(corpus)
+    check_all_under_roots([("data_root", root), ("models_dir", settings.models_dir(root))], roots)
     # The plan sees the corpus: official transcripts change the text features' id.
     ctx = _context(str(root), profile, overrides, str(corpus))
     data, key = ctx["data"], ctx["key"]

@@ -8,6 +8,7 @@ a missing modality, never a zero vector.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import wave
@@ -79,19 +80,101 @@ class ModelChoice:
         )
 
 
-def _provenance(extractor: Any, upstream: str, **extra: Any) -> str:
+@functools.cache
+def _code_version() -> dict[str, Any]:
+    """merflow's version and git commit, once per process; None where unknown, never an error."""
+    import importlib.metadata
+    import subprocess
+
+    try:
+        version = importlib.metadata.version("merflow")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    root = Path(__file__).resolve().parents[1]
+    commit, dirty = None, None
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    try:
+        # A copy installed inside some other checkout (a venv in a repo) is not that commit.
+        top = git("rev-parse", "--show-toplevel")
+        if top and Path(top).resolve() == root:
+            commit = git("rev-parse", "HEAD") or None
+            dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"merflow_version": version, "git_commit": commit, "git_dirty": dirty}
+
+
+def _face_provenance(faces_id: str) -> dict[str, Any]:
+    """The face stage behind a visual row, read from its faces extractor id."""
+    from tasks.face_backends import DLIB_MIN_SCORE
+
+    # faces-<backend>-<size>-<rate>-<hash> (tasks.faces.faces_extractor_id); the hash also
+    # covers detect_max_side and padding, which the id does not spell out.
+    try:
+        _, backend, size_s, *rate, digest = faces_id.split("-")
+        size = int(size_s)
+    except ValueError:  # an id of another shape: record it as it is rather than fail the stage
+        return {"faces_extractor_id": faces_id}
+    thresholds = {
+        "dlib": {"min_hog_score": DLIB_MIN_SCORE, "upsample_small_frames": True},
+        # Mirrors OpenCVBackend.align's detectMultiScale3 arguments.
+        "opencv": {"scale_factor": 1.1, "min_neighbors": 5, "min_face_side_fraction": 0.125},
+        "openface": {"nobadaligned": True},
+    }.get(backend)
+    return {
+        "faces_extractor_id": faces_id,
+        "face_backend": backend,
+        "face_thresholds": thresholds,
+        "crop_size": size,
+        "frame_rate": next((float(r[:-3]) for r in rate if r.endswith("fps")), None),
+        "max_frames": next((int(r[3:]) for r in rate if r.startswith("max")), None),
+        "frame_sampling": "-".join(rate),  # "all": every decoded frame
+        "faces_settings_hash": digest,
+    }
+
+
+def _provenance(extractor: Any, upstream: str, extractor_id: str, **extra: Any) -> str:
+    """JSON provenance of a feature row: model, the settings behind `extractor_id`, inputs, code."""
+    import hashlib
+
+    from models.registry import id_settings
+
     spec = extractor.spec
+    settings = id_settings(
+        spec, dtype=extractor.dtype_name, checkpoint=extractor.revision, upstream=upstream
+    )
+    payload = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    rates: dict[str, Any] = {}
+    if spec.kind == "visual" and upstream.startswith("faces-"):
+        rates = _face_provenance(upstream)
+    elif spec.kind in ("acoustic", "asr"):
+        rates = {"sample_rate": spec.sample_rate, "chunk_seconds": spec.chunk_seconds}
+    elif spec.kind == "text":
+        rates = {"max_tokens": spec.max_tokens}
     return json.dumps(
         {
             "extractor": spec.name,
             "architecture": spec.architecture,
             "hub_repo": spec.hub_repo,
+            "revision": spec.revision,
             "checkpoint": extractor.revision,
             "dtype": extractor.dtype_name,
             "device": str(extractor.device),
             "layers": spec.layers,
             "pooling": spec.pooling,
             "upstream": upstream,
+            "extractor_id": extractor_id,
+            # The same hash as extractor_id's suffix, over the settings recorded beside it.
+            "settings_hash": hashlib.sha256(payload.encode()).hexdigest()[:8],
+            "id_settings": settings,
+            **rates,
+            **_code_version(),
             **extra,
         },
         sort_keys=True,
@@ -158,7 +241,7 @@ def embed_visual_shard(
         return report
     faces = _upstream_rows(store, tables.FACES, faces_extractor_id)
     encoder = model.load()
-    prov = _provenance(encoder, faces_extractor_id)
+    prov = _provenance(encoder, faces_extractor_id, ext_id)
     rows: list[dict] = []
     failures: list[dict] = []
     try:
@@ -213,7 +296,7 @@ def embed_acoustic_shard(
         return report
     audio = _upstream_rows(store, tables.AUDIO, audio_extractor_id)
     encoder = model.load()
-    prov = _provenance(encoder, audio_extractor_id, sample_rate=encoder.spec.sample_rate)
+    prov = _provenance(encoder, audio_extractor_id, ext_id)
     rows: list[dict] = []
     failures: list[dict] = []
     try:
@@ -334,7 +417,7 @@ def embed_text_shard(
         return report
     transcripts = _upstream_rows(store, tables.TRANSCRIPTS, transcripts_extractor_id)
     encoder = model.load()
-    prov = _provenance(encoder, transcripts_extractor_id)
+    prov = _provenance(encoder, transcripts_extractor_id, ext_id)
     rows: list[dict] = []
     failures: list[dict] = []
     try:

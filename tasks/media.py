@@ -28,7 +28,7 @@ from prefect import task
 from data_contracts import tables
 from data_contracts.atomic import atomic_path
 from data_contracts.failures import failure_row
-from data_contracts.store import Store
+from data_contracts.store import Store, StoreWriteError, store_write_error
 from data_contracts.tables import TableRef
 from tasks.errors import BadInputError, TransientError
 from tasks.shard import ShardReport, commit
@@ -138,6 +138,7 @@ def media_error(path: Path, e: Exception, what: str = "open") -> Exception:
     )
 
 
+_DISK_ERRORS = {code: os.strerror(code) for code in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)}
 _IO_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ENOMEM, errno.ESTALE}
 
 
@@ -242,6 +243,14 @@ def run_ffmpeg(cmd: list[str], video: Path, timeout: float) -> None:
         sig = signal.Signals(-proc.returncode).name
         raise TransientError(f"ffmpeg on {video} was killed by {sig}; retrying")
     if proc.returncode != 0:
+        # A full or read-only output disk is the machine's fault, never the video's: recording
+        # it as a bad input would skip the video forever.
+        for code, text in _DISK_ERRORS.items():
+            if text in stderr:
+                out = Path([a for a in cmd if a.startswith("file:")][-1].removeprefix("file:"))
+                raise store_write_error(
+                    OSError(code, os.strerror(code), str(out)), f"audio of {video}", out, out.parent
+                )
         raise UnreadableMediaError(
             f"ffmpeg could not decode {video} (exit {proc.returncode}): {stderr[-400:]}; the file "
             "is corrupt: re-encode or re-download it"
@@ -432,6 +441,8 @@ def shard_cache_key(videos: pd.DataFrame, extractor_id: str, stage: str) -> str:
 def retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: retry I/O and transient errors, never configuration errors."""
     exc = getattr(state, "data", None)
+    if isinstance(exc, StoreWriteError):  # a full disk may be freed; a read-only one will not
+        return exc.transient
     if isinstance(exc, FFmpegNotFoundError | ValueError | BadInputError):
         return False
     return isinstance(exc, TransientError | OSError)

@@ -134,3 +134,18 @@ def load_training_data(
 def label_frame(data: FeatureSet) -> pd.DataFrame:
     """video_id and class index of a feature set, for reports."""
     return pd.DataFrame({"video_id": data.video_ids, "label": data.labels})
+
+
+def mask_modalities(data: FeatureSet, keep: dict[str, np.ndarray]) -> tuple[FeatureSet, list[str]]:
+    """`data` with modalities masked where `keep` is False (quality filters); videos left with
+    no modality at all are dropped and returned by id."""
+    present = {m: data.present[m] & keep[m] for m in MODALITIES}
+    anything = np.stack([present[m] for m in MODALITIES]).any(axis=0)
+    rows = np.flatnonzero(anything)
+    masked = FeatureSet(
+        video_ids=data.video_ids[rows],
+        features={m: data.features[m][rows] for m in MODALITIES},
+        present={m: present[m][rows] for m in MODALITIES},
+        labels=data.labels[rows],
+    )
+    return masked, data.video_ids[~anything].tolist()

@@ -1,0 +1,182 @@
+"""Deployments: the flows a researcher triggers from the Prefect UI, the scheduled
+re-extraction of new videos, and the hand-off of training to a GPU work pool."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.deployments import run_deployment
+
+from flows.config import PROJECT_ROOT
+from flows.extract import extract_flow
+from flows.train import train_flow
+
+log = logging.getLogger(__name__)
+
+TRAIN_DEPLOYMENT = "train/train"
+
+
+@flow(name="pipeline", flow_run_name="pipeline-{profile}", log_prints=True)
+def pipeline_flow(
+    corpus_dir: str,
+    profile: str = "demo",
+    data_root: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
+    """Extract every modality's features, then train and report WAF.
+
+    Args:
+        corpus_dir: corpus folder with video-labeled/, video-unlabeled/ and the label CSVs.
+        profile: settings profile: demo (tiny models) or paper (the real ones).
+        data_root: where stores, artifacts and runs go (default <corpus_dir>/merflow).
+        overrides: key=value settings, e.g. ["faces.fps=5", "train.use_nee=false"].
+    """
+    summary = extract_flow(corpus_dir, profile, data_root, overrides)
+    report = train_flow(corpus_dir, profile, data_root, overrides)
+    return {"extract": summary, "train": report}
+
+
+@flow(name="reextract-new", flow_run_name="reextract-new-{profile}", log_prints=True)
+def reextract_new_flow(
+    corpus_dir: str,
+    profile: str = "demo",
+    data_root: str | None = None,
+    overrides: list[str] | None = None,
+    train_deployment: str | None = TRAIN_DEPLOYMENT,
+) -> dict:
+    """Scan for new or changed videos and extract only those; then hand training over.
+
+    Args:
+        corpus_dir: corpus folder whose video folders are watched.
+        profile: settings profile: demo (tiny models) or paper (the real ones).
+        data_root: where stores, artifacts and runs go (default <corpus_dir>/merflow).
+        overrides: key=value settings.
+        train_deployment: deployment started (without waiting) when anything new was
+            extracted, so training can run on a GPU work pool; empty to skip.
+    """
+    logger = get_run_logger()
+    summary = extract_flow(corpus_dir, profile, data_root, overrides, only_new=True)
+    computed = sum(s["processed"] for s in summary["stages"].values())
+    summary["train_run"] = None
+    if summary["videos"] and computed and train_deployment:
+        run = run_deployment(
+            name=train_deployment,
+            parameters={
+                "corpus_dir": corpus_dir,
+                "profile": profile,
+                "data_root": data_root,
+                "overrides": list(overrides or []),
+            },
+            timeout=0,  # hand off: the train deployment's own worker runs it
+        )
+        summary["train_run"] = str(run.id)
+        logger.info(
+            "%d new videos extracted; started %s run %s",
+            summary["videos"],
+            train_deployment,
+            run.id,
+        )
+    else:
+        logger.info("nothing new to extract; training not triggered")
+    return summary
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `merflow serve` offers in the UI and how often it re-extracts."""
+
+    corpus_dir: str
+    profile: str = "demo"
+    data_root: str | None = None
+    interval_seconds: float | None = 3600.0
+    cron: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+def build_deployments(opts: ServeOptions) -> list:
+    """extract, train, pipeline and a scheduled reextract-new, with defaults for the run form."""
+    params = {
+        "corpus_dir": opts.corpus_dir,
+        "profile": opts.profile,
+        "data_root": opts.data_root,
+        "overrides": list(opts.overrides),
+    }
+    schedule = {}
+    if opts.cron:
+        schedule["cron"] = opts.cron
+    elif opts.interval_seconds:
+        schedule["interval"] = timedelta(seconds=opts.interval_seconds)
+    tags = ["merflow", opts.profile]
+    return [
+        extract_flow.to_deployment(
+            name="extract",
+            parameters=params,
+            tags=[*tags, "cpu"],
+            description="Extract visual, acoustic and text features into the feature stores.",
+        ),
+        train_flow.to_deployment(
+            name="train",
+            parameters=params,
+            tags=[*tags, "gpu"],
+            description="MR-CCL pretraining, two-step self-training, voting and the WAF report.",
+        ),
+        pipeline_flow.to_deployment(
+            name="pipeline", parameters=params, tags=tags, description="Extract, then train."
+        ),
+        reextract_new_flow.to_deployment(
+            name="reextract-new",
+            parameters={**params, "train_deployment": TRAIN_DEPLOYMENT},
+            tags=[*tags, "scheduled"],
+            description="Extract only new or changed videos, then start the train deployment.",
+            **schedule,
+        ),
+    ]
+
+
+ENTRYPOINTS = {
+    "extract": ("flows/extract.py:extract_flow", "cpu"),
+    "train": ("flows/train.py:train_flow", "gpu"),
+    "pipeline": ("flows/deploy.py:pipeline_flow", "cpu"),
+    "reextract-new": ("flows/deploy.py:reextract_new_flow", "cpu"),
+}
+
+
+def deploy_to_pools(opts: ServeOptions, cpu_pool: str, gpu_pool: str) -> list[str]:
+    """Register the deployments on work pools (extraction on CPU, training on GPU workers);
+    workers started with `prefect worker start --pool NAME` pick their runs up."""
+    from prefect import flow as prefect_flow
+
+    params = {
+        "corpus_dir": opts.corpus_dir,
+        "profile": opts.profile,
+        "data_root": opts.data_root,
+        "overrides": list(opts.overrides),
+    }
+    ids = []
+    for name, (entrypoint, kind) in ENTRYPOINTS.items():
+        remote = prefect_flow.from_source(source=str(PROJECT_ROOT), entrypoint=entrypoint)
+        extra = {}
+        if name == "reextract-new":
+            extra = {"interval": opts.interval_seconds} if not opts.cron else {"cron": opts.cron}
+            extra["parameters"] = {**params, "train_deployment": TRAIN_DEPLOYMENT}
+        deployment_id = remote.deploy(
+            name=name,
+            work_pool_name=gpu_pool if kind == "gpu" else cpu_pool,
+            parameters=extra.pop("parameters", params),
+            tags=["merflow", opts.profile, kind],
+            job_variables={"working_dir": str(PROJECT_ROOT)},
+            print_next_steps=False,
+            **extra,
+        )
+        ids.append(str(deployment_id))
+    return ids
+
+
+def allowed_roots_for(opts: ServeOptions, extra: list[str]) -> list[str]:
+    """The folders runs from the UI may touch: the corpus, the data root and any extra ones."""
+    roots = [opts.corpus_dir, *([opts.data_root] if opts.data_root else []), *extra]
+    return [str(Path(r).expanduser().resolve()) for r in roots]

@@ -1,0 +1,86 @@
+"""The Prefect UI in headless Chromium: Deployments → extract → Run → Custom run → rows land."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.deploy.conftest import _client, wait_for_run
+
+pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+@pytest.fixture
+def browser_page(tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (make setup does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),  # a fresh --user-data-dir
+            executable_path=CHROMIUM,
+            args=FLAGS,
+            headless=True,
+            viewport={"width": 1400, "height": 1000},
+        )
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        yield page
+        context.close()
+
+
+def test_custom_run_from_the_ui_lands_rows_in_the_stores(
+    serve, corpus, prefect_server, browser_page
+):
+    served = serve(corpus, "--interval", "0")
+    page = browser_page
+    try:
+        page.goto(f"{prefect_server.ui_url}/deployments", wait_until="networkidle")
+        page.get_by_role("link", name="extract", exact=True).first.click()
+        page.wait_for_url("**/deployments/deployment/**")
+        page.get_by_role("button", name="Run", exact=True).first.click()
+        page.get_by_text("Custom run").first.click()
+        page.wait_for_url("**/run**")
+        # The parameter: a settings override typed into the run form's list field.
+        page.get_by_role("button", name="Add item").first.click()
+        page.locator("textarea, input[type=text]").last.fill("extract.shard_size=6")
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url("**/flow-run/**")
+        run_id = page.url.rstrip("/").split("/")[-1]
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "ui-custom-run.png"), full_page=True)
+        raise
+    run = wait_for_run(run_id, timeout=400)
+    assert run.state.is_completed(), served.text()[-3000:]
+    assert run.parameters["overrides"] == ["extract.shard_size=6"]
+    for modality in ("visual", "acoustic", "text"):
+        (table,) = list((served.root / "stores" / "features" / modality).iterdir())
+        assert len(pd.read_parquet(table)) == 18
+    with _client() as client:
+        tasks = client.read_task_runs()
+    shards = [t for t in tasks if t.flow_run_id == run.id and t.name.startswith("embed-visual")]
+    assert len(shards) == 3  # 18 videos in shards of 6: the form's parameter took effect
+    page.goto(f"{prefect_server.ui_url}/flow-runs/flow-run/{run_id}", wait_until="networkidle")
+    time.sleep(1)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-extract-run.png"))
+    shutil.rmtree(served.root / "artifacts", ignore_errors=True)

@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from data_contracts import tables
@@ -47,11 +48,7 @@ class ShardReport:
 def pending(videos: pd.DataFrame, store: Store, table: TableRef, extractor_id: str) -> pd.DataFrame:
     """The videos whose (video_id, sha256, extractor_id) row the table does not hold yet."""
     done = store.existing_keys(table)
-    mask = [
-        (vid, sha, extractor_id) not in done
-        for vid, sha in zip(videos["video_id"], videos["sha256"], strict=True)
-    ]
-    return videos[mask]
+    return videos[_not_in(videos, done, extractor_id)]
 
 
 def commit(
@@ -93,11 +90,7 @@ def select_pending(
             for k in store.existing_keys(tables.FAILURES)
             if k[2:] == (stage, extractor_id)
         }
-    mask = [
-        (vid, sha, extractor_id) not in done
-        for vid, sha in zip(videos["video_id"], videos["sha256"], strict=True)
-    ]
-    todo = videos[mask]
+    todo = videos[_not_in(videos, done, extractor_id)]
     return todo, len(videos) - len(todo)
 
 
@@ -109,3 +102,14 @@ def shard_cache_key(videos: pd.DataFrame, extractor_id: str, stage: str, data_ro
     for vid, sha in pairs:
         h.update(f"{vid}\t{sha}\n".encode())
     return f"{stage}-{extractor_id}-{h.hexdigest()[:24]}"
+
+
+def _not_in(videos: pd.DataFrame, done: set[tuple], extractor_id: str) -> np.ndarray:
+    # A bool array, never a list: `df[[]]` would select no columns instead of no rows.
+    return np.array(
+        [
+            (vid, sha, extractor_id) not in done
+            for vid, sha in zip(videos["video_id"], videos["sha256"], strict=True)
+        ],
+        dtype=bool,
+    )

@@ -132,6 +132,7 @@ def build_deployments(opts: ServeOptions) -> list:
             parameters={**params, "train_deployment": TRAIN_DEPLOYMENT},
             tags=[*tags, "scheduled"],
             description="Extract only new or changed videos, then start the train deployment.",
+            concurrency_limit=1,  # a slow run and the next tick must not extract the same clips
             **schedule,
         ),
     ]

@@ -144,7 +144,7 @@ def extract_flow(
     profile: settings profile (demo: tiny models; paper: the real ones).
     data_root: where stores and artifacts go (default <corpus_dir>/merflow).
     overrides: key=value settings, e.g. ["faces.fps=5"].
-    only_new: extract only videos that the scan found new or changed.
+    only_new: extract only videos some stage still lacks (new, changed or unfinished).
     video_dirs: scan these folders instead of the corpus's two pools.
     """
     logger = get_run_logger()
@@ -181,21 +181,24 @@ def extract_flow(
     report, manifest = scan_task([str(d) for d in dirs], str(root))
     logger.info("scan: %s", report.summary())
     videos = manifest[manifest.has_video | manifest.has_audio]
-    if only_new:
-        videos = videos[videos.video_id.isin(set(report.new) | set(report.changed))]
-    parts = shards(videos, settings.extract.shard_size)
     plan = plan_extraction(settings, root, corpus)
     models, faces = plan.models, plan.faces
     audio_id, tr_id = plan.audio_id, plan.transcripts_id
+    # The store is the truth: a Prefect cache entry whose rows the store no longer holds (a
+    # deleted or restored data root) is refreshed, never trusted.
+    pending = _pending_per_stage(store, videos, plan)
+    if only_new:
+        # New or changed bytes, and anything an earlier (killed or overlapping) run left
+        # unfinished: every video some stage still lacks. Known-bad videos stay skipped.
+        todo = set().union(*pending.values())
+        videos = videos[videos.video_id.isin(todo)]
+    parts = shards(videos, settings.extract.shard_size)
 
     progress = create_progress_artifact(
         progress=0.0, key="extract-progress", description="extraction shards finished"
     )
     futures: dict[str, list[PrefectFuture]] = defaultdict(list)
     r = str(root)
-    # The store is the truth: a Prefect cache entry whose rows the store no longer holds (a
-    # deleted or restored data root) is refreshed, never trusted.
-    pending = _pending_per_stage(store, videos, plan)
     fresh = {stage: t.with_options(refresh_cache=True) for stage, t in _TASKS.items()}
 
     def pick(stage: str, part: pd.DataFrame):

@@ -27,6 +27,10 @@ def prefect_server(tmp_path_factory):
     info = server.start(root, port=server.free_port())
     with server.use_server(server.client_env(root, info.api_url)):
         yield info
+        # Send buffered run logs while the server still listens (else exit waits ~70 s).
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
     server.stop(root)
 
 

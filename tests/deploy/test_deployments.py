@@ -60,8 +60,11 @@ def test_run_form_parameters_outside_allowed_roots_are_refused(serve, corpus, tm
 def test_schedule_extracts_exactly_the_new_clips(serve, corpus):
     served = serve(corpus, "--interval", "4", overrides=["extract.shard_size=64"])
     store = Store(served.root)
-    first = _wait_for_reextract(served, lambda runs: len(runs) >= 1)
-    assert first, served.text()[-3000:]
+
+    def extracted(n):
+        return lambda _runs: all(len(_rows(store, m)) == n for m in ("visual", "acoustic", "text"))
+
+    assert _wait_for_reextract(served, extracted(18)), served.text()[-3000:]
     baseline = {m: _rows(store, m) for m in ("visual", "acoustic", "text")}
     assert all(len(v) == 18 for v in baseline.values())
 
@@ -70,10 +73,7 @@ def test_schedule_extracts_exactly_the_new_clips(serve, corpus):
     for s, name in zip(src, new_ids, strict=True):
         shutil.copy(s, corpus / "video-unlabeled" / f"{name}.mp4")
 
-    def grown(_runs) -> bool:
-        return all(len(_rows(store, m)) == 20 for m in baseline)
-
-    assert _wait_for_reextract(served, grown), served.text()[-3000:]
+    assert _wait_for_reextract(served, extracted(20)), served.text()[-3000:]
     for m, before in baseline.items():
         after = _rows(store, m)
         assert set(after.video_id) - set(before.video_id) == set(new_ids)

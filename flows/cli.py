@@ -373,6 +373,9 @@ def _mount_subcommands() -> None:
         from flows.task_cli import task_app
     except ImportError:  # pragma: no cover - present in every install
         return
+    from flows.embed_cli import register as register_extractors
+
+    register_extractors(task_app)
     app.add_typer(task_app, name="task", help="Run one task on one video, locally, no server.")
     from flows.quality_cli import register
 

@@ -129,6 +129,24 @@ def _pending_per_stage(
     }
 
 
+def ensure_gpu_slots(slots_per_device: int) -> int:
+    """On a CUDA machine, a tag concurrency limit "gpu" of slots_per_device per device, so two
+    model shards never fight over one GPU (a limit that was never created is not enforced)."""
+    import torch
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    devices = torch.cuda.device_count()
+    if devices == 0:
+        return 0
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_concurrency_limit_by_tag("gpu")
+        except ObjectNotFound:
+            client.create_concurrency_limit(tag="gpu", concurrency_limit=devices * slots_per_device)
+    return devices * slots_per_device
+
+
 @flow(name="extract", flow_run_name="extract-{profile}", log_prints=True)
 def extract_flow(
     corpus_dir: str,
@@ -193,6 +211,8 @@ def extract_flow(
         todo = set().union(*pending.values())
         videos = videos[videos.video_id.isin(todo)]
     parts = shards(videos, settings.extract.shard_size)
+    if any(m.device != "cpu" for m in models.values()):
+        ensure_gpu_slots(settings.extract.gpu_concurrency)
 
     progress = create_progress_artifact(
         progress=0.0, key="extract-progress", description="extraction shards finished"

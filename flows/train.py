@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from tqdm.auto import tqdm
 
 from data_contracts.store import Store
 from flows.config import load_settings, save_resolved
@@ -164,9 +165,13 @@ def train_flow(
         "corpus_dir": str(corpus),
     }
     # A step's outputs are the truth: a cache entry whose folder is gone is refreshed.
+    steps = tqdm(total=1 + settings.train.n_splits, desc="     train", unit="step", disable=None)
     _fresh(pretrain_task, run_dir / "pretrain")(step="pretrain", **common)
+    steps.update(1)
     for k in range(settings.train.n_splits):
         _fresh(fold_task, run_dir / f"fold-{k}")(step=f"fold-{k}", k=k, **common)
+        steps.update(1)
+    steps.close()
     report = build_report(
         run_dir, key, data, settings.train.n_splits, ctx["store"], settings.train.model_dump()
     )

@@ -1,0 +1,108 @@
+"""Time to load the feature stores into training tensors, and peak memory.
+
+Writes N synthetic videos of the real dimensions (visual 768, acoustic 1024, text 5120) into a
+fresh data root through the Store (in shards, as extraction does), then times
+`tasks.train_data.load_training_data` (join on video id, masks, standardisation).
+
+    python benchmarks/store_load.py --rows 20000 [--out /tmp/merflow-store-load]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data_contracts import tables
+from data_contracts.labels import CLASSES
+from data_contracts.store import Store
+from tasks.train_data import load_training_data
+
+DIMS = {"visual": 768, "acoustic": 1024, "text": 5120}
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=20000)
+    ap.add_argument("--shard", type=int, default=2000, help="rows per write, like a shard")
+    ap.add_argument("--labelled", type=float, default=0.05, help="fraction with a label")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/merflow-store-load"))
+    args = ap.parse_args()
+    shutil.rmtree(args.out, ignore_errors=True)
+    store = Store(args.out)
+    rng = np.random.default_rng(0)
+    ids = [f"sample_{i:08d}" for i in range(args.rows)]
+    shas = [f"{i:064x}" for i in range(args.rows)]
+    now = datetime.now(UTC)
+    manifest = pd.DataFrame(
+        {
+            "video_id": ids,
+            "sha256": shas,
+            "path": [f"/videos/{i}.mp4" for i in ids],
+            "source_dir": "/videos",
+            "pool": "unlabeled",
+            "size": 1,
+            "mtime_ns": 0,
+            "duration": 3.0,
+            "fps": 25.0,
+            "n_frames": 75,
+            "width": 256,
+            "height": 256,
+            "has_video": True,
+            "has_audio": True,
+            "audio_sample_rate": 16000,
+            "probe_error": None,
+            "scanned_at": now,
+        }
+    )
+    store.upsert(tables.MANIFEST, manifest)
+    n_lab = int(args.rows * args.labelled)
+    store.upsert(
+        tables.LABELS,
+        pd.DataFrame({"video_id": ids[:n_lab], "label": rng.choice(CLASSES, n_lab), "source": "x"}),
+    )
+    refs = {}
+    started = time.perf_counter()
+    for modality, dim in DIMS.items():
+        ref = tables.features(modality, f"synthetic-{modality}", dim)
+        refs[modality] = ref
+        for lo in range(0, args.rows, args.shard):
+            hi = min(args.rows, lo + args.shard)
+            store.upsert(
+                ref,
+                pd.DataFrame(
+                    {
+                        "video_id": ids[lo:hi],
+                        "sha256": shas[lo:hi],
+                        "extractor_id": f"synthetic-{modality}",
+                        "embedding": list(rng.normal(size=(hi - lo, dim)).astype(np.float32)),
+                        "n_items": 1,
+                        "provenance": None,
+                        "created_at": now,
+                    }
+                ),
+            )
+    write_s = time.perf_counter() - started
+    size = sum(p.stat().st_size for p in (args.out / "stores").rglob("*.parquet")) / 2**20
+    before = _peak_mib()
+    started = time.perf_counter()
+    data = load_training_data(store, refs)
+    load_s = time.perf_counter() - started
+    print(f"rows {args.rows} ({len(data.labelled)} labelled), store {size:.0f} MiB on disk")
+    print(f"write through the Store in shards of {args.shard}: {write_s:.1f} s")
+    print(f"load into tensors (join, masks, standardise): {load_s:.2f} s")
+    print(f"peak RSS: {_peak_mib():.0f} MiB (before load {before:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -129,31 +129,39 @@ def _connect(settings: Settings, root: Path) -> dict[str, str]:
     return env
 
 
-def _run_extract(
-    corpus_dir: Path,
-    settings: Settings,
-    profile: str,
-    overrides: list[str] | None,
-    data_root: Path | None,
-    only_new: bool = False,
+def _run_flow(
+    flow_fn, corpus_dir: Path, settings: Settings, profile: str, overrides, data_root, **kw
 ) -> dict:
+    """Run a flow against the data root's Prefect server; bad input is a clear error, exit 1."""
     from flows import server
-    from flows.extract import ExtractionSummary, extract_flow
     from tasks.errors import MerflowError
 
+    if not Path(corpus_dir).is_dir():
+        raise _fail(
+            f"corpus folder {corpus_dir} does not exist; give a MER2024-shaped corpus folder "
+            f"(or create one with `merflow demo-corpus DIR`)"
+        )
     root = data_root.resolve() if data_root else settings.resolved_data_root(corpus_dir)
     env = _connect(settings, root)
     try:
         with server.use_server(env):
-            summary = extract_flow(
+            return flow_fn(
                 str(corpus_dir),
                 profile=profile,
                 data_root=str(root),
                 overrides=list(overrides or []),
-                only_new=only_new,
+                **kw,
             )
-    except (MerflowError, SettingsError) as e:
+    except (MerflowError, SettingsError, ValueError) as e:
         raise _fail(str(e)) from e
+
+
+def _run_extract(corpus_dir, settings, profile, overrides, data_root, only_new=False) -> dict:
+    from flows.extract import ExtractionSummary, extract_flow
+
+    summary = _run_flow(
+        extract_flow, corpus_dir, settings, profile, overrides, data_root, only_new=only_new
+    )
     typer.echo(ExtractionSummary(**summary).markdown())
     return summary
 
@@ -176,30 +184,11 @@ def extract_cmd(
         raise _fail(f"{len(summary['failures'])} failure(s) and --strict was given", code=3)
 
 
-def _run_train(
-    corpus_dir: Path,
-    settings: Settings,
-    profile: str,
-    overrides: list[str] | None,
-    data_root: Path | None,
-) -> dict:
-    from flows import server
+def _run_train(corpus_dir, settings, profile, overrides, data_root) -> dict:
     from flows.train import train_flow
-    from tasks.errors import MerflowError
     from tasks.train_report import report_markdown
 
-    root = data_root.resolve() if data_root else settings.resolved_data_root(corpus_dir)
-    env = _connect(settings, root)
-    try:
-        with server.use_server(env):
-            report = train_flow(
-                str(corpus_dir),
-                profile=profile,
-                data_root=str(root),
-                overrides=list(overrides or []),
-            )
-    except (MerflowError, SettingsError, ValueError) as e:
-        raise _fail(str(e)) from e
+    report = _run_flow(train_flow, corpus_dir, settings, profile, overrides, data_root)
     typer.echo(report_markdown(report))
     typer.echo(
         f"report: {report['report_dir']} (report.md, confusion.png, curves.png, submission.csv)"

@@ -108,6 +108,17 @@ def test_really_read_only_data_root_refuses_writes_and_stays_readable():
     setpriv = shutil.which("setpriv")
     if os.geteuid() == 0 and setpriv is None:
         pytest.skip("running as root without setpriv: cannot make a folder read-only")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    if os.geteuid() == 0:
+        # The unprivileged user must be able to run this interpreter and read the project
+        # (a checkout under a 0700 folder, as mktemp makes, is out of its reach).
+        probe = subprocess.run(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+             "import data_contracts.store"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if probe.returncode != 0:
+            pytest.skip(f"user nobody cannot import the project from {REPO}: {probe.stderr[-200:]}")
     base = Path(tempfile.mkdtemp(prefix="merflow-ro-", dir="/tmp"))
     try:
         store = Store(base / "root")
@@ -117,7 +128,6 @@ def test_really_read_only_data_root_refuses_writes_and_stays_readable():
         cmd = [sys.executable, "-c", READ_ONLY_SCRIPT, str(store.root)]
         if os.geteuid() == 0:
             cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.startswith("REFUSED False"), proc.stdout

@@ -158,9 +158,11 @@ def _run_flow(
 
 def _run_extract(corpus_dir, settings, profile, overrides, data_root, only_new=False) -> dict:
     from flows.extract import ExtractionSummary, extract_flow
+    from flows.runners import with_runner
 
+    flow_fn = with_runner(extract_flow, settings)
     summary = _run_flow(
-        extract_flow, corpus_dir, settings, profile, overrides, data_root, only_new=only_new
+        flow_fn, corpus_dir, settings, profile, overrides, data_root, only_new=only_new
     )
     typer.echo(ExtractionSummary(**summary).markdown())
     return summary

@@ -82,6 +82,11 @@ class ExtractSettings(_Section):
     prefer_official_transcripts: bool = True
     gpu_concurrency: int = Field(1, gt=0)
     retries: int = Field(2, ge=0)
+    # Where tasks run: threads of the flow's process, or Dask worker processes (a LocalCluster
+    # of dask_workers, or an existing scheduler at dask_address, e.g. from dask-jobqueue).
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_workers: int = Field(2, gt=0)
+    dask_address: str | None = None
 
 
 class TrainSettings(_Section):

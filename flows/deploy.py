@@ -11,8 +11,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
-from flows.config import PROJECT_ROOT
+from flows.config import PROJECT_ROOT, load_settings
 from flows.extract import extract_flow
+from flows.runners import with_runner
 from flows.train import train_flow
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def pipeline_flow(
         data_root: where stores, artifacts and runs go (default <corpus_dir>/merflow).
         overrides: key=value settings, e.g. ["faces.fps=5", "train.use_nee=false"].
     """
-    summary = extract_flow(corpus_dir, profile, data_root, overrides)
+    settings = load_settings(profile, overrides or [])
+    summary = with_runner(extract_flow, settings)(corpus_dir, profile, data_root, overrides)
     report = train_flow(corpus_dir, profile, data_root, overrides)
     return {"extract": summary, "train": report}
 

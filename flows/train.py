@@ -9,7 +9,11 @@ import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from tqdm.auto import tqdm
 
 from data_contracts.store import Store
@@ -182,6 +186,13 @@ def train_flow(
         [{"class": c, "f1": round(f, 4)} for c, f in report["per_class_f1"].items()],
         key="train-per-class-f1",
     )
+    for name in ("confusion", "curves"):  # the UI's image artifacts take URLs only: link them
+        create_link_artifact(
+            link=(run_dir / "report" / f"{name}.png").resolve().as_uri(),
+            link_text=f"{name}.png",
+            key=f"train-{name}",
+            description=f"training report: {name} plot",
+        )
     report["run_dir"] = str(run_dir)
     report["report_dir"] = str(run_dir / "report")
     return report

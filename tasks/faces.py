@@ -43,9 +43,8 @@ from tasks.media import (
     probe,
     retry_if_transient,
     run_shard,
-    shard_cache_key,
 )
-from tasks.shard import ShardReport
+from tasks.shard import ShardReport, shard_cache_key
 
 FACES_STAGE = "faces"
 # Bump when a code change alters crops for the same settings, so old artifacts are not reused.
@@ -348,7 +347,9 @@ def crop_faces_shard(
 
 def _faces_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     settings = parameters.get("settings") or FaceSettings()
-    return shard_cache_key(parameters["videos"], settings.extractor_id, FACES_STAGE)
+    return shard_cache_key(
+        parameters["videos"], settings.extractor_id, FACES_STAGE, parameters["data_root"]
+    )
 
 
 @task(

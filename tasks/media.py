@@ -7,7 +7,6 @@ loop that turns per-video bad inputs into failure rows and writes a shard's rows
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import signal
@@ -31,7 +30,7 @@ from data_contracts.failures import failure_row
 from data_contracts.store import Store, StoreWriteError, store_write_error
 from data_contracts.tables import TableRef
 from tasks.errors import BadInputError, TransientError
-from tasks.shard import ShardReport, commit
+from tasks.shard import ShardReport, commit, shard_cache_key
 
 AUDIO_STAGE = "audio"
 DEFAULT_SAMPLE_RATE = 16000
@@ -429,15 +428,6 @@ def extract_audio_shard(
 
 
 # -- Prefect wrappers ----------------------------------------------------------------------------
-def shard_cache_key(videos: pd.DataFrame, extractor_id: str, stage: str) -> str:
-    """A cache key from the shard's sorted (video_id, sha256) pairs and extractor id; no paths."""
-    pairs = sorted(zip(videos["video_id"].astype(str), videos["sha256"].astype(str), strict=True))
-    h = hashlib.sha256(f"{stage}\n{extractor_id}\n".encode())
-    for vid, sha in pairs:
-        h.update(f"{vid}\t{sha}\n".encode())
-    return f"{stage}-{extractor_id}-{h.hexdigest()[:24]}"
-
-
 def retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: retry I/O and transient errors, never configuration errors."""
     exc = getattr(state, "data", None)
@@ -461,6 +451,7 @@ def _audio_cache_key(context: Any, parameters: dict[str, Any]) -> str:
         parameters["videos"],
         audio_extractor_id(parameters.get("sample_rate", DEFAULT_SAMPLE_RATE)),
         AUDIO_STAGE,
+        parameters["data_root"],
     )
 
 

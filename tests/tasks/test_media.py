@@ -32,9 +32,9 @@ from tasks.media import (
     find_ffmpeg,
     probe,
     retry_if_transient,
-    shard_cache_key,
     speech_ratio,
 )
+from tasks.shard import shard_cache_key
 from tests.tasks import badmedia
 
 
@@ -344,12 +344,14 @@ def test_prefect_retries_only_transient_errors():
 
 def test_shard_cache_key_ignores_paths_and_order(clips):
     videos = manifest(clips, ["good", "silent", "text"])
-    key = shard_cache_key(videos, "ffmpeg-16k-mono-s16", "audio")
+    key = shard_cache_key(videos, "ffmpeg-16k-mono-s16", "audio", "/data/a")
     moved = videos.assign(path="/elsewhere/" + videos.video_id).iloc[::-1]
-    assert shard_cache_key(moved, "ffmpeg-16k-mono-s16", "audio") == key
+    assert shard_cache_key(moved, "ffmpeg-16k-mono-s16", "audio", "/data/a") == key
     changed = videos.assign(sha256=videos.sha256.str.replace("0", "f", n=1))
-    assert shard_cache_key(changed, "ffmpeg-16k-mono-s16", "audio") != key
-    assert shard_cache_key(videos, "ffmpeg-22050hz-mono-s16", "audio") != key
+    assert shard_cache_key(changed, "ffmpeg-16k-mono-s16", "audio", "/data/a") != key
+    assert shard_cache_key(videos, "ffmpeg-22050hz-mono-s16", "audio", "/data/a") != key
+    # Another data root's store does not hold these rows: its work is not this cache entry.
+    assert shard_cache_key(videos, "ffmpeg-16k-mono-s16", "audio", "/data/b") != key
 
 
 def test_the_prefect_task_wraps_the_plain_function(clips, tmp_path):

@@ -565,16 +565,26 @@ def run_self_training(
     test = test if test is not None else unlabelled
     template, pretrain_history = pretrain_start(labelled, unlabelled, cfg)
     start_state = _state_copy(template)
-
-    def fold(k: int, train: FeatureSet, val: FeatureSet, result: CVResult) -> nn.Module:
+    result = CVResult(
+        labels=labelled.labels.copy(),
+        oof_probs=np.zeros((len(labelled), NUM_CLASSES), dtype=np.float32),
+        fold_waf=[],
+        test_ids=test.video_ids.copy(),
+        test_probs=np.zeros((len(test), NUM_CLASSES), dtype=np.float64),
+        pretrain_history=pretrain_history,
+    )
+    for k in range(cfg.n_splits):
+        # Each fold already predicted its validation and test rows: reuse them.
         outcome = train_fold(k, labelled, unlabelled, test, cfg, start_state)
+        result.oof_probs[outcome.val_index] = outcome.val_probs["voted"]
+        result.fold_waf.append(outcome.val_waf)
+        result.test_probs += outcome.test_probs["voted"] / cfg.n_splits
         result.step1_fold_waf.append(outcome.step1_waf)
         if outcome.baseline_waf is not None:
             result.baseline_fold_waf.append(outcome.baseline_waf)
             result.pseudo_counts.append(outcome.pseudo.counts())
         result.histories.append(outcome.history)
-        return outcome.model.to(cfg.train.device)
-
-    result = _cross_validate(labelled, test, cfg, fold)
-    result.pretrain_history = pretrain_history
+        if cfg.keep_models:
+            result.models.append(outcome.model)
+    result.test_probs = result.test_probs.astype(np.float32)
     return result

@@ -221,6 +221,28 @@ def read_wav(path: Path) -> np.ndarray:
     return x.reshape(-1, channels).mean(axis=1) if channels > 1 else x
 
 
+def _feature_stage(
+    videos: pd.DataFrame,
+    store: Store,
+    model: ModelChoice,
+    modality: str,
+    stage: str,
+    upstream: str,
+    retry_failed: bool,
+) -> tuple[ShardReport, str, tables.TableRef, pd.DataFrame]:
+    """The report, extractor id, feature table and still-pending videos of a feature stage."""
+    report = ShardReport(stage)
+    ext_id = model.extractor_id(upstream)
+    table = tables.features(modality, ext_id, model.spec.output_dim)
+    todo, report.skipped = select_pending(videos, store, table, stage, ext_id, retry_failed)
+    return report, ext_id, table, todo
+
+
+def _missing(video: Any, stage: str, ext_id: str, message: str) -> dict:
+    """A failure row for a video whose modality is missing."""
+    return failure_row(video.video_id, video.sha256, stage, MissingModalityError(message), ext_id)
+
+
 # -- visual ------------------------------------------------------------------------------------
 def embed_visual_shard(
     videos: pd.DataFrame,
@@ -233,10 +255,9 @@ def embed_visual_shard(
     """CLIP features of every face crop, mean-pooled per video."""
     from tasks.faces import load_crops
 
-    report = ShardReport(VISUAL_STAGE)
-    ext_id = model.extractor_id(faces_extractor_id)
-    table = tables.features("visual", ext_id, model.spec.output_dim)
-    todo, report.skipped = select_pending(videos, store, table, VISUAL_STAGE, ext_id, retry_failed)
+    report, ext_id, table, todo = _feature_stage(
+        videos, store, model, "visual", VISUAL_STAGE, faces_extractor_id, retry_failed
+    )
     if todo.empty:
         return report
     faces = _upstream_rows(store, tables.FACES, faces_extractor_id)
@@ -286,11 +307,8 @@ def embed_acoustic_shard(
     retry_failed: bool = False,
 ) -> ShardReport:
     """HuBERT features: mean of the last 4 layers, mean over time (padding excluded)."""
-    report = ShardReport(ACOUSTIC_STAGE)
-    ext_id = model.extractor_id(audio_extractor_id)
-    table = tables.features("acoustic", ext_id, model.spec.output_dim)
-    todo, report.skipped = select_pending(
-        videos, store, table, ACOUSTIC_STAGE, ext_id, retry_failed
+    report, ext_id, table, todo = _feature_stage(
+        videos, store, model, "acoustic", ACOUSTIC_STAGE, audio_extractor_id, retry_failed
     )
     if todo.empty:
         return report
@@ -409,10 +427,9 @@ def embed_text_shard(
     retry_failed: bool = False,
 ) -> ShardReport:
     """LLM features: mean of the last 4 layers over the transcript's tokens (no special tokens)."""
-    report = ShardReport(TEXT_STAGE)
-    ext_id = model.extractor_id(transcripts_extractor_id)
-    table = tables.features("text", ext_id, model.spec.output_dim)
-    todo, report.skipped = select_pending(videos, store, table, TEXT_STAGE, ext_id, retry_failed)
+    report, ext_id, table, todo = _feature_stage(
+        videos, store, model, "text", TEXT_STAGE, transcripts_extractor_id, retry_failed
+    )
     if todo.empty:
         return report
     transcripts = _upstream_rows(store, tables.TRANSCRIPTS, transcripts_extractor_id)
@@ -426,17 +443,11 @@ def embed_text_shard(
             for video in group.itertuples(index=False):
                 key = (video.video_id, video.sha256)
                 if key not in transcripts.index:
+                    why = "has no transcript (see its 'transcribe' failure)"
                     failures.append(
-                        failure_row(
-                            *key,
-                            TEXT_STAGE,
-                            MissingModalityError(
-                                f"video {video.video_id} has no transcript (see its "
-                                f"'transcribe' failure); its text features are marked missing"
-                            ),
-                            ext_id,
-                        )
-                    )
+                        _missing(video, TEXT_STAGE, ext_id, f"video {video.video_id} {why}; "
+                                 "its text features are marked missing")
+                    )  # fmt: skip
                     continue
                 owners.append(video)
                 texts.append(str(transcripts.loc[key, "text"]))
@@ -447,17 +458,9 @@ def embed_text_shard(
             for video, text, vec in zip(owners, texts, vectors, strict=True):
                 if vec is None:
                     failures.append(
-                        failure_row(
-                            video.video_id,
-                            video.sha256,
-                            TEXT_STAGE,
-                            MissingModalityError(
-                                f"video {video.video_id} has an empty transcript; its text "
-                                f"features are marked missing"
-                            ),
-                            ext_id,
-                        )
-                    )
+                        _missing(video, TEXT_STAGE, ext_id, f"video {video.video_id} has an "
+                                 "empty transcript; its text features are marked missing")
+                    )  # fmt: skip
                     continue
                 _, keep = encoder.tokenize(0, text)
                 rows.append(_feature_row(video, ext_id, vec, sum(keep), prov))

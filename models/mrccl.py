@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -164,6 +164,23 @@ def mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0) -> nn.Sequen
 
 
 @dataclass
+class MRCCLReps:
+    """Per-row vectors of one forward pass, before anything mixes rows."""
+
+    specific: dict[str, torch.Tensor]  # modality -> (B, hidden)
+    noisy: dict[str, torch.Tensor]  # modality -> (B, hidden) NEE view; empty without one
+    invariant: dict[str, torch.Tensor]  # modality -> (B, hidden)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> MRCCLReps:
+        """The same vectors with `fn` applied to each (e.g. a gather across ranks)."""
+        return MRCCLReps(
+            {m: fn(v) for m, v in self.specific.items()},
+            {m: fn(v) for m, v in self.noisy.items()},
+            {m: fn(v) for m, v in self.invariant.items()},
+        )
+
+
+@dataclass
 class MRCCLOutput:
     """What one forward pass returns."""
 
@@ -202,14 +219,18 @@ class MRCCL(nn.Module):
             else None
         )
 
-    def forward(
+    def encode(
         self,
         features: Mapping[str, torch.Tensor],
         present: Mapping[str, torch.Tensor],
         with_contrastive: bool = True,
         generator: torch.Generator | None = None,
-    ) -> MRCCLOutput:
-        """Logits of A, V, T, F and (if asked) L_intra and L_imc for a batch of B videos."""
+    ) -> MRCCLReps:
+        """The per-row part of a forward pass: specific (and NEE-noised) and invariant vectors.
+
+        Everything after this (`heads`) mixes rows only through the contrastive losses, so a
+        data-parallel run gathers these from every rank and calls `heads` on the whole batch.
+        """
         noisy_view = with_contrastive and self.nee is not None
         specific, noisy, invariant = {}, {}, {}
         for m in MODALITIES:
@@ -222,6 +243,16 @@ class MRCCL(nn.Module):
             else:
                 specific[m] = self.specific[m](x)  # (B, hidden)
             invariant[m] = self.invariant(specific[m])  # (B, hidden)
+        return MRCCLReps(specific, noisy, invariant)
+
+    def heads(
+        self,
+        reps: MRCCLReps,
+        present: Mapping[str, torch.Tensor],
+        with_contrastive: bool = True,
+    ) -> MRCCLOutput:
+        """Logits of A, V, T, F and (if asked) L_intra and L_imc from encoded rows."""
+        specific, invariant = reps.specific, reps.invariant
         logits = {
             CLASSIFIER_OF_MODALITY[m]: self.classifiers[CLASSIFIER_OF_MODALITY[m]](specific[m])
             for m in MODALITIES
@@ -230,14 +261,25 @@ class MRCCL(nn.Module):
         logits["F"] = self.classifiers["F"](fused)  # (B, C) from (B, 3*hidden)
         zero = fused.new_zeros(())
         l_intra, l_imc, terms = zero, zero, {}
-        if noisy_view:
-            l_intra, t = imcl_ne(specific, noisy, present, self.temperatures)
+        if with_contrastive and reps.noisy:
+            l_intra, t = imcl_ne(specific, reps.noisy, present, self.temperatures)
             terms.update(t)
         if with_contrastive:
             l_imc, t = imcl_ae(invariant, present, self.temperatures, self.projections)
             terms.update(t)
         logits = {c: logits[c] for c in CLASSIFIERS}
         return MRCCLOutput(logits, classifier_presence(present), l_intra, l_imc, terms)
+
+    def forward(
+        self,
+        features: Mapping[str, torch.Tensor],
+        present: Mapping[str, torch.Tensor],
+        with_contrastive: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> MRCCLOutput:
+        """Logits of A, V, T, F and (if asked) L_intra and L_imc for a batch of B videos."""
+        reps = self.encode(features, present, with_contrastive, generator)
+        return self.heads(reps, present, with_contrastive)
 
     def vote(self, out: MRCCLOutput) -> torch.Tensor:
         """Voted class probabilities (B, C) with the config's weights."""

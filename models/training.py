@@ -22,6 +22,17 @@ from torch import nn
 
 from data_contracts.labels import CLASSES, CLASSIFIERS, NUM_CLASSES
 from models.baseline import BaselineConfig, BaselineNet
+from models.distributed import (
+    RANK_SEED_STRIDE,
+    Gather,
+    RowGather,
+    World,
+    gather_rows,
+    no_gather,
+    shard_batch,
+    share,
+    world,
+)
 from models.featureset import (
     UNLABELLED,
     FeatureSet,
@@ -142,22 +153,35 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- losses per stage
 
-LossFn = Callable[[nn.Module, TensorBatch], tuple[torch.Tensor, dict[str, float]]]
+# A loss sees this rank's rows (`local`: features for the forward), the whole global batch's
+# labels and presence (`whole`) and a `gather` that turns per-row outputs of the local rows into
+# the whole batch's (the identity in a single process). Every rank then computes the same loss
+# of the whole batch: see models/distributed.py for why that gives the single-process gradient.
+LossFn = Callable[[nn.Module, TensorBatch, TensorBatch, Gather], tuple[torch.Tensor, dict]]
 
 
-def pretrain_loss(model: MRCCL, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
+def pretrain_loss(
+    model: MRCCL, local: TensorBatch, whole: TensorBatch, gather: Gather = no_gather
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Contrastive only: L_intra + L_imc."""
-    out = model(batch.features, batch.present, with_contrastive=True)
+    reps = model.encode(local.features, local.present, with_contrastive=True).map(gather)
+    out = model.heads(reps, whole.present, with_contrastive=True)
     loss = out.l_intra + out.l_imc
     return loss, {"loss": loss.item(), "l_intra": out.l_intra.item(), "l_imc": out.l_imc.item()}
 
 
 def fine_tune_loss(
-    model: MRCCL, batch: TensorBatch, lambda_con: float
+    model: MRCCL,
+    local: TensorBatch,
+    whole: TensorBatch,
+    gather: Gather = no_gather,
+    lambda_con: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean CE of A, V, T, F + CE of the voted scores + lambda_con * (L_intra + L_imc)."""
-    out = model(batch.features, batch.present, with_contrastive=lambda_con > 0)
-    y = batch.labels
+    contrastive = lambda_con > 0
+    reps = model.encode(local.features, local.present, with_contrastive=contrastive).map(gather)
+    out = model.heads(reps, whole.present, with_contrastive=contrastive)
+    y = whole.labels
     # A classifier whose modality is missing in a row does not learn from that row.
     ces = [
         F.cross_entropy(out.logits[c][out.presence[c]], y[out.presence[c]])
@@ -176,29 +200,83 @@ def fine_tune_loss(
     }
 
 
-def baseline_loss(model: BaselineNet, batch: TensorBatch) -> tuple[torch.Tensor, dict[str, float]]:
+def baseline_loss(
+    model: BaselineNet, local: TensorBatch, whole: TensorBatch, gather: Gather = no_gather
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Plain cross-entropy."""
-    loss = F.cross_entropy(model(batch.features, batch.present), batch.labels)
+    logits = gather(model(local.features, local.present))
+    loss = F.cross_entropy(logits, whole.labels)
     return loss, {"loss": loss.item()}
+
+
+class _Step(nn.Module):
+    """One training step's forward (model + loss) as a module, so that DDP can wrap all of it:
+    parameters used after the gather (heads, temperatures) are then DDP's too."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(
+        self, local: TensorBatch, whole: TensorBatch, gather: Gather
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss_fn(self.model, local, whole, gather)
+
+
+def _stepper(model: nn.Module, loss_fn: LossFn, w: World) -> nn.Module:
+    """The step module, wrapped in DistributedDataParallel when there is more than one rank."""
+    step = _Step(model, loss_fn)
+    if not w.distributed:
+        return step
+    # Unused parameters are normal here: the classifiers during pretraining, the contrastive
+    # heads when lambda_con is 0. device_ids=None: inputs are already on the rank's device.
+    return nn.parallel.DistributedDataParallel(step, find_unused_parameters=True)
+
+
+def _seed_rank(seed: int, w: World) -> None:
+    """torch's global stream (dropout, NEE) per rank; rank 0 matches a single-process run."""
+    torch.manual_seed(seed + RANK_SEED_STRIDE * w.rank)
 
 
 # ----------------------------------------------------------------------------- loops
 
 
+def _labels_and_presence(data: TensorBatch, index: torch.Tensor) -> TensorBatch:
+    """Rows `index` without their features (what a loss needs of the whole batch)."""
+    return TensorBatch(
+        features={},
+        present={m: v.index_select(0, index) for m, v in data.present.items()},
+        labels=data.labels.index_select(0, index),
+    )
+
+
 def _train_epoch(
-    model: nn.Module,
+    step: nn.Module,
     data: TensorBatch,
-    loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
     batch_size: int,
     rng: np.random.Generator,
+    w: World,
 ) -> dict[str, float]:
-    """One pass over `data` in shuffled batches; returns the row-weighted mean of each stat."""
-    model.train()
+    """One pass over `data` in shuffled batches; returns the row-weighted mean of each stat.
+
+    Every rank draws the same order (same rng seed), so a global batch holds the same rows as
+    in a single-process run; each rank forwards its share of it.
+    """
+    step.train()
     n, device = len(data.labels), data.labels.device
     sums: dict[str, float] = {}
     for idx in _batches(n, batch_size, rng):
-        loss, stats = loss_fn(model, take(data, as_index_tensor(idx, device)))
+        whole_index = as_index_tensor(idx, device)
+        if w.distributed:
+            mine, sizes = shard_batch(idx, w)
+            local = take(data, as_index_tensor(mine, device))
+            whole, gather = _labels_and_presence(data, whole_index), RowGather(sizes)
+        else:
+            local = whole = take(data, whole_index)
+            gather = no_gather
+        loss, stats = step(local, whole, gather)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -215,14 +293,16 @@ def pretrain(
     model: MRCCL, data: FeatureSet, cfg: TrainConfig, epochs: int
 ) -> list[dict[str, float]]:
     """Contrastive pretraining (L_intra + L_imc) on every row, labels unused; per-epoch stats."""
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    w = world()
+    _seed_rank(cfg.seed, w)
+    rng = np.random.default_rng(cfg.seed)  # the same on every rank: one global batch order
     model.to(cfg.device)
     tensors = to_tensors(data, cfg.device)
+    step = _stepper(model, pretrain_loss, w)
     optimizer = _optimizer(model, cfg)
     history = []
     for epoch in range(1, epochs + 1):
-        stats = _train_epoch(model, tensors, pretrain_loss, optimizer, cfg.batch_size, rng)
+        stats = _train_epoch(step, tensors, optimizer, cfg.batch_size, rng, w)
         history.append({"epoch": epoch, **stats})
         log.info("pretrain epoch %d: %s", epoch, stats)
     return history
@@ -244,15 +324,19 @@ def _fit(
     for name, part in (("training", train), ("validation", val)):
         if (part.labels == UNLABELLED).any() or len(part) == 0:
             raise ValueError(f"the {name} set must be non-empty and fully labelled")
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    w = world()
+    _seed_rank(cfg.seed, w)
+    rng = np.random.default_rng(cfg.seed)  # the same on every rank: one global batch order
     model.to(cfg.device)
     tensors = to_tensors(train, cfg.device)
+    step = _stepper(model, loss_fn, w)
     optimizer = _optimizer(model, cfg)
     history: list[dict[str, float]] = []
     best_waf, best_epoch, best_state, stale = -1.0, 0, _state_copy(model), 0
     for epoch in range(1, cfg.max_epochs + 1):
-        stats = _train_epoch(model, tensors, loss_fn, optimizer, cfg.batch_size, rng)
+        # Every rank sees the same validation probabilities (gathered), so they all stop at
+        # the same epoch and keep the same best state.
+        stats = _train_epoch(step, tensors, optimizer, cfg.batch_size, rng, w)
         voted = predict(model, val, cfg.eval_batch_size)["voted"]
         val_ce = float(-np.log(np.clip(voted[np.arange(len(val)), val.labels], 1e-12, None)).mean())
         val_waf = waf(val.labels, voted.argmax(1))
@@ -270,7 +354,11 @@ def _fit(
 
 def fine_tune(model: MRCCL, train: FeatureSet, val: FeatureSet, cfg: TrainConfig) -> FitResult:
     """Supervised MR-CCL training with the full fine-tuning loss and early stopping."""
-    return _fit(model, train, val, cfg, lambda m, b: fine_tune_loss(m, b, cfg.lambda_con))
+
+    def loss(m: nn.Module, local: TensorBatch, whole: TensorBatch, gather: Gather):
+        return fine_tune_loss(m, local, whole, gather, cfg.lambda_con)
+
+    return _fit(model, train, val, cfg, loss)
 
 
 def train_baseline(
@@ -282,13 +370,19 @@ def train_baseline(
 
 @torch.no_grad()
 def predict(model: nn.Module, data: FeatureSet, batch_size: int = 2048) -> dict[str, np.ndarray]:
-    """Class probabilities (N, C): 'voted' always; for MR-CCL also each of A, V, T, F."""
+    """Class probabilities (N, C): 'voted' always; for MR-CCL also each of A, V, T, F.
+
+    Under torchrun each rank predicts a contiguous share of the rows and every rank gets all of
+    them back, in order.
+    """
     model.eval()
     device = _model_device(model)
+    w = world()
+    rows, sizes = share(len(data), w)
     tensors = to_tensors(data, "cpu")  # moved batch by batch: a 115k-row pool stays in host RAM
     parts: dict[str, list[np.ndarray]] = {}
-    for idx in _batches(len(data), batch_size, None):
-        batch = take(tensors, as_index_tensor(idx, "cpu")).to(device)
+    for idx in _batches(len(rows), batch_size, None):
+        batch = take(tensors, as_index_tensor(rows[idx], "cpu")).to(device)
         if isinstance(model, MRCCL):
             out = model(batch.features, batch.present, with_contrastive=False)
             probs = {c: out.logits[c].softmax(-1) for c in CLASSIFIERS}
@@ -299,7 +393,10 @@ def predict(model: nn.Module, data: FeatureSet, batch_size: int = 2048) -> dict[
             parts.setdefault(k, []).append(v.float().cpu().numpy())
     keys = [*CLASSIFIERS, "voted"] if isinstance(model, MRCCL) else ["voted"]
     empty = np.zeros((0, NUM_CLASSES), dtype=np.float32)  # an empty set still has every key
-    return {k: np.concatenate(parts[k]) if k in parts else empty for k in keys}
+    mine = {k: np.concatenate(parts[k]) if k in parts else empty for k in keys}
+    if w.distributed:
+        mine = {k: gather_rows(v, sizes, w) for k, v in mine.items()}
+    return mine
 
 
 # ----------------------------------------------------------------------------- the recipe

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ import torch
 
 from data_contracts.labels import CLASSES, MODALITIES
 from models.baseline import BaselineConfig, BaselineNet
+from models.distributed import World, barrier, init_from_env, local_device, shutdown
 from models.featureset import FeatureSet
 from models.mrccl import MRCCL, PAPER_DIMS, MRCCLConfig
 from models.training import (
@@ -220,7 +222,17 @@ def peak_rss_gib() -> float:
 
 
 def throughput(args: argparse.Namespace) -> None:
-    """Samples/s of one pretraining epoch, one fine-tuning epoch and prediction on N rows."""
+    """Samples/s of one pretraining epoch, one fine-tuning epoch and prediction on N rows.
+
+    Under torchrun (`python -m torch.distributed.run --standalone --nproc-per-node K
+    benchmarks/train_synthetic.py --throughput ...`) the K ranks share every batch (DDP) and
+    the figures are for the whole job; rank 0 prints them.
+    """
+    w = World()
+    if "RANK" in os.environ:
+        w = init_from_env("auto", args.device)
+        args.device = local_device(args.device, w)
+    say = print if w.main else (lambda *a, **k: None)
     n, cuda = args.rows, args.device.startswith("cuda")
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
@@ -228,38 +240,41 @@ def throughput(args: argparse.Namespace) -> None:
     present = {m: np.ones(n, dtype=bool) for m in MODALITIES}
     data = FeatureSet(np.array([f"v{i}" for i in range(n)]), feats, present, rng.integers(0, 6, n))
     gib = sum(f.nbytes for f in feats.values()) / 2**30
-    print(f"{n} rows of dims {PAPER_DIMS} ({gib:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
+    say(f"{n} rows of dims {PAPER_DIMS} ({gib:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
     cfg = TrainConfig(batch_size=args.batch, max_epochs=1, device=args.device, seed=args.seed)
     mcfg = MRCCLConfig(
         hidden=args.hidden, n_layers=args.layers, n_heads=args.heads, n_tokens=args.tokens
     )
     model = MRCCL(mcfg)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(
-        f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch}; "
+    say(
+        f"{w.size} process(es), device {args.device}, torch threads {torch.get_num_threads()}, "
+        f"batch {args.batch} (global); "
         f"MR-CCL hidden {mcfg.hidden}, {mcfg.n_layers} layers, {mcfg.n_tokens} tokens: "
         f"{params:.2f} M parameters"
     )
     val = data.subset(np.arange(min(n, 512)))
 
     def timed(label: str, fn: Callable[[], object]) -> None:
+        barrier(w)
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
         if cuda:
             torch.cuda.synchronize()
+        barrier(w)
         dt = time.perf_counter() - t
-        print(f"{label:42s} {n / dt:9.0f} samples/s  ({n} rows in {dt:.1f} s)", flush=True)
+        say(f"{label:42s} {n / dt:9.0f} samples/s  ({n} rows in {dt:.1f} s)", flush=True)
 
     timed("MR-CCL pretraining epoch", lambda: pretrain(model, data, cfg, epochs=1))
     timed("MR-CCL fine-tuning epoch (+512 val rows)", lambda: fine_tune(model, data, val, cfg))
     timed("MR-CCL prediction", lambda: predict(model, data, cfg.eval_batch_size))
     base = BaselineNet(BaselineConfig(hidden=args.hidden))
     timed("baseline training epoch (+512 val rows)", lambda: train_baseline(base, data, val, cfg))
-    print(f"peak RSS {peak_rss_gib():.2f} GiB")
+    say(f"peak RSS {peak_rss_gib():.2f} GiB (rank 0)")
     if cuda:
-        print(f"peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        say(f"peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 def main() -> None:
@@ -294,6 +309,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     (throughput if args.throughput else compare)(args)
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -210,6 +210,28 @@ def train_cmd(
     _run_train(corpus_dir, settings, profile, overrides, data_root)
 
 
+@app.command("train-join")
+def train_join_cmd(
+    corpus_dir: Annotated[Path, typer.Argument(help="the extracted corpus folder")],
+    profile: ProfileOpt = "demo",
+    data_root: DataRootOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """On the other machines of a multi-node run (train.nnodes > 1): take part in every
+    training step the train flow runs under torchrun. Give the same settings as the flow."""
+    from flows.train import join_training
+    from tasks.errors import MerflowError
+
+    _settings(profile, overrides)
+    try:
+        steps = join_training(
+            str(corpus_dir), profile, str(data_root) if data_root else None, overrides, typer.echo
+        )
+    except (MerflowError, ValueError) as e:
+        raise _fail(str(e)) from e
+    typer.echo(f"took part in: {', '.join(steps) or 'nothing (every step was done)'}")
+
+
 @app.command("demo")
 def demo_cmd(
     out_dir: Annotated[

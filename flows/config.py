@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -140,6 +140,31 @@ class TrainSettings(_Section):
     use_pseudo_labels: bool = True
     use_oversampling: bool = True
     device: str = "auto"
+    # Data-parallel training (models/distributed.py): more than one process in all runs each
+    # step under torchrun. These say how a step runs, not what it computes, so they are left out
+    # of a run's identity: a run started on 8 GPUs resumes on 4 in the same folder.
+    nproc_per_node: int = Field(1, ge=1)  # processes on this machine, one per GPU
+    nnodes: int = Field(1, ge=1)  # machines; the others run `merflow train-join`
+    rdzv_endpoint: str | None = None  # host:port on node 0 that every node can reach
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on CUDA, else gloo
+
+    @model_validator(mode="after")
+    def _multi_node_needs_endpoint(self) -> TrainSettings:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"train.nnodes={self.nnodes} needs train.rdzv_endpoint=HOST:PORT, an address on "
+                "the first machine that every machine can reach"
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all."""
+        return self.nproc_per_node * self.nnodes
+
+
+# Train settings that only say how many processes run a step (excluded from the run key).
+LAUNCH_SETTINGS = frozenset({"nproc_per_node", "nnodes", "rdzv_endpoint", "dist_backend"})
 
 
 class PrefectSettings(_Section):

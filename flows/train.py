@@ -17,9 +17,10 @@ from prefect.artifacts import (
 from tqdm.auto import tqdm
 
 from data_contracts.store import Store
-from flows.config import load_settings, save_resolved
+from flows.config import LAUNCH_SETTINGS, load_settings, save_resolved
 from flows.plan import plan_extraction
 from flows.safety import check_all_under_roots, trusted_roots
+from flows.train_worker import launch, step_names, worker_args
 from tasks.quality import quality_mask, quality_signals
 from tasks.train import (
     DONE,
@@ -52,6 +53,8 @@ def pretrain_task(
     corpus_dir: str,
 ) -> str:
     """Prefect task: MR-CCL contrastive pretraining (skipped when its checkpoint exists)."""
+    if _distributed(step, key, run_dir, data_root, profile, overrides, corpus_dir):
+        return str(Path(run_dir) / "pretrain")
     ctx = _context(data_root, profile, overrides, corpus_dir)
     return str(pretrain_step(Path(run_dir), ctx["data"], ctx["recipe"]))
 
@@ -68,8 +71,31 @@ def fold_task(
     k: int,
 ) -> str:
     """Prefect task: one cross-validation fold of the self-training recipe."""
+    if _distributed(step, key, run_dir, data_root, profile, overrides, corpus_dir):
+        return str(Path(run_dir) / f"fold-{k}")
     ctx = _context(data_root, profile, overrides, corpus_dir)
     return str(fold_step(k, Path(run_dir), ctx["data"], ctx["recipe"]))
+
+
+def _distributed(
+    step: str,
+    key: str,
+    run_dir: str,
+    data_root: str,
+    profile: str,
+    overrides: list[str],
+    corpus_dir: str,
+) -> bool:
+    """Run the step under torchrun when more than one process is configured (True), or leave
+    it to the caller's process (False). A step already done is not launched again."""
+    ts = load_settings(profile, overrides).train
+    if ts.world_size == 1:
+        return False
+    if not (Path(run_dir) / step / DONE).is_file():
+        logger = get_run_logger()
+        args = worker_args(step, key, run_dir, data_root, profile, overrides, corpus_dir)
+        launch(ts, step, key, args, emit=logger.info)
+    return True
 
 
 def _fresh(t, folder: Path):
@@ -115,9 +141,17 @@ def _context(data_root: str, profile: str, overrides: list[str], corpus_dir: str
         "store": store,
         "data": data,
         "recipe": recipe,
-        # Standardisation and quality filters change the inputs: part of the run's identity.
-        "key": run_key(f"{fingerprint}+{settings.train.model_dump_json()}", recipe),
+        # Standardisation and quality filters change the inputs: part of the run's identity;
+        # how many processes train does not.
+        "key": run_key(
+            f"{fingerprint}+{settings.train.model_dump_json(exclude=set(LAUNCH_SETTINGS))}",
+            recipe,
+        ),
     }
+
+
+def _run_dir(root: Path, key: str) -> Path:
+    return root / "runs" / f"train-{key}"
 
 
 @flow(name="train", flow_run_name="train-{profile}", log_prints=True)
@@ -148,7 +182,7 @@ def train_flow(
     # The plan sees the corpus: official transcripts change the text features' id.
     ctx = _context(str(root), profile, overrides, str(corpus))
     data, key = ctx["data"], ctx["key"]
-    run_dir = root / "runs" / f"train-{key}"
+    run_dir = _run_dir(root, key)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(settings, run_dir / "settings.yaml")
     if data.stats:  # what a checkpoint's inputs were standardised with, to apply it elsewhere
@@ -196,3 +230,33 @@ def train_flow(
     report["run_dir"] = str(run_dir)
     report["report_dir"] = str(run_dir / "report")
     return report
+
+
+def join_training(
+    corpus_dir: str,
+    profile: str = "demo",
+    data_root: str | None = None,
+    overrides: list[str] | None = None,
+    emit=print,
+) -> list[str]:
+    """The other machines of a multi-node run (train.nnodes > 1): run every step that is not
+    done yet under torchrun, meeting the train flow's processes at the same rendezvous, step by
+    step. The run folder must be on storage every machine sees (NFS, a shared volume).
+    Returns the steps this machine took part in."""
+    overrides = list(overrides or [])
+    settings = load_settings(profile, overrides)
+    if settings.train.nnodes < 2:
+        raise ValueError("train-join is for multi-node runs: set train.nnodes and rdzv_endpoint")
+    corpus = Path(corpus_dir).expanduser().resolve()
+    root = Path(data_root).resolve() if data_root else settings.resolved_data_root(corpus)
+    ctx = _context(str(root), profile, overrides, str(corpus))
+    key = ctx["key"]
+    run_dir = _run_dir(root, key)
+    joined = []
+    for step in step_names(settings.train.n_splits):
+        if (run_dir / step / DONE).is_file():
+            continue
+        args = worker_args(step, key, str(run_dir), str(root), profile, overrides, str(corpus))
+        launch(settings.train, step, key, args, emit=emit)
+        joined.append(step)
+    return joined

@@ -23,8 +23,9 @@ from data_contracts.tables import TableRef
 from flows.config import TrainSettings
 from models.baseline import BaselineConfig
 from models.checkpoint import load_checkpoint, save_checkpoint
+from models.distributed import barrier, world
 from models.mrccl import MRCCLConfig
-from models.training import RecipeConfig, TrainConfig, pretrain_start, train_fold
+from models.training import FoldOutcome, RecipeConfig, TrainConfig, pretrain_start, train_fold
 from tasks.train_data import TrainingData, load_training_data
 
 log = logging.getLogger(__name__)
@@ -128,9 +129,12 @@ def pretrain_step(run_dir: Path, data: TrainingData, recipe: RecipeConfig) -> Pa
     if _done(folder) is not None:
         log.info("pretraining already done in %s", folder)
         return folder
+    w = world()  # under torchrun every rank trains; rank 0 alone writes
     model, history = pretrain_start(data.labelled, data.unlabelled, recipe)
-    save_checkpoint(model, folder, data.extractor_ids, FEATURES_VERSION, {"history": history})
-    _mark_done(folder, {"epochs": len(history), "history": history})
+    if w.main:
+        save_checkpoint(model, folder, data.extractor_ids, FEATURES_VERSION, {"history": history})
+        _mark_done(folder, {"epochs": len(history), "history": history, "world_size": w.size})
+    barrier(w)
     return folder
 
 
@@ -140,8 +144,16 @@ def fold_step(k: int, run_dir: Path, data: TrainingData, recipe: RecipeConfig) -
     if _done(folder) is not None:
         log.info("fold %d already done in %s", k, folder)
         return folder
+    w = world()  # under torchrun every rank trains; rank 0 alone writes
     start = load_checkpoint(run_dir / "pretrain").model.state_dict()
     outcome = train_fold(k, data.labelled, data.unlabelled, data.unlabelled, recipe, start)
+    if w.main:
+        _save_fold(folder, outcome, data)
+    barrier(w)
+    return folder
+
+
+def _save_fold(folder: Path, outcome: FoldOutcome, data: TrainingData) -> None:
     save_checkpoint(outcome.model, folder / "model", data.extractor_ids, FEATURES_VERSION)
     arrays = {f"val_{c}": p for c, p in outcome.val_probs.items()}
     arrays |= {f"test_{c}": p for c, p in outcome.test_probs.items()}
@@ -153,8 +165,7 @@ def fold_step(k: int, run_dir: Path, data: TrainingData, recipe: RecipeConfig) -
     }
     with atomic_path(folder / "outputs.npz") as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
-    _mark_done(folder, outcome.summary())
-    return folder
+    _mark_done(folder, {**outcome.summary(), "world_size": world().size})
 
 
 def load_fold(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

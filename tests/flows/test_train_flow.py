@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -84,3 +85,63 @@ def test_shuffled_labels_fall_to_chance(extracted):
     finally:
         store.upsert(tables.LABELS, labels)
     assert report["mean_waf"] < 0.45, report["fold_waf"]
+
+
+def test_two_processes_under_torchrun_train_what_one_does(extracted, tmp_path):
+    """train.nproc_per_node=2 runs every step under torchrun (2 gloo ranks on the CPU). The
+    number of processes is not part of the run's identity, and without dropout and NEE noise
+    (each rank draws its own) the result is the one-process result."""
+    corpus, root, overrides = extracted
+    exact = ["train.dropout=0", "train.use_nee=false", "train.seed=5"]
+    two = _train(corpus, root, overrides, *exact, "train.nproc_per_node=2")
+    run_dir = root / "runs" / f"train-{two['run_id']}"
+    steps = ("pretrain", "fold-0", "fold-1")
+    for step in steps:
+        assert json.loads((run_dir / step / "done.json").read_text())["world_size"] == 2
+    two_val = {k: np.load(run_dir / k / "outputs.npz")["val_voted"] for k in steps[1:]}
+    shutil.move(run_dir, tmp_path / "two")  # the same run again, in one process
+    one = _train(corpus, root, overrides, *exact)
+    assert one["run_id"] == two["run_id"]
+    assert json.loads((run_dir / "fold-0" / "done.json").read_text())["world_size"] == 1
+    for k in steps[1:]:
+        one_val = np.load(run_dir / k / "outputs.npz")["val_voted"]
+        np.testing.assert_allclose(two_val[k], one_val, atol=2e-3)
+    np.testing.assert_allclose(two["fold_waf"], one["fold_waf"], atol=1e-6)
+
+
+def test_two_nodes_meet_step_by_step(extracted, monkeypatch):
+    """Multi-node on one machine: the flow is node 0 (train.nnodes=2, one process each) and
+    `merflow train-join` is node 1; they meet at a c10d rendezvous on loopback for every step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flows.server import free_port
+
+    corpus, root, overrides = extracted
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two "machines" share this one's cores
+    two_nodes = [
+        "train.nnodes=2",
+        f"train.rdzv_endpoint=127.0.0.1:{free_port()}",
+        "train.seed=9",
+        "train.n_splits=2",
+    ]
+    merflow = Path(sys.executable).with_name("merflow")
+    cmd = [str(merflow), "train-join", str(corpus), "--profile", "demo", "--data-root", str(root)]
+    joiner = subprocess.Popen(
+        [*cmd, *overrides, *FAST, *two_nodes],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        report = _train(corpus, root, overrides, *two_nodes)
+        out, _ = joiner.communicate(timeout=300)
+    finally:
+        joiner.kill()
+    assert joiner.returncode == 0, out[-3000:]
+    assert "took part in: pretrain, fold-0, fold-1" in out, out[-3000:]
+    run_dir = root / "runs" / f"train-{report['run_id']}"
+    for step in ("pretrain", "fold-0", "fold-1"):
+        assert json.loads((run_dir / step / "done.json").read_text())["world_size"] == 2
+    assert report["mean_waf"] > 0.5

@@ -1,0 +1,155 @@
+"""Training steps on several processes: the train flow starts each step (pretraining, fold k)
+under `torchrun` when train.nproc_per_node x train.nnodes > 1, and `merflow train-join` starts
+the same steps on the other machines of a multi-node run.
+
+Each rank runs this module's `main`: it loads the same feature stores, joins the process group
+torchrun set up, trains its share of every batch (models/distributed.py) and rank 0 writes the
+step's folder (checkpoint, outputs, done.json), exactly what the single-process step writes.
+A step that fails leaves no done.json, so a rerun (or Prefect's retry) starts it again.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m flows.train_worker \\
+        --step fold-0 --key KEY --run-dir RUN --data-root ROOT --profile demo --corpus-dir C
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from flows.config import TrainSettings, load_settings
+from models.distributed import init_from_env, local_device, shutdown
+from tasks.errors import MerflowError
+
+log = logging.getLogger(__name__)
+
+
+class DistributedStepError(MerflowError):
+    """A training step failed under torchrun; its folder holds no done.json."""
+
+
+def step_names(n_splits: int) -> list[str]:
+    """The training steps in the order every node runs them."""
+    return ["pretrain", *(f"fold-{k}" for k in range(n_splits))]
+
+
+def worker_args(
+    step: str,
+    key: str,
+    run_dir: str,
+    data_root: str,
+    profile: str,
+    overrides: Sequence[str],
+    corpus_dir: str,
+) -> list[str]:
+    """Command-line arguments of `flows.train_worker` for one step."""
+    args = ["--step", step, "--key", key, "--run-dir", run_dir, "--data-root", data_root]
+    args += ["--profile", profile, "--corpus-dir", corpus_dir]
+    for o in overrides:
+        args += ["--override", o]
+    return args
+
+
+def torchrun_command(ts: TrainSettings, rdzv_id: str, args: Sequence[str]) -> list[str]:
+    """The torchrun command line of one step. One machine without an endpoint: --standalone
+    (torchrun picks a free loopback port). Several: a c10d rendezvous at train.rdzv_endpoint,
+    the same rdzv id on every machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--nproc-per-node", str(ts.nproc_per_node), "--max-restarts", "0"]
+    if ts.nnodes == 1 and not ts.rdzv_endpoint:
+        cmd += ["--standalone"]
+    else:
+        cmd += ["--nnodes", str(ts.nnodes), "--rdzv-backend", "c10d"]
+        cmd += ["--rdzv-endpoint", str(ts.rdzv_endpoint), "--rdzv-id", rdzv_id]
+    return [*cmd, "-m", "flows.train_worker", *args]
+
+
+def launch(
+    ts: TrainSettings,
+    step: str,
+    key: str,
+    args: Sequence[str],
+    emit: Callable[[str], None] = print,
+) -> None:
+    """Run one step under torchrun, streaming its output through `emit`; raise
+    DistributedStepError (with the last lines) when any rank fails."""
+    cmd = torchrun_command(ts, f"merflow-{key}-{step}", args)
+    emit(f"{step}: {ts.world_size} processes: {' '.join(cmd)}")
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # torchrun sets one thread per process only when it starts several; share the cores out
+    # always, or CPU ranks (and a CPU-bound flow beside them) oversubscribe the machine.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ts.nproc_per_node)))
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            emit(line)
+        code = proc.wait()
+    if code != 0:
+        last = "\n".join(tail)
+        raise DistributedStepError(
+            f"training step {step} failed under torchrun (exit {code}); it wrote no done.json, "
+            f"so rerunning the flow starts it again. Last lines:\n{last}"
+        )
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="flows.train_worker", description=__doc__)
+    p.add_argument("--step", required=True, help="pretrain or fold-K")
+    p.add_argument("--key", required=True, help="the run key the flow computed")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--profile", required=True)
+    p.add_argument("--corpus-dir", required=True)
+    p.add_argument("--override", action="append", default=[])
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """One rank of one training step."""
+    from flows.train import _context  # the flow imports this module: import it late
+    from tasks.train import fold_step, pretrain_step
+
+    a = _parse(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    settings = load_settings(a.profile, a.override)
+    ctx = _context(a.data_root, a.profile, a.override, a.corpus_dir)
+    if ctx["key"] != a.key:
+        raise MerflowError(
+            f"run key {ctx['key']} differs from the flow's {a.key}: the stores or settings "
+            "changed since the run started (or this machine was given other settings); start "
+            "the train flow again"
+        )
+    recipe = ctx["recipe"]
+    w = init_from_env(settings.train.dist_backend, recipe.train.device)
+    train = dataclasses.replace(recipe.train, device=local_device(recipe.train.device, w))
+    recipe = dataclasses.replace(recipe, train=train)
+    log.info("%s: rank %d of %d on %s (%s)", a.step, w.rank, w.size, train.device, w.backend)
+    try:
+        if a.step == "pretrain":
+            pretrain_step(Path(a.run_dir), ctx["data"], recipe)
+        elif a.step.startswith("fold-") and a.step[5:].isdigit():
+            fold_step(int(a.step[5:]), Path(a.run_dir), ctx["data"], recipe)
+        else:
+            raise MerflowError(f"unknown training step {a.step!r}; valid: pretrain, fold-K")
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

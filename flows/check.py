@@ -8,6 +8,8 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from data_contracts.location import is_url
+from data_contracts.store import Store
 from flows.config import TrainSettings, load_settings
 from flows.safety import check_under_roots, trusted_roots
 from tasks.errors import MerflowError
@@ -22,13 +24,21 @@ class CheckFailedError(MerflowError):
     """The check found error-level problems and the caller asked to fail on them."""
 
 
+def _saved_text(data_root: str | Path, name: str) -> str:
+    if not is_url(data_root):
+        return (Path(data_root) / "runs" / name).read_text(encoding="utf-8")
+    text = Store(data_root).read_text(f"runs/{name}")  # beside the stores on the object store
+    if text is None:
+        raise FileNotFoundError(f"{data_root}/runs/{name}")
+    return text
+
+
 def fold_settings(data_root: str | Path) -> tuple[int, int]:
     """The CV n_splits and seed the train flow will use: the data root's saved settings, else
     the defaults, so the check tests leakage across the folds training will actually make."""
     for name in _SAVED_SETTINGS:
-        path = Path(data_root) / "runs" / name
         try:
-            train = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("train") or {}
+            train = (yaml.safe_load(_saved_text(data_root, name)) or {}).get("train") or {}
         except (OSError, yaml.YAMLError, AttributeError):
             continue
         if "n_splits" in train and "seed" in train:
@@ -48,7 +58,7 @@ def check_flow(
 ) -> dict:
     """Check the feature stores of a data root; publish the report as the `merflow-check` artifact.
 
-    data_root: the data root of an extraction (holds stores/).
+    data_root: the data root of an extraction (holds stores/): a folder or an s3://... URL.
     n_splits, seed: the CV folds to test for leakage (default: the saved train settings).
     cosine_threshold: centred cosine above which two videos' features are near-duplicates.
     fail_on_error: end the run Failed when an error-level finding exists.
@@ -71,7 +81,7 @@ def check_flow(
         "errors": findings.count("error"),
         "warnings": findings.count("warning"),
         "info": findings.count("info"),
-        "report": str(root / REPORT),
+        "report": f"{root}/{REPORT}",
     }
     get_run_logger().info("check %s", summary)
     if fail_on_error and findings.has_errors:

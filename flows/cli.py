@@ -30,6 +30,15 @@ DataRootOpt = Annotated[
     Path | None,
     typer.Option("--data-root", help="where stores, artifacts and caches live"),
 ]
+# A string, not a Path: a Path would collapse the '//' of an s3://bucket/prefix data root.
+DataRootUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data-root",
+        help="where stores and artifacts live: a folder or an object-storage URL "
+        "(s3://bucket/prefix; models, runs and the Prefect server stay in a local work folder)",
+    ),
+]
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -133,6 +142,7 @@ def _run_flow(
     flow_fn, corpus_dir: Path, settings: Settings, profile: str, overrides, data_root, **kw
 ) -> dict:
     """Run a flow against the data root's Prefect server; bad input is a clear error, exit 1."""
+    from data_contracts.location import normalize_root
     from flows import server
     from tasks.errors import MerflowError
 
@@ -141,8 +151,13 @@ def _run_flow(
             f"corpus folder {corpus_dir} does not exist; give a MER2024-shaped corpus folder "
             f"(or create one with `merflow demo-corpus DIR`)"
         )
-    root = data_root.resolve() if data_root else settings.resolved_data_root(corpus_dir)
-    env = _connect(settings, root)
+    try:
+        root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus_dir)
+        # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
+        local = settings.local_root(root)
+    except (MerflowError, SettingsError) as e:
+        raise _fail(str(e)) from e
+    env = _connect(settings, local)
     try:
         with server.use_server(env):
             return flow_fn(
@@ -172,7 +187,7 @@ def _run_extract(corpus_dir, settings, profile, overrides, data_root, only_new=F
 def extract_cmd(
     corpus_dir: Annotated[Path, typer.Argument(help="MER2024-shaped corpus folder")],
     profile: ProfileOpt = "demo",
-    data_root: DataRootOpt = None,
+    data_root: DataRootUrlOpt = None,
     only_new: Annotated[
         bool, typer.Option(help="only videos new or changed since last scan")
     ] = False,

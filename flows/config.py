@@ -11,11 +11,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data_contracts.location import (
+    DataRootError,
+    default_local_dir,
+    is_url,
+    normalize_root,
+    split_root_list,
+)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 ENV_PREFIX = "MERFLOW_"
 # Environment variables read by single tools, not settings (tasks/media.py, face_backends.py).
-TOOL_ENV = frozenset({"MERFLOW_HOME", "MERFLOW_FFMPEG", "MERFLOW_OPENFACE_BIN"})
+TOOL_ENV = frozenset(
+    {"MERFLOW_HOME", "MERFLOW_FFMPEG", "MERFLOW_OPENFACE_BIN", "MERFLOW_CACHE_DIR"}
+)
 
 
 class SettingsError(ValueError):
@@ -179,7 +189,10 @@ class Settings(_Section):
     """Everything a merflow run needs, resolved."""
 
     profile: str = "paper"
-    data_root: str | None = None  # default: <corpus>/merflow
+    data_root: str | None = None  # default: <corpus>/merflow; or a URL (s3://bucket/prefix)
+    # For a URL data root: the local folder for what must stay local (models, training runs,
+    # the Prefect server home); default ~/.cache/merflow/<URL slug>-<hash>. See local_root().
+    work_dir: str | None = None
     # Folders that run parameters (from the UI) may point into; empty: no restriction (local
     # CLI). `merflow serve` sets it; see flows/safety.py. MERFLOW_ALLOWED_ROOTS=/a:/b works too.
     allowed_roots: list[str] = Field(default_factory=list)
@@ -194,33 +207,46 @@ class Settings(_Section):
     @field_validator("allowed_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:
-        if isinstance(value, str):  # an environment variable: os.pathsep-separated folders
-            return [v for v in value.split(os.pathsep) if v]
+        if isinstance(value, str):  # an environment variable: os.pathsep-separated folders/URLs
+            return split_root_list(value)
         return value
 
     @field_validator("allowed_roots")
     @classmethod
     def _absolute_roots(cls, value: list[str]) -> list[str]:
-        relative = [v for v in value if not Path(v).expanduser().is_absolute()]
+        relative = [v for v in value if not is_url(v) and not Path(v).expanduser().is_absolute()]
         if relative:
-            raise ValueError(f"allowed_roots must be absolute paths; relative: {relative}")
+            raise ValueError(f"allowed_roots must be absolute paths or URLs; relative: {relative}")
         return value
 
-    def resolved_data_root(self, corpus_dir: Path | str | None = None) -> Path:
-        """The data root: the setting, else `<corpus_dir>/merflow`."""
+    def resolved_data_root(self, corpus_dir: Path | str | None = None) -> Path | str:
+        """The data root: the setting, else `<corpus_dir>/merflow`; a Path, or a normalised URL
+        string when data_root is a URL (`s3://bucket/prefix`)."""
         if self.data_root:
-            return Path(self.data_root).expanduser().resolve()
+            try:
+                return normalize_root(self.data_root)
+            except DataRootError as e:
+                raise SettingsError(str(e)) from e
         if corpus_dir is None:
             raise SettingsError("no data root: pass --data-root or set data_root=PATH")
         return (Path(corpus_dir).expanduser() / "merflow").resolve()
 
-    def models_dir(self, data_root: Path) -> Path:
-        """Where local checkpoints live."""
+    def local_root(self, data_root: Path | str) -> Path:
+        """The local folder for what must stay on this machine's disk (model checkpoints,
+        training runs, the Prefect server home, caches): the data root itself when it is a
+        local path; for a URL data root, `work_dir`, else ~/.cache/merflow/<URL slug>-<hash>."""
+        root = normalize_root(data_root)
+        if isinstance(root, Path):
+            return root
         return (
-            Path(self.models.models_dir).expanduser()
-            if self.models.models_dir
-            else data_root / "models"
+            Path(self.work_dir).expanduser().resolve() if self.work_dir else default_local_dir(root)
         )
+
+    def models_dir(self, data_root: Path | str) -> Path:
+        """Where local checkpoints live (under local_root() for a URL data root)."""
+        if self.models.models_dir:
+            return Path(self.models.models_dir).expanduser()
+        return (self.local_root(data_root) if is_url(data_root) else Path(data_root)) / "models"
 
 
 def list_profiles() -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -20,6 +21,7 @@ from prefect.futures import PrefectFuture, as_completed
 from tqdm.auto import tqdm
 
 from data_contracts import tables
+from data_contracts.location import is_url, normalize_root
 from data_contracts.store import Store
 from flows.config import Settings, load_settings, save_resolved
 from flows.plan import ExtractionPlan, plan_extraction
@@ -161,7 +163,8 @@ def extract_flow(
 
     corpus_dir: folder holding video-labeled/, video-unlabeled/ and the label CSVs.
     profile: settings profile (demo: tiny models; paper: the real ones).
-    data_root: where stores and artifacts go (default <corpus_dir>/merflow).
+    data_root: where stores and artifacts go (default <corpus_dir>/merflow); a local folder or
+        an object-storage URL such as s3://bucket/prefix (models stay in a local folder).
     overrides: key=value settings, e.g. ["faces.fps=5"].
     only_new: extract only videos some stage still lacks (new, changed or unfinished).
     video_dirs: scan these folders instead of the corpus's two pools.
@@ -174,10 +177,11 @@ def extract_flow(
     given = [("corpus_dir", corpus_dir), *(("video_dirs entry", d) for d in video_dirs or [])]
     check_all_under_roots([*given, *([("data_root", data_root)] if data_root else [])], roots)
     corpus, dirs = _resolve_corpus(corpus_dir, settings, video_dirs)
-    root = settings.resolved_data_root(corpus) if not data_root else Path(data_root).resolve()
+    root = settings.resolved_data_root(corpus) if not data_root else normalize_root(data_root)
     check_all_under_roots(
         [
             ("data_root", root),
+            *([("work_dir", settings.local_root(root))] if is_url(root) else []),
             ("models_dir", settings.models_dir(root)),
             ("labels CSV", corpus / settings.corpus.labels_csv),
             ("transcripts CSV", corpus / settings.corpus.transcripts_csv),
@@ -186,7 +190,11 @@ def extract_flow(
         roots,
     )
     store = Store(root)
-    save_resolved(settings, root / "runs" / "extract-settings.yaml")
+    if isinstance(root, Path):
+        save_resolved(settings, root / "runs" / "extract-settings.yaml")
+    else:  # beside the stores on the object store, where `merflow check` looks for it
+        resolved = yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
+        store.write_text("runs/extract-settings.yaml", resolved)
 
     labels_csv = corpus / settings.corpus.labels_csv
     if labels_csv.exists():

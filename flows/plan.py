@@ -41,8 +41,9 @@ class ExtractionPlan:
         }
 
 
-def model_choices(settings: Settings, data_root: Path) -> dict[str, ModelChoice]:
-    """The four extractors of a profile, as picklable choices for the tasks."""
+def model_choices(settings: Settings, data_root: Path | str) -> dict[str, ModelChoice]:
+    """The four extractors of a profile, as picklable choices for the tasks (their checkpoints
+    are local: under the data root, or its local work folder when it is a URL)."""
     m = settings.models
     models_dir = settings.models_dir(data_root)
     if m.build_tiny:
@@ -78,7 +79,9 @@ def face_settings(settings: Settings) -> FaceSettings:
     )
 
 
-def plan_extraction(settings: Settings, data_root: Path, corpus_dir: Path | None) -> ExtractionPlan:
+def plan_extraction(
+    settings: Settings, data_root: Path | str, corpus_dir: Path | None
+) -> ExtractionPlan:
     """The plan of a profile on a corpus (official transcripts change the transcripts id)."""
     official = bool(
         corpus_dir is not None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import pandas as pd
@@ -39,7 +38,7 @@ def describe_video(store: Store, video_id: str) -> str:
     from flows.check import fold_settings
     from tasks.quality import cv_folds, find_feature_tables, quality_signals
 
-    if not store.stores.is_dir():
+    if not store.has_stores():
         raise UnknownVideoError(f"{store.root} holds no stores/: it is not a merflow data root")
     manifest = store.read(tables.MANIFEST)
     row = manifest[manifest.video_id == video_id]
@@ -60,7 +59,7 @@ def describe_video(store: Store, video_id: str) -> str:
         ("faces", tables.FACES, ("backend", "n_faces", "face_ratio", "mean_confidence")),
     ):
         for r in _rows(store, table, video_id).itertuples(index=False):
-            exists = store.absolute(r.path).exists()
+            exists = store.artifact_exists(r.path)
             figures = ", ".join(f"{s}={getattr(r, s)}" for s in stats)
             stale = "" if r.sha256 == sha else " [older bytes]"
             body.append(
@@ -133,7 +132,10 @@ def describe_video(store: Store, video_id: str) -> str:
     return "\n".join(out) + "\n"
 
 
-DataRootArg = Annotated[Path, typer.Argument(help="the data root of an extraction")]
+# Strings, not Paths: a Path would collapse the '//' of an s3:// data root.
+DataRootArg = Annotated[
+    str, typer.Argument(help="the data root of an extraction: a folder or an s3://... URL")
+]
 
 
 def check_cmd(
@@ -149,11 +151,11 @@ def check_cmd(
 ) -> None:
     """Check the feature stores (no server): print the report; exit 1 on error-level findings."""
     from flows.check import fold_settings
-    from tasks.errors import BadInputError
+    from tasks.errors import BadInputError, MerflowError
     from tasks.quality import check_stores
 
-    saved_splits, saved_seed = fold_settings(data_root)
     try:
+        saved_splits, saved_seed = fold_settings(data_root)
         findings = check_stores(
             Store(data_root),
             saved_splits if n_splits is None else n_splits,
@@ -161,7 +163,7 @@ def check_cmd(
             cosine,
             write=write,
         )
-    except (BadInputError, ValueError) as e:
+    except (BadInputError, ValueError, MerflowError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     typer.echo(findings.markdown())
@@ -171,12 +173,16 @@ def check_cmd(
 
 def inspect_cmd(
     video_id: Annotated[str, typer.Argument(help="the video id (file stem)")],
-    data_root: Annotated[Path, typer.Option("--data-root", help="the data root to look in")],
+    data_root: Annotated[
+        str, typer.Option("--data-root", help="the data root to look in (a folder or a URL)")
+    ],
 ) -> None:
     """Print everything known about one video: manifest, artifacts, features, failures, labels."""
+    from tasks.errors import MerflowError
+
     try:
         typer.echo(describe_video(Store(data_root), video_id))
-    except UnknownVideoError as e:
+    except (UnknownVideoError, MerflowError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e
 

@@ -7,6 +7,13 @@ no profile file can lift it), every path a run reads or writes is resolved (syml
 included) and must lie under one of those roots, and no run override may change the roots,
 the binaries merflow executes or whether model folders may run their own Python code. With
 `allowed_roots` empty (local command-line use) nothing is restricted.
+
+Data roots may be object-storage URLs (`s3://bucket/prefix`). A URL is allowed only under an
+allowed URL root of the same protocol and bucket, on a `/` boundary (`s3://b/merflow` allows
+`s3://b/merflow/x`, not `s3://b/merflow-other`); URLs with `.`/`..` segments, queries or fsspec
+chains are refused outright (data_contracts.location). An allowed URL root also allows its own
+default local work folder (where models, runs and caches of that root live on this machine),
+never a `work_dir` a run chooses.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from data_contracts.location import DataRootError, default_local_dir, normalize_root
 from flows.config import Settings, load_settings
 from tasks.errors import MerflowError
 
@@ -41,16 +49,34 @@ class UnsafeParameterError(MerflowError):
         )
 
 
-def _resolve(path: str | os.PathLike[str]) -> Path:
-    return Path(path).expanduser().resolve()
+def _resolve(path: str | os.PathLike[str]) -> Path | str:
+    """A local path resolved (symlinks, `..`, `~`), or a URL normalised."""
+    return normalize_root(path)
 
 
-def _outside(path: str | os.PathLike[str], roots: list[str], what: str) -> tuple[Path, str | None]:
-    resolved = _resolve(path)
+def _under(path: Path | str, root: Path | str) -> bool:
+    if isinstance(path, str) or isinstance(root, str):
+        return (
+            isinstance(path, str)
+            and isinstance(root, str)
+            and (path == root or path.startswith(f"{root}/"))
+        )
+    return path == root or path.is_relative_to(root)
+
+
+def _outside(
+    path: str | os.PathLike[str], roots: list[str], what: str
+) -> tuple[Path | str, str | None]:
+    try:
+        resolved = _resolve(path)
+    except DataRootError as e:
+        return str(path), f"{what}: {e}"
     if not roots:
         return resolved, None
     allowed = [_resolve(r) for r in roots]
-    if any(resolved == r or resolved.is_relative_to(r) for r in allowed):
+    # A URL root's default local work folder is derived by merflow, not chosen by the run.
+    allowed += [default_local_dir(r) for r in allowed if isinstance(r, str)]
+    if any(_under(resolved, r) for r in allowed):
         return resolved, None
     shown = f"{path}" if str(path) == str(resolved) else f"{path} (resolves to {resolved})"
     return resolved, (
@@ -60,8 +86,9 @@ def _outside(path: str | os.PathLike[str], roots: list[str], what: str) -> tuple
     )
 
 
-def check_under_roots(path: str | os.PathLike[str], roots: list[str], what: str) -> Path:
-    """`path` resolved (symlinks, `..`, `~`); refused unless it lies under one of `roots`.
+def check_under_roots(path: str | os.PathLike[str], roots: list[str], what: str) -> Path | str:
+    """`path` resolved (symlinks, `..`, `~`; a URL normalised); refused unless it lies under one
+    of `roots`.
 
     Empty `roots` means no restriction. `what` names the parameter in the error message.
     """
@@ -73,7 +100,7 @@ def check_under_roots(path: str | os.PathLike[str], roots: list[str], what: str)
 
 def check_all_under_roots(
     named_paths: Iterable[tuple[str, str | os.PathLike[str]]], roots: list[str]
-) -> list[Path]:
+) -> list[Path | str]:
     """Resolve every `(what, path)`; refuse with one error listing every path outside `roots`."""
     resolved, problems = [], []
     for what, path in named_paths:

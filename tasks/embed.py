@@ -27,8 +27,14 @@ from data_contracts.store import Store
 from models.extractors import load_extractor, planned_extractor_id
 from models.registry import ExtractorSpec, get_spec, resolve_model_path
 from tasks.errors import BadInputError
-from tasks.media import now_utc, retry_if_transient
-from tasks.shard import ShardReport, commit, select_pending, shard_cache_key
+from tasks.shard import (
+    ShardReport,
+    commit,
+    now_utc,
+    retry_if_transient,
+    select_pending,
+    shard_cache_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +282,7 @@ def embed_visual_shard(
                             f"video {video.video_id} has no face crops under {faces_extractor_id} "
                             f"(see its 'faces' failure); its visual features are marked missing"
                         )
-                    c = load_crops(store.absolute(faces.loc[key, "path"])).crops
+                    c = load_crops(store.local_file(faces.loc[key, "path"])).crops
                     if len(c) == 0:
                         raise MissingModalityError(f"video {video.video_id} has zero face crops")
                 except (MissingModalityError, OSError, ValueError) as e:
@@ -352,7 +358,7 @@ def _load_audio(
                     f"video {video.video_id} has no audio artifact (see its 'audio' failure); "
                     f"its {stage} output is marked missing"
                 )
-            yield video, read_wav(store.absolute(audio.loc[key, "path"]))
+            yield video, read_wav(store.local_file(audio.loc[key, "path"]))
         except (BadInputError, OSError) as e:
             failures.append(failure_row(*key, stage, e, ext_id))
 

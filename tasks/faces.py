@@ -35,16 +35,15 @@ from tasks.face_backends import (
     FrameSampler,
     load_backend,
 )
-from tasks.media import (
-    NoVideoStreamError,
-    UnreadableMediaError,
+from tasks.media import NoVideoStreamError, UnreadableMediaError, probe
+from tasks.shard import (
+    ShardReport,
     current_attempt,
     now_utc,
-    probe,
     retry_if_transient,
     run_shard,
+    shard_cache_key,
 )
-from tasks.shard import ShardReport, shard_cache_key
 
 FACES_STAGE = "faces"
 # Bump when a code change alters crops for the same settings, so old artifacts are not reused.
@@ -329,7 +328,7 @@ def crop_faces_shard(
             "video_id": video.video_id,
             "sha256": video.sha256,
             "extractor_id": extractor_id,
-            "path": store.relative(r.path),
+            "path": store.publish_artifact(r.path),
             "backend": r.backend,
             "n_frames_decoded": r.n_frames_decoded,
             "n_frames_sampled": r.n_frames_sampled,

@@ -1,7 +1,7 @@
 """Raw media: find FFmpeg, probe streams with PyAV, split a video's audio into a 16 kHz mono wav.
 
-Also holds what the raw-video stages share: the per-video error types and `run_shard`, the
-loop that turns per-video bad inputs into failure rows and writes a shard's rows in one upsert.
+Also holds the per-video error types the raw-video stages share; the shard loop that turns them
+into failure rows (`run_shard`) and the retry rule live in tasks/shard.py.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import shutil
 import signal
 import subprocess
 import wave
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +24,16 @@ from prefect import task
 
 from data_contracts import tables
 from data_contracts.atomic import atomic_path
-from data_contracts.failures import failure_row
-from data_contracts.store import Store, StoreWriteError, store_write_error
-from data_contracts.tables import TableRef
+from data_contracts.store import Store, store_write_error
 from tasks.errors import BadInputError, TransientError
-from tasks.shard import ShardReport, commit, shard_cache_key
+from tasks.shard import (
+    ShardReport,
+    current_attempt,
+    now_utc,
+    retry_if_transient,
+    run_shard,
+    shard_cache_key,
+)
 
 AUDIO_STAGE = "audio"
 DEFAULT_SAMPLE_RATE = 16000
@@ -342,59 +345,6 @@ def speech_ratio(
 
 
 # -- shards --------------------------------------------------------------------------------------
-def run_shard(
-    videos: pd.DataFrame,
-    store: Store,
-    table: TableRef,
-    stage: str,
-    extractor_id: str,
-    work: Callable[[Any], dict],
-    retry_failed: bool = False,
-    attempt: int = 1,
-) -> ShardReport:
-    """Run `work(row)` on each video the store lacks; bad inputs become failure rows.
-
-    Rows are written in one upsert at the end, and also when a transient error escapes, so
-    work already done is never lost. A video that failed deterministically before with the
-    same bytes and settings would fail again, so it is skipped (counted in `skipped`) unless
-    `retry_failed`.
-    """
-    missing = {"video_id", "sha256", "path"} - set(videos.columns)
-    if missing:
-        raise ValueError(f"videos lack columns {sorted(missing)}; pass manifest rows")
-    report = ShardReport(stage)
-    done = store.existing_keys(table)
-    failed_before = {
-        (k[0], k[1]) for k in store.existing_keys(tables.FAILURES) if k[2:] == (stage, extractor_id)
-    }
-    rows: list[dict] = []
-    failures: list[dict] = []
-    try:
-        for video in videos.itertuples(index=False):
-            key = (video.video_id, video.sha256)
-            if (*key, extractor_id) in done or (key in failed_before and not retry_failed):
-                report.skipped += 1
-                continue
-            try:
-                rows.append(work(video))
-            except BadInputError as e:
-                failures.append(failure_row(*key, stage, e, extractor_id, attempt))
-            else:
-                report.processed += 1
-    finally:
-        commit(store, table, rows, failures, report)
-        # A video that now succeeds (retry_failed) must not keep its old failure row.
-        healed = {(r["video_id"], r["sha256"]) for r in rows} & failed_before
-        if healed:
-            store.delete(tables.FAILURES, {(*k, stage, extractor_id) for k in healed})
-    return report
-
-
-def now_utc() -> datetime:
-    """The current time, timezone-aware UTC, for created_at columns."""
-    return datetime.now(UTC)
-
-
 def extract_audio_shard(
     videos: pd.DataFrame,
     store: Store,
@@ -414,7 +364,7 @@ def extract_audio_shard(
             "video_id": video.video_id,
             "sha256": video.sha256,
             "extractor_id": extractor_id,
-            "path": store.relative(result.path),
+            "path": store.publish_artifact(result.path),
             "sample_rate": result.sample_rate,
             "n_samples": result.n_samples,
             "duration": result.duration,
@@ -428,24 +378,6 @@ def extract_audio_shard(
 
 
 # -- Prefect wrappers ----------------------------------------------------------------------------
-def retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry I/O and transient errors, never configuration errors."""
-    exc = getattr(state, "data", None)
-    if isinstance(exc, StoreWriteError):  # a full disk may be freed; a read-only one will not
-        return exc.transient
-    if isinstance(exc, FFmpegNotFoundError | ValueError | BadInputError):
-        return False
-    return isinstance(exc, TransientError | OSError)
-
-
-def current_attempt() -> int:
-    """The run count of the Prefect task run this is called from (1 outside Prefect)."""
-    from prefect.context import TaskRunContext
-
-    ctx = TaskRunContext.get()
-    return max(1, ctx.task_run.run_count) if ctx and ctx.task_run else 1
-
-
 def _audio_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return shard_cache_key(
         parameters["videos"],

@@ -22,15 +22,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts import tables
-from data_contracts.atomic import atomic_path
 from data_contracts.contracts import META_CONTRACT, META_VERSION, feature_contract
 from data_contracts.labels import CLASS_INDEX, MODALITIES
-from data_contracts.store import PART_GLOB, Store
+from data_contracts.store import Store
 from data_contracts.tables import TableRef
 from tasks.errors import BadInputError
 
@@ -301,13 +299,11 @@ class FeatureTable:
 def find_feature_tables(store: Store) -> tuple[list[FeatureTable], list[Finding]]:
     """Every feature table under the store, and error findings for those this code cannot read."""
     found, problems = [], []
-    for folder in sorted((store.stores / "features").glob("*/*")):
-        parts = sorted(folder.glob(PART_GLOB))
-        if not parts:
-            continue
-        name = f"features/{folder.parent.name}/{folder.name}"
+    for name in store.list_tables("features", 2):
+        _, modality, extractor_id = name.split("/")
         try:
-            metas = [pq.read_schema(p).metadata or {} for p in parts]
+            schemas = store.part_schemas(name)
+            metas = [schema.metadata or {} for schema in schemas]
         except (OSError, pa.ArrowInvalid) as e:
             problems.append(Finding("error", "unreadable-table", name, f"unreadable part: {e}"))
             continue
@@ -316,13 +312,12 @@ def find_feature_tables(store: Store) -> tuple[list[FeatureTable], list[Finding]
              m.get(b"merflow.dim", b"").decode())
             for m in metas
         }  # fmt: skip
-        modality = folder.parent.name
         dims = {d for _, _, d in declared}
         if modality not in MODALITIES or len(dims) != 1 or not next(iter(dims)).isdigit():
             problems.append(
                 Finding(
                     "error", "unreadable-table", name,
-                    f"{len(parts)} part file(s) declare {sorted(declared)}: not one feature table "
+                    f"{len(metas)} part file(s) declare {sorted(declared)}: not one feature table "
                     f"of a known modality ({', '.join(MODALITIES)}) and one dimension; move the "
                     f"folder aside and re-extract",
                 )
@@ -339,7 +334,7 @@ def find_feature_tables(store: Store) -> tuple[list[FeatureTable], list[Finding]
                 )
             )  # fmt: skip
             continue
-        found.append(FeatureTable(modality, folder.name, int(next(iter(dims))), contract.version))
+        found.append(FeatureTable(modality, extractor_id, int(next(iter(dims))), contract.version))
     return found, problems
 
 
@@ -705,7 +700,7 @@ def check_stores(
     write: bool = True,
 ) -> Findings:
     """Check every feature table of the store; write the findings table and reports/check.md."""
-    if not store.stores.is_dir():
+    if not store.has_stores():
         raise BadInputError(
             f"{store.root} holds no stores/ folder: it is not a merflow data root; give the data "
             f"root of an extraction (default <corpus>/merflow)"
@@ -757,15 +752,12 @@ def check_stores(
     return findings
 
 
-def write_findings(store: Store, findings: Findings) -> Path:
-    """Append the findings to the `findings` table and write reports/check.md; returns its path."""
+def write_findings(store: Store, findings: Findings) -> Path | str:
+    """Append the findings to the `findings` table and write reports/check.md; returns its path
+    (its URL for a data root on object storage)."""
     if findings.items:
         store.upsert(tables.FINDINGS, findings.frame())
-    path = store.root / REPORT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(findings.markdown(), encoding="utf-8")
-    return path
+    return store.write_text(REPORT, findings.markdown())
 
 
 @task(name="check-stores", cache_policy=NO_CACHE)

@@ -15,7 +15,7 @@ from data_contracts import tables
 from data_contracts.store import Store, StoreWriteError
 from flows.extract import extract_flow
 from tasks.errors import BadInputError, TransientError
-from tasks.media import retry_if_transient
+from tasks.shard import retry_if_transient
 from tests.tasks import badmedia
 
 pytestmark = pytest.mark.server

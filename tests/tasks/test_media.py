@@ -31,10 +31,9 @@ from tasks.media import (
     extract_audio_task,
     find_ffmpeg,
     probe,
-    retry_if_transient,
     speech_ratio,
 )
-from tasks.shard import shard_cache_key
+from tasks.shard import retry_if_transient, shard_cache_key
 from tests.tasks import badmedia
 
 

@@ -26,10 +26,6 @@ ProfileOpt = Annotated[
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="key=value setting overrides, e.g. faces.fps=5")
 ]
-DataRootOpt = Annotated[
-    Path | None,
-    typer.Option("--data-root", help="where stores, artifacts and caches live"),
-]
 # A string, not a Path: a Path would collapse the '//' of an s3://bucket/prefix data root.
 DataRootUrlOpt = Annotated[
     str | None,
@@ -95,7 +91,7 @@ def demo_corpus_cmd(
 @app.command("scan")
 def scan_cmd(
     video_dirs: Annotated[list[Path], typer.Argument(help="folders of videos")],
-    data_root: DataRootOpt = None,
+    data_root: DataRootUrlOpt = None,
 ) -> None:
     """Build or update the manifest; hashes only new or changed files."""
     from data_contracts.store import Store
@@ -103,14 +99,14 @@ def scan_cmd(
     from tasks.scan import scan_videos
 
     settings = _settings("demo", [])
-    root = data_root or (
-        Path(settings.data_root)
-        if settings.data_root
-        else Path(video_dirs[0]).resolve().parent / "merflow"
-    )
     try:
+        root = (
+            _root(data_root)
+            if data_root
+            else settings.resolved_data_root(Path(video_dirs[0]).resolve().parent)
+        )
         report, _ = scan_videos(video_dirs, Store(root))
-    except BadInputError as e:
+    except (BadInputError, SettingsError, ValueError) as e:
         raise _fail(str(e)) from e
     typer.echo(f"manifest {Store(root).table_dir(_manifest())}: {report.summary()}")
     for name, ids in (("new", report.new), ("changed", report.changed), ("gone", report.gone)):
@@ -119,6 +115,16 @@ def scan_cmd(
             typer.echo(f"  {name}: {shown}")
     for vid in report.unreadable:
         typer.echo(f"  unreadable: {vid} (see the failures table)")
+
+
+def _root(data_root: str | Path) -> Path | str:
+    """A --data-root value as merflow uses it (a local Path or a URL); bad ones exit 2."""
+    from data_contracts.location import normalize_root
+
+    try:
+        return normalize_root(data_root)
+    except ValueError as e:
+        raise _fail(str(e), code=2) from e
 
 
 def _manifest():
@@ -217,7 +223,7 @@ def _run_train(corpus_dir, settings, profile, overrides, data_root) -> dict:
 def train_cmd(
     corpus_dir: Annotated[Path, typer.Argument(help="the extracted corpus folder")],
     profile: ProfileOpt = "demo",
-    data_root: DataRootOpt = None,
+    data_root: DataRootUrlOpt = None,
     overrides: Overrides = None,
 ) -> None:
     """MR-CCL pretraining, two-step self-training and voting on the feature stores; WAF report."""
@@ -229,7 +235,7 @@ def train_cmd(
 def train_join_cmd(
     corpus_dir: Annotated[Path, typer.Argument(help="the extracted corpus folder")],
     profile: ProfileOpt = "demo",
-    data_root: DataRootOpt = None,
+    data_root: DataRootUrlOpt = None,
     overrides: Overrides = None,
 ) -> None:
     """On the other machines of a multi-node run (train.nnodes > 1): take part in every
@@ -275,7 +281,7 @@ def _serve_options(corpus_dir, profile, data_root, interval, cron, overrides):
     return ServeOptions(
         corpus_dir=str(corpus_dir.resolve()),
         profile=profile,
-        data_root=str(data_root.resolve()) if data_root else None,
+        data_root=str(_root(data_root)) if data_root else None,
         interval_seconds=interval,
         cron=cron,
         overrides=tuple(overrides or ()),
@@ -292,7 +298,7 @@ CronOpt = Annotated[str | None, typer.Option(help="cron schedule for reextract-n
 def serve_cmd(
     corpus_dir: Annotated[Path, typer.Argument(help="the corpus the deployments work on")],
     profile: ProfileOpt = "demo",
-    data_root: DataRootOpt = None,
+    data_root: DataRootUrlOpt = None,
     interval: IntervalOpt = 3600.0,
     cron: CronOpt = None,
     allow: Annotated[
@@ -310,8 +316,8 @@ def serve_cmd(
 
     settings = _settings(profile, overrides)
     opts = _serve_options(corpus_dir, profile, data_root, interval or None, cron, overrides)
-    root = Path(opts.data_root) if opts.data_root else settings.resolved_data_root(corpus_dir)
-    env = _connect(settings, root)
+    root = _root(opts.data_root) if opts.data_root else settings.resolved_data_root(corpus_dir)
+    env = _connect(settings, settings.local_root(root))
     roots = allowed_roots_for(opts, [str(root), *map(str, allow or [])])
     # Runs started from the UI may only touch these folders (flows/safety.py); the environment,
     # not a run's overrides, carries the restriction into every flow-run process.
@@ -327,7 +333,7 @@ def deploy_cmd(
     cpu_pool: Annotated[str, typer.Option(help="work pool for extraction")] = "merflow-cpu",
     gpu_pool: Annotated[str, typer.Option(help="work pool for training")] = "merflow-gpu",
     profile: ProfileOpt = "demo",
-    data_root: DataRootOpt = None,
+    data_root: DataRootUrlOpt = None,
     interval: IntervalOpt = 3600.0,
     cron: CronOpt = None,
     overrides: Overrides = None,
@@ -338,8 +344,8 @@ def deploy_cmd(
 
     settings = _settings(profile, overrides)
     opts = _serve_options(corpus_dir, profile, data_root, interval or None, cron, overrides)
-    root = Path(opts.data_root) if opts.data_root else settings.resolved_data_root(corpus_dir)
-    env = _connect(settings, root)
+    root = _root(opts.data_root) if opts.data_root else settings.resolved_data_root(corpus_dir)
+    env = _connect(settings, settings.local_root(root))
     with server.use_server(env):
         ids = deploy_to_pools(opts, cpu_pool, gpu_pool)
     typer.echo(f"registered {len(ids)} deployments; start the workers:")
@@ -349,7 +355,18 @@ def deploy_cmd(
 
 server_app = typer.Typer(help="A local Prefect server under the data root.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
-RootArg = Annotated[Path, typer.Option("--data-root", help="the data root whose server this is")]
+RootArg = Annotated[
+    str,
+    typer.Option(
+        "--data-root",
+        help="the data root whose server this is (for an s3:// root: its local work folder's)",
+    ),
+]
+
+
+def _server_home(data_root: str) -> Path:
+    """Where a data root's Prefect server lives: the root, or a URL root's local work folder."""
+    return _settings("demo", []).local_root(_root(data_root))
 
 
 @server_app.command("start")
@@ -368,7 +385,9 @@ def server_start(
     from flows import server
 
     try:
-        info = server.start(data_root, host=host, port=port, database_url=database_url)
+        info = server.start(
+            _server_home(data_root), host=host, port=port, database_url=database_url
+        )
     except server.ServerError as e:
         raise _fail(str(e)) from e
     typer.echo(f"Prefect server pid {info.pid} at {info.ui_url} (log {info.log})")
@@ -380,7 +399,7 @@ def server_stop(data_root: RootArg) -> None:
     """Stop the data root's Prefect server."""
     from flows import server
 
-    typer.echo("stopped" if server.stop(data_root) else "no server was running")
+    typer.echo("stopped" if server.stop(_server_home(data_root)) else "no server was running")
 
 
 @server_app.command("status")
@@ -388,7 +407,7 @@ def server_status(data_root: RootArg) -> None:
     """Say whether the data root's Prefect server runs, and where."""
     from flows import server
 
-    info = server.status(data_root)
+    info = server.status(_server_home(data_root))
     if info is None:
         typer.echo("not running")
         raise typer.Exit(1)

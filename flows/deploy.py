@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
+from data_contracts.location import normalize_root
 from flows.config import PROJECT_ROOT, load_settings
 from flows.extract import extract_flow
 from flows.runners import with_runner
@@ -180,6 +180,7 @@ def deploy_to_pools(opts: ServeOptions, cpu_pool: str, gpu_pool: str) -> list[st
 
 
 def allowed_roots_for(opts: ServeOptions, extra: list[str]) -> list[str]:
-    """The folders runs from the UI may touch: the corpus, the data root and any extra ones."""
+    """The folders (and object-storage URLs) runs from the UI may touch: the corpus, the data
+    root and any extra ones."""
     roots = [opts.corpus_dir, *([opts.data_root] if opts.data_root else []), *extra]
-    return [str(Path(r).expanduser().resolve()) for r in roots]
+    return list(dict.fromkeys(str(normalize_root(r)) for r in roots))

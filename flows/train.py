@@ -8,6 +8,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
@@ -16,6 +17,7 @@ from prefect.artifacts import (
 )
 from tqdm.auto import tqdm
 
+from data_contracts.location import is_url, normalize_root
 from data_contracts.store import Store
 from flows.config import LAUNCH_SETTINGS, load_settings, save_resolved
 from flows.plan import plan_extraction
@@ -150,8 +152,18 @@ def _context(data_root: str, profile: str, overrides: list[str], corpus_dir: str
     }
 
 
-def _run_dir(root: Path, key: str) -> Path:
-    return root / "runs" / f"train-{key}"
+def _run_dir(settings, root: Path | str, key: str) -> Path:
+    """A run's folder: on a local disk even when the stores are on object storage."""
+    return settings.local_root(root) / "runs" / f"train-{key}"
+
+
+def _save_beside_stores(settings, store: Store) -> None:
+    """The resolved settings where `merflow check` looks for the folds training uses."""
+    if isinstance(store.root, Path):
+        save_resolved(settings, store.root / "runs" / "train-settings.yaml")
+    else:
+        text = yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
+        store.write_text("runs/train-settings.yaml", text)
 
 
 @flow(name="train", flow_run_name="train-{profile}", log_prints=True)
@@ -177,14 +189,22 @@ def train_flow(
         [("corpus_dir", corpus_dir), *([("data_root", data_root)] if data_root else [])], roots
     )
     corpus = Path(corpus_dir).expanduser().resolve()
-    root = Path(data_root).resolve() if data_root else settings.resolved_data_root(corpus)
-    check_all_under_roots([("data_root", root), ("models_dir", settings.models_dir(root))], roots)
+    root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus)
+    check_all_under_roots(
+        [
+            ("data_root", root),
+            *([("work_dir", settings.local_root(root))] if is_url(root) else []),
+            ("models_dir", settings.models_dir(root)),
+        ],
+        roots,
+    )
     # The plan sees the corpus: official transcripts change the text features' id.
     ctx = _context(str(root), profile, overrides, str(corpus))
     data, key = ctx["data"], ctx["key"]
-    run_dir = _run_dir(root, key)
+    run_dir = _run_dir(settings, root, key)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(settings, run_dir / "settings.yaml")
+    _save_beside_stores(settings, ctx["store"])
     if data.stats:  # what a checkpoint's inputs were standardised with, to apply it elsewhere
         save_normalizer(data.stats, run_dir / "normalizer.npz")
     logger.info(
@@ -248,10 +268,10 @@ def join_training(
     if settings.train.nnodes < 2:
         raise ValueError("train-join is for multi-node runs: set train.nnodes and rdzv_endpoint")
     corpus = Path(corpus_dir).expanduser().resolve()
-    root = Path(data_root).resolve() if data_root else settings.resolved_data_root(corpus)
+    root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus)
     ctx = _context(str(root), profile, overrides, str(corpus))
     key = ctx["key"]
-    run_dir = _run_dir(root, key)
+    run_dir = _run_dir(settings, root, key)
     joined = []
     for step in step_names(settings.train.n_splits):
         if (run_dir / step / DONE).is_file():

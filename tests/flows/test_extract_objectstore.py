@@ -104,6 +104,27 @@ def test_extraction_on_s3_equals_a_local_run_row_for_row(
     shown = CliRunner().invoke(app, ["inspect", vid, "--data-root", url])
     assert shown.exit_code == 0 and f"{audio.path[0]} (present)" in shown.output, shown.output
 
+    # Training reads the stores on S3, writes predictions back there and keeps its run folder
+    # (checkpoints, report) in the URL's local work folder.
+    quick = ["train.n_splits=2", "train.max_epochs=3", "train.final_epochs=3"]
+    trained = CliRunner().invoke(
+        app,
+        ["train", str(corpus), "--data-root", url, *overrides, *quick, "train.pretrain_epochs=1"],
+    )
+    assert trained.exit_code == 0, trained.output
+    preds = store.read(tables.PREDICTIONS)
+    assert set(preds.split) == {"cv", "unlabeled"} and len(preds) == 18
+    runs = list((work / "runs").glob("train-*/report/report.json"))
+    assert len(runs) == 1, runs
+    assert "n_splits: 2" in store.read_text("runs/train-settings.yaml")  # what `check` reads
+
+    # The other commands take URL data roots too (a Path option would mangle the '//').
+    pools = [str(corpus / "video-labeled"), str(corpus / "video-unlabeled")]
+    scanned = CliRunner().invoke(app, ["scan", *pools, "--data-root", url])
+    assert scanned.exit_code == 0 and "0 new" in scanned.output, scanned.output
+    status = CliRunner().invoke(app, ["server", "status", "--data-root", url])
+    assert status.exit_code in (0, 1) and not Path("s3:").exists(), status.output
+
 
 # -- settings and allowed roots (no server) -------------------------------------------------------
 def test_local_root_keeps_local_things_local_for_url_roots(tmp_path, monkeypatch):

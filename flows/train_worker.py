@@ -23,11 +23,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from flows.config import TrainSettings, load_settings
 from models.distributed import init_from_env, local_device, shutdown
 from tasks.errors import MerflowError
 
 log = logging.getLogger(__name__)
+
+
+# A rank prints its user-facing error after this mark; launch() puts it first in its own.
+ERROR_MARK = "merflow-error:"
 
 
 class DistributedStepError(MerflowError):
@@ -70,6 +76,19 @@ def torchrun_command(ts: TrainSettings, rdzv_id: str, args: Sequence[str]) -> li
     return [*cmd, "-m", "flows.train_worker", *args]
 
 
+def check_devices(ts: TrainSettings, gpus: int | None = None) -> None:
+    """Refuse, before starting anything, more GPU processes than this machine has GPUs."""
+    import torch
+
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    wants_gpu = ts.device == "cuda" or (ts.device == "auto" and gpus > 0)
+    if wants_gpu and ts.nproc_per_node > gpus:
+        raise MerflowError(
+            f"train.nproc_per_node={ts.nproc_per_node} but this machine has {gpus} GPU(s); set "
+            f"train.nproc_per_node={max(gpus, 1)} (one process per GPU), or train.device=cpu"
+        )
+
+
 def launch(
     ts: TrainSettings,
     step: str,
@@ -79,9 +98,11 @@ def launch(
 ) -> None:
     """Run one step under torchrun, streaming its output through `emit`; raise
     DistributedStepError (with the last lines) when any rank fails."""
+    check_devices(ts)
     cmd = torchrun_command(ts, f"merflow-{key}-{step}", args)
     emit(f"{step}: {ts.world_size} processes: {' '.join(cmd)}")
     tail: collections.deque[str] = collections.deque(maxlen=40)
+    reasons: list[str] = []  # what the ranks said was wrong (ERROR_MARK lines)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # torchrun sets one thread per process only when it starts several; share the cores out
     # always, or CPU ranks (and a CPU-bound flow beside them) oversubscribe the machine.
@@ -93,13 +114,16 @@ def launch(
         for line in proc.stdout:
             line = line.rstrip()
             tail.append(line)
+            if ERROR_MARK in line and len(reasons) < 8:
+                reasons.append(line.split(ERROR_MARK, 1)[1].strip())
             emit(line)
         code = proc.wait()
     if code != 0:
+        why = "; ".join(dict.fromkeys(reasons)) or "see the last lines below"
         last = "\n".join(tail)
         raise DistributedStepError(
-            f"training step {step} failed under torchrun (exit {code}); it wrote no done.json, "
-            f"so rerunning the flow starts it again. Last lines:\n{last}"
+            f"training step {step} failed under torchrun (exit {code}): {why}. It wrote no "
+            f"done.json, so rerunning the flow starts it again. Last lines:\n{last}"
         )
 
 
@@ -115,8 +139,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@record  # torchrun's failure summary then shows the first failing rank's traceback
 def main(argv: Sequence[str] | None = None) -> None:
     """One rank of one training step."""
+    try:
+        _main(argv)
+    except MerflowError as e:
+        print(f"rank {os.environ.get('RANK', '0')} {ERROR_MARK} {e}", flush=True)
+        raise
+
+
+def _main(argv: Sequence[str] | None) -> None:
     from flows.train import _context  # the flow imports this module: import it late
     from tasks.train import fold_step, pretrain_step
 

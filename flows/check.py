@@ -17,7 +17,7 @@ from tasks.quality import REPORT, check_task
 
 ARTIFACT_KEY = "merflow-check"
 # The train flow's settings, else the extraction's (both save their resolved settings here).
-_SAVED_SETTINGS = ("train-settings.yaml", "extract-settings.yaml")
+_SAVED_SETTINGS = ("latest-train-settings.yaml", "extract-settings.yaml")
 
 
 class CheckFailedError(MerflowError):

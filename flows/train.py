@@ -160,10 +160,10 @@ def _run_dir(settings, root: Path | str, key: str) -> Path:
 def _save_beside_stores(settings, store: Store) -> None:
     """The resolved settings where `merflow check` looks for the folds training uses."""
     if isinstance(store.root, Path):
-        save_resolved(settings, store.root / "runs" / "train-settings.yaml")
+        save_resolved(settings, store.root / "runs" / "latest-train-settings.yaml")
     else:
         text = yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
-        store.write_text("runs/train-settings.yaml", text)
+        store.write_text("runs/latest-train-settings.yaml", text)
 
 
 @flow(name="train", flow_run_name="train-{profile}", log_prints=True)

@@ -116,7 +116,7 @@ def test_extraction_on_s3_equals_a_local_run_row_for_row(
     assert set(preds.split) == {"cv", "unlabeled"} and len(preds) == 18
     runs = list((work / "runs").glob("train-*/report/report.json"))
     assert len(runs) == 1, runs
-    assert "n_splits: 2" in store.read_text("runs/train-settings.yaml")  # what `check` reads
+    assert "n_splits: 2" in store.read_text("runs/latest-train-settings.yaml")  # what `check` reads
 
     # The other commands take URL data roots too (a Path option would mangle the '//').
     pools = [str(corpus / "video-labeled"), str(corpus / "video-unlabeled")]

@@ -275,6 +275,13 @@ def demo_cmd(
     typer.echo(f"data root: {settings.resolved_data_root(corpus_dir)}")
 
 
+def _serve_setup(settings, corpus_dir, profile, data_root, interval, cron, overrides):
+    """What serve and deploy share: the deployments' options, the data root, the server."""
+    opts = _serve_options(corpus_dir, profile, data_root, interval or None, cron, overrides)
+    root = _root(opts.data_root) if opts.data_root else settings.resolved_data_root(corpus_dir)
+    return opts, root, _connect(settings, settings.local_root(root))
+
+
 def _serve_options(corpus_dir, profile, data_root, interval, cron, overrides):
     from flows.deploy import ServeOptions
 
@@ -315,9 +322,9 @@ def serve_cmd(
     from flows.deploy import allowed_roots_for, build_deployments
 
     settings = _settings(profile, overrides)
-    opts = _serve_options(corpus_dir, profile, data_root, interval or None, cron, overrides)
-    root = _root(opts.data_root) if opts.data_root else settings.resolved_data_root(corpus_dir)
-    env = _connect(settings, settings.local_root(root))
+    opts, root, env = _serve_setup(
+        settings, corpus_dir, profile, data_root, interval, cron, overrides
+    )
     roots = allowed_roots_for(opts, [str(root), *map(str, allow or [])])
     # Runs started from the UI may only touch these folders (flows/safety.py); the environment,
     # not a run's overrides, carries the restriction into every flow-run process.
@@ -343,9 +350,7 @@ def deploy_cmd(
     from flows.deploy import deploy_to_pools
 
     settings = _settings(profile, overrides)
-    opts = _serve_options(corpus_dir, profile, data_root, interval or None, cron, overrides)
-    root = _root(opts.data_root) if opts.data_root else settings.resolved_data_root(corpus_dir)
-    env = _connect(settings, settings.local_root(root))
+    opts, _, env = _serve_setup(settings, corpus_dir, profile, data_root, interval, cron, overrides)
     with server.use_server(env):
         ids = deploy_to_pools(opts, cpu_pool, gpu_pool)
     typer.echo(f"registered {len(ids)} deployments; start the workers:")

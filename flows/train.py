@@ -27,10 +27,9 @@ from tasks.quality import quality_mask, quality_signals
 from tasks.train import (
     DONE,
     data_fingerprint,
-    fold_step,
-    pretrain_step,
     recipe_from_settings,
     run_key,
+    run_step,
     save_normalizer,
     training_data,
 )
@@ -55,10 +54,7 @@ def pretrain_task(
     corpus_dir: str,
 ) -> str:
     """Prefect task: MR-CCL contrastive pretraining (skipped when its checkpoint exists)."""
-    if _distributed(step, key, run_dir, data_root, profile, overrides, corpus_dir):
-        return str(Path(run_dir) / "pretrain")
-    ctx = _context(data_root, profile, overrides, corpus_dir)
-    return str(pretrain_step(Path(run_dir), ctx["data"], ctx["recipe"]))
+    return _run_step(step, key, run_dir, data_root, profile, overrides, corpus_dir)
 
 
 @task(name="train-fold", cache_key_fn=_step_key, retries=1, retry_delay_seconds=[10], tags=["gpu"])
@@ -70,16 +66,12 @@ def fold_task(
     profile: str,
     overrides: list[str],
     corpus_dir: str,
-    k: int,
 ) -> str:
-    """Prefect task: one cross-validation fold of the self-training recipe."""
-    if _distributed(step, key, run_dir, data_root, profile, overrides, corpus_dir):
-        return str(Path(run_dir) / f"fold-{k}")
-    ctx = _context(data_root, profile, overrides, corpus_dir)
-    return str(fold_step(k, Path(run_dir), ctx["data"], ctx["recipe"]))
+    """Prefect task: one cross-validation fold (`step` is fold-k) of the self-training recipe."""
+    return _run_step(step, key, run_dir, data_root, profile, overrides, corpus_dir)
 
 
-def _distributed(
+def _run_step(
     step: str,
     key: str,
     run_dir: str,
@@ -87,17 +79,17 @@ def _distributed(
     profile: str,
     overrides: list[str],
     corpus_dir: str,
-) -> bool:
-    """Run the step under torchrun when more than one process is configured (True), or leave
-    it to the caller's process (False). A step already done is not launched again."""
+) -> str:
+    """One training step in this process, or under torchrun when more than one process is
+    configured; a step already done is skipped either way. Returns the step's folder."""
     ts = load_settings(profile, overrides).train
     if ts.world_size == 1:
-        return False
+        ctx = _context(data_root, profile, overrides, corpus_dir)
+        return str(run_step(step, Path(run_dir), ctx["data"], ctx["recipe"]))
     if not (Path(run_dir) / step / DONE).is_file():
-        logger = get_run_logger()
         args = worker_args(step, key, run_dir, data_root, profile, overrides, corpus_dir)
-        launch(ts, step, key, args, emit=logger.info)
-    return True
+        launch(ts, step, key, args, emit=get_run_logger().info)
+    return str(Path(run_dir) / step)
 
 
 def _fresh(t, folder: Path):
@@ -227,7 +219,7 @@ def train_flow(
     _fresh(pretrain_task, run_dir / "pretrain")(step="pretrain", **common)
     steps.update(1)
     for k in range(settings.train.n_splits):
-        _fresh(fold_task, run_dir / f"fold-{k}")(step=f"fold-{k}", k=k, **common)
+        _fresh(fold_task, run_dir / f"fold-{k}")(step=f"fold-{k}", **common)
         steps.update(1)
     steps.close()
     report = build_report(

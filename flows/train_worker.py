@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _main(argv: Sequence[str] | None) -> None:
     from flows.train import _context  # the flow imports this module: import it late
-    from tasks.train import fold_step, pretrain_step
+    from tasks.train import run_step
 
     a = _parse(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -174,12 +174,7 @@ def _main(argv: Sequence[str] | None) -> None:
     recipe = dataclasses.replace(recipe, train=train)
     log.info("%s: rank %d of %d on %s (%s)", a.step, w.rank, w.size, train.device, w.backend)
     try:
-        if a.step == "pretrain":
-            pretrain_step(Path(a.run_dir), ctx["data"], recipe)
-        elif a.step.startswith("fold-") and a.step[5:].isdigit():
-            fold_step(int(a.step[5:]), Path(a.run_dir), ctx["data"], recipe)
-        else:
-            raise MerflowError(f"unknown training step {a.step!r}; valid: pretrain, fold-K")
+        run_step(a.step, Path(a.run_dir), ctx["data"], recipe)
     finally:
         shutdown()
 

@@ -132,17 +132,18 @@ class RowGather:
     """Concatenate every rank's per-row tensor back into the global batch order, keeping the
     autograd graph (the backward sums each row's gradient from every rank's loss)."""
 
-    def __init__(self, sizes: list[int]) -> None:
+    def __init__(self, sizes: list[int], device: str | torch.device = "cpu") -> None:
         width = max(sizes)
         self.keep = torch.as_tensor(
             np.concatenate([np.arange(s) + r * width for r, s in enumerate(sizes)]),
             dtype=torch.long,
+            device=device,  # where the outputs are: no copy per gathered tensor
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # Functional collective: differentiable, its backward sums each row's gradient over ranks.
         everything = funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD)
-        return everything.index_select(0, self.keep.to(x.device))
+        return everything.index_select(0, self.keep)
 
 
 def no_gather(x: torch.Tensor) -> torch.Tensor:

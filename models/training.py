@@ -272,7 +272,7 @@ def _train_epoch(
         if w.distributed:
             mine, sizes = shard_batch(idx, w)
             local = take(data, as_index_tensor(mine, device))
-            whole, gather = _labels_and_presence(data, whole_index), RowGather(sizes)
+            whole, gather = _labels_and_presence(data, whole_index), RowGather(sizes, device)
         else:
             local = whole = take(data, whole_index)
             gather = no_gather
@@ -289,20 +289,34 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class _Loop:
+    """What every training stage sets up: this rank's seed, the batch order shared by all ranks,
+    the data on the device, the (DDP-wrapped) step and the optimiser."""
+
+    def __init__(self, model: nn.Module, data: FeatureSet, cfg: TrainConfig, loss_fn: LossFn):
+        self.world = world()
+        _seed_rank(cfg.seed, self.world)
+        self.rng = np.random.default_rng(cfg.seed)  # the same on every rank: one batch order
+        self.batch_size = cfg.batch_size
+        model.to(cfg.device)
+        self.tensors = to_tensors(data, cfg.device)
+        self.step = _stepper(model, loss_fn, self.world)
+        self.optimizer = _optimizer(model, cfg)
+
+    def epoch(self) -> dict[str, float]:
+        return _train_epoch(
+            self.step, self.tensors, self.optimizer, self.batch_size, self.rng, self.world
+        )
+
+
 def pretrain(
     model: MRCCL, data: FeatureSet, cfg: TrainConfig, epochs: int
 ) -> list[dict[str, float]]:
     """Contrastive pretraining (L_intra + L_imc) on every row, labels unused; per-epoch stats."""
-    w = world()
-    _seed_rank(cfg.seed, w)
-    rng = np.random.default_rng(cfg.seed)  # the same on every rank: one global batch order
-    model.to(cfg.device)
-    tensors = to_tensors(data, cfg.device)
-    step = _stepper(model, pretrain_loss, w)
-    optimizer = _optimizer(model, cfg)
+    loop = _Loop(model, data, cfg, pretrain_loss)
     history = []
     for epoch in range(1, epochs + 1):
-        stats = _train_epoch(step, tensors, optimizer, cfg.batch_size, rng, w)
+        stats = loop.epoch()
         history.append({"epoch": epoch, **stats})
         log.info("pretrain epoch %d: %s", epoch, stats)
     return history
@@ -324,19 +338,13 @@ def _fit(
     for name, part in (("training", train), ("validation", val)):
         if (part.labels == UNLABELLED).any() or len(part) == 0:
             raise ValueError(f"the {name} set must be non-empty and fully labelled")
-    w = world()
-    _seed_rank(cfg.seed, w)
-    rng = np.random.default_rng(cfg.seed)  # the same on every rank: one global batch order
-    model.to(cfg.device)
-    tensors = to_tensors(train, cfg.device)
-    step = _stepper(model, loss_fn, w)
-    optimizer = _optimizer(model, cfg)
+    loop = _Loop(model, train, cfg, loss_fn)
     history: list[dict[str, float]] = []
     best_waf, best_epoch, best_state, stale = -1.0, 0, _state_copy(model), 0
     for epoch in range(1, cfg.max_epochs + 1):
         # Every rank sees the same validation probabilities (gathered), so they all stop at
         # the same epoch and keep the same best state.
-        stats = _train_epoch(step, tensors, optimizer, cfg.batch_size, rng, w)
+        stats = loop.epoch()
         voted = predict(model, val, cfg.eval_batch_size)["voted"]
         val_ce = float(-np.log(np.clip(voted[np.arange(len(val)), val.labels], 1e-12, None)).mean())
         val_waf = waf(val.labels, voted.argmax(1))

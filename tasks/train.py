@@ -168,6 +168,15 @@ def _save_fold(folder: Path, outcome: FoldOutcome, data: TrainingData) -> None:
     _mark_done(folder, {**outcome.summary(), "world_size": world().size})
 
 
+def run_step(step: str, run_dir: Path, data: TrainingData, recipe: RecipeConfig) -> Path:
+    """A training step by name: 'pretrain' or 'fold-K' (the names of the run's folders)."""
+    if step == "pretrain":
+        return pretrain_step(run_dir, data, recipe)
+    if step.startswith("fold-") and step[5:].isdigit():
+        return fold_step(int(step[5:]), run_dir, data, recipe)
+    raise ValueError(f"unknown training step {step!r}; valid: pretrain, fold-K")
+
+
 def load_fold(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A finished fold's summary and arrays."""
     with np.load(folder / "outputs.npz", allow_pickle=False) as z:

@@ -4,14 +4,21 @@ Writes N synthetic videos of the real dimensions (visual 768, acoustic 1024, tex
 fresh data root through the Store (in shards, as extraction does), then times
 `tasks.train_data.load_training_data` (join on video id, masks, standardisation).
 
+Then compares what one torchrun rank pays to get its inputs, each in a fresh process: reading
+the stores itself, or mapping the inputs the train flow froze in the run folder
+(tasks/train_inputs.py). "private" is memory no other rank could share (USS).
+
     python benchmarks/store_load.py --rows 20000 [--out /tmp/merflow-store-load]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,13 +38,51 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rank(out: Path, how: str) -> None:
+    """One rank's inputs (`how`: stores or inputs), touched once as training does; prints JSON."""
+    import psutil
+
+    from tasks.train_inputs import load_inputs
+
+    started = time.perf_counter()
+    if how == "nothing":  # the imports alone: what every rank pays before any data
+        mem = psutil.Process().memory_full_info()
+        print(json.dumps({"seconds": 0.0, "rss": mem.rss / 2**20, "uss": mem.uss / 2**20}))
+        return
+    if how == "stores":
+        refs = {m: tables.features(m, f"synthetic-{m}", d) for m, d in DIMS.items()}
+        data = load_training_data(Store(out), refs)
+    else:
+        data, _ = load_inputs(out / "run" / "inputs", "bench")
+    ready = time.perf_counter() - started
+    total = sum(float(getattr(data, p).features[m].sum()) for p in ("labelled", "unlabelled")
+                for m in DIMS)  # fmt: skip
+    mem = psutil.Process().memory_full_info()
+    # (No peak here: a child's ru_maxrss starts from its parent's at fork.)
+    print(json.dumps({"seconds": ready, "rss": mem.rss / 2**20, "uss": mem.uss / 2**20,
+                      "checksum": total}))  # fmt: skip
+
+
+def _ranks(out: Path) -> None:
+    for how in ("nothing", "stores", "inputs"):
+        cmd = [sys.executable, __file__, "--rank", how, "--out", str(out)]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        print(
+            f"one rank, data from {how}: ready in {r['seconds']:.2f} s, RSS {r['rss']:.0f} MiB, "
+            f"private {r['uss']:.0f} MiB"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", choices=["nothing", "stores", "inputs"], help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--shard", type=int, default=2000, help="rows per write, like a shard")
     ap.add_argument("--labelled", type=float, default=0.05, help="fraction with a label")
     ap.add_argument("--out", type=Path, default=Path("/tmp/merflow-store-load"))
     args = ap.parse_args()
+    if args.rank:
+        return _rank(args.out, args.rank)
     shutil.rmtree(args.out, ignore_errors=True)
     store = Store(args.out)
     rng = np.random.default_rng(0)
@@ -102,6 +147,13 @@ def main() -> None:
     print(f"write through the Store in shards of {args.shard}: {write_s:.1f} s")
     print(f"load into tensors (join, masks, standardise): {load_s:.2f} s")
     print(f"peak RSS: {_peak_mib():.0f} MiB (before load {before:.0f} MiB)")
+    from tasks.train_inputs import save_inputs
+
+    started = time.perf_counter()
+    save_inputs(args.out / "run" / "inputs", data, key="bench", fingerprint="bench")
+    print(f"freeze the inputs for torchrun ranks: {time.perf_counter() - started:.2f} s")
+    del data
+    _ranks(args.out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from tasks.train import (
     training_data,
 )
 from tasks.train_data import mask_modalities
+from tasks.train_inputs import INPUTS, remove_inputs, save_inputs
 from tasks.train_report import build_report, report_markdown
 
 log = logging.getLogger(__name__)
@@ -135,13 +136,17 @@ def _context(data_root: str, profile: str, overrides: list[str], corpus_dir: str
         "store": store,
         "data": data,
         "recipe": recipe,
-        # Standardisation and quality filters change the inputs: part of the run's identity;
-        # how many processes train does not.
-        "key": run_key(
-            f"{fingerprint}+{settings.train.model_dump_json(exclude=set(LAUNCH_SETTINGS))}",
-            recipe,
-        ),
+        "fingerprint": fingerprint,
+        "key": train_run_key(fingerprint, settings, recipe),
     }
+
+
+def train_run_key(fingerprint: str, settings, recipe) -> str:
+    """A training run's identity. Standardisation and quality filters change the inputs, so
+    every train setting is part of it; how many processes train is not."""
+    return run_key(
+        f"{fingerprint}+{settings.train.model_dump_json(exclude=set(LAUNCH_SETTINGS))}", recipe
+    )
 
 
 def _run_dir(settings, root: Path | str, key: str) -> Path:
@@ -199,6 +204,8 @@ def train_flow(
     _save_beside_stores(settings, ctx["store"])
     if data.stats:  # what a checkpoint's inputs were standardised with, to apply it elsewhere
         save_normalizer(data.stats, run_dir / "normalizer.npz")
+    if settings.train.world_size > 1:  # ranks map these instead of each reading the stores
+        save_inputs(run_dir / INPUTS, data, key, ctx["fingerprint"])
     logger.info(
         "run %s: %d labelled, %d unlabelled videos, features %s",
         key,
@@ -222,6 +229,7 @@ def train_flow(
         _fresh(fold_task, run_dir / f"fold-{k}")(step=f"fold-{k}", **common)
         steps.update(1)
     steps.close()
+    remove_inputs(run_dir / INPUTS)
     report = build_report(
         run_dir, key, data, settings.train.n_splits, ctx["store"], settings.train.model_dump()
     )

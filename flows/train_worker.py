@@ -2,7 +2,8 @@
 under `torchrun` when train.nproc_per_node x train.nnodes > 1, and `merflow train-join` starts
 the same steps on the other machines of a multi-node run.
 
-Each rank runs this module's `main`: it loads the same feature stores, joins the process group
+Each rank runs this module's `main`: it maps the inputs the flow froze in the run folder
+(tasks/train_inputs.py), checks the run key against its own settings, joins the process group
 torchrun set up, trains its share of every batch (models/distributed.py) and rank 0 writes the
 step's folder (checkpoint, outputs, done.json), exactly what the single-process step writes.
 A step that fails leaves no done.json, so a rerun (or Prefect's retry) starts it again.
@@ -20,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -150,8 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    from flows.train import _context  # the flow imports this module: import it late
-    from tasks.train import run_step
+    from tasks.train import run_step  # the flow imports this module: import the rest late
 
     a = _parse(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -161,22 +162,41 @@ def _main(argv: Sequence[str] | None) -> None:
         datefmt="%H:%M:%S",
     )
     settings = load_settings(a.profile, a.override)
-    ctx = _context(a.data_root, a.profile, a.override, a.corpus_dir)
-    if ctx["key"] != a.key:
+    data, recipe, key = _inputs(a, settings)
+    if key != a.key:
         raise MerflowError(
-            f"run key {ctx['key']} differs from the flow's {a.key}: the stores or settings "
+            f"run key {key} differs from the flow's {a.key}: the stores or settings "
             "changed since the run started (or this machine was given other settings); start "
             "the train flow again"
         )
-    recipe = ctx["recipe"]
     w = init_from_env(settings.train.dist_backend, recipe.train.device)
     train = dataclasses.replace(recipe.train, device=local_device(recipe.train.device, w))
     recipe = dataclasses.replace(recipe, train=train)
     log.info("%s: rank %d of %d on %s (%s)", a.step, w.rank, w.size, train.device, w.backend)
     try:
-        run_step(a.step, Path(a.run_dir), ctx["data"], recipe)
+        run_step(a.step, Path(a.run_dir), data, recipe)
     finally:
         shutdown()
+
+
+def _inputs(a: argparse.Namespace, settings):
+    """This rank's training data, recipe and run key: mapped from the inputs the flow froze in
+    the run folder; read from the stores only on one machine when those are missing (a worker
+    started by hand after the run finished)."""
+    from flows.train import _context, train_run_key
+    from tasks.train import recipe_from_settings
+    from tasks.train_inputs import INPUTS, inputs_key, load_inputs
+
+    folder = Path(a.run_dir) / INPUTS
+    if inputs_key(folder) is None and settings.train.nnodes == 1:
+        log.warning("no training inputs under %s: every rank reads the stores itself", folder)
+        ctx = _context(a.data_root, a.profile, a.override, a.corpus_dir)
+        return ctx["data"], ctx["recipe"], ctx["key"]
+    started = time.perf_counter()
+    data, fingerprint = load_inputs(folder, a.key)
+    recipe = recipe_from_settings(settings.train, data.labelled.dims)
+    log.info("inputs mapped from %s in %.2f s", folder, time.perf_counter() - started)
+    return data, recipe, train_run_key(fingerprint, settings, recipe)
 
 
 if __name__ == "__main__":

@@ -87,14 +87,28 @@ def test_shuffled_labels_fall_to_chance(extracted):
     assert report["mean_waf"] < 0.45, report["fold_waf"]
 
 
-def test_two_processes_under_torchrun_train_what_one_does(extracted, tmp_path):
+def test_two_processes_under_torchrun_train_what_one_does(extracted, tmp_path, monkeypatch):
     """train.nproc_per_node=2 runs every step under torchrun (2 gloo ranks on the CPU). The
-    number of processes is not part of the run's identity, and without dropout and NEE noise
-    (each rank draws its own) the result is the one-process result."""
+    ranks map the inputs the flow froze instead of reading the stores. The number of processes
+    is not part of the run's identity, and without dropout and NEE noise (each rank draws its
+    own) the result is the one-process result."""
+    import flows.train
+
+    lines: list[str] = []
+    real_launch = flows.train.launch
+
+    def launch(ts, step, key, args, emit):
+        real_launch(ts, step, key, args, emit=lambda line: (lines.append(line), emit(line)))
+
+    monkeypatch.setattr(flows.train, "launch", launch)
     corpus, root, overrides = extracted
     exact = ["train.dropout=0", "train.use_nee=false", "train.seed=5"]
     two = _train(corpus, root, overrides, *exact, "train.nproc_per_node=2")
     run_dir = root / "runs" / f"train-{two['run_id']}"
+    mapped = [line for line in lines if "inputs mapped from" in line]
+    assert len(mapped) == 3 and all(str(run_dir / "inputs") in line for line in mapped), lines
+    assert not any("reads the stores itself" in line for line in lines)
+    assert not (run_dir / "inputs").exists()  # removed once the last step is done
     steps = ("pretrain", "fold-0", "fold-1")
     for step in steps:
         assert json.loads((run_dir / step / "done.json").read_text())["world_size"] == 2

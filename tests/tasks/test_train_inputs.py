@@ -1,0 +1,137 @@
+"""A run's inputs frozen for torchrun ranks: written once, mapped back equal, tied to its key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from data_contracts.labels import MODALITIES
+from flows.config import load_settings
+from tasks.train_data import TrainingData
+from tasks.train_inputs import (
+    INPUTS,
+    META,
+    TrainingInputsError,
+    inputs_key,
+    load_inputs,
+    save_inputs,
+)
+from tests.models.synthetic import make_featureset
+
+
+def _data() -> TrainingData:
+    labelled = make_featureset(30, seed=1, missing=0.2)
+    unlabelled = make_featureset(17, seed=2, labelled=False, missing=0.3)
+    stats = {
+        m: (np.full(d, 0.5, np.float32), np.full(d, 2.0, np.float32))
+        for m, d in labelled.dims.items()
+    }
+    return TrainingData(
+        labelled=labelled,
+        unlabelled=unlabelled,
+        dropped=["gone_1"],
+        missing={"visual": 3, "acoustic": 1, "text": 7},
+        extractor_ids={m: f"{m}-ext" for m in MODALITIES},
+        stats=stats,
+    )
+
+
+def _assert_same(a: TrainingData, b: TrainingData) -> None:
+    for part in ("labelled", "unlabelled"):
+        x, y = getattr(a, part), getattr(b, part)
+        np.testing.assert_array_equal(x.video_ids, y.video_ids)
+        np.testing.assert_array_equal(x.labels, y.labels)
+        for m in MODALITIES:
+            np.testing.assert_array_equal(x.features[m], y.features[m])
+            np.testing.assert_array_equal(x.present[m], y.present[m])
+    assert (a.dropped, a.missing, a.extractor_ids) == (b.dropped, b.missing, b.extractor_ids)
+    for m in MODALITIES:
+        np.testing.assert_array_equal(a.stats[m][0], b.stats[m][0])
+        np.testing.assert_array_equal(a.stats[m][1], b.stats[m][1])
+
+
+def test_round_trip_is_exact_and_mapped_copy_on_write(tmp_path):
+    data = _data()
+    folder = save_inputs(tmp_path / INPUTS, data, key="k1", fingerprint="fp1")
+    loaded, fingerprint = load_inputs(folder, "k1")
+    assert fingerprint == "fp1"
+    _assert_same(data, loaded)
+    x = loaded.labelled.features["text"]
+    assert isinstance(x, np.memmap) or isinstance(x.base, np.memmap)  # mapped, not read
+    x[0] = 99.0  # copy on write: this process's pages change, the file does not
+    again, _ = load_inputs(folder, "k1")
+    np.testing.assert_array_equal(
+        again.labelled.features["text"][0], data.labelled.features["text"][0]
+    )
+
+
+def test_written_once_per_key_and_replaced_for_another(tmp_path):
+    folder = save_inputs(tmp_path / INPUTS, _data(), key="k1", fingerprint="fp1")
+    stamp = (folder / "labelled" / "text.npy").stat().st_mtime_ns
+    save_inputs(folder, _data(), key="k1", fingerprint="fp1")
+    assert (folder / "labelled" / "text.npy").stat().st_mtime_ns == stamp  # skipped
+    other = _data()
+    other.labelled.labels[:] = 0
+    save_inputs(folder, other, key="k2", fingerprint="fp2")
+    assert inputs_key(folder) == "k2"
+    assert (load_inputs(folder, "k2")[0].labelled.labels == 0).all()
+    assert [p.name for p in tmp_path.iterdir()] == [INPUTS]  # no temporary folder left
+
+
+def test_missing_half_written_or_foreign_inputs_are_refused(tmp_path):
+    folder = tmp_path / INPUTS
+    with pytest.raises(TrainingInputsError, match="shared volume"):
+        load_inputs(folder, "k1")
+    save_inputs(folder, _data(), key="k1", fingerprint="fp1")
+    with pytest.raises(TrainingInputsError, match="belong to run k1, not k2"):
+        load_inputs(folder, "k2")
+    (folder / META).write_text(json.dumps({"format": 1, "key": "k1"})[:-5])  # killed mid-write
+    assert inputs_key(folder) is None
+    with pytest.raises(TrainingInputsError, match=str(folder)):
+        load_inputs(folder, "k1")
+
+
+def _worker_args(run_dir, key, data_root):
+    return argparse.Namespace(
+        step="fold-0",
+        key=key,
+        run_dir=str(run_dir),
+        data_root=str(data_root),
+        profile="demo",
+        corpus_dir=str(data_root),
+        override=[],
+    )
+
+
+def test_a_rank_maps_the_inputs_and_never_reads_the_stores(tmp_path):
+    """The worker builds its recipe and run key from the frozen inputs alone: the data root it
+    is given does not even exist."""
+    from flows.train import train_run_key
+    from flows.train_worker import _inputs
+    from tasks.train import recipe_from_settings
+
+    settings = load_settings("demo", [])
+    data = _data()
+    key = train_run_key("fp1", settings, recipe_from_settings(settings.train, data.labelled.dims))
+    save_inputs(tmp_path / "run" / INPUTS, data, key=key, fingerprint="fp1")
+    loaded, recipe, worker_key = _inputs(
+        _worker_args(tmp_path / "run", key, tmp_path / "no-such-root"), settings
+    )
+    assert worker_key == key
+    assert recipe == recipe_from_settings(settings.train, data.labelled.dims)
+    _assert_same(data, loaded)
+    # Other settings on this machine give another key: the worker refuses to train.
+    other = load_settings("demo", ["train.seed=123"])
+    _, _, other_key = _inputs(_worker_args(tmp_path / "run", key, tmp_path / "x"), other)
+    assert other_key != key
+
+
+def test_a_node_without_the_run_folder_says_it_must_be_shared(tmp_path):
+    from flows.train_worker import _inputs
+
+    settings = load_settings("demo", ["train.nnodes=2", "train.rdzv_endpoint=127.0.0.1:29400"])
+    with pytest.raises(TrainingInputsError, match="every machine sees"):
+        _inputs(_worker_args(tmp_path / "run", "k1", tmp_path / "root"), settings)

@@ -28,7 +28,7 @@ from torch import nn
 from models.registry import TINY_MARKER, ExtractorSpec, get_spec
 
 # Bump when a builder changes what it writes: old folders are rebuilt and get a new revision.
-TINY_FORMAT = 1
+TINY_FORMAT = 2
 
 # Sentences the tiny tokenizer and the tiny ASR vocabulary are built from.
 CORPUS: tuple[str, ...] = (
@@ -60,9 +60,10 @@ def hubert_config(tiny: bool) -> Any:
     """chinese-hubert-large's HuBERT configuration, or its 2-layer width-32 twin."""
     from transformers import HubertConfig
 
-    # Layout of TencentGameMate/chinese-hubert-large's config.json: layer-norm conv feature
-    # encoder without conv bias, stable (pre-)layer norm; conv kernels/strides are the default.
-    common = {"feat_extract_norm": "layer", "do_stable_layer_norm": True, "conv_bias": False}
+    # Layout of TencentGameMate/chinese-hubert-large's config.json (fairseq's HuBERT-large):
+    # layer-norm conv feature encoder with conv bias, stable (pre-)layer norm; conv
+    # kernels/strides are the default.
+    common = {"feat_extract_norm": "layer", "do_stable_layer_norm": True, "conv_bias": True}
     if tiny:
         return HubertConfig(
             hidden_size=32,

@@ -37,7 +37,7 @@ from models.registry import (
     resolve_model_path,
 )
 from models.text import TextEncoder
-from models.tiny import build_tiny_models, causal_lm_config, random_encoder
+from models.tiny import TINY_FORMAT, build_tiny_models, causal_lm_config, random_encoder
 from models.visual import VisualEncoder
 
 TINY_NAMES = ("tiny-clip-vit", "tiny-hubert", "tiny-wenet-ctc", "tiny-llama")
@@ -102,7 +102,8 @@ def test_tiny_checkpoints_use_the_real_layouts(tiny_dir: Path) -> None:
         for file in files:
             assert (tiny_dir / name / file).is_file(), f"{name}/{file}"
     hubert = json.loads((tiny_dir / "tiny-hubert" / "config.json").read_text())
-    assert (hubert["feat_extract_norm"], hubert["do_stable_layer_norm"]) == ("layer", True)
+    layout = (hubert["feat_extract_norm"], hubert["do_stable_layer_norm"], hubert["conv_bias"])
+    assert layout == ("layer", True, True)  # chinese-hubert-large's feature encoder
     assert (hubert["num_hidden_layers"], hubert["hidden_size"]) == (2, 32)
 
 
@@ -145,7 +146,7 @@ def test_encoder_reports_the_planned_id(tiny_dir: Path, acoustic) -> None:
     assert acoustic.extractor_id() != planned_extractor_id(
         spec, tiny_dir / spec.name, "cpu", "bf16"
     )
-    assert acoustic.dtype_name == "fp32" and acoustic.revision == "tiny-seed0-v1"
+    assert acoustic.dtype_name == "fp32" and acoustic.revision == f"tiny-seed0-v{TINY_FORMAT}"
 
 
 def test_ids_for_gpu_workers_can_be_planned_without_a_gpu(tiny_dir: Path) -> None:

@@ -25,6 +25,7 @@ from flows.safety import UnsafeParameterError
 from models.acoustic import AcousticEncoder
 from models.asr import AsrModel
 from models.text import TextEncoder
+from models.tiny import TINY_FORMAT
 from models.visual import VisualEncoder
 from tasks.quality import check_stores, find_feature_tables
 from tests.quality.synthetic import broken_extractor_write
@@ -92,7 +93,7 @@ def test_every_feature_row_carries_its_provenance(extracted):
         p = prov[0]
         assert p["extractor_id"] == ft.extractor_id
         assert ft.extractor_id.endswith("-" + p["settings_hash"])
-        assert p["checkpoint"] == "tiny-seed0-v1" and p["layers"] >= 1 and p["pooling"]
+        assert p["checkpoint"] == f"tiny-seed0-v{TINY_FORMAT}" and p["layers"] >= 1 and p["pooling"]
         assert p["id_settings"]["settings"]["upstream"] == p["upstream"]
         assert p["merflow_version"] == version
         assert p["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", p["git_commit"])

@@ -6,7 +6,8 @@ fresh data root through the Store (in shards, as extraction does), then times
 
 Then compares what one torchrun rank pays to get its inputs, each in a fresh process: reading
 the stores itself, or mapping the inputs the train flow froze in the run folder
-(tasks/train_inputs.py). "private" is memory no other rank could share (USS).
+(tasks/train_inputs.py). "own" is the rank's anonymous memory (RssAnon), which no other rank
+can share; "mapped" is file pages (RssFile), one copy in the page cache for every rank.
 
     python benchmarks/store_load.py --rows 20000 [--out /tmp/merflow-store-load]
 """
@@ -38,16 +39,19 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _memory() -> dict[str, float]:
+    """This process's resident memory in MiB: anonymous (its own) and file-backed (shareable)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")}
+
+
 def _rank(out: Path, how: str) -> None:
     """One rank's inputs (`how`: stores or inputs), touched once as training does; prints JSON."""
-    import psutil
-
     from tasks.train_inputs import load_inputs
 
     started = time.perf_counter()
     if how == "nothing":  # the imports alone: what every rank pays before any data
-        mem = psutil.Process().memory_full_info()
-        print(json.dumps({"seconds": 0.0, "rss": mem.rss / 2**20, "uss": mem.uss / 2**20}))
+        print(json.dumps({"seconds": 0.0, **_memory()}))
         return
     if how == "stores":
         refs = {m: tables.features(m, f"synthetic-{m}", d) for m, d in DIMS.items()}
@@ -57,10 +61,8 @@ def _rank(out: Path, how: str) -> None:
     ready = time.perf_counter() - started
     total = sum(float(getattr(data, p).features[m].sum()) for p in ("labelled", "unlabelled")
                 for m in DIMS)  # fmt: skip
-    mem = psutil.Process().memory_full_info()
     # (No peak here: a child's ru_maxrss starts from its parent's at fork.)
-    print(json.dumps({"seconds": ready, "rss": mem.rss / 2**20, "uss": mem.uss / 2**20,
-                      "checksum": total}))  # fmt: skip
+    print(json.dumps({"seconds": ready, **_memory(), "checksum": total}))
 
 
 def _ranks(out: Path) -> None:
@@ -68,8 +70,8 @@ def _ranks(out: Path) -> None:
         cmd = [sys.executable, __file__, "--rank", how, "--out", str(out)]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         print(
-            f"one rank, data from {how}: ready in {r['seconds']:.2f} s, RSS {r['rss']:.0f} MiB, "
-            f"private {r['uss']:.0f} MiB"
+            f"one rank, data from {how}: ready in {r['seconds']:.2f} s, "
+            f"own {r['RssAnon']:.0f} MiB, mapped {r['RssFile']:.0f} MiB"
         )
 
 

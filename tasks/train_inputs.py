@@ -56,6 +56,22 @@ def save_inputs(folder: Path, data: TrainingData, key: str, fingerprint: str) ->
     if inputs_key(folder) == key:
         return folder
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    try:
+        _write(tmp, data, key, fingerprint)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        size = sum(getattr(data, p).features[m].nbytes for p in _PARTS for m in MODALITIES) / 2**20
+        raise TrainingInputsError(
+            f"cannot write the training inputs ({size:.0f} MiB) under {folder}: "
+            f"{e.strerror or e}; free space on that disk, then rerun `merflow train`: finished "
+            "steps are kept and skipped"
+        ) from e
+    return folder
+
+
+def _write(tmp: Path, data: TrainingData, key: str, fingerprint: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     rows = {}
     for part in _PARTS:
@@ -82,9 +98,6 @@ def save_inputs(folder: Path, data: TrainingData, key: str, fingerprint: str) ->
         "extractor_ids": dict(data.extractor_ids),
     }
     (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
 
 
 def load_inputs(folder: Path, key: str) -> tuple[TrainingData, str]:

@@ -94,6 +94,29 @@ def test_missing_half_written_or_foreign_inputs_are_refused(tmp_path):
         load_inputs(folder, "k1")
 
 
+def test_a_full_disk_names_the_folder_and_keeps_what_was_there(tmp_path, monkeypatch):
+    import errno
+
+    import tasks.train_inputs
+
+    folder = save_inputs(tmp_path / INPUTS, _data(), key="k1", fingerprint="fp1")
+    calls, real_save = [], np.save
+
+    def full(path, array):  # the disk fills up at the fourth file
+        calls.append(path)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(path, array)
+
+    monkeypatch.setattr(tasks.train_inputs.np, "save", full)
+    with pytest.raises(TrainingInputsError, match=r"MiB\) under .*No space left.*free space"):
+        save_inputs(folder, _data(), key="k2", fingerprint="fp2")
+    monkeypatch.undo()
+    assert len(calls) == 4
+    assert inputs_key(folder) == "k1"  # the previous inputs are untouched
+    assert [p.name for p in tmp_path.iterdir()] == [INPUTS]  # the partial write is gone
+
+
 def _worker_args(run_dir, key, data_root):
     return argparse.Namespace(
         step="fold-0",

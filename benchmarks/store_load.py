@@ -30,6 +30,7 @@ import pandas as pd
 from data_contracts import tables
 from data_contracts.labels import CLASSES
 from data_contracts.store import Store
+from models.featureset import FeatureSet
 from tasks.train_data import load_training_data
 
 DIMS = {"visual": 768, "acoustic": 1024, "text": 5120}
@@ -46,7 +47,8 @@ def _memory() -> dict[str, float]:
 
 
 def _rank(out: Path, how: str) -> None:
-    """One rank's inputs (`how`: stores or inputs), touched once as training does; prints JSON."""
+    """One rank's inputs (`how`: stores or inputs) and pretraining's all-rows set, touched once
+    as training does; prints JSON."""
     from tasks.train_inputs import load_inputs
 
     started = time.perf_counter()
@@ -59,8 +61,9 @@ def _rank(out: Path, how: str) -> None:
     else:
         data, _ = load_inputs(out / "run" / "inputs", "bench")
     ready = time.perf_counter() - started
-    total = sum(float(getattr(data, p).features[m].sum()) for p in ("labelled", "unlabelled")
-                for m in DIMS)  # fmt: skip
+    # What pretraining holds: every row in one set (a concatenated copy unless mapped).
+    everything = data.everything or FeatureSet.concat([data.labelled, data.unlabelled])
+    total = sum(float(everything.features[m].sum()) for m in DIMS)
     # (No peak here: a child's ru_maxrss starts from its parent's at fork.)
     print(json.dumps({"seconds": ready, **_memory(), "checksum": total}))
 

@@ -13,6 +13,19 @@ from data_contracts.labels import MODALITIES, NUM_CLASSES
 UNLABELLED = -1
 
 
+_CHECK_ROWS = 4096  # rows per block of the finiteness check: bounded temporary memory
+
+
+def _nonfinite_rows(x: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Bool mask of present rows of `x` holding NaN or inf, checked block by block so that a
+    memory-mapped matrix is never copied whole."""
+    bad = np.zeros(len(x), dtype=bool)
+    for lo in range(0, len(x), _CHECK_ROWS):
+        block = slice(lo, lo + _CHECK_ROWS)
+        bad[block] = present[block] & ~np.isfinite(x[block]).all(axis=1)
+    return bad
+
+
 @dataclass
 class FeatureSet:
     """Utterance-level features of N videos: one float32 matrix and one presence mask per modality.
@@ -45,9 +58,9 @@ class FeatureSet:
                     f"modality {m!r}: features {x.shape} and mask {p.shape} do not match "
                     f"{n} video ids; expected ({n}, d) and ({n},)"
                 )
-            bad = ~np.isfinite(x[p]).all(axis=1)
+            bad = _nonfinite_rows(x, p)
             if bad.any():
-                ids = self.video_ids[p][bad][:5].tolist()
+                ids = self.video_ids[bad][:5].tolist()
                 raise ValueError(
                     f"modality {m!r} has non-finite values in {int(bad.sum())} present rows "
                     f"(e.g. {ids}); mark those rows missing in `present` or fix the extractor"

@@ -558,18 +558,32 @@ def cross_validate_baseline(
 
 
 def pretrain_start(
-    labelled: FeatureSet, unlabelled: FeatureSet, cfg: RecipeConfig
+    labelled: FeatureSet,
+    unlabelled: FeatureSet,
+    cfg: RecipeConfig,
+    everything: FeatureSet | None = None,
 ) -> tuple[MRCCL, list[dict[str, float]]]:
     """The model every fold starts from: MR-CCL contrastively pretrained on all videos
-    (labelled ones with their labels hidden), or freshly initialised without pretraining."""
+    (labelled ones with their labels hidden), or freshly initialised without pretraining.
+
+    `everything`, when given, must be those rows (labelled first, labels hidden) already in one
+    set, e.g. views of mapped arrays; otherwise the two sets are concatenated (a copy).
+    """
     _check_recipe_inputs(labelled, unlabelled, cfg)
     torch.manual_seed(cfg.train.seed)
     template = MRCCL(cfg.model)
     history: list[dict[str, float]] = []
     if cfg.use_pretraining:
-        everything = FeatureSet.concat(
-            [labelled.with_labels(np.full(len(labelled), UNLABELLED)), unlabelled]
-        )
+        if everything is None:
+            everything = FeatureSet.concat(
+                [labelled.with_labels(np.full(len(labelled), UNLABELLED)), unlabelled]
+            )
+        elif len(everything) != len(labelled) + len(unlabelled) or everything.labelled.any():
+            raise ValueError(
+                f"everything must hold the {len(labelled)} labelled and {len(unlabelled)} "
+                f"unlabelled rows with labels hidden; got {len(everything)} rows, "
+                f"{int(everything.labelled.sum())} labelled"
+            )
         history = pretrain(template, everything, cfg.train, cfg.pretrain_epochs)
     return template.cpu(), history
 

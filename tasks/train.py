@@ -130,7 +130,7 @@ def pretrain_step(run_dir: Path, data: TrainingData, recipe: RecipeConfig) -> Pa
         log.info("pretraining already done in %s", folder)
         return folder
     w = world()  # under torchrun every rank trains; rank 0 alone writes
-    model, history = pretrain_start(data.labelled, data.unlabelled, recipe)
+    model, history = pretrain_start(data.labelled, data.unlabelled, recipe, data.everything)
     if w.main:
         save_checkpoint(model, folder, data.extractor_ids, FEATURES_VERSION, {"history": history})
         _mark_done(folder, {"epochs": len(history), "history": history, "world_size": w.size})

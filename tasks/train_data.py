@@ -31,6 +31,10 @@ class TrainingData:
     load_seconds: float = 0.0
     # Per modality (mean, std) over every present row, labelled or not; None: not standardised.
     stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    # Every row, labelled ones first, labels hidden: views the labelled and unlabelled sets share
+    # (frozen inputs: tasks/train_inputs.py), so pretraining needs no copy of them. None: build
+    # it by concatenating.
+    everything: FeatureSet | None = None
 
 
 def standardize(

@@ -9,9 +9,12 @@ so the ranks on one machine share one copy in the page cache and start in well u
 The inputs are also exactly what the flow computed the run key from: a rank never trains on
 stores that changed after the run started.
 
-    run_dir/inputs/meta.json                      key, data fingerprint, what was left out
-    run_dir/inputs/{labelled,unlabelled}/video_ids.npy, labels.npy,
-                                         <modality>.npy, <modality>.present.npy
+    run_dir/inputs/meta.json      key, data fingerprint, row counts, what was left out
+    run_dir/inputs/video_ids.npy, labels.npy, <modality>.npy, <modality>.present.npy
+                                  every row, the labelled ones first
+
+The labelled and unlabelled sets are views of one mapping, and so is the all-rows set that
+pretraining reads: a rank holds no private copy of the features until it takes a subset.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from data_contracts.labels import MODALITIES
-from models.featureset import FeatureSet
+from models.featureset import UNLABELLED, FeatureSet
 from tasks.errors import MerflowError
 from tasks.train_data import TrainingData
 
@@ -73,17 +76,20 @@ def save_inputs(folder: Path, data: TrainingData, key: str, fingerprint: str) ->
 
 def _write(tmp: Path, data: TrainingData, key: str, fingerprint: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
-    rows = {}
-    for part in _PARTS:
-        fs: FeatureSet = getattr(data, part)
-        d = tmp / part
-        d.mkdir(parents=True)
-        np.save(d / "video_ids.npy", fs.video_ids.astype(str))  # fixed-width unicode, no pickle
-        np.save(d / "labels.npy", fs.labels)
-        for m in MODALITIES:
-            np.save(d / f"{m}.npy", np.ascontiguousarray(fs.features[m]))
-            np.save(d / f"{m}.present.npy", fs.present[m])
-        rows[part] = len(fs)
+    tmp.mkdir(parents=True)
+    parts = [data.labelled, data.unlabelled]
+    ids = np.concatenate([fs.video_ids for fs in parts]).astype(str)  # unicode, no pickle
+    np.save(tmp / "video_ids.npy", ids)
+    np.save(tmp / "labels.npy", np.concatenate([fs.labels for fs in parts]))
+    for m in MODALITIES:
+        np.save(tmp / f"{m}.present.npy", np.concatenate([fs.present[m] for fs in parts]))
+        # Filled part by part: no second in-memory copy of a 2.4 GB matrix.
+        d = parts[0].features[m].shape[1]
+        out = np.lib.format.open_memmap(tmp / f"{m}.npy", "w+", np.float32, (len(ids), d))
+        out[: len(parts[0])] = parts[0].features[m]
+        out[len(parts[0]) :] = parts[1].features[m]
+        out.flush()
+        del out
     if data.stats is not None:
         arrays = {f"{m}.mean": mean for m, (mean, _) in data.stats.items()}
         arrays |= {f"{m}.std": std for m, (_, std) in data.stats.items()}
@@ -92,7 +98,7 @@ def _write(tmp: Path, data: TrainingData, key: str, fingerprint: str) -> None:
         "format": FORMAT,
         "key": key,
         "fingerprint": fingerprint,
-        "rows": rows,
+        "rows": {"labelled": len(data.labelled), "unlabelled": len(data.unlabelled)},
         "dropped": list(data.dropped),
         "missing": dict(data.missing),
         "extractor_ids": dict(data.extractor_ids),
@@ -116,30 +122,36 @@ def load_inputs(folder: Path, key: str) -> tuple[TrainingData, str]:
             "folder and rerun `merflow train`"
         )
     meta = json.loads((folder / META).read_text())
-    parts = {}
-    for part in _PARTS:
-        d = folder / part
 
-        def load(name: str, d: Path = d) -> np.ndarray:
-            return np.load(d / f"{name}.npy", mmap_mode="c", allow_pickle=False)
+    def load(name: str) -> np.ndarray:
+        return np.load(folder / f"{name}.npy", mmap_mode="c", allow_pickle=False)
 
-        parts[part] = FeatureSet(
-            video_ids=np.load(d / "video_ids.npy", allow_pickle=False),
-            features={m: load(m) for m in MODALITIES},
-            present={m: load(f"{m}.present") for m in MODALITIES},
-            labels=load("labels"),
+    ids = np.load(folder / "video_ids.npy", allow_pickle=False)
+    labels = load("labels")
+    features = {m: load(m) for m in MODALITIES}
+    present = {m: load(f"{m}.present") for m in MODALITIES}
+
+    def rows(part: slice, labels: np.ndarray = labels) -> FeatureSet:
+        return FeatureSet(
+            video_ids=ids[part],
+            features={m: x[part] for m, x in features.items()},
+            present={m: p[part] for m, p in present.items()},
+            labels=labels[part],
         )
+
+    n = meta["rows"]["labelled"]
     stats = None
     if (folder / "stats.npz").is_file():
         with np.load(folder / "stats.npz", allow_pickle=False) as z:
             stats = {m: (z[f"{m}.mean"], z[f"{m}.std"]) for m in MODALITIES if f"{m}.mean" in z}
     data = TrainingData(
-        labelled=parts["labelled"],
-        unlabelled=parts["unlabelled"],
+        labelled=rows(slice(0, n)),
+        unlabelled=rows(slice(n, None)),
         dropped=meta["dropped"],
         missing=meta["missing"],
         extractor_ids=meta["extractor_ids"],
         stats=stats,
+        everything=rows(slice(None), np.full(len(ids), UNLABELLED, np.int64)),
     )
     return data, meta["fingerprint"]
 

@@ -61,6 +61,14 @@ def test_round_trip_is_exact_and_mapped_copy_on_write(tmp_path):
     _assert_same(data, loaded)
     x = loaded.labelled.features["text"]
     assert isinstance(x, np.memmap) or isinstance(x.base, np.memmap)  # mapped, not read
+    # Pretraining's all-rows set: labelled first, labels hidden, the same memory (no copy).
+    every = loaded.everything
+    assert (every.labels == -1).all()
+    ids = np.concatenate([data.labelled.video_ids, data.unlabelled.video_ids])
+    np.testing.assert_array_equal(every.video_ids, ids)
+    for m in MODALITIES:
+        assert np.shares_memory(every.features[m], loaded.labelled.features[m])
+        assert np.shares_memory(every.features[m], loaded.unlabelled.features[m])
     x[0] = 99.0  # copy on write: this process's pages change, the file does not
     again, _ = load_inputs(folder, "k1")
     np.testing.assert_array_equal(
@@ -70,9 +78,9 @@ def test_round_trip_is_exact_and_mapped_copy_on_write(tmp_path):
 
 def test_written_once_per_key_and_replaced_for_another(tmp_path):
     folder = save_inputs(tmp_path / INPUTS, _data(), key="k1", fingerprint="fp1")
-    stamp = (folder / "labelled" / "text.npy").stat().st_mtime_ns
+    stamp = (folder / "text.npy").stat().st_mtime_ns
     save_inputs(folder, _data(), key="k1", fingerprint="fp1")
-    assert (folder / "labelled" / "text.npy").stat().st_mtime_ns == stamp  # skipped
+    assert (folder / "text.npy").stat().st_mtime_ns == stamp  # skipped
     other = _data()
     other.labelled.labels[:] = 0
     save_inputs(folder, other, key="k2", fingerprint="fp2")
@@ -115,6 +123,31 @@ def test_a_full_disk_names_the_folder_and_keeps_what_was_there(tmp_path, monkeyp
     assert len(calls) == 4
     assert inputs_key(folder) == "k1"  # the previous inputs are untouched
     assert [p.name for p in tmp_path.iterdir()] == [INPUTS]  # the partial write is gone
+
+
+def test_pretraining_on_mapped_inputs_is_pretraining_on_the_sets(tmp_path):
+    """pretrain_start on the mapping's all-rows view trains exactly what it trains when it
+    concatenates the labelled and unlabelled sets itself."""
+    import torch
+
+    from models.training import pretrain_start
+    from tests.models.test_training import small_recipe
+
+    data = _data()
+    loaded, _ = load_inputs(save_inputs(tmp_path / INPUTS, data, "k", "fp"), "k")
+    recipe = small_recipe(pretrain_epochs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mapped, h1 = pretrain_start(loaded.labelled, loaded.unlabelled, recipe, loaded.everything)
+        copied, h2 = pretrain_start(data.labelled, data.unlabelled, recipe)
+    finally:
+        torch.set_num_threads(threads)
+    assert h1 == h2
+    for (name, a), b in zip(mapped.state_dict().items(), copied.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="labels hidden"):
+        pretrain_start(loaded.labelled, loaded.unlabelled, recipe, loaded.labelled)
 
 
 def _worker_args(run_dir, key, data_root):

@@ -63,15 +63,22 @@ class ExtractionSummary:
             f"**{self.videos} videos in {self.shards} shards** · data root `{self.data_root}`",
             f"scan: {self.scan}",
             "",
-            "| stage | computed | already done | cached shards | failed | reasons |",
-            "|---|---:|---:|---:|---:|---|",
+            "| stage | computed | already done | cached shards | retried shards | failed "
+            "| reasons |",
+            "|---|---:|---:|---:|---:|---:|---|",
         ]
         for stage, s in self.stages.items():
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["reasons"].items())) or "-"
             lines.append(
                 f"| {stage} | {s['processed']} | {s['skipped']} | {s['cached_shards']} "
-                f"| {s['failed']} | {reasons} |"
+                f"| {s['retried_shards']} | {s['failed']} | {reasons} |"
             )
+        if any(s["retried_shards"] for s in self.stages.values()):
+            lines += [
+                "",
+                "A retried shard counts its last attempt: rows an earlier attempt stored are "
+                "under *already done*.",
+            ]
         lines += ["", "| modality | feature table |", "|---|---|"]
         lines += [f"| {m} | `{t}` |" for m, t in self.feature_tables.items()]
         if self.failures:
@@ -298,6 +305,7 @@ def extract_flow(
             "skipped": t.skipped,
             "failed": t.failed,
             "cached_shards": cached[stage],
+            "retried_shards": t.retried,
             "reasons": dict(t.reasons),
         }
     summary.feature_tables = {m: t.name for m, t in plan.feature_tables().items()}

@@ -30,6 +30,7 @@ from tasks.errors import BadInputError
 from tasks.shard import (
     ShardReport,
     commit,
+    current_attempt,
     now_utc,
     retry_if_transient,
     select_pending,
@@ -237,7 +238,7 @@ def _feature_stage(
     retry_failed: bool,
 ) -> tuple[ShardReport, str, tables.TableRef, pd.DataFrame]:
     """The report, extractor id, feature table and still-pending videos of a feature stage."""
-    report = ShardReport(stage)
+    report = ShardReport(stage, retried=int(current_attempt() > 1))
     ext_id = model.extractor_id(upstream)
     table = tables.features(modality, ext_id, model.spec.output_dim)
     todo, report.skipped = select_pending(videos, store, table, stage, ext_id, retry_failed)
@@ -379,7 +380,7 @@ def transcribe_shard(
     retry_failed: bool = False,
 ) -> ShardReport:
     """A transcript per video: the official one where the corpus ships it, else WeNet ASR."""
-    report = ShardReport(TRANSCRIBE_STAGE)
+    report = ShardReport(TRANSCRIBE_STAGE, retried=int(current_attempt() > 1))
     prefer = official is not None
     official = official or {}
     asr_id = model.extractor_id(audio_extractor_id)

@@ -32,6 +32,9 @@ class ShardReport:
     failed: int = 0
     reasons: Counter = field(default_factory=Counter)  # error type -> count
     failed_videos: list[str] = field(default_factory=list)
+    # Shards that took Prefect more than one attempt. Their counts are the last attempt's: rows
+    # an earlier attempt stored count as `skipped`.
+    retried: int = 0
 
     def add_failure(self, video_id: str, error_type: str) -> None:
         """Count one per-video failure."""
@@ -48,6 +51,7 @@ class ShardReport:
             self.failed + other.failed,
             self.reasons + other.reasons,
             self.failed_videos + other.failed_videos,
+            self.retried + other.retried,
         )
 
 
@@ -142,7 +146,7 @@ def run_shard(
     missing = {"video_id", "sha256", "path"} - set(videos.columns)
     if missing:
         raise ValueError(f"videos lack columns {sorted(missing)}; pass manifest rows")
-    report = ShardReport(stage)
+    report = ShardReport(stage, retried=int(attempt > 1))
     done = store.existing_keys(table)
     failed_before = {
         (k[0], k[1]) for k in store.existing_keys(tables.FAILURES) if k[2:] == (stage, extractor_id)

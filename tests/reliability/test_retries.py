@@ -13,7 +13,7 @@ from prefect.states import Failed
 import tasks.media
 from data_contracts import tables
 from data_contracts.store import Store, StoreWriteError
-from flows.extract import extract_flow
+from flows.extract import ExtractionSummary, extract_flow
 from tasks.errors import BadInputError, TransientError
 from tasks.shard import retry_if_transient
 from tests.tasks import badmedia
@@ -66,8 +66,13 @@ def test_transient_fault_is_retried_and_bad_input_is_not(
     assert state.is_completed(), state
     summary = state.result()
     audio = summary["stages"]["audio"]
-    # Counts are the last attempt's: what the first attempt stored, the retry skipped.
+    # Counts are the last attempt's: what the first attempt stored, the retry skipped. The
+    # summary says a shard was retried, and why its counts look so.
     assert audio["processed"] + audio["skipped"] + audio["failed"] == len(good) + 1, audio
+    assert audio["retried_shards"] == 1, audio
+    assert all(s["retried_shards"] == 0 for k, s in summary["stages"].items() if k != "audio")
+    table = ExtractionSummary(**summary).markdown()
+    assert "| retried shards |" in table and "A retried shard counts its last attempt" in table
     listed = {(f["video_id"], f["stage"]) for f in summary["failures"]}
     assert ("sample_00000000", "audio") in listed
     # The fault cost one extra call of the faulty video only: the retry skipped the videos

@@ -18,6 +18,7 @@ Nothing here starts processes: `torchrun` (or `flows.train`, which calls it) doe
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,9 +98,17 @@ def init_from_env(backend: str = "auto", device: str = "cpu", timeout_s: float =
 
 
 def shutdown() -> None:
-    """Leave the process group (a no-op outside one)."""
+    """Leave the process group (a no-op outside one).
+
+    DDP wrappers keep the group alive in reference cycles. Left to the interpreter's last
+    collection, the group and gloo's worker threads are torn down during finalisation, and the
+    rank can die of SIGABRT ("terminate called without an active exception") after its work
+    is done. Collect them first, while the interpreter is whole.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def local_device(device: str, w: World) -> str:

@@ -55,6 +55,12 @@ from models.selftrain import (
 
 log = logging.getLogger(__name__)
 
+
+def _fmt(stats: dict[str, float]) -> str:
+    """Epoch losses for the log: `loss=1.2345 ce=0.9876 ...`."""
+    return " ".join(f"{k}={v:.4f}" for k, v in stats.items())
+
+
 # ----------------------------------------------------------------------------- settings
 
 
@@ -318,7 +324,7 @@ def pretrain(
     for epoch in range(1, epochs + 1):
         stats = loop.epoch()
         history.append({"epoch": epoch, **stats})
-        log.info("pretrain epoch %d: %s", epoch, stats)
+        log.info("pretrain epoch %d: %s", epoch, _fmt(stats))
     return history
 
 
@@ -349,7 +355,7 @@ def _fit(
         val_ce = float(-np.log(np.clip(voted[np.arange(len(val)), val.labels], 1e-12, None)).mean())
         val_waf = waf(val.labels, voted.argmax(1))
         history.append({"epoch": epoch, **stats, "val_ce": val_ce, "val_waf": val_waf})
-        log.info("epoch %d: %s val_waf=%.4f", epoch, stats, val_waf)
+        log.info("epoch %d: %s val_ce=%.4f val_waf=%.4f", epoch, _fmt(stats), val_ce, val_waf)
         if val_waf > best_waf:
             best_waf, best_epoch, best_state, stale = val_waf, epoch, _state_copy(model), 0
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 import yaml
@@ -34,7 +35,7 @@ from tasks.train import (
     training_data,
 )
 from tasks.train_data import mask_modalities
-from tasks.train_inputs import INPUTS, remove_inputs, save_inputs
+from tasks.train_inputs import INPUTS, save_inputs
 from tasks.train_report import build_report, report_markdown
 
 log = logging.getLogger(__name__)
@@ -42,34 +43,6 @@ log = logging.getLogger(__name__)
 
 def _step_key(context, parameters) -> str:
     return f"train-{parameters['step']}-{parameters['key']}-{Path(parameters['run_dir']).name}"
-
-
-@task(name="pretrain", cache_key_fn=_step_key, retries=1, retry_delay_seconds=[10], tags=["gpu"])
-def pretrain_task(
-    step: str,
-    key: str,
-    run_dir: str,
-    data_root: str,
-    profile: str,
-    overrides: list[str],
-    corpus_dir: str,
-) -> str:
-    """Prefect task: MR-CCL contrastive pretraining (skipped when its checkpoint exists)."""
-    return _run_step(step, key, run_dir, data_root, profile, overrides, corpus_dir)
-
-
-@task(name="train-fold", cache_key_fn=_step_key, retries=1, retry_delay_seconds=[10], tags=["gpu"])
-def fold_task(
-    step: str,
-    key: str,
-    run_dir: str,
-    data_root: str,
-    profile: str,
-    overrides: list[str],
-    corpus_dir: str,
-) -> str:
-    """Prefect task: one cross-validation fold (`step` is fold-k) of the self-training recipe."""
-    return _run_step(step, key, run_dir, data_root, profile, overrides, corpus_dir)
 
 
 def _run_step(
@@ -91,6 +64,20 @@ def _run_step(
         args = worker_args(step, key, run_dir, data_root, profile, overrides, corpus_dir)
         launch(ts, step, key, args, emit=get_run_logger().info)
     return str(Path(run_dir) / step)
+
+
+# One task, named per step kind in the UI.
+_step_task = task(
+    _run_step, cache_key_fn=_step_key, retries=1, retry_delay_seconds=[10], tags=["gpu"]
+)
+pretrain_task = _step_task.with_options(
+    name="pretrain",
+    description="MR-CCL contrastive pretraining (skipped when its checkpoint exists).",
+)
+fold_task = _step_task.with_options(
+    name="train-fold",
+    description="One cross-validation fold (`step` is fold-k) of the self-training recipe.",
+)
 
 
 def _fresh(t, folder: Path):
@@ -229,7 +216,7 @@ def train_flow(
         _fresh(fold_task, run_dir / f"fold-{k}")(step=f"fold-{k}", **common)
         steps.update(1)
     steps.close()
-    remove_inputs(run_dir / INPUTS)
+    shutil.rmtree(run_dir / INPUTS, ignore_errors=True)  # rebuilt from the stores if needed
     report = build_report(
         run_dir, key, data, settings.train.n_splits, ctx["store"], settings.train.model_dump()
     )

@@ -34,7 +34,6 @@ from tasks.train_data import TrainingData
 INPUTS = "inputs"
 META = "meta.json"
 FORMAT = 1
-_PARTS = ("labelled", "unlabelled")
 
 
 class TrainingInputsError(MerflowError):
@@ -65,9 +64,10 @@ def save_inputs(folder: Path, data: TrainingData, key: str, fingerprint: str) ->
         os.replace(tmp, folder)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        size = sum(getattr(data, p).features[m].nbytes for p in _PARTS for m in MODALITIES) / 2**20
+        parts = (data.labelled, data.unlabelled)
+        size = sum(x.nbytes for fs in parts for x in fs.features.values())
         raise TrainingInputsError(
-            f"cannot write the training inputs ({size:.0f} MiB) under {folder}: "
+            f"cannot write the training inputs ({size / 2**20:.0f} MiB) under {folder}: "
             f"{e.strerror or e}; free space on that disk, then rerun `merflow train`: finished "
             "steps are kept and skipped"
         ) from e
@@ -154,8 +154,3 @@ def load_inputs(folder: Path, key: str) -> tuple[TrainingData, str]:
         everything=rows(slice(None), np.full(len(ids), UNLABELLED, np.int64)),
     )
     return data, meta["fingerprint"]
-
-
-def remove_inputs(folder: Path) -> None:
-    """Drop a finished run's inputs (they can be rebuilt from the stores)."""
-    shutil.rmtree(folder, ignore_errors=True)

@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from tasks.errors import MerflowError
+from data_contracts.errors import MerflowError
 
 CACHE_ENV = "MERFLOW_CACHE_DIR"
 _URL = re.compile(r"^(?P<protocol>[A-Za-z][A-Za-z0-9+.\-]+)://(?P<rest>.*)$", re.DOTALL)

@@ -1,21 +1,11 @@
-"""Error types that decide how a task treats a failure: recorded as data, or retried."""
+"""Error types that decide how a task treats a failure: recorded as data, or retried.
+
+Defined in data_contracts.errors (the stores raise them too, and data_contracts imports no
+task); re-exported here so that `from tasks.errors import ...` keeps working.
+"""
 
 from __future__ import annotations
 
+from data_contracts.errors import BadInputError, MerflowError, TransientError
 
-class MerflowError(Exception):
-    """Base class of merflow's own errors."""
-
-
-class BadInputError(MerflowError):
-    """A deterministic problem with one input (corrupt file, no audio, no face).
-
-    Never retried: the task records a failure row (stage, video, reason) and goes on.
-    """
-
-
-class TransientError(MerflowError):
-    """A fault that may pass on a retry (I/O hiccup, killed subprocess, GPU OOM).
-
-    Re-raised out of the task so that Prefect retries it.
-    """
+__all__ = ["BadInputError", "MerflowError", "TransientError"]

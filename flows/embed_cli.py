@@ -1,22 +1,23 @@
 """`merflow task embed-visual|embed-audio|transcribe|embed-text`: one extractor on one video,
-locally and without a Prefect server, printing the vector's shape and norms."""
+locally and without a Prefect server, printing the vector's shape and norms.
+
+Each command runs the flow's stages (built from the same plan) with the same engine on a
+one-video shard in a scratch store: what it prints is what the flow would store."""
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
 
 from flows.config import SettingsError, load_settings
-from flows.plan import face_settings, model_choices
-from tasks.embed import read_wav
+from flows.plan import ExtractionPlan, chain, plan_extraction
+from flows.task_cli import VideoFailedError, optional, run_video, scratch_store
 from tasks.errors import MerflowError
-from tasks.faces import crop_faces, load_crops
-from tasks.media import extract_audio
+from tasks.stage import MissingModalityError
 
 VideoArg = Annotated[Path, typer.Argument(help="the video file", dir_okay=False)]
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="settings profile")]
@@ -26,19 +27,18 @@ RootOpt = Annotated[
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value setting overrides")]
 
 
-def _setup(profile: str, overrides: list[str] | None, data_root: Path):
+def _plan(
+    profile: str, overrides: list[str] | None, data_root: Path, official: bool = False
+) -> ExtractionPlan:
     try:
         settings = load_settings(profile, overrides or [])
     except SettingsError as e:
         typer.secho(str(e), err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from e
-    return settings, model_choices(settings, data_root.resolve())
+    return plan_extraction(settings, data_root.resolve(), None, official=official)
 
 
-def _report(name: str, vector: np.ndarray | None, started: float, extra: str = "") -> None:
-    if vector is None:
-        typer.echo(f"{name}: no vector (missing modality){extra}")
-        return
+def _report(name: str, vector: np.ndarray, started: float, extra: str = "") -> None:
     seconds = time.perf_counter() - started
     typer.echo(
         f"{name}: shape {tuple(vector.shape)}, L2 norm {np.linalg.norm(vector):.4f}, "
@@ -46,21 +46,31 @@ def _report(name: str, vector: np.ndarray | None, started: float, extra: str = "
     )
 
 
-def _run(fn):
+def _run(
+    video: Path, plan: ExtractionPlan, stage: str, official: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The rows of `stage` and its upstream stages for VIDEO; bad inputs exit 1, errors 2.
+
+    A missing modality of the stage itself (empty transcript, audio too short) is no error:
+    it prints that the video has no vector."""
+    # An official (given) transcript needs no audio.
+    names = [n for n in chain(stage) if not (official and n == "audio")]
     try:
-        return fn()
+        stages = [plan.stage(name, official) for name in names]
+        with scratch_store() as store:
+            return run_video(video, stages, store)
+    except VideoFailedError as e:
+        if e.stage == stage and e.error_type == MissingModalityError.__name__:
+            typer.echo(f"{stage}: no vector (missing modality): {e}")
+            raise typer.Exit(0) from e
+        typer.secho(f"bad input: {e}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from e
     except MerflowError as e:
         typer.secho(f"bad input: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from e
     except (FileNotFoundError, ValueError) as e:
         typer.secho(f"{type(e).__name__}: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from e
-
-
-def _wave(video: Path, sample_rate: int, ffmpeg_bin: str | None) -> np.ndarray:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = extract_audio(video, Path(tmp) / "audio.wav", ffmpeg_bin, sample_rate)
-        return read_wav(out.path)
 
 
 def register(task_app: typer.Typer) -> None:
@@ -74,17 +84,10 @@ def register(task_app: typer.Typer) -> None:
         overrides: Overrides = None,
     ) -> None:
         """Face crops, then CLIP features per crop, mean-pooled."""
-        settings, models = _setup(profile, overrides, data_root)
+        plan = _plan(profile, overrides, data_root)
         started = time.perf_counter()
-
-        def work():
-            with tempfile.TemporaryDirectory() as tmp:
-                result = crop_faces(video, Path(tmp) / "crops.npz", face_settings(settings))
-                crops = load_crops(result.path).crops
-            feats = models["visual"].load().embed(list(crops))
-            _report("visual", feats.mean(0), started, f", {len(crops)} face crops")
-
-        _run(work)
+        row = _run(video, plan, "visual")["visual"]
+        _report("visual", row.embedding, started, f", {row.n_items} face crops")
 
     @task_app.command("embed-audio")
     def embed_audio(
@@ -93,18 +96,12 @@ def register(task_app: typer.Typer) -> None:
         data_root: RootOpt = Path("merflow-debug"),
         overrides: Overrides = None,
     ) -> None:
-        """16 kHz audio, then HuBERT: mean of the last layers, mean over time."""
-        settings, models = _setup(profile, overrides, data_root)
+        """The audio split, then HuBERT: mean of the last layers, mean over time."""
+        plan = _plan(profile, overrides, data_root)
         started = time.perf_counter()
-
-        def work():
-            wave = _wave(video, settings.audio.sample_rate, settings.audio.ffmpeg_bin)
-            vec = models["acoustic"].load().embed([wave])[0]
-            _report(
-                "acoustic", vec, started, f", {len(wave) / settings.audio.sample_rate:.2f} s audio"
-            )
-
-        _run(work)
+        rows = _run(video, plan, "acoustic")
+        extra = f", {rows['audio'].duration:.2f} s audio"
+        _report("acoustic", rows["acoustic"].embedding, started, extra)
 
     @task_app.command("transcribe")
     def transcribe(
@@ -113,15 +110,9 @@ def register(task_app: typer.Typer) -> None:
         data_root: RootOpt = Path("merflow-debug"),
         overrides: Overrides = None,
     ) -> None:
-        """16 kHz audio, then WeNet ASR (sherpa-onnx)."""
-        settings, models = _setup(profile, overrides, data_root)
-
-        def work():
-            wave = _wave(video, settings.audio.sample_rate, settings.audio.ffmpeg_bin)
-            t = models["asr"].load().transcribe([wave])[0]
-            typer.echo(f"transcript: {t.text!r} (confidence {t.confidence})")
-
-        _run(work)
+        """The audio split, then WeNet ASR (sherpa-onnx)."""
+        row = _run(video, _plan(profile, overrides, data_root), "transcribe")["transcribe"]
+        typer.echo(f"transcript: {row.text!r} (confidence {optional(row.confidence)})")
 
     @task_app.command("embed-text")
     def embed_text(
@@ -132,15 +123,8 @@ def register(task_app: typer.Typer) -> None:
         overrides: Overrides = None,
     ) -> None:
         """The transcript (ASR, or --text), then the LLM: mean of the last 4 layers over tokens."""
-        settings, models = _setup(profile, overrides, data_root)
+        plan = _plan(profile, overrides, data_root, official=text is not None)
         started = time.perf_counter()
-
-        def work():
-            nonlocal text
-            if text is None:
-                wave = _wave(video, settings.audio.sample_rate, settings.audio.ffmpeg_bin)
-                text = models["asr"].load().transcribe([wave])[0].text
-            vec = models["text"].load().embed([text])[0]
-            _report("text", vec, started, f", text {text!r}")
-
-        _run(work)
+        given = None if text is None else {video.stem: text}
+        rows = _run(video, plan, "text", given)
+        _report("text", rows["text"].embedding, started, f", text {rows['transcribe'].text!r}")

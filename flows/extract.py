@@ -24,8 +24,9 @@ from data_contracts import tables
 from data_contracts.location import is_url, normalize_root
 from data_contracts.store import Store
 from flows.config import Settings, load_settings, save_resolved
-from flows.plan import ExtractionPlan, plan_extraction
+from flows.plan import STAGES, UPSTREAM, ExtractionPlan, plan_extraction
 from flows.safety import check_all_under_roots, trusted_roots
+from tasks.check import check_task
 from tasks.embed import (
     embed_acoustic_task,
     embed_text_task,
@@ -35,13 +36,10 @@ from tasks.embed import (
 from tasks.faces import crop_faces_task
 from tasks.labels import load_labels, load_transcripts
 from tasks.media import extract_audio_task
-from tasks.quality import check_task
 from tasks.scan import corpus_video_dirs, scan_videos
 from tasks.shard import ShardReport, select_pending, shards
 
 log = logging.getLogger(__name__)
-
-STAGES = ("audio", "faces", "acoustic", "transcribe", "text", "visual")
 
 
 @dataclass
@@ -89,9 +87,11 @@ class ExtractionSummary:
 
 
 @task(name="scan", cache_policy=NO_CACHE)
-def scan_task(video_dirs: list[str], data_root: str) -> tuple[Any, pd.DataFrame]:
-    """Prefect task: scan the folders into the manifest."""
-    return scan_videos([Path(d) for d in video_dirs], Store(data_root))
+def scan_task(
+    video_dirs: list[str], data_root: str, extensions: list[str] | None = None
+) -> tuple[Any, pd.DataFrame]:
+    """Prefect task: scan the folders (files with `extensions`) into the manifest."""
+    return scan_videos([Path(d) for d in video_dirs], Store(data_root), extensions)
 
 
 @task(name="load-labels", cache_policy=NO_CACHE)
@@ -122,39 +122,30 @@ _TASKS = {
 }
 
 
+def stage_tasks(settings: Settings) -> dict[str, Any]:
+    """Each stage's Prefect task, retried `extract.retries` times on transient errors."""
+    return {s: t.with_options(retries=settings.extract.retries) for s, t in _TASKS.items()}
+
+
 def _pending_per_stage(
     store: Store, videos: pd.DataFrame, plan: ExtractionPlan
 ) -> dict[str, set[str]]:
     """Per stage, the video ids whose output (or recorded failure) the store lacks."""
-    features = plan.feature_tables()
-    out_tables = {
-        "audio": (tables.AUDIO, plan.audio_id),
-        "faces": (tables.FACES, plan.faces.extractor_id),
-        "transcribe": (tables.TRANSCRIPTS, plan.transcripts_id),
-        **{m: (t, t.name.rsplit("/", 1)[-1]) for m, t in features.items()},
-    }
-    return {
-        stage: set(select_pending(videos, store, table, stage, ext)[0].video_id)
-        for stage, (table, ext) in out_tables.items()
-    }
+    out = {}
+    for name in STAGES:
+        stage = plan.stage(name)
+        todo = select_pending(videos, store, stage.table, name, stage.extractor_id)[0]
+        out[name] = set(todo.video_id)
+    return out
 
 
 def ensure_gpu_slots(slots_per_device: int) -> int:
-    """On a CUDA machine, a tag concurrency limit "gpu" of slots_per_device per device, so two
-    model shards never fight over one GPU (a limit that was never created is not enforced)."""
-    import torch
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+    """This machine's GPU slot limits, one per device (tasks/gpu_slots.py), created or resized
+    to slots_per_device; returns how many devices have one (0 on a CPU-only machine, where the
+    server is not asked). Workers on other machines create their own on first use."""
+    from tasks.gpu_slots import ensure_gpu_slots as ensure_device_slots
 
-    devices = torch.cuda.device_count()
-    if devices == 0:
-        return 0
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_concurrency_limit_by_tag("gpu")
-        except ObjectNotFound:
-            client.create_concurrency_limit(tag="gpu", concurrency_limit=devices * slots_per_device)
-    return devices * slots_per_device
+    return len(ensure_device_slots(slots_per_device))
 
 
 @flow(name="extract", flow_run_name="extract-{profile}", log_prints=True)
@@ -212,12 +203,12 @@ def extract_flow(
         t = load_transcripts(transcripts_csv)
         official = dict(zip(t.video_id, t.text, strict=True))
 
-    report, manifest = scan_task([str(d) for d in dirs], str(root))
+    extensions = settings.corpus.video_extensions
+    report, manifest = scan_task([str(d) for d in dirs], str(root), extensions)
     logger.info("scan: %s", report.summary())
     videos = manifest[manifest.has_video | manifest.has_audio]
     plan = plan_extraction(settings, root, corpus)
-    models, faces = plan.models, plan.faces
-    audio_id, tr_id = plan.audio_id, plan.transcripts_id
+    models = plan.models
     # The store is the truth: a Prefect cache entry whose rows the store no longer holds (a
     # deleted or restored data root) is refreshed, never trusted.
     pending = _pending_per_stage(store, videos, plan)
@@ -235,40 +226,18 @@ def extract_flow(
     )
     futures: dict[str, list[PrefectFuture]] = defaultdict(list)
     r = str(root)
-    fresh = {stage: t.with_options(refresh_cache=True) for stage, t in _TASKS.items()}
-
-    def pick(stage: str, part: pd.DataFrame):
-        return fresh[stage] if pending[stage] & set(part.video_id) else _TASKS[stage]
+    tasks = stage_tasks(settings)
+    fresh = {stage: t.with_options(refresh_cache=True) for stage, t in tasks.items()}
 
     for part in parts:
         ids = set(part.video_id)
         shard_official = {k: v for k, v in (official or {}).items() if k in ids}
-        audio = pick("audio", part).submit(
-            part, r, settings.audio.ffmpeg_bin, settings.audio.sample_rate
-        )
-        crops = pick("faces", part).submit(part, r, faces)
-        futures["audio"].append(audio)
-        futures["faces"].append(crops)
-        futures["acoustic"].append(
-            pick("acoustic", part).submit(part, r, models["acoustic"], audio_id, wait_for=[audio])
-        )
-        tr = pick("transcribe", part).submit(
-            part,
-            r,
-            models["asr"],
-            audio_id,
-            shard_official if official is not None else None,
-            wait_for=[audio],
-        )
-        futures["transcribe"].append(tr)
-        futures["text"].append(
-            pick("text", part).submit(part, r, models["text"], tr_id, wait_for=[tr])
-        )
-        futures["visual"].append(
-            pick("visual", part).submit(
-                part, r, models["visual"], faces.extractor_id, wait_for=[crops]
-            )
-        )
+        for stage in STAGES:
+            # The store is the truth: a cache entry whose rows it lacks is refreshed.
+            run = fresh[stage] if pending[stage] & ids else tasks[stage]
+            after = [futures[UPSTREAM[stage]][-1]] if stage in UPSTREAM else None
+            args = plan.stage_args(stage, shard_official)
+            futures[stage].append(run.submit(part, r, **args, wait_for=after))
 
     totals: dict[str, ShardReport] = {s: ShardReport(s) for s in STAGES}
     cached: Counter = Counter()
@@ -309,9 +278,9 @@ def extract_flow(
             "reasons": dict(t.reasons),
         }
     summary.feature_tables = {m: t.name for m, t in plan.feature_tables().items()}
-    failed = store.read(tables.FAILURES)
+    run_ids = sorted(set(videos.video_id) | set(report.unreadable))
+    failed = store.read(tables.FAILURES, where={"video_id": run_ids})
     if len(failed):
-        failed = failed[failed.video_id.isin(set(videos.video_id) | set(report.unreadable))]
         summary.failures = failed[["video_id", "stage", "error_type", "message"]].to_dict("records")
     create_markdown_artifact(summary.markdown(), key="extract-summary", description="extraction")
     # The feature-store health check (leakage, NaN/zero vectors, drift) as a UI artifact; its

@@ -1,17 +1,46 @@
-"""Which extractor ids and feature tables a profile's settings produce (extraction and training
-agree on them without running anything)."""
+"""Which stages, extractor ids and feature tables a profile's settings produce (extraction and
+training agree on them without running anything), and each stage's arguments: the flow's
+Prefect tasks and `merflow task` build the same stages from the same plan."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from data_contracts import tables
 from data_contracts.tables import TableRef
 from flows.config import Settings
-from tasks.embed import ModelChoice, transcripts_extractor_id
-from tasks.faces import FaceSettings
-from tasks.media import audio_extractor_id
+from models.registry import get_spec
+from tasks.embed import (
+    ModelChoice,
+    acoustic_stage,
+    text_stage,
+    transcribe_stage,
+    transcripts_extractor_id,
+    visual_stage,
+)
+from tasks.faces import FaceSettings, faces_stage
+from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, audio_stage
+from tasks.stage import Stage
+
+# The six stages in the flow's order, and the stage each one reads from (none: the video).
+STAGES = ("audio", "faces", "acoustic", "transcribe", "text", "visual")
+UPSTREAM = {"acoustic": "audio", "transcribe": "audio", "text": "transcribe", "visual": "faces"}
+BUILDERS: dict[str, Callable[..., Stage]] = {
+    "audio": audio_stage,
+    "faces": faces_stage,
+    "acoustic": acoustic_stage,
+    "transcribe": transcribe_stage,
+    "text": text_stage,
+    "visual": visual_stage,
+}
+
+
+def chain(stage: str) -> list[str]:
+    """`stage` and every stage it needs, upstream first."""
+    return [*chain(UPSTREAM[stage]), stage] if stage in UPSTREAM else [stage]
 
 
 @dataclass(frozen=True)
@@ -23,6 +52,8 @@ class ExtractionPlan:
     audio_id: str
     transcripts_id: str
     official_transcripts: bool
+    sample_rate: int = DEFAULT_SAMPLE_RATE
+    ffmpeg_bin: str | None = None
 
     @property
     def upstream(self) -> dict[str, str]:
@@ -39,6 +70,25 @@ class ExtractionPlan:
             m: tables.features(m, self.models[m].extractor_id(up), self.models[m].spec.output_dim)
             for m, up in self.upstream.items()
         }
+
+    def stage_args(self, stage: str, official: dict[str, str] | None = None) -> dict[str, Any]:
+        """The arguments of `stage`'s builder (BUILDERS) and of its Prefect task after
+        (videos, data_root). `official`: the shard's official transcripts (transcribe only;
+        None where the plan does not prefer them)."""
+        m, rate = self.models, self.sample_rate
+        official = (official or {}) if self.official_transcripts else None
+        return {
+            "audio": {"ffmpeg_bin": self.ffmpeg_bin, "sample_rate": rate},
+            "faces": {"settings": self.faces},
+            "acoustic": {"model": m["acoustic"], "audio_sample_rate": rate},
+            "transcribe": {"model": m["asr"], "audio_sample_rate": rate, "official": official},
+            "text": {"model": m["text"], "transcripts_extractor_id": self.transcripts_id},
+            "visual": {"model": m["visual"], "faces": self.faces},
+        }[stage]
+
+    def stage(self, name: str, official: dict[str, str] | None = None) -> Stage:
+        """The stage `name` as the engine runs it (tasks.stage.run_stage)."""
+        return BUILDERS[name](**self.stage_args(name, official))
 
 
 def model_choices(settings: Settings, data_root: Path | str) -> dict[str, ModelChoice]:
@@ -57,11 +107,18 @@ def model_choices(settings: Settings, data_root: Path | str) -> dict[str, ModelC
         "dtype": dtype,
         "allow_download": m.allow_download,
         "trust_remote_code": m.trust_remote_code,
+        "gpu_slots": settings.extract.gpu_concurrency,
     }
-    sr = settings.audio.sample_rate
+    # Audio reaches the model at the model's own rate (resampled), so the budget is in its samples.
+    model_rate = get_spec(m.acoustic).sample_rate
     return {
         "visual": ModelChoice(m.visual, batch=m.visual_batch, **common),
-        "acoustic": ModelChoice(m.acoustic, batch=m.audio_batch_seconds * sr, **common),
+        "acoustic": ModelChoice(
+            m.acoustic,
+            batch=m.audio_batch_seconds * model_rate,
+            chunk_seconds=m.audio_chunk_seconds,
+            **common,
+        ),
         "asr": ModelChoice(m.asr, **common),
         "text": ModelChoice(m.text, batch=m.text_batch_tokens, **common),
     }
@@ -80,14 +137,22 @@ def face_settings(settings: Settings) -> FaceSettings:
 
 
 def plan_extraction(
-    settings: Settings, data_root: Path | str, corpus_dir: Path | None
+    settings: Settings,
+    data_root: Path | str,
+    corpus_dir: Path | None,
+    official: bool | None = None,
 ) -> ExtractionPlan:
-    """The plan of a profile on a corpus (official transcripts change the transcripts id)."""
-    official = bool(
-        corpus_dir is not None
-        and settings.extract.prefer_official_transcripts
-        and (Path(corpus_dir) / settings.corpus.transcripts_csv).exists()
-    )
+    """The plan of a profile on a corpus (official transcripts change the transcripts id).
+
+    `official` None: official transcripts are preferred when the settings say so and the
+    corpus ships them; True or False decides it (`merflow task embed-text --text`).
+    """
+    if official is None:
+        official = bool(
+            corpus_dir is not None
+            and settings.extract.prefer_official_transcripts
+            and (Path(corpus_dir) / settings.corpus.transcripts_csv).exists()
+        )
     models = model_choices(settings, data_root)
     audio_id = audio_extractor_id(settings.audio.sample_rate)
     asr_id = models["asr"].extractor_id(audio_id)
@@ -97,4 +162,6 @@ def plan_extraction(
         audio_id=audio_id,
         transcripts_id=transcripts_extractor_id(asr_id, official),
         official_transcripts=official,
+        sample_rate=settings.audio.sample_rate,
+        ffmpeg_bin=settings.audio.ffmpeg_bin,
     )

@@ -1,29 +1,40 @@
-"""`merflow task ...`: run one raw-video task on one video, without any Prefect server.
+"""`merflow task ...`: run one task on one video, without any Prefect server.
 
-The commands call the same plain functions as the Prefect tasks and print what they did, so a
-person can debug a video that failed in a flow run.
+Every command builds the same stages as the flow and runs them with the same engine
+(`tasks.stage.run_stage`) on a one-video shard in a scratch store, then prints what they did,
+so a person can debug a video that failed in a flow run. The raw-video commands copy their
+artifact out of the scratch store (`--out`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import pandas as pd
 import typer
 
+from data_contracts import tables
+from data_contracts.store import Store
 from tasks.errors import BadInputError, TransientError
 from tasks.face_backends import BackendUnavailableError
-from tasks.faces import FaceSettings, contact_sheet, crop_faces, load_crops
+from tasks.faces import FaceSettings, contact_sheet, faces_stage, load_crops
 from tasks.media import (
     DEFAULT_SAMPLE_RATE,
     FFmpegNotFoundError,
     MediaInfo,
-    audio_extractor_id,
-    extract_audio,
+    audio_stage,
     find_ffmpeg,
     probe,
 )
+from tasks.scan import sha256_file
+from tasks.stage import Stage, run_stage
 
 task_app = typer.Typer(
     help="Run one task on one video locally (no Prefect server) and print what it did.",
@@ -33,6 +44,60 @@ task_app = typer.Typer(
 VideoArg = Annotated[
     Path, typer.Argument(help="the video file", exists=False, dir_okay=False, show_default=False)
 ]
+
+
+class VideoFailedError(BadInputError):
+    """A stage recorded a failure row for the video (its message says why)."""
+
+    def __init__(self, stage: str, error_type: str, message: str):
+        super().__init__(f"{stage}: {message}")
+        self.stage, self.error_type = stage, error_type
+
+
+# -- one video through the engine -----------------------------------------------------------------
+def one_video(video: Path) -> pd.DataFrame:
+    """A one-video shard: the manifest row a scan would write (id: the file stem)."""
+    try:
+        sha = sha256_file(video)
+    except OSError:  # missing or unreadable: the first stage records why
+        sha = "0" * 64
+    return pd.DataFrame({"video_id": [video.stem], "sha256": [sha], "path": [str(video)]})
+
+
+def run_video(video: Path, stages: list[Stage], store: Store) -> dict[str, Any]:
+    """Run `stages` (upstream first) on `video` with the engine; each stage's row, by name.
+
+    A stage that records a failure row raises it as VideoFailedError; configuration and
+    transient errors escape as they are. A stage whose row is already stored is not rerun,
+    and failures are retried (`retry_failed`).
+    """
+    videos = one_video(video)
+    vid, sha = videos.video_id[0], videos.sha256[0]
+    out: dict[str, Any] = {}
+    for stage in stages:
+        run_stage(stage, videos, store, retry_failed=True)
+        where = {"video_id": [vid], "extractor_id": [stage.extractor_id]}
+        rows = store.read(stage.table, where=where)
+        rows = rows[rows.sha256 == sha]
+        if rows.empty:
+            failed = store.read(tables.FAILURES, where={**where, "stage": [stage.name]})
+            if failed.empty:
+                raise VideoFailedError(stage.name, "Error", "no row and no failure recorded")
+            raise VideoFailedError(stage.name, failed.error_type.iloc[0], failed.message.iloc[0])
+        out[stage.name] = rows.iloc[0]
+    return out
+
+
+@contextlib.contextmanager
+def scratch_store() -> Iterator[Store]:
+    """A store in a temporary folder, removed afterwards (the commands keep no tables)."""
+    with tempfile.TemporaryDirectory(prefix="merflow-task-") as tmp:
+        yield Store(Path(tmp))
+
+
+def optional(value: Any) -> Any:
+    """None for a missing (None or NaN) stored value."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def _fail(e: Exception) -> typer.Exit:
@@ -56,6 +121,12 @@ def _describe(info: MediaInfo) -> str:
     return ", ".join(parts)
 
 
+def _copy_out(store: Store, row: Any, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(store.local_file(row.path), dest)
+    return dest
+
+
 @task_app.command("extract-audio")
 def extract_audio_cmd(
     video: VideoArg,
@@ -74,14 +145,18 @@ def extract_audio_cmd(
         typer.echo(f"probed   {video}: {_describe(info)}")
         exe = find_ffmpeg(ffmpeg_bin)
         typer.echo(f"ffmpeg   {exe}")
-        result = extract_audio(video, out / f"{video.stem}.wav", exe, sample_rate, info=info)
+        stage = audio_stage(exe, sample_rate)
+        with scratch_store() as store:
+            row = run_video(video, [stage], store)[stage.name]
+            path = _copy_out(store, row, out / f"{video.stem}.wav")
     except (BadInputError, TransientError, FFmpegNotFoundError, OSError, ValueError) as e:
         raise _fail(e) from e
-    ratio = "n/a" if result.speech_ratio is None else f"{result.speech_ratio:.2f}"
-    typer.echo(f"wrote    {result.path} ({audio_extractor_id(sample_rate)})")
+    ratio = optional(row.speech_ratio)
+    ratio = "n/a" if ratio is None else f"{ratio:.2f}"
+    typer.echo(f"wrote    {path} ({stage.extractor_id})")
     typer.echo(
-        f"audio    {result.n_samples} samples at {result.sample_rate} Hz = "
-        f"{result.duration:.2f} s, speech ratio {ratio}"
+        f"audio    {row.n_samples} samples at {row.sample_rate} Hz = "
+        f"{row.duration:.2f} s, speech ratio {ratio}"
     )
     typer.echo(f"took     {time.perf_counter() - start:.2f} s")
 
@@ -116,17 +191,20 @@ def crop_faces_cmd(
         info = probe(video)
         typer.echo(f"probed   {video}: {_describe(info)}")
         typer.echo(f"backend  {backend} ({settings.extractor_id})")
-        result = crop_faces(video, out / f"{video.stem}.faces.npz", settings)
+        with scratch_store() as store:
+            row = run_video(video, [faces_stage(settings)], store)["faces"]
+            path = _copy_out(store, row, out / f"{video.stem}.faces.npz")
     except (BadInputError, TransientError, BackendUnavailableError, OSError, ValueError) as e:
         raise _fail(e) from e
-    conf = "n/a" if result.mean_confidence is None else f"{result.mean_confidence:.3f}"
+    conf = optional(row.mean_confidence)
+    conf = "n/a" if conf is None else f"{conf:.3f}"
     typer.echo(
-        f"frames   {result.n_frames_decoded} decoded, {result.n_frames_sampled} sampled, "
-        f"{result.n_faces} with a face ({result.face_ratio:.0%}), mean confidence {conf}"
+        f"frames   {row.n_frames_decoded} decoded, {row.n_frames_sampled} sampled, "
+        f"{row.n_faces} with a face ({row.face_ratio:.0%}), mean confidence {conf}"
     )
-    typer.echo(f"wrote    {result.path} ({result.n_faces} x {size}x{size} RGB crops)")
+    typer.echo(f"wrote    {path} ({row.n_faces} x {size}x{size} RGB crops)")
     if preview is not None:
-        contact_sheet(load_crops(result.path).crops, preview)
+        contact_sheet(load_crops(path).crops, preview)
         typer.echo(f"preview  {preview}")
     typer.echo(f"took     {time.perf_counter() - start:.2f} s")
 

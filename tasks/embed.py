@@ -1,18 +1,20 @@
 """Feature extraction stages: CLIP on face crops, HuBERT on audio, ASR, LLM on transcripts.
 
-Each stage takes a shard of manifest rows, computes only the keys its table lacks, batches
-across the shard's videos, pools one vector per video and writes it through the store. A video
-whose input is missing (no face, no audio, empty text) gets a failure row and no feature row:
-a missing modality, never a zero vector.
+Each is a `tasks.stage.Stage` run by the one engine (`run_stage`): it computes only the keys its
+table lacks, batches across the shard's videos in bounded groups, pools one vector per video and
+writes it through the store. A video whose input is missing (no face, no audio, empty text) gets
+a failure row and no feature row: a missing modality, never a zero vector. Audio reaches the
+speech models at their own sample rate, resampled when the audio split used another.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import logging
-import wave
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,19 +24,21 @@ import pandas as pd
 from prefect import task
 
 from data_contracts import tables
-from data_contracts.failures import failure_row
 from data_contracts.store import Store
 from models.extractors import load_extractor, planned_extractor_id
-from models.registry import ExtractorSpec, get_spec, resolve_model_path
-from tasks.errors import BadInputError
-from tasks.shard import (
-    ShardReport,
-    commit,
-    current_attempt,
-    now_utc,
-    retry_if_transient,
-    select_pending,
-    shard_cache_key,
+from models.registry import ExtractorSpec, get_spec, id_settings, resolve_model_path
+from tasks.faces import FaceSettings, load_crops
+from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, read_wav
+from tasks.shard import ShardReport, now_utc
+from tasks.stage import (
+    Compute,
+    Item,
+    MissingModalityError,
+    Result,
+    Stage,
+    Upstream,
+    run_stage,
+    task_options,
 )
 
 log = logging.getLogger(__name__)
@@ -42,10 +46,8 @@ log = logging.getLogger(__name__)
 VISUAL_STAGE, ACOUSTIC_STAGE = "visual", "acoustic"
 TRANSCRIBE_STAGE, TEXT_STAGE = "transcribe", "text"
 OFFICIAL = "official"
-
-
-class MissingModalityError(BadInputError):
-    """The input a modality needs does not exist for this video (no face, no audio, no text)."""
+# Videos per model call: a group's inputs are in memory at once.
+VIDEOS_PER_GROUP = {VISUAL_STAGE: 16, ACOUSTIC_STAGE: 16, TRANSCRIBE_STAGE: 32, TEXT_STAGE: 64}
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,16 @@ class ModelChoice:
     allow_download: bool = False
     trust_remote_code: bool | None = None  # None: what the spec says
     batch: float | None = None  # crops, audio samples or tokens per forward; None: default
+    chunk_seconds: float | None = None  # audio models: chunk length; None: the spec's
+    gpu_slots: int = 1  # shards sharing one GPU of a machine (extract.gpu_concurrency)
 
     @property
     def spec(self) -> ExtractorSpec:
-        """The registry spec."""
-        return get_spec(self.spec_name)
+        """The registry spec, with this choice's chunk length (which then keys the id)."""
+        spec = get_spec(self.spec_name)
+        if self.chunk_seconds is not None and self.chunk_seconds != spec.chunk_seconds:
+            spec = dataclasses.replace(spec, chunk_seconds=float(self.chunk_seconds))
+        return spec
 
     def model_path(self) -> Path:
         """The checkpoint folder (a clear error naming where it looked when absent)."""
@@ -85,6 +92,11 @@ class ModelChoice:
             self.dtype,
             trust_remote_code=self.trust_remote_code,
         )
+
+    @property
+    def budget(self) -> int | None:
+        """The per-forward batch budget as an int, None for the extractor's default."""
+        return int(self.batch) if self.batch else None
 
 
 @functools.cache
@@ -117,53 +129,14 @@ def _code_version() -> dict[str, Any]:
     return {"merflow_version": version, "git_commit": commit, "git_dirty": dirty}
 
 
-def _face_provenance(faces_id: str) -> dict[str, Any]:
-    """The face stage behind a visual row, read from its faces extractor id."""
-    from tasks.face_backends import DLIB_MIN_SCORE
-
-    # faces-<backend>-<size>-<rate>-<hash> (tasks.faces.faces_extractor_id); the hash also
-    # covers detect_max_side and padding, which the id does not spell out.
-    try:
-        _, backend, size_s, *rate, digest = faces_id.split("-")
-        size = int(size_s)
-    except ValueError:  # an id of another shape: record it as it is rather than fail the stage
-        return {"faces_extractor_id": faces_id}
-    thresholds = {
-        "dlib": {"min_hog_score": DLIB_MIN_SCORE, "upsample_small_frames": True},
-        # Mirrors OpenCVBackend.align's detectMultiScale3 arguments.
-        "opencv": {"scale_factor": 1.1, "min_neighbors": 5, "min_face_side_fraction": 0.125},
-        "openface": {"nobadaligned": True},
-    }.get(backend)
-    return {
-        "faces_extractor_id": faces_id,
-        "face_backend": backend,
-        "face_thresholds": thresholds,
-        "crop_size": size,
-        "frame_rate": next((float(r[:-3]) for r in rate if r.endswith("fps")), None),
-        "max_frames": next((int(r[3:]) for r in rate if r.startswith("max")), None),
-        "frame_sampling": "-".join(rate),  # "all": every decoded frame
-        "faces_settings_hash": digest,
-    }
-
-
-def _provenance(extractor: Any, upstream: str, extractor_id: str, **extra: Any) -> str:
-    """JSON provenance of a feature row: model, the settings behind `extractor_id`, inputs, code."""
-    import hashlib
-
-    from models.registry import id_settings
-
+def _provenance(extractor: Any, upstream_id: str, extractor_id: str, inputs: dict) -> str:
+    """JSON provenance of a feature row: model, the settings behind `extractor_id`, the settings
+    of the stage that made its inputs (`inputs`, structured, never parsed from an id), code."""
     spec = extractor.spec
     settings = id_settings(
-        spec, dtype=extractor.dtype_name, checkpoint=extractor.revision, upstream=upstream
+        spec, dtype=extractor.dtype_name, checkpoint=extractor.revision, upstream=upstream_id
     )
     payload = json.dumps(settings, sort_keys=True, separators=(",", ":"))
-    rates: dict[str, Any] = {}
-    if spec.kind == "visual" and upstream.startswith("faces-"):
-        rates = _face_provenance(upstream)
-    elif spec.kind in ("acoustic", "asr"):
-        rates = {"sample_rate": spec.sample_rate, "chunk_seconds": spec.chunk_seconds}
-    elif spec.kind == "text":
-        rates = {"max_tokens": spec.max_tokens}
     return json.dumps(
         {
             "extractor": spec.name,
@@ -175,363 +148,250 @@ def _provenance(extractor: Any, upstream: str, extractor_id: str, **extra: Any) 
             "device": str(extractor.device),
             "layers": spec.layers,
             "pooling": spec.pooling,
-            "upstream": upstream,
+            "upstream": upstream_id,
             "extractor_id": extractor_id,
             # The same hash as extractor_id's suffix, over the settings recorded beside it.
             "settings_hash": hashlib.sha256(payload.encode()).hexdigest()[:8],
             "id_settings": settings,
-            **rates,
+            **inputs,
             **_code_version(),
-            **extra,
         },
         sort_keys=True,
     )
 
 
-def _groups(df: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
-    # Bounded groups of videos per model call: a shard of long clips cannot exhaust memory.
-    for i in range(0, len(df), max(1, size)):
-        yield df.iloc[i : i + size]
-
-
-def _upstream_rows(store: Store, table: tables.TableRef, extractor_id: str) -> pd.DataFrame:
-    rows = store.read(table)
-    return rows[rows.extractor_id == extractor_id].set_index(["video_id", "sha256"])
-
-
-def _feature_row(
-    video: Any, extractor_id: str, vector: np.ndarray, n_items: int, prov: str
-) -> dict:
+def _feature_row(video: Any, extractor_id: str, vector: np.ndarray, n_items: int, prov: str):
     return {
         "video_id": video.video_id,
         "sha256": video.sha256,
         "extractor_id": extractor_id,
-        "embedding": vector.astype(np.float32),
+        "embedding": np.asarray(vector, dtype=np.float32),
         "n_items": int(n_items),
         "provenance": prov,
         "created_at": now_utc(),
     }
 
 
-def read_wav(path: Path) -> np.ndarray:
-    """A 16-bit PCM wav as float32 mono in [-1, 1]."""
+def _artifact(store: Store, row: Any, video: Any, kind: str) -> Path:
+    """The local file of an upstream artifact; a vanished one is a missing input."""
     try:
-        with wave.open(str(path), "rb") as w:
-            if w.getsampwidth() != 2:
-                raise BadInputError(f"{path} is not 16-bit PCM; re-run the audio stage")
-            raw, channels = w.readframes(w.getnframes()), w.getnchannels()
-    except (wave.Error, EOFError) as e:
-        raise BadInputError(
-            f"audio artifact {path} is unreadable ({e}); re-run the audio stage"
+        return store.local_file(row.path)
+    except FileNotFoundError as e:
+        raise MissingModalityError(
+            f"the {kind} artifact {row.path} of video {video.video_id} is gone; delete its "
+            f"{kind} row and re-run that stage"
         ) from e
-    x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
-    return x.reshape(-1, channels).mean(axis=1) if channels > 1 else x
 
 
-def _feature_stage(
-    videos: pd.DataFrame,
-    store: Store,
+def _features(
+    name: str,
     model: ModelChoice,
-    modality: str,
-    stage: str,
-    upstream: str,
-    retry_failed: bool,
-) -> tuple[ShardReport, str, tables.TableRef, pd.DataFrame]:
-    """The report, extractor id, feature table and still-pending videos of a feature stage."""
-    report = ShardReport(stage, retried=int(current_attempt() > 1))
-    ext_id = model.extractor_id(upstream)
+    upstream: Upstream,
+    inputs: dict,
+    load: Callable[[Store, Any, Any], Any],
+    embed: Callable[[Any, list[Item]], list],
+) -> Stage:
+    """A feature stage: `embed(encoder, items)` gives one (vector, n_items) or error per item."""
+    ext_id = model.extractor_id(upstream.extractor_id)
+    modality = name  # feature tables are named by modality; the stages share those names
+
+    def start(store: Store) -> Compute:
+        encoder = model.load()
+        prov = _provenance(encoder, upstream.extractor_id, ext_id, inputs)
+
+        def compute(items: list[Item]) -> list[Result]:
+            out: list[Result] = []
+            for (video, _), r in zip(items, embed(encoder, items), strict=True):
+                out.append(r if isinstance(r, Exception) else _feature_row(video, ext_id, *r, prov))
+            return out
+
+        return compute
+
     table = tables.features(modality, ext_id, model.spec.output_dim)
-    todo, report.skipped = select_pending(videos, store, table, stage, ext_id, retry_failed)
-    return report, ext_id, table, todo
+    batch = VIDEOS_PER_GROUP[name]
+    return Stage(name, table, ext_id, start, upstream, load, batch, model.device, model.gpu_slots)
 
 
-def _missing(video: Any, stage: str, ext_id: str, message: str) -> dict:
-    """A failure row for a video whose modality is missing."""
-    return failure_row(video.video_id, video.sha256, stage, MissingModalityError(message), ext_id)
-
-
-# -- visual ------------------------------------------------------------------------------------
-def embed_visual_shard(
-    videos: pd.DataFrame,
-    store: Store,
-    model: ModelChoice,
-    faces_extractor_id: str,
-    videos_per_batch: int = 16,
-    retry_failed: bool = False,
-) -> ShardReport:
+# -- visual --------------------------------------------------------------------------------------
+def visual_stage(model: ModelChoice, faces: FaceSettings) -> Stage:
     """CLIP features of every face crop, mean-pooled per video."""
-    from tasks.faces import load_crops
 
-    report, ext_id, table, todo = _feature_stage(
-        videos, store, model, "visual", VISUAL_STAGE, faces_extractor_id, retry_failed
-    )
-    if todo.empty:
-        return report
-    faces = _upstream_rows(store, tables.FACES, faces_extractor_id)
-    encoder = model.load()
-    prov = _provenance(encoder, faces_extractor_id, ext_id)
-    rows: list[dict] = []
-    failures: list[dict] = []
-    try:
-        for group in _groups(todo, videos_per_batch):
-            crops, owners = [], []
-            for video in group.itertuples(index=False):
-                key = (video.video_id, video.sha256)
-                try:
-                    if key not in faces.index:
-                        raise MissingModalityError(
-                            f"video {video.video_id} has no face crops under {faces_extractor_id} "
-                            f"(see its 'faces' failure); its visual features are marked missing"
-                        )
-                    c = load_crops(store.local_file(faces.loc[key, "path"])).crops
-                    if len(c) == 0:
-                        raise MissingModalityError(f"video {video.video_id} has zero face crops")
-                except (MissingModalityError, OSError, ValueError) as e:
-                    failures.append(failure_row(*key, VISUAL_STAGE, e, ext_id))
-                    continue
-                crops.extend(c)
-                owners.append((video, len(c)))
-            if not crops:
-                continue
-            feats = encoder.embed(crops, batch_size=int(model.batch) if model.batch else None)
-            start = 0
-            for video, n in owners:
-                rows.append(_feature_row(video, ext_id, feats[start : start + n].mean(0), n, prov))
-                start += n
-                report.processed += 1
-    finally:
-        commit(store, table, rows, failures, report)
-    return report
-
-
-# -- acoustic ----------------------------------------------------------------------------------
-def embed_acoustic_shard(
-    videos: pd.DataFrame,
-    store: Store,
-    model: ModelChoice,
-    audio_extractor_id: str,
-    videos_per_batch: int = 16,
-    retry_failed: bool = False,
-) -> ShardReport:
-    """HuBERT features: mean of the last 4 layers, mean over time (padding excluded)."""
-    report, ext_id, table, todo = _feature_stage(
-        videos, store, model, "acoustic", ACOUSTIC_STAGE, audio_extractor_id, retry_failed
-    )
-    if todo.empty:
-        return report
-    audio = _upstream_rows(store, tables.AUDIO, audio_extractor_id)
-    encoder = model.load()
-    prov = _provenance(encoder, audio_extractor_id, ext_id)
-    rows: list[dict] = []
-    failures: list[dict] = []
-    try:
-        for group in _groups(todo, videos_per_batch):
-            waves, owners = [], []
-            for video, wav in _load_audio(group, store, audio, ACOUSTIC_STAGE, ext_id, failures):
-                waves.append(wav)
-                owners.append(video)
-            if not waves:
-                continue
-            budget = int(model.batch) if model.batch else None
-            feats = encoder.embed(waves, max_batch_samples=budget)
-            for video, wav, vec in zip(owners, waves, feats, strict=True):
-                chunks = len(encoder.chunk_bounds(len(wav)))
-                rows.append(_feature_row(video, ext_id, vec, chunks, prov))
-                report.processed += 1
-    finally:
-        commit(store, table, rows, failures, report)
-    return report
-
-
-def _load_audio(
-    group: pd.DataFrame,
-    store: Store,
-    audio: pd.DataFrame,
-    stage: str,
-    ext_id: str,
-    failures: list[dict],
-) -> Iterator[tuple[Any, np.ndarray]]:
-    for video in group.itertuples(index=False):
-        key = (video.video_id, video.sha256)
+    def load(store: Store, video: Any, row: Any) -> np.ndarray:
         try:
-            if key not in audio.index:
-                raise MissingModalityError(
-                    f"video {video.video_id} has no audio artifact (see its 'audio' failure); "
-                    f"its {stage} output is marked missing"
-                )
-            yield video, read_wav(store.local_file(audio.loc[key, "path"]))
-        except (BadInputError, OSError) as e:
-            failures.append(failure_row(*key, stage, e, ext_id))
+            crops = load_crops(_artifact(store, row, video, "faces")).crops
+        except (ValueError, KeyError, EOFError) as e:  # a damaged .npz
+            raise MissingModalityError(f"face crops of video {video.video_id}: {e}") from e
+        if len(crops) == 0:
+            raise MissingModalityError(f"video {video.video_id} has zero face crops")
+        return crops
+
+    def embed(encoder: Any, items: list[Item]) -> list:
+        crops = [c for _, cs in items for c in cs]
+        feats = encoder.embed(crops, batch_size=model.budget)
+        ends = np.cumsum([len(cs) for _, cs in items])
+        pairs = zip(items, ends, strict=True)
+        return [(feats[end - len(cs) : end].mean(0), len(cs)) for (_, cs), end in pairs]
+
+    up = Upstream("faces", tables.FACES, faces.extractor_id)
+    return _features(VISUAL_STAGE, model, up, faces.provenance(), load, embed)
 
 
-# -- transcripts -------------------------------------------------------------------------------
+# -- audio models --------------------------------------------------------------------------------
+def _audio_input(spec: ExtractorSpec, audio_sample_rate: int):
+    """The upstream of a speech model and the loader giving its wav at the model's rate."""
+
+    def load(store: Store, video: Any, row: Any) -> np.ndarray:
+        return read_wav(_artifact(store, row, video, "audio"), spec.sample_rate)
+
+    up = Upstream("audio", tables.AUDIO, audio_extractor_id(audio_sample_rate))
+    inputs = {
+        "sample_rate": spec.sample_rate,
+        "audio_sample_rate": audio_sample_rate,  # of the split; resampled to sample_rate
+        "chunk_seconds": spec.chunk_seconds,
+    }
+    return up, load, inputs
+
+
+def acoustic_stage(model: ModelChoice, audio_sample_rate: int = DEFAULT_SAMPLE_RATE) -> Stage:
+    """HuBERT features: mean of the last 4 layers, mean over time (padding excluded)."""
+    up, load, inputs = _audio_input(model.spec, audio_sample_rate)
+
+    def embed(encoder: Any, items: list[Item]) -> list:
+        out: list = [None] * len(items)
+        ok = [i for i, (_, w) in enumerate(items) if len(w) >= encoder.min_samples]
+        for i in set(range(len(items))) - set(ok):
+            ms = 1000 * len(items[i][1]) / encoder.spec.sample_rate
+            out[i] = MissingModalityError(
+                f"the audio of video {items[i][0].video_id} lasts {ms:.0f} ms, too short for "
+                f"one {encoder.spec.name} frame; its acoustic features are marked missing"
+            )
+        waves = [items[i][1] for i in ok]
+        feats = encoder.embed(waves, max_batch_samples=model.budget) if waves else []
+        for i, w, vec in zip(ok, waves, feats, strict=True):
+            out[i] = (vec, len(encoder.chunk_bounds(len(w))))
+        return out
+
+    return _features(ACOUSTIC_STAGE, model, up, inputs, load, embed)
+
+
 def transcripts_extractor_id(asr_extractor_id: str, prefer_official: bool) -> str:
     """Transcripts are keyed by the ASR id, marked when official transcripts take precedence."""
     return f"{asr_extractor_id}+{OFFICIAL}" if prefer_official else asr_extractor_id
 
 
-def transcribe_shard(
-    videos: pd.DataFrame,
-    store: Store,
+def transcribe_stage(
     model: ModelChoice,
-    audio_extractor_id: str,
+    audio_sample_rate: int = DEFAULT_SAMPLE_RATE,
     official: dict[str, str] | None = None,
-    videos_per_batch: int = 32,
-    retry_failed: bool = False,
-) -> ShardReport:
-    """A transcript per video: the official one where the corpus ships it, else WeNet ASR."""
-    report = ShardReport(TRANSCRIBE_STAGE, retried=int(current_attempt() > 1))
-    prefer = official is not None
-    official = official or {}
-    asr_id = model.extractor_id(audio_extractor_id)
-    ext_id = transcripts_extractor_id(asr_id, prefer)
-    todo, report.skipped = select_pending(
-        videos, store, tables.TRANSCRIPTS, TRANSCRIBE_STAGE, ext_id, retry_failed
-    )
-    rows: list[dict] = []
-    failures: list[dict] = []
+) -> Stage:
+    """A transcript per video: the official one where the corpus ships it, else WeNet ASR.
 
-    def row(video: Any, text: str, source: str, confidence: float | None) -> dict:
-        return {
-            "video_id": video.video_id,
-            "sha256": video.sha256,
-            "extractor_id": ext_id,
-            "text": text,
-            "source": source,
-            "confidence": confidence,
-            "n_chars": len(text),
-            "created_at": now_utc(),
-        }
+    `official` None: ASR for every video; a dict (maybe empty): official transcripts take
+    precedence, which marks the extractor id.
+    """
+    up, wav, _ = _audio_input(model.spec, audio_sample_rate)
+    texts = official or {}
+    ext_id = transcripts_extractor_id(model.extractor_id(up.extractor_id), official is not None)
+    up = dataclasses.replace(up, optional_for=frozenset(texts))
 
-    try:
-        need_asr = todo[~todo.video_id.isin(official)]
-        for video in todo[todo.video_id.isin(official)].itertuples(index=False):
-            rows.append(row(video, official[video.video_id], OFFICIAL, None))
-            report.processed += 1
-        if not need_asr.empty:
-            audio = _upstream_rows(store, tables.AUDIO, audio_extractor_id)
-            asr = model.load()
-            for group in _groups(need_asr, videos_per_batch):
-                loaded = list(_load_audio(group, store, audio, TRANSCRIBE_STAGE, ext_id, failures))
-                if not loaded:
-                    continue
-                results = asr.transcribe([w for _, w in loaded])
-                for (video, _), t in zip(loaded, results, strict=True):
-                    rows.append(row(video, t.text.strip(), "asr", t.confidence))
-                    report.processed += 1
-    finally:
-        commit(store, tables.TRANSCRIPTS, rows, failures, report)
-    return report
+    def load(store: Store, video: Any, row: Any) -> str | np.ndarray:
+        return texts[video.video_id] if video.video_id in texts else wav(store, video, row)
+
+    def start(store: Store) -> Compute:
+        asr = None  # loaded only when some video has no official transcript
+
+        def row(video: Any, text: str, source: str, confidence: float | None) -> dict:
+            return {
+                "video_id": video.video_id,
+                "sha256": video.sha256,
+                "extractor_id": ext_id,
+                "text": text,
+                "source": source,
+                "confidence": confidence,
+                "n_chars": len(text),
+                "created_at": now_utc(),
+            }
+
+        def compute(items: list[Item]) -> list[Result]:
+            nonlocal asr
+            need = [(v, x) for v, x in items if not isinstance(x, str)]
+            heard = {}
+            if need:
+                asr = asr or model.load()
+                results = asr.transcribe([x for _, x in need])
+                heard = {v.video_id: t for (v, _), t in zip(need, results, strict=True)}
+            return [
+                row(v, x, OFFICIAL, None)
+                if isinstance(x, str)
+                else row(v, heard[v.video_id].text.strip(), "asr", heard[v.video_id].confidence)
+                for v, x in items
+            ]
+
+        return compute
+
+    batch = VIDEOS_PER_GROUP[TRANSCRIBE_STAGE]
+    return Stage(TRANSCRIBE_STAGE, tables.TRANSCRIPTS, ext_id, start, up, load, batch)
 
 
-# -- text --------------------------------------------------------------------------------------
-def embed_text_shard(
-    videos: pd.DataFrame,
-    store: Store,
-    model: ModelChoice,
-    transcripts_extractor_id: str,
-    videos_per_batch: int = 64,
-    retry_failed: bool = False,
-) -> ShardReport:
+# -- text ----------------------------------------------------------------------------------------
+def text_stage(model: ModelChoice, transcripts_extractor_id: str) -> Stage:
     """LLM features: mean of the last 4 layers over the transcript's tokens (no special tokens)."""
-    report, ext_id, table, todo = _feature_stage(
-        videos, store, model, "text", TEXT_STAGE, transcripts_extractor_id, retry_failed
-    )
-    if todo.empty:
-        return report
-    transcripts = _upstream_rows(store, tables.TRANSCRIPTS, transcripts_extractor_id)
-    encoder = model.load()
-    prov = _provenance(encoder, transcripts_extractor_id, ext_id)
-    rows: list[dict] = []
-    failures: list[dict] = []
-    try:
-        for group in _groups(todo, videos_per_batch):
-            owners, texts = [], []
-            for video in group.itertuples(index=False):
-                key = (video.video_id, video.sha256)
-                if key not in transcripts.index:
-                    why = "has no transcript (see its 'transcribe' failure)"
-                    failures.append(
-                        _missing(video, TEXT_STAGE, ext_id, f"video {video.video_id} {why}; "
-                                 "its text features are marked missing")
-                    )  # fmt: skip
-                    continue
-                owners.append(video)
-                texts.append(str(transcripts.loc[key, "text"]))
-            if not texts:
-                continue
-            budget = int(model.batch) if model.batch else None
-            vectors = encoder.embed(texts, max_batch_tokens=budget)
-            for video, text, vec in zip(owners, texts, vectors, strict=True):
-                if vec is None:
-                    failures.append(
-                        _missing(video, TEXT_STAGE, ext_id, f"video {video.video_id} has an "
-                                 "empty transcript; its text features are marked missing")
-                    )  # fmt: skip
-                    continue
-                _, keep = encoder.tokenize(0, text)
-                rows.append(_feature_row(video, ext_id, vec, sum(keep), prov))
-                report.processed += 1
-    finally:
-        commit(store, table, rows, failures, report)
-    return report
+
+    def load(store: Store, video: Any, row: Any) -> str:
+        return str(row.text)
+
+    def embed(encoder: Any, items: list[Item]) -> list:
+        vectors = encoder.embed([t for _, t in items], max_batch_tokens=model.budget)
+        return [
+            (vec, sum(encoder.tokenize(0, t)[1]))
+            if vec is not None
+            else MissingModalityError(
+                f"video {v.video_id} has an empty transcript; its text features are marked missing"
+            )
+            for (v, t), vec in zip(items, vectors, strict=True)
+        ]
+
+    up = Upstream("transcribe", tables.TRANSCRIPTS, transcripts_extractor_id)
+    inputs = {"max_tokens": model.spec.max_tokens}
+    return _features(TEXT_STAGE, model, up, inputs, load, embed)
 
 
-# -- Prefect tasks -----------------------------------------------------------------------------
-# Model stages hold a "gpu" tag: a tag concurrency limit of 1 per device keeps two shards from
-# fighting over one GPU. Their cache keys are the shard's content plus the extractor id.
-def _cache_key(stage: str, upstream_param: str):
-    def key(context: Any, parameters: dict[str, Any]) -> str:
-        model: ModelChoice = parameters["model"]
-        return shard_cache_key(
-            parameters["videos"],
-            model.extractor_id(parameters[upstream_param]),
-            stage,
-            parameters["data_root"],
-        )
-
-    return key
-
-
-_GPU = {
-    "tags": ["gpu"],
-    "retries": 2,
-    "retry_delay_seconds": [5, 30],
-    "retry_condition_fn": retry_if_transient,
-}
-
-
-@task(name="embed-visual", cache_key_fn=_cache_key(VISUAL_STAGE, "faces_extractor_id"), **_GPU)
+# -- Prefect tasks -------------------------------------------------------------------------------
+@task(name="embed-visual", **task_options(visual_stage, gpu=True))
 def embed_visual_task(
-    videos: pd.DataFrame, data_root: str, model: ModelChoice, faces_extractor_id: str
+    videos: pd.DataFrame, data_root: str, model: ModelChoice, faces: FaceSettings
 ) -> ShardReport:
     """Prefect task: CLIP features of one shard."""
-    return embed_visual_shard(videos, Store(data_root), model, faces_extractor_id)
+    return run_stage(visual_stage(model, faces), videos, Store(data_root))
 
 
-@task(name="embed-acoustic", cache_key_fn=_cache_key(ACOUSTIC_STAGE, "audio_extractor_id"), **_GPU)
+@task(name="embed-acoustic", **task_options(acoustic_stage, gpu=True))
 def embed_acoustic_task(
-    videos: pd.DataFrame, data_root: str, model: ModelChoice, audio_extractor_id: str
+    videos: pd.DataFrame,
+    data_root: str,
+    model: ModelChoice,
+    audio_sample_rate: int = DEFAULT_SAMPLE_RATE,
 ) -> ShardReport:
     """Prefect task: HuBERT features of one shard."""
-    return embed_acoustic_shard(videos, Store(data_root), model, audio_extractor_id)
+    return run_stage(acoustic_stage(model, audio_sample_rate), videos, Store(data_root))
 
 
-@task(name="transcribe", cache_key_fn=_cache_key(TRANSCRIBE_STAGE, "audio_extractor_id"), **_GPU)
+@task(name="transcribe", **task_options(transcribe_stage, gpu=True))
 def transcribe_task(
     videos: pd.DataFrame,
     data_root: str,
     model: ModelChoice,
-    audio_extractor_id: str,
+    audio_sample_rate: int = DEFAULT_SAMPLE_RATE,
     official: dict[str, str] | None = None,
 ) -> ShardReport:
     """Prefect task: transcripts of one shard (official where shipped, else ASR)."""
-    return transcribe_shard(videos, Store(data_root), model, audio_extractor_id, official)
+    stage = transcribe_stage(model, audio_sample_rate, official)
+    return run_stage(stage, videos, Store(data_root))
 
 
-@task(name="embed-text", cache_key_fn=_cache_key(TEXT_STAGE, "transcripts_extractor_id"), **_GPU)
+@task(name="embed-text", **task_options(text_stage, gpu=True))
 def embed_text_task(
     videos: pd.DataFrame, data_root: str, model: ModelChoice, transcripts_extractor_id: str
 ) -> ShardReport:
     """Prefect task: LLM text features of one shard."""
-    return embed_text_shard(videos, Store(data_root), model, transcripts_extractor_id)
+    return run_stage(text_stage(model, transcripts_extractor_id), videos, Store(data_root))

@@ -195,6 +195,14 @@ def dlib_model_dir() -> Path:
 # would then prefer a large false face over the real one; real frontal faces score ~0.5 to 2.
 DLIB_MIN_SCORE = 0.2
 
+# Each backend's detection thresholds, as its code uses them; recorded in the provenance of the
+# visual features computed from its crops.
+THRESHOLDS: dict[str, dict[str, float | int | bool]] = {
+    "dlib": {"min_hog_score": DLIB_MIN_SCORE, "upsample_small_frames": True},
+    "opencv": {"scale_factor": 1.1, "min_neighbors": 5, "min_face_side_fraction": 0.125},
+    "openface": {"nobadaligned": True},
+}
+
 
 class DlibBackend(FrameBackend):
     """dlib's HOG detector, 5-point landmarks and `get_face_chip` alignment.
@@ -278,10 +286,11 @@ class OpenCVBackend(FrameBackend):
         gray = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
         # Faces under 1/8 of the frame's short side are not the speaker; skipping those
         # scales halves the cascade's cost.
-        min_side = max(24, min(gray.shape) // 8)
+        t = THRESHOLDS["opencv"]
+        min_side = max(24, int(min(gray.shape) * t["min_face_side_fraction"]))
         boxes, _, weights = self.face.detectMultiScale3(
-            gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side),
-            outputRejectLevels=True,
+            gray, scaleFactor=t["scale_factor"], minNeighbors=t["min_neighbors"],
+            minSize=(min_side, min_side), outputRejectLevels=True,
         )  # fmt: skip
         if len(boxes) == 0:
             return None

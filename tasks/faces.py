@@ -30,20 +30,15 @@ from tasks.face_backends import (
     BACKENDS,
     DEFAULT_DETECT_MAX_SIDE,
     DEFAULT_PADDING,
+    THRESHOLDS,
     Face,
     FaceBackend,
     FrameSampler,
     load_backend,
 )
 from tasks.media import NoVideoStreamError, UnreadableMediaError, probe
-from tasks.shard import (
-    ShardReport,
-    current_attempt,
-    now_utc,
-    retry_if_transient,
-    run_shard,
-    shard_cache_key,
-)
+from tasks.shard import ShardReport
+from tasks.stage import Stage, artifact_stage, run_stage, task_options
 
 FACES_STAGE = "faces"
 # Bump when a code change alters crops for the same settings, so old artifacts are not reused.
@@ -55,6 +50,29 @@ class NoFaceError(BadInputError):
 
 
 # -- settings ------------------------------------------------------------------------------------
+def _rate_name(fps: float | None, max_frames: int | None) -> str:
+    """How frames are sampled, in words: `all`, `5fps`, `max30`, `5fps-max30`."""
+    parts = ([f"{fps:g}fps"] if fps is not None else []) + (
+        [f"max{max_frames}"] if max_frames is not None else []
+    )
+    return "-".join(parts) or "all"
+
+
+def _id_settings(
+    backend: str, size: int, fps: float | None, max_frames: int | None, detect: int, padding: float
+) -> dict[str, Any]:
+    return {
+        "backend": backend,
+        "size": size,
+        "fps": fps,
+        "max_frames": max_frames,
+        # The OpenFace binary does its own detection and framing; these do not change its crops.
+        "detect_max_side": None if backend == "openface" else detect,
+        "padding": None if backend == "openface" else padding,
+        "code": FACES_CODE_VERSION,
+    }
+
+
 def faces_extractor_id(
     backend: str = "dlib",
     size: int = 112,
@@ -64,23 +82,9 @@ def faces_extractor_id(
     padding: float = DEFAULT_PADDING,
 ) -> str:
     """A readable name plus a short hash of all output-changing settings: `faces-dlib-112-all-…`."""
-    rate = "all" if fps is None and max_frames is None else ""
-    if fps is not None:
-        rate += f"{fps:g}fps"
-    if max_frames is not None:
-        rate += f"{'-' if rate else ''}max{max_frames}"
-    settings = {
-        "backend": backend,
-        "size": size,
-        "fps": fps,
-        "max_frames": max_frames,
-        # The OpenFace binary does its own detection and framing; these do not change its crops.
-        "detect_max_side": None if backend == "openface" else detect_max_side,
-        "padding": None if backend == "openface" else padding,
-        "code": FACES_CODE_VERSION,
-    }
+    settings = _id_settings(backend, size, fps, max_frames, detect_max_side, padding)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return f"faces-{backend}-{size}-{rate}-{digest}"
+    return f"faces-{backend}-{size}-{_rate_name(fps, max_frames)}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -115,13 +119,28 @@ class FaceSettings:
     def extractor_id(self) -> str:
         """The extractor id of these settings (keys the faces table and the artifact folder)."""
         return faces_extractor_id(
-            self.backend,
-            self.size,
-            self.fps,
-            self.max_frames,
-            self.detect_max_side,
-            self.padding,
+            self.backend, self.size, self.fps, self.max_frames, self.detect_max_side, self.padding
         )
+
+    def provenance(self) -> dict[str, Any]:
+        """What the visual features computed from these crops record about them."""
+        return {
+            "faces_extractor_id": self.extractor_id,
+            "faces_settings": _id_settings(
+                self.backend,
+                self.size,
+                self.fps,
+                self.max_frames,
+                self.detect_max_side,
+                self.padding,
+            ),
+            "face_backend": self.backend,
+            "face_thresholds": THRESHOLDS[self.backend],
+            "crop_size": self.size,
+            "frame_rate": self.fps,
+            "max_frames": self.max_frames,
+            "frame_sampling": _rate_name(self.fps, self.max_frames),  # "all": every frame
+        }
 
     def load(self) -> FaceBackend:
         """The backend these settings name, loaded once per process."""
@@ -308,61 +327,35 @@ def crop_faces(
     )
 
 
-# -- shards --------------------------------------------------------------------------------------
+# -- the stage ----------------------------------------------------------------------------------
+def faces_stage(settings: FaceSettings | None = None) -> Stage:
+    """Face crops as a stage: one video at a time, the backend loaded once per process."""
+    settings = settings or FaceSettings()
+
+    def setup() -> Any:
+        backend = settings.load()  # a missing binary or model stops the shard here
+        return lambda video, out: crop_faces(video, out, settings, backend)
+
+    return artifact_stage(FACES_STAGE, tables.FACES, settings.extractor_id, ".npz", setup)
+
+
 def crop_faces_shard(
     videos: pd.DataFrame,
     store: Store,
     settings: FaceSettings | None = None,
     retry_failed: bool = False,
-    attempt: int = 1,
+    attempt: int | None = None,
 ) -> ShardReport:
     """Crop the faces of every video in the shard that the faces table lacks."""
-    settings = settings or FaceSettings()
-    extractor_id = settings.extractor_id
-    backend = settings.load()  # once per process; a missing binary stops the shard here
-
-    def work(video: Any) -> dict:
-        out = store.artifact_path("faces", extractor_id, video.video_id, video.sha256, ".npz")
-        r = crop_faces(Path(video.path), out, settings, backend)
-        return {
-            "video_id": video.video_id,
-            "sha256": video.sha256,
-            "extractor_id": extractor_id,
-            "path": store.publish_artifact(r.path),
-            "backend": r.backend,
-            "n_frames_decoded": r.n_frames_decoded,
-            "n_frames_sampled": r.n_frames_sampled,
-            "n_faces": r.n_faces,
-            "face_ratio": r.face_ratio,
-            "mean_confidence": r.mean_confidence,
-            "crop_size": r.crop_size,
-            "created_at": now_utc(),
-        }
-
-    return run_shard(
-        videos, store, tables.FACES, FACES_STAGE, extractor_id, work, retry_failed, attempt
-    )
+    return run_stage(faces_stage(settings), videos, store, retry_failed, attempt)
 
 
-def _faces_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    settings = parameters.get("settings") or FaceSettings()
-    return shard_cache_key(
-        parameters["videos"], settings.extractor_id, FACES_STAGE, parameters["data_root"]
-    )
-
-
-@task(
-    name="crop-faces",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_if_transient,
-    cache_key_fn=_faces_cache_key,
-)
+@task(name="crop-faces", **task_options(faces_stage))
 def crop_faces_task(
     videos: pd.DataFrame, data_root: str, settings: FaceSettings | None = None
 ) -> ShardReport:
     """Prefect task: crop the faces of one shard into the store under `data_root`."""
-    return crop_faces_shard(videos, Store(data_root), settings, attempt=current_attempt())
+    return crop_faces_shard(videos, Store(data_root), settings)
 
 
 def settings_dict(settings: FaceSettings) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """Raw media: find FFmpeg, probe streams with PyAV, split a video's audio into a 16 kHz mono wav.
 
-Also holds the per-video error types the raw-video stages share; the shard loop that turns them
-into failure rows (`run_shard`) and the retry rule live in tasks/shard.py.
+Also holds the per-video error types the raw-video stages share, and the audio stage (run by
+the engine in tasks/stage.py, which turns them into failure rows).
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import signal
@@ -26,14 +27,8 @@ from data_contracts import tables
 from data_contracts.atomic import atomic_path
 from data_contracts.store import Store, store_write_error
 from tasks.errors import BadInputError, TransientError
-from tasks.shard import (
-    ShardReport,
-    current_attempt,
-    now_utc,
-    retry_if_transient,
-    run_shard,
-    shard_cache_key,
-)
+from tasks.shard import ShardReport
+from tasks.stage import Stage, artifact_stage, run_stage, task_options
 
 AUDIO_STAGE = "audio"
 DEFAULT_SAMPLE_RATE = 16000
@@ -305,6 +300,38 @@ def wav_frames(path: Path) -> int:
         return w.getnframes()
 
 
+def load_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
+    """A 16-bit PCM wav as float32 mono samples in [-1, 1], and its sample rate."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            if w.getsampwidth() != 2:
+                raise UnreadableMediaError(f"{path} is not 16-bit PCM; re-run the audio stage")
+            raw, channels, rate = w.readframes(w.getnframes()), w.getnchannels(), w.getframerate()
+    except (wave.Error, EOFError) as e:
+        raise UnreadableMediaError(
+            f"audio artifact {path} is unreadable ({e}); re-run the audio stage"
+        ) from e
+    x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    return (x.reshape(-1, channels).mean(axis=1) if channels > 1 else x), rate
+
+
+def resample(x: np.ndarray, rate: int, to: int) -> np.ndarray:
+    """`x` sampled at `rate` Hz, resampled to `to` Hz (polyphase, with its anti-alias filter)."""
+    if rate == to:
+        return x
+    from scipy.signal import resample_poly
+
+    g = math.gcd(rate, to)
+    return resample_poly(x, to // g, rate // g).astype(np.float32)
+
+
+def read_wav(path: str | os.PathLike[str], sample_rate: int | None = None) -> np.ndarray:
+    """A wav's float32 mono samples at `sample_rate` Hz (resampled when the file's rate
+    differs), or at the file's own rate when `sample_rate` is None."""
+    x, rate = load_wav(path)
+    return x if sample_rate is None else resample(x, rate, sample_rate)
+
+
 def speech_ratio(
     path: Path,
     frame_ms: float = 30.0,
@@ -344,56 +371,32 @@ def speech_ratio(
     return float(np.mean(db > threshold))
 
 
-# -- shards --------------------------------------------------------------------------------------
+# -- the stage ----------------------------------------------------------------------------------
+def audio_stage(ffmpeg_bin: str | None = None, sample_rate: int = DEFAULT_SAMPLE_RATE) -> Stage:
+    """The audio split as a stage: one video at a time, ffmpeg looked up once per shard."""
+
+    def setup() -> Any:
+        exe = find_ffmpeg(ffmpeg_bin)  # a configuration error stops the shard at once
+        # Looked up per call (not bound here), so a patched extract_audio is the one used.
+        return lambda video, out: extract_audio(video, out, exe, sample_rate)
+
+    extractor_id = audio_extractor_id(sample_rate)
+    return artifact_stage(AUDIO_STAGE, tables.AUDIO, extractor_id, ".wav", setup)
+
+
 def extract_audio_shard(
     videos: pd.DataFrame,
     store: Store,
     ffmpeg_bin: str | None = None,
     sample_rate: int = DEFAULT_SAMPLE_RATE,
     retry_failed: bool = False,
-    attempt: int = 1,
+    attempt: int | None = None,
 ) -> ShardReport:
     """Split the audio of every video in the shard that the audio table lacks."""
-    extractor_id = audio_extractor_id(sample_rate)
-    ffmpeg_bin = find_ffmpeg(ffmpeg_bin)  # a configuration error stops the shard at once
-
-    def work(video: Any) -> dict:
-        out = store.artifact_path("audio", extractor_id, video.video_id, video.sha256, ".wav")
-        result = extract_audio(Path(video.path), out, ffmpeg_bin, sample_rate)
-        return {
-            "video_id": video.video_id,
-            "sha256": video.sha256,
-            "extractor_id": extractor_id,
-            "path": store.publish_artifact(result.path),
-            "sample_rate": result.sample_rate,
-            "n_samples": result.n_samples,
-            "duration": result.duration,
-            "speech_ratio": result.speech_ratio,
-            "created_at": now_utc(),
-        }
-
-    return run_shard(
-        videos, store, tables.AUDIO, AUDIO_STAGE, extractor_id, work, retry_failed, attempt
-    )
+    return run_stage(audio_stage(ffmpeg_bin, sample_rate), videos, store, retry_failed, attempt)
 
 
-# -- Prefect wrappers ----------------------------------------------------------------------------
-def _audio_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    return shard_cache_key(
-        parameters["videos"],
-        audio_extractor_id(parameters.get("sample_rate", DEFAULT_SAMPLE_RATE)),
-        AUDIO_STAGE,
-        parameters["data_root"],
-    )
-
-
-@task(
-    name="extract-audio",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_if_transient,
-    cache_key_fn=_audio_cache_key,
-)
+@task(name="extract-audio", **task_options(audio_stage))
 def extract_audio_task(
     videos: pd.DataFrame,
     data_root: str,
@@ -401,6 +404,4 @@ def extract_audio_task(
     sample_rate: int = DEFAULT_SAMPLE_RATE,
 ) -> ShardReport:
     """Prefect task: split the audio of one shard into the store under `data_root`."""
-    return extract_audio_shard(
-        videos, Store(data_root), ffmpeg_bin, sample_rate, attempt=current_attempt()
-    )
+    return extract_audio_shard(videos, Store(data_root), ffmpeg_bin, sample_rate)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,7 +19,6 @@ from tasks.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv")
 # MER2024's folder names map to pool names; any other folder is its own pool.
 POOL_OF_FOLDER = {"video-labeled": "labeled", "video-unlabeled": "unlabeled"}
 
@@ -52,12 +52,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def video_extensions(extensions: Collection[str] | None = None) -> set[str]:
+    """The file name endings that count as videos: `extensions`, or by default the setting
+    `corpus.video_extensions`'s default (one list, in flows/config.py); case-insensitive."""
+    if extensions is None:
+        from flows.config import CorpusSettings
+
+        extensions = CorpusSettings().video_extensions
+    return {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+
+
 def list_videos(
-    video_dirs: list[Path], extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    video_dirs: list[Path], extensions: Collection[str] | None = None
 ) -> dict[str, Path]:
-    """Map video_id (file stem) to path; two files with one stem are an error listing all."""
+    """Map video_id (file stem) to path; two files with one stem are an error listing all.
+
+    `extensions`: the setting `corpus.video_extensions` (None: its default)."""
     found: dict[str, list[Path]] = {}
-    exts = {e.lower() for e in extensions}
+    exts = video_extensions(extensions)
     for folder in video_dirs:
         folder = Path(folder)
         if not folder.is_dir():
@@ -101,12 +113,14 @@ def _probe_row(path: Path) -> dict:
 def scan_videos(
     video_dirs: list[Path],
     store: Store,
-    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
+    extensions: Collection[str] | None = None,
     workers: int = 2,
 ) -> tuple[ScanReport, pd.DataFrame]:
     """Build or update the manifest from `video_dirs`; return the report and the scanned rows.
 
-    Size + mtime is the cheap first test: an unchanged file is neither hashed nor probed.
+    `extensions`: which files are videos (the setting `corpus.video_extensions`; None: its
+    default). Size + mtime is the cheap first test: an unchanged file is neither hashed nor
+    probed.
     A file whose bytes changed gets a new sha256, so every downstream key changes with it.
     """
     video_dirs = [Path(d).expanduser().resolve() for d in video_dirs]

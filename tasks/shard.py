@@ -1,11 +1,11 @@
-"""What every sharded stage shares: skip done keys, record failures, report counts, the shard
-loop of the raw-video stages (`run_shard`) and the Prefect retry rule of every stage."""
+"""What every sharded stage shares: shards and their cache keys, the store's done and failed
+keys, the shard report, the attempt number and the Prefect retry rule (the engine that runs a
+stage on a shard is tasks/stage.py)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from data_contracts import tables
-from data_contracts.failures import failure_row, failures_frame
 from data_contracts.location import is_url, normalize_root
 from data_contracts.store import Store, StoreAccessError, StoreWriteError
 from data_contracts.tables import TableRef
@@ -55,29 +54,21 @@ class ShardReport:
         )
 
 
-def pending(videos: pd.DataFrame, store: Store, table: TableRef, extractor_id: str) -> pd.DataFrame:
-    """The videos whose (video_id, sha256, extractor_id) row the table does not hold yet."""
-    done = store.existing_keys(table)
-    return videos[_not_in(videos, done, extractor_id)]
-
-
-def commit(
-    store: Store, table: TableRef, rows: list[dict], failures: list[dict], report: ShardReport
-) -> ShardReport:
-    """Write a shard's result rows and failure rows; failures are only rows, never a crash."""
-    if rows:
-        store.upsert(table, pd.DataFrame(rows, columns=table.contract.columns))
-    if failures:
-        store.upsert(tables.FAILURES, failures_frame(failures))
-        for f in failures:
-            report.add_failure(f["video_id"], f["error_type"])
-    return report
-
-
 def shards(videos: pd.DataFrame, size: int) -> list[pd.DataFrame]:
     """Split manifest rows, sorted by video_id, into shards of at most `size` videos."""
     videos = videos.sort_values("video_id").reset_index(drop=True)
     return [videos.iloc[i : i + size] for i in range(0, len(videos), size)]
+
+
+def stored_keys(
+    store: Store, table: TableRef, stage: str, extractor_id: str, video_ids: list[str]
+) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """Of `video_ids`, the (video_id, sha256) pairs `table` holds under `extractor_id`, and
+    those with a failure row of `stage` under it; only these videos' rows are read."""
+    where = {"video_id": video_ids, "extractor_id": [extractor_id]}
+    done = {k[:2] for k in store.existing_keys(table, where=where)}
+    failed = store.existing_keys(tables.FAILURES, where={**where, "stage": [stage]})
+    return done, {k[:2] for k in failed}
 
 
 def select_pending(
@@ -87,21 +78,21 @@ def select_pending(
     stage: str,
     extractor_id: str,
     retry_failed: bool = False,
-) -> tuple[pd.DataFrame, int]:
-    """Videos that still need `stage` under `extractor_id`, and how many were skipped.
+) -> tuple[pd.DataFrame, int, set[tuple[str, str]]]:
+    """Videos that still need `stage` under `extractor_id`, how many were skipped, and the
+    (video_id, sha256) pairs that failed before.
 
     Skipped: the table already holds the row, or the same bytes already failed deterministically
     under the same settings (it would fail again) unless `retry_failed`.
     """
-    done = store.existing_keys(table)
-    if not retry_failed:
-        done |= {
-            (k[0], k[1], extractor_id)
-            for k in store.existing_keys(tables.FAILURES)
-            if k[2:] == (stage, extractor_id)
-        }
-    todo = videos[_not_in(videos, done, extractor_id)]
-    return todo, len(videos) - len(todo)
+    done, failed = stored_keys(store, table, stage, extractor_id, videos.video_id.tolist())
+    skip = done if retry_failed else done | failed
+    # A bool array, never a list: `df[[]]` would select no columns instead of no rows.
+    mask = np.array(
+        [k not in skip for k in zip(videos.video_id, videos.sha256, strict=True)], dtype=bool
+    )
+    todo = videos[mask]
+    return todo, len(videos) - len(todo), failed
 
 
 def shard_cache_key(videos: pd.DataFrame, extractor_id: str, stage: str, data_root: str) -> str:
@@ -113,65 +104,6 @@ def shard_cache_key(videos: pd.DataFrame, extractor_id: str, stage: str, data_ro
     for vid, sha in pairs:
         h.update(f"{vid}\t{sha}\n".encode())
     return f"{stage}-{extractor_id}-{h.hexdigest()[:24]}"
-
-
-def _not_in(videos: pd.DataFrame, done: set[tuple], extractor_id: str) -> np.ndarray:
-    # A bool array, never a list: `df[[]]` would select no columns instead of no rows.
-    return np.array(
-        [
-            (vid, sha, extractor_id) not in done
-            for vid, sha in zip(videos["video_id"], videos["sha256"], strict=True)
-        ],
-        dtype=bool,
-    )
-
-
-def run_shard(
-    videos: pd.DataFrame,
-    store: Store,
-    table: TableRef,
-    stage: str,
-    extractor_id: str,
-    work: Callable[[Any], dict],
-    retry_failed: bool = False,
-    attempt: int = 1,
-) -> ShardReport:
-    """Run `work(row)` on each video the store lacks; bad inputs become failure rows.
-
-    Rows are written in one upsert at the end, and also when a transient error escapes, so
-    work already done is never lost. A video that failed deterministically before with the
-    same bytes and settings would fail again, so it is skipped (counted in `skipped`) unless
-    `retry_failed`.
-    """
-    missing = {"video_id", "sha256", "path"} - set(videos.columns)
-    if missing:
-        raise ValueError(f"videos lack columns {sorted(missing)}; pass manifest rows")
-    report = ShardReport(stage, retried=int(attempt > 1))
-    done = store.existing_keys(table)
-    failed_before = {
-        (k[0], k[1]) for k in store.existing_keys(tables.FAILURES) if k[2:] == (stage, extractor_id)
-    }
-    rows: list[dict] = []
-    failures: list[dict] = []
-    try:
-        for video in videos.itertuples(index=False):
-            key = (video.video_id, video.sha256)
-            if (*key, extractor_id) in done or (key in failed_before and not retry_failed):
-                report.skipped += 1
-                continue
-            try:
-                rows.append(work(video))
-            except BadInputError as e:
-                failures.append(failure_row(*key, stage, e, extractor_id, attempt))
-            else:
-                report.processed += 1
-    finally:
-        commit(store, table, rows, failures, report)
-        # A video that now succeeds (retry_failed) must not keep its old failure row.
-        healed = {(r["video_id"], r["sha256"]) for r in rows} & failed_before
-        if healed:
-            store.delete(tables.FAILURES, {(*k, stage, extractor_id) for k in healed})
-    return report
 
 
 def now_utc() -> datetime:

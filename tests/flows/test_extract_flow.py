@@ -92,3 +92,49 @@ def test_lost_store_is_recomputed_not_trusted_from_cache(
     assert rerun["stages"]["audio"]["processed"] == 18
     assert rerun["stages"]["acoustic"]["processed"] == 18
     assert rerun["stages"]["visual"]["processed"] == 0
+
+
+def test_task_command_and_flow_store_the_same_rows(prefect_server, corpus, tmp_path, tiny_models):
+    """`merflow task` runs the flow's stages with the flow's engine: the same rows, to the bit."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.config import load_settings
+    from flows.plan import STAGES, plan_extraction
+    from flows.task_cli import run_video
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    video = folder / sorted((corpus / "video-labeled").glob("*.mp4"))[0].name
+    shutil.copy(corpus / "video-labeled" / video.name, video)
+    overrides = [
+        f"models.models_dir={tiny_models}",
+        "models.build_tiny=false",
+        "extract.prefer_official_transcripts=false",  # ASR, as `merflow task` runs it
+    ]
+    root = tmp_path / "root"
+    extract_flow(
+        str(corpus), profile="demo", data_root=str(root), overrides=overrides,
+        video_dirs=[str(folder)],
+    )  # fmt: skip
+    flow_store = Store(root)
+
+    plan = plan_extraction(load_settings("demo", overrides), tmp_path / "cli", None)
+    rows = run_video(video, [plan.stage(s) for s in STAGES], Store(tmp_path / "cli-store"))
+    assert list(rows) == list(STAGES)
+    for name, row in rows.items():
+        stored = flow_store.read(plan.stage(name).table)
+        assert len(stored) == 1, name
+        flow_row = stored.iloc[0]
+        for column in stored.columns.drop("created_at"):
+            a, b = row[column], flow_row[column]
+            same = np.array_equal(a, b) if column == "embedding" else (a == b or a is b)
+            assert same or (pd.isna(a) and pd.isna(b)), (name, column, a, b)
+
+    # The command prints the norm of that very vector.
+    acoustic = rows["acoustic"].embedding
+    result = CliRunner().invoke(
+        app, ["task", "embed-audio", str(video), "--data-root", str(tmp_path / "cli"), *overrides]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"L2 norm {np.linalg.norm(acoustic):.4f}" in result.output

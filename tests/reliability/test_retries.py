@@ -41,28 +41,8 @@ def test_transient_fault_is_retried_and_bad_input_is_not(
     badmedia.video_only(folder / "sample_00000000.mp4")
     good = sorted(p.stem for p in folder.glob("*.mp4") if p.stem != "sample_00000000")
     flaky = good[1]  # in the first shard, after the bad video and one good one
-    calls: Counter = Counter()
-    real = tasks.media.extract_audio
-
-    def faulty(video, *args, **kwargs):
-        calls[video.stem] += 1
-        if video.stem == flaky and calls[video.stem] == 1:
-            raise OSError(errno.EIO, "injected I/O fault", str(video))
-        return real(video, *args, **kwargs)
-
-    monkeypatch.setattr(tasks.media, "extract_audio", faulty)
-    state = extract_flow(
-        str(corpus),
-        profile="demo",
-        data_root=str(tmp_path / "root"),
-        overrides=[
-            f"models.models_dir={tiny_models}",
-            "models.build_tiny=false",
-            "extract.shard_size=5",
-        ],
-        video_dirs=[str(folder)],
-        return_state=True,
-    )
+    calls = _fail_audio_once(monkeypatch, flaky)
+    state = _extract(corpus, tmp_path / "root", tiny_models, folder, "extract.shard_size=5")
     assert state.is_completed(), state
     summary = state.result()
     audio = summary["stages"]["audio"]
@@ -96,3 +76,42 @@ def test_transient_fault_is_retried_and_bad_input_is_not(
     audio_runs = sorted(r.run_count for r in runs if r.name.startswith("extract-audio"))
     assert audio_runs == [1, 1, 2], audio_runs  # three shards; one retried once
     assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs]
+
+
+def test_retries_come_from_the_settings(prefect_server, corpus, tmp_path, tiny_models, monkeypatch):
+    """extract.retries=0: the same transient fault is not retried, and its shard fails the run."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for src in sorted((corpus / "video-labeled").glob("*.mp4"))[:2]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    flaky = sorted(p.stem for p in folder.glob("*.mp4"))[0]
+    calls = _fail_audio_once(monkeypatch, flaky)
+    state = _extract(corpus, tmp_path / "root", tiny_models, folder, "extract.retries=0")
+    assert state.is_failed(), state
+    assert calls[flaky] == 1  # one attempt, where the default setting would have retried
+
+
+def _fail_audio_once(monkeypatch, flaky: str) -> Counter:
+    """Make the first audio split of video `flaky` raise a transient I/O error; count calls."""
+    calls: Counter = Counter()
+    real = tasks.media.extract_audio
+
+    def faulty(video, *args, **kwargs):
+        calls[video.stem] += 1
+        if video.stem == flaky and calls[video.stem] == 1:
+            raise OSError(errno.EIO, "injected I/O fault", str(video))
+        return real(video, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.media, "extract_audio", faulty)
+    return calls
+
+
+def _extract(corpus, root, tiny_models, folder, *overrides):
+    return extract_flow(
+        str(corpus),
+        profile="demo",
+        data_root=str(root),
+        overrides=[f"models.models_dir={tiny_models}", "models.build_tiny=false", *overrides],
+        video_dirs=[str(folder)],
+        return_state=True,
+    )

@@ -434,3 +434,15 @@ def test_cli_crop_faces_reports_no_face(clips, tmp_path):
         task_app, ["crop-faces", str(clips["no_face"]), "--out", str(tmp_path)]
     )
     assert result.exit_code == 1 and "no face in any of the 25 sampled frames" in result.output
+
+
+def test_provenance_is_the_structured_settings_not_a_parsed_id():
+    settings = FaceSettings(backend="opencv", size=96, fps=2, max_frames=7, padding=0.3)
+    prov = settings.provenance()
+    assert prov["faces_extractor_id"] == settings.extractor_id
+    # What the id only hashes is spelled out: detect_max_side, padding, the thresholds.
+    assert prov["faces_settings"]["padding"] == 0.3
+    assert prov["faces_settings"]["detect_max_side"] == 640
+    assert prov["face_thresholds"] == face_backends.THRESHOLDS["opencv"]
+    assert (prov["face_backend"], prov["crop_size"], prov["frame_rate"]) == ("opencv", 96, 2)
+    assert prov["max_frames"] == 7 and prov["frame_sampling"] == "2fps-max7"

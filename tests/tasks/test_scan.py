@@ -79,3 +79,13 @@ def test_duplicate_stems_are_refused_listing_all(folder, tmp_path):
         list_videos([folder, other])
     with pytest.raises(BadInputError, match="does not exist"):
         list_videos([tmp_path / "nope"])
+
+
+def test_scan_takes_the_video_extensions_setting(folder, tmp_path):
+    (folder / "sample_00000003.MKV").write_bytes((folder / "sample_00000001.mp4").read_bytes())
+    (folder / "notes.txt").write_text("not a video")
+    store = Store(tmp_path / "root")
+    report, _ = scan_videos([folder], store, extensions=["mkv"])
+    assert report.new == ["sample_00000003"]
+    # The default is the setting's default list, which has .mp4 and .mkv and no .txt.
+    assert set(list_videos([folder])) == {"sample_00000001", "sample_00000002", "sample_00000003"}

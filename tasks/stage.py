@@ -1,0 +1,275 @@
+"""The one engine every extraction stage runs on: a stage is data, `run_stage` runs it on a shard.
+
+A `Stage` says what it writes (table and extractor id), what it reads (an upstream table's rows
+under one extractor id, or the raw video), how to load one video's input, and how to compute a
+group of loaded inputs (model stages batch across a shard's videos in bounded groups; raw-video
+stages take one video at a time). `run_stage` does the rest, the same way for all six stages and
+for `merflow task`: it selects the videos still pending in the store, records deterministic bad
+inputs as failure rows carrying the Prefect attempt number, clears the failure rows of videos
+that now succeed, and commits what it wrote even when a transient error escapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from data_contracts import tables
+from data_contracts.failures import failure_row, failures_frame
+from data_contracts.store import Store
+from data_contracts.tables import TableRef
+from tasks.errors import BadInputError
+from tasks.gpu_slots import gpu_slot
+from tasks.shard import (
+    ShardReport,
+    current_attempt,
+    now_utc,
+    retry_if_transient,
+    select_pending,
+    shard_cache_key,
+)
+
+# One loaded input per video, and what computing a group of them gives: per video, in order,
+# its output row or the bad-input error that makes it a failure row.
+Item = tuple[Any, Any]  # (manifest row, loaded input)
+Result = dict | BadInputError
+Compute = Callable[[list[Item]], list[Result]]
+
+
+class MissingModalityError(BadInputError):
+    """The input a modality needs does not exist for this video (no face, no audio, no text)."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The rows a stage reads: `table` under `extractor_id`, written by stage `stage`."""
+
+    stage: str
+    table: TableRef
+    extractor_id: str
+    # Videos that do without an upstream row (those with an official transcript).
+    optional_for: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One extraction stage, as data.
+
+    start: (store) -> the function computing a group of loaded inputs; it loads what the stage
+        computes with (a model, ffmpeg, a face backend) once, when a shard has pending videos,
+        and a configuration error raised here stops the shard before any video.
+    load: (store, video, upstream row or None) -> the video's input; raises BadInputError
+        (MissingModalityError) for a missing or bad one. None: the input is the video itself.
+    batch: videos per compute call.
+    device, gpu_slots: where the stage computes; on a GPU the shard holds one of the device's
+        `gpu_slots` slots on this machine while it computes (tasks/gpu_slots.py).
+    """
+
+    name: str
+    table: TableRef
+    extractor_id: str
+    start: Callable[[Store], Compute]
+    upstream: Upstream | None = None
+    load: Callable[[Store, Any, Any], Any] | None = None
+    batch: int = 1
+    device: str = "cpu"
+    gpu_slots: int = 1
+
+
+def one_at_a_time(work: Callable[[Any], dict]) -> Compute:
+    """A group compute from a per-video function whose BadInputError fails that video only."""
+
+    def compute(items: list[Item]) -> list[Result]:
+        out: list[Result] = []
+        for video, _ in items:
+            try:
+                out.append(work(video))
+            except BadInputError as e:
+                out.append(e)
+        return out
+
+    return compute
+
+
+def artifact_stage(
+    name: str,
+    table: TableRef,
+    extractor_id: str,
+    suffix: str,
+    setup: Callable[[], Callable[[Path, Path], Any]],
+) -> Stage:
+    """A raw-video stage that writes one artifact per video, one video at a time.
+
+    `setup()` runs once per shard (a configuration error stops it before any video) and gives
+    `make(video_path, out_path)`, which writes the artifact and returns a result whose
+    attributes name the table's other columns; keys, stored path and time are added here.
+    """
+    fixed = {"video_id", "sha256", "extractor_id", "path", "created_at"}
+    own = [c for c in table.contract.columns if c not in fixed]
+
+    def start(store: Store) -> Compute:
+        make = setup()
+
+        def work(video: Any) -> dict:
+            out = store.artifact_path(name, extractor_id, video.video_id, video.sha256, suffix)
+            result = make(Path(video.path), out)
+            return {
+                "video_id": video.video_id,
+                "sha256": video.sha256,
+                "extractor_id": extractor_id,
+                "path": store.publish_artifact(out),
+                **{c: getattr(result, c) for c in own},
+                "created_at": now_utc(),
+            }
+
+        return one_at_a_time(work)
+
+    return Stage(name, table, extractor_id, start)
+
+
+def groups(df: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
+    """Consecutive groups of at most `size` rows: a shard of long clips cannot exhaust memory."""
+    size = max(1, size)
+    for i in range(0, len(df), size):
+        yield df.iloc[i : i + size]
+
+
+def _upstream_rows(up: Upstream | None, store: Store, todo: pd.DataFrame) -> pd.DataFrame | None:
+    # Only this shard's rows under the one extractor id: never the whole table.
+    if up is None:
+        return None
+    where = {"video_id": todo.video_id.tolist(), "extractor_id": [up.extractor_id]}
+    return store.read(up.table, where=where).set_index(["video_id", "sha256"])
+
+
+def _load(stage: Stage, store: Store, video: Any, rows: pd.DataFrame | None) -> Any:
+    up = stage.upstream
+    row = None
+    if up is not None:
+        key = (video.video_id, video.sha256)
+        if key in rows.index:
+            row = rows.loc[key]
+        elif video.video_id not in up.optional_for:
+            raise MissingModalityError(
+                f"video {video.video_id} has no {up.stage} output under {up.extractor_id} (see "
+                f"its '{up.stage}' failure); its {stage.name} output is marked missing"
+            )
+    return stage.load(store, video, row) if stage.load is not None else None
+
+
+def run_stage(
+    stage: Stage,
+    videos: pd.DataFrame,
+    store: Store,
+    retry_failed: bool = False,
+    attempt: int | None = None,
+) -> ShardReport:
+    """Run `stage` on the videos of a shard (manifest rows) that its table lacks.
+
+    Bad inputs become failure rows with the attempt number (the Prefect task run's, 1 outside
+    Prefect); a video that succeeds loses its old failure row. Rows are written in one upsert
+    at the end, and also when a transient error escapes, so work done is never lost.
+    """
+    missing = {"video_id", "sha256", "path"} - set(videos.columns)
+    if missing:
+        raise ValueError(f"videos lack columns {sorted(missing)}; pass manifest rows")
+    attempt = attempt or current_attempt()
+    report = ShardReport(stage.name, retried=int(attempt > 1))
+    todo, report.skipped, failed_before = select_pending(
+        videos, store, stage.table, stage.name, stage.extractor_id, retry_failed
+    )
+    if todo.empty:
+        return report
+    with gpu_slot(stage.device, slots_per_device=stage.gpu_slots):  # nothing held on a CPU
+        _compute(stage, todo, store, attempt, report, failed_before)
+    return report
+
+
+def _compute(
+    stage: Stage,
+    todo: pd.DataFrame,
+    store: Store,
+    attempt: int,
+    report: ShardReport,
+    failed_before: set[tuple[str, str]],
+) -> None:
+    compute = stage.start(store)
+    upstream = _upstream_rows(stage.upstream, store, todo)
+    rows: list[dict] = []
+    failures: list[dict] = []
+
+    def fail(video: Any, e: BadInputError) -> None:
+        failures.append(
+            failure_row(video.video_id, video.sha256, stage.name, e, stage.extractor_id, attempt)
+        )
+
+    try:
+        for group in groups(todo, stage.batch):
+            items: list[Item] = []
+            for video in group.itertuples(index=False):
+                try:
+                    items.append((video, _load(stage, store, video, upstream)))
+                except BadInputError as e:
+                    fail(video, e)
+            if not items:
+                continue
+            for (video, _), result in zip(items, compute(items), strict=True):
+                if isinstance(result, BadInputError):
+                    fail(video, result)
+                else:
+                    rows.append(result)
+                    report.processed += 1
+    finally:
+        _commit(store, stage, rows, failures, failed_before, report)
+
+
+def _commit(
+    store: Store,
+    stage: Stage,
+    rows: list[dict],
+    failures: list[dict],
+    failed_before: set[tuple[str, str]],
+    report: ShardReport,
+) -> None:
+    """Write result and failure rows; drop the old failure rows of videos that now succeed."""
+    if rows:
+        store.upsert(stage.table, pd.DataFrame(rows, columns=stage.table.contract.columns))
+    if failures:
+        store.upsert(tables.FAILURES, failures_frame(failures))
+        for f in failures:
+            report.add_failure(f["video_id"], f["error_type"])
+    healed = {(r["video_id"], r["sha256"]) for r in rows} & failed_before
+    if healed:
+        store.delete(tables.FAILURES, {(*k, stage.name, stage.extractor_id) for k in healed})
+
+
+# -- Prefect -------------------------------------------------------------------------------------
+# The default of `extract.retries` (flows/config.py); the flow sets each run's value with
+# `task.with_options(retries=settings.extract.retries)`.
+DEFAULT_RETRIES = 2
+
+
+def task_options(build: Callable[..., Stage], gpu: bool = False) -> dict[str, Any]:
+    """Prefect options of a stage task `(videos, data_root, **build's parameters)`.
+
+    The cache key is the shard's content, the stage's extractor id and the data root. Model
+    stages on a GPU hold a slot of their device while they compute (run_stage).
+    """
+
+    def cache_key(context: Any, parameters: dict[str, Any]) -> str:
+        args = {k: v for k, v in parameters.items() if k not in ("videos", "data_root")}
+        stage = build(**args)
+        return shard_cache_key(
+            parameters["videos"], stage.extractor_id, stage.name, parameters["data_root"]
+        )
+
+    return {
+        "retries": DEFAULT_RETRIES,
+        "retry_delay_seconds": [5, 30] if gpu else [2, 10],
+        "retry_condition_fn": retry_if_transient,
+        "cache_key_fn": cache_key,
+    }

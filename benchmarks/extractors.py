@@ -27,13 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from flows.config import load_settings
 from models.extractors import (
     clear_extractor_cache,
     load_extractor,
     resolve_device,
     resolve_dtype,
 )
-from models.registry import ModelNotFoundError, profile_specs, resolve_model_path
+from models.registry import ModelNotFoundError, resolve_model_path, specs_of
 from models.tiny import CORPUS, build_tiny_models, random_encoder
 
 KINDS = ("visual", "acoustic", "asr", "text")
@@ -131,7 +132,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    specs = profile_specs("paper" if args.paper else "demo")
+    specs = specs_of(load_settings("paper" if args.paper else "demo", env={}).models)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:

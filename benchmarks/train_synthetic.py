@@ -21,6 +21,8 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,17 +36,11 @@ from models.baseline import BaselineConfig, BaselineNet
 from models.distributed import World, barrier, init_from_env, local_device, shutdown
 from models.featureset import FeatureSet
 from models.mrccl import MRCCL, PAPER_DIMS, MRCCLConfig
-from models.training import (
-    RecipeConfig,
-    TrainConfig,
-    cross_validate_baseline,
-    fine_tune,
-    predict,
-    pretrain,
-    run_self_training,
-    train_baseline,
-    waf,
-)
+from models.recipe import RecipeConfig
+from models.selftrain import STEP1_TARGETS, STEP2_TARGETS
+from models.training import TrainConfig, fine_tune, predict, pretrain, train_baseline, waf
+from tasks.train import load_fold, train_in_process
+from tasks.train_data import TrainingData
 
 # MER2024 Train&Val, in CLASSES order.
 MER_COUNTS = {
@@ -134,7 +130,7 @@ def make_synthetic(
 
 
 def recipe(args: argparse.Namespace, dims: dict[str, int]) -> RecipeConfig:
-    """The recipe at the chosen size; everything else is METHOD.md's."""
+    """The recipe at the chosen size; everything else is docs/method.md's."""
     model = MRCCLConfig(
         dims=dims,
         hidden=args.hidden,
@@ -157,24 +153,23 @@ def recipe(args: argparse.Namespace, dims: dict[str, int]) -> RecipeConfig:
         pretrain_epochs=args.pretrain_epochs,
         final_epochs=args.final_epochs,
         lr_step2=args.lr / 2,
-        oversample_scale=args.scale,
-        keep_models=False,
+        inner_val_fraction=args.inner_val,
+        # The paper's targets scaled with the labelled counts.
+        oversample_step1={c: round(n * args.scale) for c, n in STEP1_TARGETS.items()},
+        oversample_step2={c: round(n * args.scale) for c, n in STEP2_TARGETS.items()},
     )
 
 
-def ablations(base: RecipeConfig) -> dict[str, tuple[str, RecipeConfig]]:
-    """The systems of the paper's Table 1: name -> (kind, recipe)."""
+def ablations(base: RecipeConfig) -> dict[str, RecipeConfig]:
+    """The systems of the paper's Table 1: name -> recipe. The supervised baseline is trained
+    inside every run that makes pseudo labels (its row of the run's report)."""
     replace = dataclasses.replace
     return {
-        "baseline (supervised, no oversampling)": (
-            "baseline",
-            replace(base, use_oversampling=False),
-        ),
-        "full method": ("mrccl", base),
-        "w/o contrastive pre-training": ("mrccl", replace(base, use_pretraining=False)),
-        "w/o NEE": ("mrccl", replace(base, model=replace(base.model, use_nee=False))),
-        "w/o pseudo labels": ("mrccl", replace(base, use_pseudo_labels=False)),
-        "w/o oversampling": ("mrccl", replace(base, use_oversampling=False)),
+        "full method": base,
+        "w/o contrastive pre-training": replace(base, use_pretraining=False),
+        "w/o NEE": replace(base, model=replace(base.model, use_nee=False)),
+        "w/o pseudo labels": replace(base, use_pseudo_labels=False),
+        "w/o oversampling": replace(base, use_oversampling=False),
     }
 
 
@@ -189,18 +184,18 @@ def compare(args: argparse.Namespace) -> None:
         f"({time.perf_counter() - t0:.1f} s)"
     )
     only = {int(i) for i in args.only.split(",")} if args.only else None
+    data = TrainingData(labelled, unlabelled, extractor_ids={m: "synthetic" for m in MODALITIES})
+    work = Path(tempfile.mkdtemp(prefix="train-synthetic-"))
     rows = []
-    for i, (name, (kind, cfg)) in enumerate(ablations(recipe(args, dims)).items()):
+    for i, (name, cfg) in enumerate(ablations(recipe(args, dims)).items()):
         if only is not None and i not in only:
             continue
         t = time.perf_counter()
-        if kind == "baseline":
-            res = cross_validate_baseline(labelled, cfg, test=unlabelled)
-        else:
-            res = run_self_training(labelled, unlabelled, cfg)
-        s = res.summary()
+        run_dir = work / f"run-{i}"
+        s = train_in_process(run_dir, data, cfg)  # the steps the train flow runs
         # The pool's hidden truth plays MER-SEMI's test set (which is inside the unlabelled pool).
-        pool_waf = waf(truth, res.test_probs.argmax(1))
+        pool = sum(load_fold(run_dir / f"fold-{k}")[1]["test_voted"] for k in range(cfg.n_splits))
+        pool_waf = waf(truth, pool.argmax(1))
         seconds = time.perf_counter() - t
         rows.append({"system": name, **s, "pool_waf": pool_waf, "seconds": seconds})
         folds = [round(100 * w, 2) for w in s["fold_waf"]]
@@ -209,9 +204,19 @@ def compare(args: argparse.Namespace) -> None:
             f"folds {folds}  ({seconds:.0f} s)",
             flush=True,
         )
-        if s["pseudo_counts"]:
+        if "baseline" in s["rows"]:
+            print(f"{'':40s} its baseline: CV WAF {100 * s['rows']['baseline']['mean']:6.2f}")
+        if any(sum(p.values()) for p in s["pseudo_counts"]):
             mean = {c: round(float(np.mean([p[c] for p in s["pseudo_counts"]]))) for c in CLASSES}
             print(f"{'':40s} pseudo labels per fold (mean): {mean}", flush=True)
+    if rows:
+        ref = rows[0]["rows"]
+        print(
+            f"{'reference: guess by class mix':40s} CV WAF "
+            f"{100 * ref['class_prior']['mean']:6.2f}; majority class "
+            f"{100 * ref['majority']['mean']:6.2f}"
+        )
+    shutil.rmtree(work, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
@@ -303,7 +308,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--only", default="", help="comma list of run numbers 0-5 to run")
+    p.add_argument("--only", default="", help="comma list of run numbers 0-4 to run")
+    p.add_argument(
+        "--inner-val", type=float, default=0.15, help="share of a fold's rows for early stopping"
+    )
     p.add_argument("--json", default="", help="also write the results to this file")
     args = p.parse_args()
     if args.threads:

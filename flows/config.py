@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from data_contracts.location import (
     DataRootError,
@@ -18,6 +25,7 @@ from data_contracts.location import (
     normalize_root,
     split_root_list,
 )
+from models.settings import TrainSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -51,7 +59,7 @@ class CorpusSettings(_Section):
 class AudioSettings(_Section):
     """FFmpeg audio split."""
 
-    sample_rate: int = Field(16000, gt=0)
+    sample_rate: int = Field(16000, gt=0)  # of the wavs; speech models resample to their own
     ffmpeg_bin: str | None = None
 
 
@@ -81,8 +89,15 @@ class ModelSettings(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     visual_batch: int = Field(64, gt=0)
     audio_batch_seconds: float = Field(120.0, gt=0)
-    audio_chunk_seconds: float = Field(10.0, gt=0)
+    audio_chunk_seconds: float = Field(10.0, gt=0)  # HuBERT's chunks; other than 10: a new id
     text_batch_tokens: int = Field(4096, gt=0)
+
+    @model_validator(mode="after")
+    def _known_specs_of_their_kind(self) -> ModelSettings:
+        from models.registry import specs_of  # light: no torch
+
+        specs_of(self)  # an unknown name lists the valid ones; a wrong kind says which
+        return self
 
 
 class ExtractSettings(_Section):
@@ -91,7 +106,7 @@ class ExtractSettings(_Section):
     shard_size: int = Field(64, gt=0)
     prefer_official_transcripts: bool = True
     gpu_concurrency: int = Field(1, gt=0)
-    retries: int = Field(2, ge=0)
+    retries: int = Field(2, ge=0)  # Prefect retries of a stage's shard on transient errors
     # Where tasks run: threads of the flow's process, or Dask worker processes (a LocalCluster
     # of dask_workers, or an existing scheduler at dask_address, e.g. from dask-jobqueue).
     task_runner: Literal["threads", "dask"] = "threads"
@@ -99,88 +114,12 @@ class ExtractSettings(_Section):
     dask_address: str | None = None
 
 
-class TrainSettings(_Section):
-    """The train flow (METHOD.md: every number and decision)."""
-
-    seed: int = 0
-    standardize: bool = True  # z-score each modality over all videos (label-free) before training
-    n_splits: int = Field(5, ge=2)
-    lr: float = Field(1e-4, gt=0)
-    lr_step2: float = Field(5e-5, gt=0)
-    batch_size: int = Field(512, gt=0)
-    max_epochs: int = Field(40, gt=0)
-    patience: int = Field(5, gt=0)
-    final_epochs: int = Field(20, gt=0)
-    pretrain_epochs: int = Field(20, ge=0)
-    lambda_con: float = Field(1.0, ge=0)
-    hidden: int = Field(256, gt=0)
-    n_tokens: int = Field(8, gt=0)
-    n_layers: int = Field(2, gt=0)
-    n_heads: int = Field(4, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    nee_schedule: Literal["linear", "scaled_linear"] = "linear"
-    oversample_step1: dict[str, int] = Field(
-        default_factory=lambda: {"sad": 850, "worried": 850, "surprise": 850}
-    )
-    oversample_step2: dict[str, int] = Field(
-        default_factory=lambda: {"sad": 1000, "worried": 1000, "surprise": 1000}
-    )
-    thresholds: dict[str, float] = Field(
-        default_factory=lambda: {
-            "neutral": 0.99,
-            "angry": 0.99,
-            "happy": 0.99,
-            "sad": 0.99,
-            "worried": 0.85,
-            "surprise": 0.85,
-        }
-    )
-    preferred_baseline: list[str] = Field(default_factory=lambda: ["happy", "worried", "surprise"])
-    vote_weights: list[float] = Field(default_factory=lambda: [0.7, 0.5, 0.4, 0.7])
-    # Quality filters (tasks/quality.py): mask a modality of a video whose signal is below the
-    # threshold. Off by default so that the paper's numbers stay comparable.
-    quality_min_face_ratio: float | None = Field(None, ge=0, le=1)
-    quality_min_face_confidence: float | None = None
-    quality_min_speech_ratio: float | None = Field(None, ge=0, le=1)
-    quality_min_asr_confidence: float | None = Field(None, ge=0, le=1)
-    quality_min_transcript_chars: int | None = Field(None, ge=0)
-    # Ablations of the paper's Table 1, one switch each.
-    use_pretraining: bool = True
-    use_nee: bool = True
-    use_pseudo_labels: bool = True
-    use_oversampling: bool = True
-    device: str = "auto"
-    # Data-parallel training (models/distributed.py): more than one process in all runs each
-    # step under torchrun. These say how a step runs, not what it computes, so they are left out
-    # of a run's identity: a run started on 8 GPUs resumes on 4 in the same folder.
-    nproc_per_node: int = Field(1, ge=1)  # processes on this machine, one per GPU
-    nnodes: int = Field(1, ge=1)  # machines; the others run `merflow train-join`
-    rdzv_endpoint: str | None = None  # host:port on node 0 that every node can reach
-    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on CUDA, else gloo
-
-    @model_validator(mode="after")
-    def _multi_node_needs_endpoint(self) -> TrainSettings:
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(
-                f"train.nnodes={self.nnodes} needs train.rdzv_endpoint=HOST:PORT, an address on "
-                "the first machine that every machine can reach"
-            )
-        return self
-
-    @property
-    def world_size(self) -> int:
-        """Training processes in all."""
-        return self.nproc_per_node * self.nnodes
-
-
-# Train settings that only say how many processes run a step (excluded from the run key).
-LAUNCH_SETTINGS = frozenset({"nproc_per_node", "nnodes", "rdzv_endpoint", "dist_backend"})
-
-
 class PrefectSettings(_Section):
     """The Prefect server merflow talks to."""
 
     api_url: str | None = None  # default: the local server merflow starts under the data root
+    # The address that local server binds to (flows/server.py); beyond loopback only with
+    # PREFECT_SERVER_API_AUTH_STRING set.
     host: str = "127.0.0.1"
     port: int = Field(4200, gt=0, lt=65536)
 

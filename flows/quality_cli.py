@@ -12,10 +12,11 @@ import typer
 from data_contracts import tables
 from data_contracts.store import Store
 from data_contracts.tables import TableRef
+from flows.cli_common import DataRootArg, RequiredDataRootOpt
 
 
 class UnknownVideoError(LookupError):
-    """The video id is not in the data root's manifest."""
+    """The video id is not in the data root's manifest (exit 2: the argument is wrong)."""
 
 
 def _rows(store: Store, table: TableRef, video_id: str, columns: list[str] | None = None):
@@ -35,8 +36,8 @@ def _section(title: str, body: list[str]) -> list[str]:
 
 def describe_video(store: Store, video_id: str) -> str:
     """Everything the data root knows about one video, as readable text."""
-    from flows.check import fold_settings
-    from tasks.quality import cv_folds, find_feature_tables, quality_signals
+    from tasks.folds import fold_assignment
+    from tasks.quality import find_feature_tables, quality_signals
 
     if not store.has_stores():
         raise UnknownVideoError(f"{store.root} holds no stores/: it is not a merflow data root")
@@ -100,13 +101,15 @@ def describe_video(store: Store, video_id: str) -> str:
 
     labels = _rows(store, tables.LABELS, video_id)
     body = [f"  {r.label} (from {r.source})" for r in labels.itertuples(index=False)]
-    n_splits, seed = fold_settings(store.root)
     try:
-        folds = cv_folds(store, n_splits, seed)
+        folds = fold_assignment(store)
     except ValueError:  # too few labelled videos for folds
-        folds = {}
-    if video_id in folds:
-        body.append(f"  CV fold {folds[video_id]} of {n_splits} (seed {seed})")
+        folds = None
+    if folds is not None and video_id in folds.folds:
+        body.append(
+            f"  CV fold {folds.folds[video_id]} of {folds.n_splits} (seed {folds.seed}; "
+            f"{folds.source})"
+        )
     out += _section("Label", body)
     pseudo = _rows(store, tables.PSEUDO_LABELS, video_id)
     out += _section(
@@ -132,40 +135,23 @@ def describe_video(store: Store, video_id: str) -> str:
     return "\n".join(out) + "\n"
 
 
-# Strings, not Paths: a Path would collapse the '//' of an s3:// data root.
-DataRootArg = Annotated[
-    str, typer.Argument(help="the data root of an extraction: a folder or an s3://... URL")
-]
-
-
 def check_cmd(
     data_root: DataRootArg,
     n_splits: Annotated[
-        int | None, typer.Option(help="CV folds to test for leakage (default: saved settings)")
+        int | None,
+        typer.Option(help="CV folds to test for leakage (default: the latest training run's)"),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="CV seed (default: saved settings)")] = None,
+    seed: Annotated[int | None, typer.Option(help="CV seed (default: the latest run's)")] = None,
     cosine: Annotated[float, typer.Option(help="near-duplicate centred cosine threshold")] = 0.99,
     write: Annotated[
         bool, typer.Option(help="append findings to the store and write reports/check.md")
     ] = True,
 ) -> None:
     """Check the feature stores (no server): print the report; exit 1 on error-level findings."""
-    from flows.check import fold_settings
-    from tasks.errors import BadInputError, MerflowError
-    from tasks.quality import check_stores
+    from tasks.check import check_stores
 
-    try:
-        saved_splits, saved_seed = fold_settings(data_root)
-        findings = check_stores(
-            Store(data_root),
-            saved_splits if n_splits is None else n_splits,
-            saved_seed if seed is None else seed,
-            cosine,
-            write=write,
-        )
-    except (BadInputError, ValueError, MerflowError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
+    # Folds: the latest training run's (tasks/folds.py), unless others are asked for.
+    findings = check_stores(Store(data_root), n_splits, seed, cosine, write=write)
     typer.echo(findings.markdown())
     if findings.has_errors:
         raise typer.Exit(1)
@@ -173,18 +159,10 @@ def check_cmd(
 
 def inspect_cmd(
     video_id: Annotated[str, typer.Argument(help="the video id (file stem)")],
-    data_root: Annotated[
-        str, typer.Option("--data-root", help="the data root to look in (a folder or a URL)")
-    ],
+    data_root: RequiredDataRootOpt,
 ) -> None:
     """Print everything known about one video: manifest, artifacts, features, failures, labels."""
-    from tasks.errors import MerflowError
-
-    try:
-        typer.echo(describe_video(Store(data_root), video_id))
-    except (UnknownVideoError, MerflowError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+    typer.echo(describe_video(Store(data_root), video_id))
 
 
 def register(app: typer.Typer) -> None:

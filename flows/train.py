@@ -20,22 +20,24 @@ from tqdm.auto import tqdm
 
 from data_contracts.location import is_url, normalize_root
 from data_contracts.store import Store
-from flows.config import LAUNCH_SETTINGS, load_settings, save_resolved
+from flows.config import load_settings, save_resolved
 from flows.plan import plan_extraction
 from flows.safety import check_all_under_roots, trusted_roots
-from flows.train_worker import launch, step_names, worker_args
+from flows.train_worker import launch, worker_args
+from models.recipe import recipe_from_settings
+from tasks.gpu_slots import gpu_slot
 from tasks.quality import quality_mask, quality_signals
 from tasks.train import (
     DONE,
     data_fingerprint,
-    recipe_from_settings,
+    freeze_run,
     run_key,
     run_step,
-    save_normalizer,
-    training_data,
+    step_inputs,
+    step_names,
 )
-from tasks.train_data import mask_modalities
-from tasks.train_inputs import INPUTS, save_inputs
+from tasks.train_data import load_training_data, mask_modalities
+from tasks.train_inputs import INPUTS
 from tasks.train_report import build_report, report_markdown
 
 log = logging.getLogger(__name__)
@@ -45,31 +47,26 @@ def _step_key(context, parameters) -> str:
     return f"train-{parameters['step']}-{parameters['key']}-{Path(parameters['run_dir']).name}"
 
 
-def _run_step(
-    step: str,
-    key: str,
-    run_dir: str,
-    data_root: str,
-    profile: str,
-    overrides: list[str],
-    corpus_dir: str,
-) -> str:
-    """One training step in this process, or under torchrun when more than one process is
-    configured; a step already done is skipped either way. Returns the step's folder."""
-    ts = load_settings(profile, overrides).train
-    if ts.world_size == 1:
-        ctx = _context(data_root, profile, overrides, corpus_dir)
-        return str(run_step(step, Path(run_dir), ctx["data"], ctx["recipe"]))
-    if not (Path(run_dir) / step / DONE).is_file():
-        args = worker_args(step, key, run_dir, data_root, profile, overrides, corpus_dir)
-        launch(ts, step, key, args, emit=get_run_logger().info)
-    return str(Path(run_dir) / step)
+def _run_step(step: str, key: str, run_dir: str, profile: str, overrides: list[str]) -> str:
+    """One training step over the run's frozen inputs, in this process or under torchrun when
+    more than one process is configured; a step already done is skipped either way. Returns
+    the step's folder."""
+    settings = load_settings(profile, overrides)
+    ts = settings.train
+    # One slot of each GPU the step trains on, per machine (tasks/gpu_slots.py); none on a CPU.
+    slots = settings.extract.gpu_concurrency
+    with gpu_slot(ts.device, slots_per_device=slots, n_devices=ts.nproc_per_node):
+        if ts.world_size == 1:
+            data, recipe = step_inputs(Path(run_dir), key, ts)
+            return str(run_step(step, Path(run_dir), data, recipe))
+        if not (Path(run_dir) / step / DONE).is_file():
+            args = worker_args(step, key, run_dir, profile, overrides)
+            launch(ts, step, key, args, emit=get_run_logger().info)
+        return str(Path(run_dir) / step)
 
 
 # One task, named per step kind in the UI.
-_step_task = task(
-    _run_step, cache_key_fn=_step_key, retries=1, retry_delay_seconds=[10], tags=["gpu"]
-)
+_step_task = task(_run_step, cache_key_fn=_step_key, retries=1, retry_delay_seconds=[10])
 pretrain_task = _step_task.with_options(
     name="pretrain",
     description="MR-CCL contrastive pretraining (skipped when its checkpoint exists).",
@@ -109,13 +106,17 @@ def _quality_filtered(data, store: Store, settings, plan):
     return dataclasses.replace(data, **parts, dropped=dropped, missing=missing)
 
 
-def _context(data_root: str, profile: str, overrides: list[str], corpus_dir: str | None = None):
+def training_context(
+    data_root: str, profile: str, overrides: list[str], corpus_dir: str | None = None
+) -> dict:
+    """What a run trains on, read from the stores once: the data (quality filters applied),
+    its fingerprint, the recipe and the run key."""
     settings = load_settings(profile, overrides)
     store = Store(data_root)
     plan = plan_extraction(settings, store.root, Path(corpus_dir) if corpus_dir else None)
     feature_tables = plan.feature_tables()
     fingerprint = data_fingerprint(store, feature_tables)
-    data = training_data(store, feature_tables, fingerprint, settings.train.standardize)
+    data = load_training_data(store, feature_tables, settings.train.standardize)
     data = _quality_filtered(data, store, settings, plan)
     recipe = recipe_from_settings(settings.train, data.labelled.dims)
     return {
@@ -124,16 +125,8 @@ def _context(data_root: str, profile: str, overrides: list[str], corpus_dir: str
         "data": data,
         "recipe": recipe,
         "fingerprint": fingerprint,
-        "key": train_run_key(fingerprint, settings, recipe),
+        "key": run_key(fingerprint, settings.train, recipe),
     }
-
-
-def train_run_key(fingerprint: str, settings, recipe) -> str:
-    """A training run's identity. Standardisation and quality filters change the inputs, so
-    every train setting is part of it; how many processes train is not."""
-    return run_key(
-        f"{fingerprint}+{settings.train.model_dump_json(exclude=set(LAUNCH_SETTINGS))}", recipe
-    )
 
 
 def _run_dir(settings, root: Path | str, key: str) -> Path:
@@ -183,16 +176,14 @@ def train_flow(
         roots,
     )
     # The plan sees the corpus: official transcripts change the text features' id.
-    ctx = _context(str(root), profile, overrides, str(corpus))
-    data, key = ctx["data"], ctx["key"]
+    ctx = training_context(str(root), profile, overrides, str(corpus))
+    key = ctx["key"]
     run_dir = _run_dir(settings, root, key)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(settings, run_dir / "settings.yaml")
     _save_beside_stores(settings, ctx["store"])
-    if data.stats:  # what a checkpoint's inputs were standardised with, to apply it elsewhere
-        save_normalizer(data.stats, run_dir / "normalizer.npz")
-    if settings.train.world_size > 1:  # ranks map these instead of each reading the stores
-        save_inputs(run_dir / INPUTS, data, key, ctx["fingerprint"])
+    # Every step and the report read these, never the stores again (tasks/train.py).
+    data = freeze_run(run_dir, ctx["data"], key, ctx["fingerprint"], ctx["recipe"], ctx["store"])
     logger.info(
         "run %s: %d labelled, %d unlabelled videos, features %s",
         key,
@@ -200,14 +191,7 @@ def train_flow(
         len(data.unlabelled),
         data.extractor_ids,
     )
-    common = {
-        "key": key,
-        "run_dir": str(run_dir),
-        "data_root": str(root),
-        "profile": profile,
-        "overrides": overrides,
-        "corpus_dir": str(corpus),
-    }
+    common = {"key": key, "run_dir": str(run_dir), "profile": profile, "overrides": overrides}
     # A step's outputs are the truth: a cache entry whose folder is gone is refreshed.
     steps = tqdm(total=1 + settings.train.n_splits, desc="     train", unit="step", disable=None)
     _fresh(pretrain_task, run_dir / "pretrain")(step="pretrain", **common)
@@ -216,10 +200,11 @@ def train_flow(
         _fresh(fold_task, run_dir / f"fold-{k}")(step=f"fold-{k}", **common)
         steps.update(1)
     steps.close()
-    shutil.rmtree(run_dir / INPUTS, ignore_errors=True)  # rebuilt from the stores if needed
     report = build_report(
         run_dir, key, data, settings.train.n_splits, ctx["store"], settings.train.model_dump()
     )
+    del data  # unmap the inputs before removing them
+    shutil.rmtree(run_dir / INPUTS, ignore_errors=True)  # a rerun freezes them again
     create_markdown_artifact(
         report_markdown(report), key="train-report", description="training report"
     )
@@ -256,14 +241,16 @@ def join_training(
         raise ValueError("train-join is for multi-node runs: set train.nnodes and rdzv_endpoint")
     corpus = Path(corpus_dir).expanduser().resolve()
     root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus)
-    ctx = _context(str(root), profile, overrides, str(corpus))
+    ctx = training_context(str(root), profile, overrides, str(corpus))
     key = ctx["key"]
     run_dir = _run_dir(settings, root, key)
     joined = []
     for step in step_names(settings.train.n_splits):
         if (run_dir / step / DONE).is_file():
             continue
-        args = worker_args(step, key, str(run_dir), str(root), profile, overrides, str(corpus))
-        launch(settings.train, step, key, args, emit=emit)
+        args = worker_args(step, key, str(run_dir), profile, overrides)
+        ts, slots = settings.train, settings.extract.gpu_concurrency
+        with gpu_slot(ts.device, slots_per_device=slots, n_devices=ts.nproc_per_node):
+            launch(ts, step, key, args, emit=emit)
         joined.append(step)
     return joined

@@ -2,14 +2,15 @@
 under `torchrun` when train.nproc_per_node x train.nnodes > 1, and `merflow train-join` starts
 the same steps on the other machines of a multi-node run.
 
-Each rank runs this module's `main`: it maps the inputs the flow froze in the run folder
-(tasks/train_inputs.py), checks the run key against its own settings, joins the process group
-torchrun set up, trains its share of every batch (models/distributed.py) and rank 0 writes the
-step's folder (checkpoint, outputs, done.json), exactly what the single-process step writes.
-A step that fails leaves no done.json, so a rerun (or Prefect's retry) starts it again.
+Each rank runs this module's `main`: it maps the inputs the flow froze in the run folder and
+checks their run key against its own settings (tasks/train.py `step_inputs`, as the flow's
+own process does), joins the process group torchrun set up, trains its share of every batch
+(models/distributed.py) and rank 0 writes the step's folder (checkpoint, outputs, done.json),
+exactly what the single-process step writes. A step that fails leaves no done.json, so a rerun
+(or Prefect's retry) starts it again.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m flows.train_worker \\
-        --step fold-0 --key KEY --run-dir RUN --data-root ROOT --profile demo --corpus-dir C
+        --step fold-0 --key KEY --run-dir RUN --profile demo
 """
 
 from __future__ import annotations
@@ -42,23 +43,11 @@ class DistributedStepError(MerflowError):
     """A training step failed under torchrun; its folder holds no done.json."""
 
 
-def step_names(n_splits: int) -> list[str]:
-    """The training steps in the order every node runs them."""
-    return ["pretrain", *(f"fold-{k}" for k in range(n_splits))]
-
-
 def worker_args(
-    step: str,
-    key: str,
-    run_dir: str,
-    data_root: str,
-    profile: str,
-    overrides: Sequence[str],
-    corpus_dir: str,
+    step: str, key: str, run_dir: str, profile: str, overrides: Sequence[str]
 ) -> list[str]:
     """Command-line arguments of `flows.train_worker` for one step."""
-    args = ["--step", step, "--key", key, "--run-dir", run_dir, "--data-root", data_root]
-    args += ["--profile", profile, "--corpus-dir", corpus_dir]
+    args = ["--step", step, "--key", key, "--run-dir", run_dir, "--profile", profile]
     for o in overrides:
         args += ["--override", o]
     return args
@@ -134,9 +123,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--step", required=True, help="pretrain or fold-K")
     p.add_argument("--key", required=True, help="the run key the flow computed")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--data-root", required=True)
     p.add_argument("--profile", required=True)
-    p.add_argument("--corpus-dir", required=True)
     p.add_argument("--override", action="append", default=[])
     return p.parse_args(argv)
 
@@ -152,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    from tasks.train import run_step  # the flow imports this module: import the rest late
+    # The flow imports this module: import the training code late.
+    from tasks.train import run_step, step_inputs
+    from tasks.train_inputs import INPUTS
 
     a = _parse(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -162,13 +151,10 @@ def _main(argv: Sequence[str] | None) -> None:
         datefmt="%H:%M:%S",
     )
     settings = load_settings(a.profile, a.override)
-    data, recipe, key = _inputs(a, settings)
-    if key != a.key:
-        raise MerflowError(
-            f"run key {key} differs from the flow's {a.key}: the stores or settings "
-            "changed since the run started (or this machine was given other settings); start "
-            "the train flow again"
-        )
+    started = time.perf_counter()
+    data, recipe = step_inputs(Path(a.run_dir), a.key, settings.train)
+    mapped = Path(a.run_dir) / INPUTS
+    log.info("inputs mapped from %s in %.2f s", mapped, time.perf_counter() - started)
     w = init_from_env(settings.train.dist_backend, recipe.train.device)
     train = dataclasses.replace(recipe.train, device=local_device(recipe.train.device, w))
     recipe = dataclasses.replace(recipe, train=train)
@@ -177,26 +163,6 @@ def _main(argv: Sequence[str] | None) -> None:
         run_step(a.step, Path(a.run_dir), data, recipe)
     finally:
         shutdown()
-
-
-def _inputs(a: argparse.Namespace, settings):
-    """This rank's training data, recipe and run key: mapped from the inputs the flow froze in
-    the run folder; read from the stores only on one machine when those are missing (a worker
-    started by hand after the run finished)."""
-    from flows.train import _context, train_run_key
-    from tasks.train import recipe_from_settings
-    from tasks.train_inputs import INPUTS, inputs_key, load_inputs
-
-    folder = Path(a.run_dir) / INPUTS
-    if inputs_key(folder) is None and settings.train.nnodes == 1:
-        log.warning("no training inputs under %s: every rank reads the stores itself", folder)
-        ctx = _context(a.data_root, a.profile, a.override, a.corpus_dir)
-        return ctx["data"], ctx["recipe"], ctx["key"]
-    started = time.perf_counter()
-    data, fingerprint = load_inputs(folder, a.key)
-    recipe = recipe_from_settings(settings.train, data.labelled.dims)
-    log.info("inputs mapped from %s in %.2f s", folder, time.perf_counter() - started)
-    return data, recipe, train_run_key(fingerprint, settings, recipe)
 
 
 if __name__ == "__main__":

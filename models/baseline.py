@@ -11,6 +11,7 @@ from torch import nn
 
 from data_contracts.labels import MODALITIES, NUM_CLASSES
 from models.mrccl import PAPER_DIMS, config_from_dict, masked_rows, standardise
+from models.settings import default
 
 
 @dataclass
@@ -18,8 +19,8 @@ class BaselineConfig:
     """Settings of the attention-fusion baseline; saved beside each checkpoint."""
 
     dims: dict[str, int] = field(default_factory=lambda: dict(PAPER_DIMS))
-    hidden: int = 256
-    dropout: float = 0.3
+    hidden: int = default("hidden")  # the same width as MR-CCL's (models/settings.py)
+    dropout: float = default("baseline_dropout")
     num_classes: int = NUM_CLASSES
 
     def __post_init__(self) -> None:

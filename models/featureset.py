@@ -133,6 +133,8 @@ class TensorBatch:
     features: dict[str, torch.Tensor]  # modality -> (B, d_m) float32
     present: dict[str, torch.Tensor]  # modality -> (B,) bool
     labels: torch.Tensor  # (B,) int64
+    # (B,) int64, equal values = the same video (oversampled copies); None = all distinct.
+    groups: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> TensorBatch:
         """The same batch on `device`."""
@@ -140,15 +142,26 @@ class TensorBatch:
             features={m: v.to(device, non_blocking=True) for m, v in self.features.items()},
             present={m: v.to(device, non_blocking=True) for m, v in self.present.items()},
             labels=self.labels.to(device, non_blocking=True),
+            groups=None if self.groups is None else self.groups.to(device, non_blocking=True),
         )
 
 
+def video_groups(video_ids: np.ndarray) -> np.ndarray:
+    """int64 (N,): one integer per distinct video id, the same for every copy of a video."""
+    ids = np.asarray(video_ids)
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(ids, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 def to_tensors(data: FeatureSet, device: str | torch.device = "cpu") -> TensorBatch:
-    """Whole FeatureSet as tensors; on CPU the arrays are shared, not copied."""
+    """Whole FeatureSet as tensors; on CPU the arrays are shared, not copied. `groups` numbers
+    the distinct video ids, so oversampled copies of a video share one value."""
     return TensorBatch(
         features={m: torch.from_numpy(data.features[m]).to(device) for m in MODALITIES},
         present={m: torch.from_numpy(data.present[m]).to(device) for m in MODALITIES},
         labels=torch.from_numpy(data.labels).to(device),
+        groups=torch.from_numpy(video_groups(data.video_ids)).to(device),
     )
 
 
@@ -158,6 +171,7 @@ def take(batch: TensorBatch, index: torch.Tensor) -> TensorBatch:
         features={m: v.index_select(0, index) for m, v in batch.features.items()},
         present={m: v.index_select(0, index) for m, v in batch.present.items()},
         labels=batch.labels.index_select(0, index),
+        groups=None if batch.groups is None else batch.groups.index_select(0, index),
     )
 
 

@@ -43,15 +43,37 @@ def temperature_names() -> tuple[str, ...]:
     )
 
 
+def same_group_negatives(groups: torch.Tensor) -> torch.Tensor:
+    """(B, B) bool: [i, j] is True where i != j and rows i, j are the same video."""
+    same = groups.unsqueeze(0) == groups.unsqueeze(1)
+    return same & ~torch.eye(len(groups), dtype=torch.bool, device=groups.device)
+
+
 def symmetric_info_nce(
-    a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature: float | torch.Tensor,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. 3: InfoNCE of a_k against b_j plus of b_k against a_j (summed); rows of a, b pair up."""
+    """Eq. 3: InfoNCE of a_k against b_j plus of b_k against a_j (summed); rows of a, b pair up.
+
+    `groups` (B,) integers, equal values = the same video (e.g. oversampled copies): a copy of
+    row k is then no negative of row k; the pair leaves both softmax denominators (its logit is
+    -inf in both directions) while the positive (k, k) stays. None: every j != k is a negative.
+    """
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"symmetric_info_nce needs two (B, d) tensors; got {a.shape}, {b.shape}")
+    if groups is not None and groups.shape != (a.shape[0],):
+        raise ValueError(
+            f"symmetric_info_nce: groups must have shape ({a.shape[0]},); got {tuple(groups.shape)}"
+        )
     if a.shape[0] == 0:
         return a.sum() * 0.0  # empty batch: zero, still attached to the graph
     logits = a @ b.T / temperature  # (B, B): [k, j] = a_k . b_j / tau
+    if groups is not None:
+        # Symmetric mask, so logits.T below is masked the same way; the diagonal is never masked,
+        # so no row is all -inf and the loss and its gradients stay finite.
+        logits = logits.masked_fill(same_group_negatives(groups.to(a.device)), float("-inf"))
     target = torch.arange(a.shape[0], device=a.device)
     # Row k of logits normalises over b_j; row k of logits.T over a_j (the second sum of Eq. 3).
     return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
@@ -73,12 +95,19 @@ class LearnableTemperature(nn.Module):
 
 
 def _masked(
-    a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, tau: torch.Tensor | float
+    a: torch.Tensor,
+    b: torch.Tensor,
+    rows: torch.Tensor,
+    tau: torch.Tensor | float,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Eq. 3 on the rows where both sides exist, on L2-normalised vectors; returns (loss, rows)."""
+    """Eq. 3 on the rows where both sides exist, on L2-normalised vectors; returns (loss, rows).
+
+    `groups` (B,) are the video groups of all B rows; they are selected with the same `rows`."""
     n = int(rows.sum())
     a, b = a[rows], b[rows]
-    return symmetric_info_nce(F.normalize(a, dim=-1), F.normalize(b, dim=-1), tau), n
+    g = None if groups is None else groups.to(rows.device)[rows]
+    return symmetric_info_nce(F.normalize(a, dim=-1), F.normalize(b, dim=-1), tau, g), n
 
 
 def _mean_of_terms(terms: dict[str, torch.Tensor], counts: dict[str, int]) -> torch.Tensor:
@@ -94,12 +123,18 @@ def imcl_ne(
     noisy: Mapping[str, torch.Tensor],
     present: Mapping[str, torch.Tensor],
     temperatures: Mapping[str, Callable[[], torch.Tensor]],
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """IMCL-NE: L_intra = mean over modalities of Eq. 3 between F_hat^m and N_hat^m."""
+    """IMCL-NE: L_intra = mean over modalities of Eq. 3 between F_hat^m and N_hat^m.
+
+    `groups` (B,): rows of the same video are not each other's negatives (see Eq. 3's function).
+    """
     terms, counts = {}, {}
     for m in INTRA_TERMS:
         name = f"intra-{m}"
-        terms[name], counts[name] = _masked(clean[m], noisy[m], present[m], temperatures[name]())
+        terms[name], counts[name] = _masked(
+            clean[m], noisy[m], present[m], temperatures[name](), groups
+        )
     return _mean_of_terms(terms, counts), terms
 
 
@@ -108,21 +143,25 @@ def imcl_ae(
     present: Mapping[str, torch.Tensor],
     temperatures: Mapping[str, Callable[[], torch.Tensor]],
     projections: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """IMCL-AE: L_imc = mean of 3 pairwise and 3 one-vs-two Eq. 3 terms on H^v, H^a, H^t.
 
     In a one-vs-two term the single side goes through `projections[m]` (hidden -> 2*hidden)
     and faces concat of the other two H's; only rows with all three modalities count.
+    `groups` (B,): rows of the same video are not each other's negatives.
     """
     terms, counts = {}, {}
     for a, b in PAIR_TERMS:
         name = pair_name(a, b)
         rows = present[a] & present[b]
-        terms[name], counts[name] = _masked(invariant[a], invariant[b], rows, temperatures[name]())
+        terms[name], counts[name] = _masked(
+            invariant[a], invariant[b], rows, temperatures[name](), groups
+        )
     for m, (o1, o2) in ONE_VS_TWO_TERMS:
         name = one_vs_two_name(m)
         rows = present[m] & present[o1] & present[o2]
         single = projections[m](invariant[m])  # (B, 2*hidden)
         pair = torch.cat([invariant[o1], invariant[o2]], dim=-1)  # (B, 2*hidden)
-        terms[name], counts[name] = _masked(single, pair, rows, temperatures[name]())
+        terms[name], counts[name] = _masked(single, pair, rows, temperatures[name](), groups)
     return _mean_of_terms(terms, counts), terms

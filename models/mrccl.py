@@ -16,6 +16,7 @@ from torch import nn
 from data_contracts.labels import CLASSIFIER_OF_MODALITY, CLASSIFIERS, MODALITIES, NUM_CLASSES
 from models.losses import LearnableTemperature, imcl_ae, imcl_ne, temperature_names
 from models.nee import NOISE_KINDS, NoiseSchedule
+from models.settings import default
 from models.voting import DEFAULT_VOTING_WEIGHTS, check_weights, classifier_presence, soft_vote
 
 # Utterance feature dims of the paper's extractors (CLIP ViT-L/14, HuBERT-large, Baichuan2-13B).
@@ -56,15 +57,15 @@ class MRCCLConfig:
     """Every setting that shapes an MR-CCL network; saved beside each checkpoint."""
 
     dims: dict[str, int] = field(default_factory=lambda: dict(PAPER_DIMS))
-    n_tokens: int = 8  # an utterance vector is cut into this many chunks (tokens)
-    hidden: int = 256
-    n_layers: int = 2
-    n_heads: int = 4
+    n_tokens: int = default("n_tokens")  # an utterance vector is cut into this many tokens
+    hidden: int = default("hidden")
+    n_layers: int = default("n_layers")
+    n_heads: int = default("n_heads")
     ff_mult: int = 4  # Transformer feed-forward width = ff_mult * hidden
-    dropout: float = 0.1
+    dropout: float = default("dropout")
     num_classes: int = NUM_CLASSES
-    use_nee: bool = True  # False = the "without NEE" ablation: no noisy view, no L_intra
-    nee_schedule: str = "linear"
+    use_nee: bool = default("use_nee")  # False: the "without NEE" ablation (no noisy view)
+    nee_schedule: str = default("nee_schedule")
     nee_steps: int = 100
     nee_beta_start: float = 0.001
     nee_beta_end: float = 0.1
@@ -250,8 +251,13 @@ class MRCCL(nn.Module):
         reps: MRCCLReps,
         present: Mapping[str, torch.Tensor],
         with_contrastive: bool = True,
+        groups: torch.Tensor | None = None,
     ) -> MRCCLOutput:
-        """Logits of A, V, T, F and (if asked) L_intra and L_imc from encoded rows."""
+        """Logits of A, V, T, F and (if asked) L_intra and L_imc from encoded rows.
+
+        `groups` (B,) integers, equal = the same video (oversampled copies): the contrastive
+        terms then do not treat a copy of a row as its negative. None: all rows are distinct.
+        """
         specific, invariant = reps.specific, reps.invariant
         logits = {
             CLASSIFIER_OF_MODALITY[m]: self.classifiers[CLASSIFIER_OF_MODALITY[m]](specific[m])
@@ -262,10 +268,10 @@ class MRCCL(nn.Module):
         zero = fused.new_zeros(())
         l_intra, l_imc, terms = zero, zero, {}
         if with_contrastive and reps.noisy:
-            l_intra, t = imcl_ne(specific, reps.noisy, present, self.temperatures)
+            l_intra, t = imcl_ne(specific, reps.noisy, present, self.temperatures, groups)
             terms.update(t)
         if with_contrastive:
-            l_imc, t = imcl_ae(invariant, present, self.temperatures, self.projections)
+            l_imc, t = imcl_ae(invariant, present, self.temperatures, self.projections, groups)
             terms.update(t)
         logits = {c: logits[c] for c in CLASSIFIERS}
         return MRCCLOutput(logits, classifier_presence(present), l_intra, l_imc, terms)
@@ -276,10 +282,12 @@ class MRCCL(nn.Module):
         present: Mapping[str, torch.Tensor],
         with_contrastive: bool = True,
         generator: torch.Generator | None = None,
+        groups: torch.Tensor | None = None,
     ) -> MRCCLOutput:
-        """Logits of A, V, T, F and (if asked) L_intra and L_imc for a batch of B videos."""
+        """Logits of A, V, T, F and (if asked) L_intra and L_imc for a batch of B rows;
+        `groups` as in `heads`."""
         reps = self.encode(features, present, with_contrastive, generator)
-        return self.heads(reps, present, with_contrastive)
+        return self.heads(reps, present, with_contrastive, groups)
 
     def vote(self, out: MRCCLOutput) -> torch.Tensor:
         """Voted class probabilities (B, C) with the config's weights."""

@@ -249,22 +249,6 @@ _ALL_SPECS: tuple[ExtractorSpec, ...] = (
 
 SPECS: dict[str, ExtractorSpec] = {spec.name: spec for spec in _ALL_SPECS}
 
-# Which spec each profile uses for each kind of extractor.
-PROFILES: dict[str, dict[str, str]] = {
-    "paper": {
-        "visual": "clip-vit-large-patch14",
-        "acoustic": "chinese-hubert-large",
-        "asr": "wenet-wenetspeech",
-        "text": "baichuan2-13b-base",
-    },
-    "demo": {
-        "visual": "tiny-clip-vit",
-        "acoustic": "tiny-hubert",
-        "asr": "tiny-wenet-ctc",
-        "text": "tiny-llama",
-    },
-}
-
 
 def list_specs() -> list[str]:
     """Names of all registered extractor specs, sorted."""
@@ -281,15 +265,15 @@ def get_spec(name: str) -> ExtractorSpec:
         ) from None
 
 
-def profile_specs(profile: str) -> dict[str, ExtractorSpec]:
-    """The spec per kind (visual, acoustic, asr, text) that a profile uses."""
-    try:
-        names = PROFILES[profile]
-    except KeyError:
-        raise UnknownExtractorError(
-            f"unknown profile {profile!r}; valid profiles are {', '.join(sorted(PROFILES))}"
-        ) from None
-    return {kind: get_spec(name) for kind, name in names.items()}
+def specs_of(models: Any) -> dict[str, ExtractorSpec]:
+    """The spec per kind (visual, acoustic, asr, text) that a `models:` settings section names
+    (an object with one attribute per kind); refuses an unknown name or a spec of another kind.
+    Settings validation runs it, so a profile that names the wrong extractor fails on load."""
+    specs = {kind: get_spec(getattr(models, kind)) for kind in KINDS}
+    wrong = [f"models.{k}: {s.name} is kind {s.kind!r}" for k, s in specs.items() if s.kind != k]
+    if wrong:
+        raise UnknownExtractorError(f"extractors of the wrong kind: {'; '.join(wrong)}")
+    return specs
 
 
 def canonical_dtype(dtype: Any) -> str:

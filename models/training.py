@@ -1,27 +1,26 @@
-"""The training engine: pretraining, fine-tuning, the baseline, prediction, the whole recipe.
+"""The training engine: the loops every stage of the recipe runs (pretraining, fine-tuning,
+the baseline) and prediction. The recipe that calls them (folds, oversampling, pseudo labels,
+voting) is models/recipe.py.
 
-Read top to bottom: settings, metrics, batching, the loss of each stage, the loops (pretrain,
-fine_tune, train_baseline, predict), then the recipe of METHOD.md (oversample, pretrain,
-5-fold step 1, baseline, pseudo labels, step 2, voting, test predictions).
+Read top to bottom: loop settings, metrics, batching, the loss of each stage, the loops
+(pretrain, fine_tune, train_baseline), predict.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import confusion_matrix, f1_score
-from sklearn.model_selection import StratifiedKFold
+from sklearn.metrics import f1_score
 from torch import nn
 
 from data_contracts.labels import CLASSES, CLASSIFIERS, NUM_CLASSES
-from models.baseline import BaselineConfig, BaselineNet
+from models.baseline import BaselineNet
 from models.distributed import (
     RANK_SEED_STRIDE,
     Gather,
@@ -41,17 +40,8 @@ from models.featureset import (
     take,
     to_tensors,
 )
-from models.mrccl import MRCCL, MRCCLConfig, config_from_dict
-from models.selftrain import (
-    DEFAULT_PREFERRED,
-    DEFAULT_THRESHOLDS,
-    STEP1_TARGETS,
-    STEP2_TARGETS,
-    PseudoLabels,
-    random_oversample,
-    select_pseudo_labels,
-    targets_by_index,
-)
+from models.mrccl import MRCCL
+from models.settings import default
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +56,16 @@ def _fmt(stats: dict[str, float]) -> str:
 
 @dataclass
 class TrainConfig:
-    """Optimiser and loop settings of one training stage (the paper's values by default)."""
+    """Optimiser and loop settings of one training stage (defaults: models/settings.py)."""
 
-    lr: float = 1e-4
-    batch_size: int = 512  # capped at the number of rows, for small data
-    max_epochs: int = 40
-    patience: int = 5  # epochs without a better validation WAF before stopping
-    lambda_con: float = 1.0  # weight of L_intra + L_imc during fine-tuning
+    lr: float = default("lr")
+    batch_size: int = default("batch_size")
+    max_epochs: int = default("max_epochs")
+    patience: int = default("patience")
+    lambda_con: float = default("lambda_con")
     weight_decay: float = 0.0
     eval_batch_size: int = 2048
-    seed: int = 0  # each stage re-seeds torch's global RNG and its own numpy shuffler with it
+    seed: int = default("seed")
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -85,37 +75,6 @@ class TrainConfig:
                 f"lr={self.lr}, batch_size={self.batch_size}, max_epochs={self.max_epochs}, "
                 f"patience={self.patience}"
             )
-
-
-@dataclass
-class RecipeConfig:
-    """The whole METHOD.md recipe. Ablations are switches: `use_pretraining`, `model.use_nee`,
-    `use_pseudo_labels` and `use_oversampling`."""
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    model: MRCCLConfig = field(default_factory=MRCCLConfig)
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    n_splits: int = 5
-    use_pretraining: bool = True
-    pretrain_epochs: int = 20
-    final_epochs: int = 20  # at most this many epochs in step 1 and in step 2
-    lr_step2: float = 5e-5
-    use_pseudo_labels: bool = True  # False: no baseline, no pseudo labels, no step 2
-    use_oversampling: bool = True
-    oversample_step1: dict[str, int] = field(default_factory=lambda: dict(STEP1_TARGETS))
-    oversample_step2: dict[str, int] = field(default_factory=lambda: dict(STEP2_TARGETS))
-    oversample_scale: float = 1.0  # multiplies the targets, e.g. 60/5030 for a 60-clip corpus
-    thresholds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
-    preferred: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PREFERRED))
-    keep_models: bool = True  # return the fold models (for checkpoints)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RecipeConfig:
-        """Recipe from nested mappings (`train`, `model`, `baseline` are sub-mappings)."""
-        data = dict(data)
-        nested = {"train": TrainConfig, "model": MRCCLConfig, "baseline": BaselineConfig}
-        subs = {k: config_from_dict(c, data.pop(k, {})) for k, c in nested.items()}
-        return dataclasses.replace(config_from_dict(cls, data), **subs)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -136,6 +95,26 @@ def per_class_f1(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
         labels, predicted, labels=list(range(NUM_CLASSES)), average=None, zero_division=0
     )
     return {name: float(s) for name, s in zip(CLASSES, scores, strict=True)}
+
+
+def reference_wafs(train_labels: np.ndarray, val_labels: np.ndarray) -> dict[str, float]:
+    """What needs no features, for reading a WAF against (docs/method.md §9):
+
+    - `majority`: every validation row predicted as the training rows' most frequent class;
+    - `class_prior`: the expected WAF of guessing each row's class at random with the training
+      rows' class frequencies q. A class of n_c validation rows out of N then has expected
+      true positives n_c q_c and predictions N q_c, so F1_c = 2 n_c q_c / (n_c + N q_c).
+    """
+    q = np.bincount(train_labels, minlength=NUM_CLASSES) / max(1, len(train_labels))
+    n = np.bincount(val_labels, minlength=NUM_CLASSES).astype(np.float64)
+    total = n.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(n + total * q > 0, 2 * n * q / (n + total * q), 0.0)
+    majority = np.full(len(val_labels), int(q.argmax()))
+    return {
+        "majority": waf(val_labels, majority),
+        "class_prior": float((n / max(total, 1.0)) @ f1),
+    }
 
 
 # ----------------------------------------------------------------------------- batching
@@ -171,7 +150,8 @@ def pretrain_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Contrastive only: L_intra + L_imc."""
     reps = model.encode(local.features, local.present, with_contrastive=True).map(gather)
-    out = model.heads(reps, whole.present, with_contrastive=True)
+    # whole.groups: copies of a video (oversampling) are not each other's negatives.
+    out = model.heads(reps, whole.present, with_contrastive=True, groups=whole.groups)
     loss = out.l_intra + out.l_imc
     return loss, {"loss": loss.item(), "l_intra": out.l_intra.item(), "l_imc": out.l_imc.item()}
 
@@ -186,7 +166,7 @@ def fine_tune_loss(
     """Mean CE of A, V, T, F + CE of the voted scores + lambda_con * (L_intra + L_imc)."""
     contrastive = lambda_con > 0
     reps = model.encode(local.features, local.present, with_contrastive=contrastive).map(gather)
-    out = model.heads(reps, whole.present, with_contrastive=contrastive)
+    out = model.heads(reps, whole.present, with_contrastive=contrastive, groups=whole.groups)
     y = whole.labels
     # A classifier whose modality is missing in a row does not learn from that row.
     ces = [
@@ -249,11 +229,13 @@ def _seed_rank(seed: int, w: World) -> None:
 
 
 def _labels_and_presence(data: TensorBatch, index: torch.Tensor) -> TensorBatch:
-    """Rows `index` without their features (what a loss needs of the whole batch)."""
+    """Rows `index` without their features (what a loss needs of the whole batch): labels,
+    presence and video groups (the contrastive terms compare groups across the whole batch)."""
     return TensorBatch(
         features={},
         present={m: v.index_select(0, index) for m, v in data.present.items()},
         labels=data.labels.index_select(0, index),
+        groups=None if data.groups is None else data.groups.index_select(0, index),
     )
 
 
@@ -330,56 +312,82 @@ def pretrain(
 
 @dataclass
 class FitResult:
-    """Per-epoch history of a supervised stage and where its best validation WAF was."""
+    """Per-epoch history of a supervised stage and the epoch whose state the model ends with."""
 
     history: list[dict[str, float]]
     best_epoch: int
-    best_val_waf: float
+    best_val_waf: float | None  # on the early-stopping set; None without one
 
 
 def _fit(
-    model: nn.Module, train: FeatureSet, val: FeatureSet, cfg: TrainConfig, loss_fn: LossFn
+    model: nn.Module,
+    train: FeatureSet,
+    stop: FeatureSet | None,
+    cfg: TrainConfig,
+    loss_fn: LossFn,
 ) -> FitResult:
-    """Train with early stopping on validation WAF; the model ends with its best state."""
-    for name, part in (("training", train), ("validation", val)):
+    """Train for at most cfg.max_epochs. With an early-stopping set `stop`, stop after
+    cfg.patience epochs without a better WAF on it and end with the best state; without one,
+    train every epoch and keep the last state.
+
+    `stop` must be rows the caller will not report scores on (docs/method.md §7): a figure
+    measured on the rows that chose the epoch is optimistic.
+    """
+    parts = [("training", train), *([("early-stopping", stop)] if stop is not None else [])]
+    for name, part in parts:
         if (part.labels == UNLABELLED).any() or len(part) == 0:
             raise ValueError(f"the {name} set must be non-empty and fully labelled")
     loop = _Loop(model, train, cfg, loss_fn)
     history: list[dict[str, float]] = []
-    best_waf, best_epoch, best_state, stale = -1.0, 0, _state_copy(model), 0
+    best_waf, best_epoch, best_state, stale = -1.0, 0, None, 0
     for epoch in range(1, cfg.max_epochs + 1):
-        # Every rank sees the same validation probabilities (gathered), so they all stop at
-        # the same epoch and keep the same best state.
+        started = time.perf_counter()
         stats = loop.epoch()
-        voted = predict(model, val, cfg.eval_batch_size)["voted"]
-        val_ce = float(-np.log(np.clip(voted[np.arange(len(val)), val.labels], 1e-12, None)).mean())
-        val_waf = waf(val.labels, voted.argmax(1))
-        history.append({"epoch": epoch, **stats, "val_ce": val_ce, "val_waf": val_waf})
-        log.info("epoch %d: %s val_ce=%.4f val_waf=%.4f", epoch, _fmt(stats), val_ce, val_waf)
-        if val_waf > best_waf:
-            best_waf, best_epoch, best_state, stale = val_waf, epoch, _state_copy(model), 0
+        row: dict[str, float] = {"epoch": epoch, **stats}
+        if stop is not None:
+            # Every rank sees the same probabilities (gathered), so all stop at the same epoch.
+            voted = predict(model, stop, cfg.eval_batch_size)["voted"]
+            picked = np.clip(voted[np.arange(len(stop)), stop.labels], 1e-12, None)
+            row |= {"val_ce": float(-np.log(picked).mean())}
+            row |= {"val_waf": waf(stop.labels, voted.argmax(1))}
+        history.append(row)  # no wall time in it: a rerun's history is identical
+        seconds = time.perf_counter() - started
+        log.info(
+            "epoch %d: %s (%.1f s)",
+            epoch,
+            _fmt({k: v for k, v in row.items() if k != "epoch"}),
+            seconds,
+        )
+        if stop is None:
+            best_epoch = epoch
+            continue
+        if row["val_waf"] > best_waf:
+            best_waf, best_epoch, best_state, stale = row["val_waf"], epoch, _state_copy(model), 0
         else:
             stale += 1
             if stale >= cfg.patience:
                 break
-    model.load_state_dict(best_state)
-    return FitResult(history, best_epoch, best_waf)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return FitResult(history, best_epoch, best_waf if stop is not None else None)
 
 
-def fine_tune(model: MRCCL, train: FeatureSet, val: FeatureSet, cfg: TrainConfig) -> FitResult:
-    """Supervised MR-CCL training with the full fine-tuning loss and early stopping."""
+def fine_tune(
+    model: MRCCL, train: FeatureSet, stop: FeatureSet | None, cfg: TrainConfig
+) -> FitResult:
+    """Supervised MR-CCL training with the full fine-tuning loss (early stopping on `stop`)."""
 
     def loss(m: nn.Module, local: TensorBatch, whole: TensorBatch, gather: Gather):
         return fine_tune_loss(m, local, whole, gather, cfg.lambda_con)
 
-    return _fit(model, train, val, cfg, loss)
+    return _fit(model, train, stop, cfg, loss)
 
 
 def train_baseline(
-    model: BaselineNet, train: FeatureSet, val: FeatureSet, cfg: TrainConfig
+    model: BaselineNet, train: FeatureSet, stop: FeatureSet | None, cfg: TrainConfig
 ) -> FitResult:
-    """Supervised training of the challenge baseline with early stopping."""
-    return _fit(model, train, val, cfg, baseline_loss)
+    """Supervised training of the challenge baseline (early stopping on `stop`)."""
+    return _fit(model, train, stop, cfg, baseline_loss)
 
 
 @torch.no_grad()
@@ -411,305 +419,3 @@ def predict(model: nn.Module, data: FeatureSet, batch_size: int = 2048) -> dict[
     if w.distributed:
         mine = {k: gather_rows(v, sizes, w) for k, v in mine.items()}
     return mine
-
-
-# ----------------------------------------------------------------------------- the recipe
-
-
-@dataclass
-class CVResult:
-    """Outcome of a cross-validated run: fold and out-of-fold scores, test probabilities."""
-
-    labels: np.ndarray  # (N_l,) true labels of the labelled set
-    oof_probs: np.ndarray  # (N_l, C) voted probabilities of each row's validation-fold model
-    fold_waf: list[float]
-    test_ids: np.ndarray  # (M,)
-    test_probs: np.ndarray  # (M, C) mean of the fold models' voted probabilities
-    histories: list[dict[str, Any]] = field(default_factory=list)  # per fold, per stage
-    pretrain_history: list[dict[str, float]] = field(default_factory=list)
-    step1_fold_waf: list[float] = field(default_factory=list)
-    baseline_fold_waf: list[float] = field(default_factory=list)
-    pseudo_counts: list[dict[str, int]] = field(default_factory=list)  # per fold, per class
-    models: list[nn.Module] = field(default_factory=list)
-
-    @property
-    def mean_waf(self) -> float:
-        """Mean of the per-fold WAFs (the paper's Train&Val figure)."""
-        return float(np.mean(self.fold_waf))
-
-    @property
-    def oof_predictions(self) -> np.ndarray:
-        """Argmax of the out-of-fold probabilities (N_l,)."""
-        return self.oof_probs.argmax(1)
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-able report: WAFs, per-class F1, confusion matrix, pseudo-label counts."""
-        pred = self.oof_predictions
-        return {
-            "fold_waf": self.fold_waf,
-            "mean_waf": self.mean_waf,
-            "oof_waf": waf(self.labels, pred),
-            "per_class_f1": per_class_f1(self.labels, pred),
-            "confusion": confusion_matrix(
-                self.labels, pred, labels=list(range(NUM_CLASSES))
-            ).tolist(),
-            "step1_fold_waf": self.step1_fold_waf,
-            "baseline_fold_waf": self.baseline_fold_waf,
-            "pseudo_counts": self.pseudo_counts,
-            "classes": list(CLASSES),
-        }
-
-
-def _check_recipe_inputs(
-    labelled: FeatureSet, unlabelled: FeatureSet | None, cfg: RecipeConfig
-) -> None:
-    if (labelled.labels == UNLABELLED).any():
-        raise ValueError(
-            "the labelled set holds rows with label -1; move them to the unlabelled set"
-        )
-    if unlabelled is not None and (unlabelled.labels != UNLABELLED).any():
-        raise ValueError("the unlabelled set holds labelled rows; set their labels to -1")
-    for name, dims in (("model", cfg.model.dims), ("baseline", cfg.baseline.dims)):
-        if dims != labelled.dims:
-            raise ValueError(f"{name}.dims {dims} differ from the features' dims {labelled.dims}")
-    counts = np.bincount(labelled.labels, minlength=NUM_CLASSES)
-    if counts.max() < cfg.n_splits:
-        raise ValueError(
-            f"every class has fewer labelled rows than n_splits={cfg.n_splits}; lower n_splits"
-        )
-    thin = [CLASSES[c] for c in range(NUM_CLASSES) if 0 < counts[c] < cfg.n_splits]
-    if thin:
-        # Stratified folds still work: such a class is absent from some validation folds.
-        log.warning(
-            "classes %s have fewer labelled rows than n_splits=%d; some folds validate without "
-            "them",
-            thin,
-            cfg.n_splits,
-        )
-
-
-def _folds(labels: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    return list(splitter.split(np.zeros(len(labels)), labels))
-
-
-def _oversampled(
-    data: FeatureSet, targets: Mapping[str, int], cfg: RecipeConfig, seed: int
-) -> FeatureSet:
-    """`data` lifted to the targets (scaled), or unchanged when oversampling is off."""
-    if not cfg.use_oversampling:
-        return data
-    wanted = targets_by_index(targets, cfg.oversample_scale)
-    held = set(np.unique(data.labels).tolist())
-    absent = [CLASSES[c] for c in wanted if c not in held]
-    if absent:
-        # Tiny corpora only: a fold can lack a rare class entirely; nothing to copy from.
-        log.warning("no training rows of %s in this split; not oversampled", absent)
-    wanted = {c: n for c, n in wanted.items() if c in held}
-    idx = random_oversample(data.labels, wanted, np.random.default_rng(seed))
-    return data.subset(idx)
-
-
-def _cross_validate(
-    labelled: FeatureSet,
-    test: FeatureSet,
-    cfg: RecipeConfig,
-    train_fold: Callable[[int, FeatureSet, FeatureSet, CVResult], nn.Module],
-) -> CVResult:
-    """Stratified k-fold skeleton: train_fold builds each fold's model, the rest is shared."""
-    result = CVResult(
-        labels=labelled.labels.copy(),
-        oof_probs=np.zeros((len(labelled), NUM_CLASSES), dtype=np.float32),
-        fold_waf=[],
-        test_ids=test.video_ids.copy(),
-        test_probs=np.zeros((len(test), NUM_CLASSES), dtype=np.float64),
-    )
-    for k, (tr, va) in enumerate(_folds(labelled.labels, cfg.n_splits, cfg.train.seed)):
-        val = labelled.subset(va)
-        model = train_fold(k, labelled.subset(tr), val, result)
-        voted = predict(model, val, cfg.train.eval_batch_size)["voted"]
-        result.oof_probs[va] = voted
-        result.fold_waf.append(waf(val.labels, voted.argmax(1)))
-        result.test_probs += predict(model, test, cfg.train.eval_batch_size)["voted"] / cfg.n_splits
-        log.info("fold %d: WAF %.4f", k, result.fold_waf[-1])
-        if cfg.keep_models:
-            result.models.append(model.cpu())
-    result.test_probs = result.test_probs.astype(np.float32)
-    return result
-
-
-def _fold_cfg(cfg: RecipeConfig, k: int, **changes: Any) -> TrainConfig:
-    # A distinct, fixed seed per fold: same inputs + seed => same result.
-    return dataclasses.replace(cfg.train, seed=cfg.train.seed + 1009 * (k + 1), **changes)
-
-
-def cross_validate_baseline(
-    labelled: FeatureSet, cfg: RecipeConfig, test: FeatureSet | None = None
-) -> CVResult:
-    """The supervised challenge baseline on the same folds (oversampled if use_oversampling)."""
-    _check_recipe_inputs(labelled, None, cfg)
-    test = test if test is not None else labelled.subset(np.arange(0))
-
-    def train_fold(k: int, train: FeatureSet, val: FeatureSet, result: CVResult) -> nn.Module:
-        fold = _fold_cfg(cfg, k)
-        torch.manual_seed(fold.seed)
-        model = BaselineNet(cfg.baseline)
-        fit = train_baseline(
-            model, _oversampled(train, cfg.oversample_step1, cfg, fold.seed), val, fold
-        )
-        result.histories.append({"baseline": fit.history})
-        return model
-
-    return _cross_validate(labelled, test, cfg, train_fold)
-
-
-def pretrain_start(
-    labelled: FeatureSet,
-    unlabelled: FeatureSet,
-    cfg: RecipeConfig,
-    everything: FeatureSet | None = None,
-) -> tuple[MRCCL, list[dict[str, float]]]:
-    """The model every fold starts from: MR-CCL contrastively pretrained on all videos
-    (labelled ones with their labels hidden), or freshly initialised without pretraining.
-
-    `everything`, when given, must be those rows (labelled first, labels hidden) already in one
-    set, e.g. views of mapped arrays; otherwise the two sets are concatenated (a copy).
-    """
-    _check_recipe_inputs(labelled, unlabelled, cfg)
-    torch.manual_seed(cfg.train.seed)
-    template = MRCCL(cfg.model)
-    history: list[dict[str, float]] = []
-    if cfg.use_pretraining:
-        if everything is None:
-            everything = FeatureSet.concat(
-                [labelled.with_labels(np.full(len(labelled), UNLABELLED)), unlabelled]
-            )
-        elif len(everything) != len(labelled) + len(unlabelled) or everything.labelled.any():
-            raise ValueError(
-                f"everything must hold the {len(labelled)} labelled and {len(unlabelled)} "
-                f"unlabelled rows with labels hidden; got {len(everything)} rows, "
-                f"{int(everything.labelled.sum())} labelled"
-            )
-        history = pretrain(template, everything, cfg.train, cfg.pretrain_epochs)
-    return template.cpu(), history
-
-
-@dataclass
-class FoldOutcome:
-    """One cross-validation fold of the recipe: its model, scores and probabilities."""
-
-    k: int
-    model: MRCCL
-    val_index: np.ndarray  # rows of the labelled set this fold validates on
-    val_probs: dict[str, np.ndarray]  # A, V, T, F, voted -> (n_val, C)
-    test_probs: dict[str, np.ndarray]  # A, V, T, F, voted -> (M, C)
-    val_waf: float
-    step1_waf: float
-    baseline_waf: float | None
-    pseudo: PseudoLabels
-    history: dict[str, Any]
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-able scores, pseudo-label counts and curves."""
-        return {
-            "k": self.k,
-            "val_waf": self.val_waf,
-            "step1_waf": self.step1_waf,
-            "baseline_waf": self.baseline_waf,
-            "pseudo_counts": self.pseudo.counts(),
-            "history": self.history,
-        }
-
-
-def train_fold(
-    k: int,
-    labelled: FeatureSet,
-    unlabelled: FeatureSet,
-    test: FeatureSet,
-    cfg: RecipeConfig,
-    start_state: Mapping[str, torch.Tensor],
-) -> FoldOutcome:
-    """Fold k of METHOD.md: step 1 fine-tune, baseline, pseudo labels by the two-model rule,
-    step 2 with the pseudo-labelled videos (training side only) at the lower learning rate."""
-    _check_recipe_inputs(labelled, unlabelled, cfg)
-    tr, va = _folds(labelled.labels, cfg.n_splits, cfg.train.seed)[k]
-    train, val = labelled.subset(tr), labelled.subset(va)
-    model = MRCCL(cfg.model).to(cfg.train.device)
-    model.load_state_dict(dict(start_state))
-    step1 = _fold_cfg(cfg, k, max_epochs=cfg.final_epochs)
-    fit1 = fine_tune(model, _oversampled(train, cfg.oversample_step1, cfg, step1.seed), val, step1)
-    stages: dict[str, Any] = {"step1": fit1.history}
-    baseline_waf = None
-    no_pseudo = np.zeros(0, dtype=np.int64)
-    chosen = PseudoLabels(no_pseudo, no_pseudo, np.zeros(0, dtype=np.float32))
-    if cfg.use_pseudo_labels:
-        # Baseline with the same training set, then the two-model pseudo-label rule.
-        torch.manual_seed(step1.seed)
-        base = BaselineNet(cfg.baseline)
-        fitb = train_baseline(
-            base, _oversampled(train, cfg.oversample_step1, cfg, step1.seed), val, _fold_cfg(cfg, k)
-        )
-        baseline_waf = fitb.best_val_waf
-        stages["baseline"] = fitb.history
-        if len(unlabelled):
-            probs_b = predict(base, unlabelled, cfg.train.eval_batch_size)["voted"]
-            probs_m = predict(model, unlabelled, cfg.train.eval_batch_size)["voted"]
-            chosen = select_pseudo_labels(probs_b, probs_m, cfg.thresholds, cfg.preferred)
-        # Pseudo-labelled rows join training only; validation stays the labelled fold.
-        pseudo = unlabelled.subset(chosen.indices).with_labels(chosen.labels)
-        step2 = _fold_cfg(cfg, k, max_epochs=cfg.final_epochs, lr=cfg.lr_step2)
-        grown = _oversampled(
-            FeatureSet.concat([train, pseudo]), cfg.oversample_step2, cfg, step2.seed
-        )
-        stages["step2"] = fine_tune(model, grown, val, step2).history
-    val_probs = predict(model, val, cfg.train.eval_batch_size)
-    test_probs = predict(model, test, cfg.train.eval_batch_size)
-    val_waf = waf(val.labels, val_probs["voted"].argmax(1))
-    log.info("fold %d: WAF %.4f", k, val_waf)
-    return FoldOutcome(
-        k=k,
-        model=model.cpu(),
-        val_index=va,
-        val_probs=val_probs,
-        test_probs=test_probs,
-        val_waf=val_waf,
-        step1_waf=fit1.best_val_waf,
-        baseline_waf=baseline_waf,
-        pseudo=chosen,
-        history=stages,
-    )
-
-
-def run_self_training(
-    labelled: FeatureSet,
-    unlabelled: FeatureSet,
-    cfg: RecipeConfig,
-    test: FeatureSet | None = None,
-) -> CVResult:
-    """METHOD.md end to end on in-memory features; test defaults to the unlabelled set."""
-    test = test if test is not None else unlabelled
-    template, pretrain_history = pretrain_start(labelled, unlabelled, cfg)
-    start_state = _state_copy(template)
-    result = CVResult(
-        labels=labelled.labels.copy(),
-        oof_probs=np.zeros((len(labelled), NUM_CLASSES), dtype=np.float32),
-        fold_waf=[],
-        test_ids=test.video_ids.copy(),
-        test_probs=np.zeros((len(test), NUM_CLASSES), dtype=np.float64),
-        pretrain_history=pretrain_history,
-    )
-    for k in range(cfg.n_splits):
-        # Each fold already predicted its validation and test rows: reuse them.
-        outcome = train_fold(k, labelled, unlabelled, test, cfg, start_state)
-        result.oof_probs[outcome.val_index] = outcome.val_probs["voted"]
-        result.fold_waf.append(outcome.val_waf)
-        result.test_probs += outcome.test_probs["voted"] / cfg.n_splits
-        result.step1_fold_waf.append(outcome.step1_waf)
-        if outcome.baseline_waf is not None:
-            result.baseline_fold_waf.append(outcome.baseline_waf)
-            result.pseudo_counts.append(outcome.pseudo.counts())
-        result.histories.append(outcome.history)
-        if cfg.keep_models:
-            result.models.append(outcome.model)
-    result.test_probs = result.test_probs.astype(np.float32)
-    return result

@@ -7,9 +7,12 @@ from collections.abc import Mapping
 import torch
 
 from data_contracts.labels import CLASSIFIER_OF_MODALITY, CLASSIFIERS, MODALITIES
+from models.settings import default
 
 # The paper's weights, in CLASSIFIERS order (A, V, T, F).
-DEFAULT_VOTING_WEIGHTS: dict[str, float] = {"A": 0.7, "V": 0.5, "T": 0.4, "F": 0.7}
+DEFAULT_VOTING_WEIGHTS: dict[str, float] = dict(
+    zip(CLASSIFIERS, default("vote_weights"), strict=True)
+)  # declared in models/settings.py
 
 
 def classifier_presence(present: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,79 +1,45 @@
-"""Training steps of the train flow: each writes its outputs under the run folder and is skipped
-when they are already there, so a killed run resumes from the last finished step."""
+"""The steps of a training run over its frozen inputs: freeze, pretrain, fold k, and the report
+(tasks/train_report.py). Each writes its outputs under the run folder and is skipped when they
+are already there, so a killed run resumes from the last finished step. The train flow, the
+torchrun worker, the tests and benchmarks/train_synthetic.py all run these same functions.
+
+A step reads the run's frozen inputs and checks their run key against its own settings: it
+never reads the stores, so a store that grows during the run changes nothing in it."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from dataclasses import asdict
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from data_contracts import tables
 from data_contracts.atomic import atomic_path
 from data_contracts.contracts import FEATURES_VERSION
-from data_contracts.labels import CLASSES, CLASSIFIERS
 from data_contracts.store import Store
 from data_contracts.tables import TableRef
-from flows.config import TrainSettings
-from models.baseline import BaselineConfig
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.distributed import barrier, world
-from models.mrccl import MRCCLConfig
-from models.training import FoldOutcome, RecipeConfig, TrainConfig, pretrain_start, train_fold
-from tasks.train_data import TrainingData, load_training_data
+from models.recipe import (
+    FoldOutcome,
+    RecipeConfig,
+    pretrain_start,
+    recipe_from_settings,
+    train_fold,
+)
+from models.settings import LAUNCH_SETTINGS, TrainSettings
+from tasks.folds import run_assignment, save_folds
+from tasks.train_data import TrainingData
+from tasks.train_inputs import INPUTS, TrainingInputsError, load_inputs, save_inputs
 
 log = logging.getLogger(__name__)
 
 DONE = "done.json"
-
-
-def recipe_from_settings(ts: TrainSettings, dims: dict[str, int]) -> RecipeConfig:
-    """The training engine's recipe from the typed train settings and the feature dims."""
-    device = ts.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    weights = dict(zip(CLASSIFIERS, ts.vote_weights, strict=True))
-    return RecipeConfig(
-        train=TrainConfig(
-            lr=ts.lr,
-            batch_size=ts.batch_size,
-            max_epochs=ts.max_epochs,
-            patience=ts.patience,
-            lambda_con=ts.lambda_con,
-            seed=ts.seed,
-            device=device,
-        ),
-        model=MRCCLConfig(
-            dims=dict(dims),
-            n_tokens=ts.n_tokens,
-            hidden=ts.hidden,
-            n_layers=ts.n_layers,
-            n_heads=ts.n_heads,
-            dropout=ts.dropout,
-            use_nee=ts.use_nee,
-            nee_schedule=ts.nee_schedule,
-            voting_weights=weights,
-        ),
-        baseline=BaselineConfig(dims=dict(dims), hidden=ts.hidden),
-        n_splits=ts.n_splits,
-        use_pretraining=ts.use_pretraining,
-        pretrain_epochs=ts.pretrain_epochs,
-        final_epochs=ts.final_epochs,
-        lr_step2=ts.lr_step2,
-        use_pseudo_labels=ts.use_pseudo_labels,
-        use_oversampling=ts.use_oversampling,
-        oversample_step1=dict(ts.oversample_step1),
-        oversample_step2=dict(ts.oversample_step2),
-        thresholds=dict(ts.thresholds),
-        preferred={c: "baseline" if c in ts.preferred_baseline else "mrccl" for c in CLASSES},
-        keep_models=False,
-    )
 
 
 def data_fingerprint(store: Store, feature_tables: dict[str, TableRef]) -> str:
@@ -87,30 +53,57 @@ def data_fingerprint(store: Store, feature_tables: dict[str, TableRef]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_key(fingerprint: str, recipe: RecipeConfig) -> str:
-    """The identity of a training run: its data and every recipe setting."""
-    text = json.dumps({"data": fingerprint, "recipe": asdict(recipe)}, sort_keys=True, default=str)
+def run_key(fingerprint: str, ts: TrainSettings, recipe: RecipeConfig) -> str:
+    """A training run's identity: its data and every setting of its recipe. Standardisation and
+    quality filters change the inputs, so every train setting is part of it; how many
+    processes train is not (LAUNCH_SETTINGS)."""
+    text = json.dumps(
+        {
+            "data": fingerprint,
+            "settings": ts.model_dump(mode="json", exclude=set(LAUNCH_SETTINGS)),
+            "recipe": asdict(recipe),
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@lru_cache(maxsize=2)
-def _cached_data(
-    root: str, names: tuple[tuple[str, str, int], ...], fingerprint: str, standardized: bool
+def freeze_run(
+    run_dir: Path,
+    data: TrainingData,
+    key: str,
+    fingerprint: str,
+    recipe: RecipeConfig,
+    store: Store | None = None,
 ) -> TrainingData:
-    # Steps of one run in one process load the stores once (fingerprint in the key).
-    refs = {m: tables.features(m, ext, dim) for m, ext, dim in names}
-    return load_training_data(Store(root), refs, standardized)
+    """Freeze a run's inputs once: assign its folds over exactly its labelled rows, write the
+    inputs (tasks/train_inputs.py) and the folds (tasks/folds.py; beside the stores too when a
+    store is given), and return the inputs as every step will read them (mapped)."""
+    ids = data.labelled.video_ids
+    folds = run_assignment(ids, data.labelled.labels, recipe.n_splits, recipe.train.seed, key)
+    data = dataclasses.replace(data, folds=np.array([folds.folds[v] for v in ids], np.int64))
+    save_inputs(run_dir / INPUTS, data, key, fingerprint)
+    save_folds(folds, run_dir, store)
+    if data.stats:  # what a checkpoint's inputs were standardised with, to apply it elsewhere
+        save_normalizer(data.stats, run_dir / "normalizer.npz")
+    frozen, _ = load_inputs(run_dir / INPUTS, key)
+    return frozen
 
 
-def training_data(
-    store: Store, feature_tables: dict[str, TableRef], fingerprint: str, standardized: bool = True
-) -> TrainingData:
-    """The labelled and unlabelled sets (cached per process and data fingerprint)."""
-    names = tuple(
-        (m, t.name.rsplit("/", 1)[-1], dict(t.contract.vector_dims)["embedding"])
-        for m, t in sorted(feature_tables.items())
-    )
-    return _cached_data(str(store.root), names, fingerprint, standardized)
+def step_inputs(run_dir: Path, key: str, ts: TrainSettings) -> tuple[TrainingData, RecipeConfig]:
+    """What a step trains on: the run's frozen inputs, and the recipe of `ts`; refused when the
+    key they give with `ts` is not `key` (other settings than the run's, or other inputs)."""
+    data, fingerprint = load_inputs(run_dir / INPUTS, key)
+    recipe = recipe_from_settings(ts, data.labelled.dims)
+    found = run_key(fingerprint, ts, recipe)
+    if found != key:
+        raise TrainingInputsError(
+            f"run key {found} differs from the run's {key}: this process was given other "
+            "settings than the run it joins (or another machine's inputs); start the train flow "
+            "again with the settings you want"
+        )
+    return data, recipe
 
 
 def _done(folder: Path) -> dict | None:
@@ -144,9 +137,13 @@ def fold_step(k: int, run_dir: Path, data: TrainingData, recipe: RecipeConfig) -
     if _done(folder) is not None:
         log.info("fold %d already done in %s", k, folder)
         return folder
+    if data.folds is None:
+        raise ValueError("fold_step needs the run's folds: freeze the inputs first (freeze_run)")
     w = world()  # under torchrun every rank trains; rank 0 alone writes
     start = load_checkpoint(run_dir / "pretrain").model.state_dict()
-    outcome = train_fold(k, data.labelled, data.unlabelled, data.unlabelled, recipe, start)
+    outcome = train_fold(
+        k, data.labelled, data.unlabelled, data.unlabelled, recipe, start, data.folds
+    )
     if w.main:
         _save_fold(folder, outcome, data)
     barrier(w)
@@ -162,10 +159,35 @@ def _save_fold(folder: Path, outcome: FoldOutcome, data: TrainingData) -> None:
         "pseudo_index": outcome.pseudo.indices,
         "pseudo_label": outcome.pseudo.labels,
         "pseudo_confidence": outcome.pseudo.confidences,
+        "stop_index": outcome.stop_index,
     }
     with atomic_path(folder / "outputs.npz") as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     _mark_done(folder, {**outcome.summary(), "world_size": world().size})
+
+
+def train_in_process(
+    run_dir: Path,
+    data: TrainingData,
+    recipe: RecipeConfig,
+    key: str = "local",
+    store: Store | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A whole run in this process on in-memory inputs: freeze, every step in order, the report
+    (tests and benchmarks; the train flow runs the same steps as Prefect tasks). Returns the
+    report."""
+    from tasks.train_report import build_report  # the report reads this module's fold outputs
+
+    frozen = freeze_run(run_dir, data, key, key, recipe, store)
+    for step in step_names(recipe.n_splits):
+        run_step(step, run_dir, frozen, recipe)
+    return build_report(run_dir, key, frozen, recipe.n_splits, store, settings or {})
+
+
+def step_names(n_splits: int) -> list[str]:
+    """The training steps of a run, in the order they run (the names of its folders)."""
+    return ["pretrain", *(f"fold-{k}" for k in range(n_splits))]
 
 
 def run_step(step: str, run_dir: Path, data: TrainingData, recipe: RecipeConfig) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,15 @@ class TrainingData:
     # (frozen inputs: tasks/train_inputs.py), so pretraining needs no copy of them. None: build
     # it by concatenating.
     everything: FeatureSet | None = None
+    # The CV fold of each labelled row, assigned once per run (with_folds); None: not yet.
+    folds: np.ndarray | None = None
+
+
+def with_folds(data: TrainingData, n_splits: int, seed: int) -> TrainingData:
+    """`data` with its folds assigned over exactly its labelled rows (models/folds.py)."""
+    from models.folds import assign_folds
+
+    return dataclasses.replace(data, folds=assign_folds(data.labelled.labels, n_splits, seed))
 
 
 def standardize(

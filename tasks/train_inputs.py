@@ -1,4 +1,5 @@
-"""A training run's inputs, frozen once in the run folder for the processes of a torchrun step.
+"""A training run's inputs, frozen once in the run folder: every step of the run (pretraining,
+each fold, the report), in the flow's process or in torchrun ranks, reads them and nothing else.
 
 Without it every rank of every step reads the feature stores again, joins them onto the
 manifest and standardises them: at MER2024 size (115,595 videos, 6,912 floats each) that is
@@ -6,12 +7,13 @@ about a minute and 3.2 GB of private memory per rank per step. The train flow ha
 memory already; it writes them here as plain .npy files, and each rank maps them (copy on write),
 so the ranks on one machine share one copy in the page cache and start in well under a second.
 
-The inputs are also exactly what the flow computed the run key from: a rank never trains on
-stores that changed after the run started.
+The inputs are also exactly what the flow computed the run key from: a step never trains on
+stores that changed after the run started (a scheduled re-extraction may grow them meanwhile).
 
     run_dir/inputs/meta.json      key, data fingerprint, row counts, what was left out
     run_dir/inputs/video_ids.npy, labels.npy, <modality>.npy, <modality>.present.npy
                                   every row, the labelled ones first
+    run_dir/inputs/folds.npy      the CV fold of each labelled row
 
 The labelled and unlabelled sets are views of one mapping, and so is the all-rows set that
 pretraining reads: a rank holds no private copy of the features until it takes a subset.
@@ -33,7 +35,7 @@ from tasks.train_data import TrainingData
 
 INPUTS = "inputs"
 META = "meta.json"
-FORMAT = 1
+FORMAT = 2  # 2: folds.npy
 
 
 class TrainingInputsError(MerflowError):
@@ -81,6 +83,9 @@ def _write(tmp: Path, data: TrainingData, key: str, fingerprint: str) -> None:
     ids = np.concatenate([fs.video_ids for fs in parts]).astype(str)  # unicode, no pickle
     np.save(tmp / "video_ids.npy", ids)
     np.save(tmp / "labels.npy", np.concatenate([fs.labels for fs in parts]))
+    if data.folds is None:
+        raise ValueError("the training inputs need their folds: tasks.train_data.with_folds")
+    np.save(tmp / "folds.npy", np.asarray(data.folds, dtype=np.int64))
     for m in MODALITIES:
         np.save(tmp / f"{m}.present.npy", np.concatenate([fs.present[m] for fs in parts]))
         # Filled part by part: no second in-memory copy of a 2.4 GB matrix.
@@ -152,5 +157,6 @@ def load_inputs(folder: Path, key: str) -> tuple[TrainingData, str]:
         extractor_ids=meta["extractor_ids"],
         stats=stats,
         everything=rows(slice(None), np.full(len(ids), UNLABELLED, np.int64)),
+        folds=np.load(folder / "folds.npy", allow_pickle=False),
     )
     return data, meta["fingerprint"]

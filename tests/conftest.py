@@ -52,3 +52,15 @@ def tiny_models(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models")
     build_tiny_models(out, seed=0)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: tiny models gain nothing from a second, and on a busy 2-core
+    machine it spins."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -102,7 +102,7 @@ def test_two_processes_under_torchrun_train_what_one_does(extracted, tmp_path, m
 
     monkeypatch.setattr(flows.train, "launch", launch)
     corpus, root, overrides = extracted
-    exact = ["train.dropout=0", "train.use_nee=false", "train.seed=5"]
+    exact = ["train.dropout=0", "train.baseline_dropout=0", "train.use_nee=false", "train.seed=5"]
     two = _train(corpus, root, overrides, *exact, "train.nproc_per_node=2")
     run_dir = root / "runs" / f"train-{two['run_id']}"
     mapped = [line for line in lines if "inputs mapped from" in line]
@@ -159,3 +159,43 @@ def test_two_nodes_meet_step_by_step(extracted, monkeypatch):
     for step in ("pretrain", "fold-0", "fold-1"):
         assert json.loads((run_dir / step / "done.json").read_text())["world_size"] == 2
     assert report["mean_waf"] > 0.5
+
+
+def test_a_store_that_grows_during_a_run_changes_nothing_in_it(extracted, tmp_path, monkeypatch):
+    """Every step reads the inputs the flow froze: labels that arrive between fold 0 and fold 1
+    (a scheduled re-extraction, a new label file) change neither fold 1 nor the report."""
+    import flows.train
+
+    corpus, root, overrides = extracted
+    extra = ["train.seed=3", "train.use_pseudo_labels=false"]
+    reference = _train(corpus, root, overrides, *extra)
+    run_dir = root / "runs" / f"train-{reference['run_id']}"
+    folds = json.loads((run_dir / "folds.json").read_text())
+    assert folds["run_key"] == reference["run_id"] and len(folds["folds"]) == 48
+    latest = json.loads((root / "runs" / "latest-folds.json").read_text())
+    assert latest["folds"] == folds["folds"]  # what `merflow check` and `inspect` read
+    expected = {k: np.load(run_dir / k / "outputs.npz")["val_voted"] for k in ("fold-0", "fold-1")}
+    shutil.move(run_dir, tmp_path / "reference")
+
+    store = Store(root)
+    labels = store.read(tables.LABELS)
+    unlabelled = store.read(tables.MANIFEST, columns=["video_id", "pool"])
+    new_ids = sorted(unlabelled.video_id[unlabelled.pool == "unlabeled"])[:12]
+    grown = labels.iloc[: len(new_ids)].assign(video_id=new_ids)
+    real_step = flows.train.run_step
+
+    def step_then_grow(step, run_dir_, data, recipe):
+        out = real_step(step, run_dir_, data, recipe)
+        if step == "fold-0":
+            store.upsert(tables.LABELS, grown)  # 12 more labelled videos, mid-run
+        return out
+
+    monkeypatch.setattr(flows.train, "run_step", step_then_grow)
+    try:
+        again = _train(corpus, root, overrides, *extra)
+    finally:
+        store.delete(tables.LABELS, {(v,) for v in new_ids})
+    assert again["run_id"] == reference["run_id"] and again["n_labelled"] == 48
+    for k, probs in expected.items():
+        np.testing.assert_array_equal(np.load(run_dir / k / "outputs.npz")["val_voted"], probs)
+    assert again["fold_waf"] == reference["fold_waf"]

@@ -42,3 +42,24 @@ def test_rows_without_any_modality_and_bad_labels_are_rejected() -> None:
         FeatureSet(fs.video_ids, fs.features, fs.present, np.full(6, 7))
     with pytest.raises(ValueError, match="exactly"):
         FeatureSet(fs.video_ids, {"visual": fs.features["visual"]}, fs.present, fs.labels)
+
+
+def test_to_tensors_gives_copies_of_a_video_one_group() -> None:
+    import torch
+
+    from models.featureset import take, to_tensors
+
+    fs = make_featureset(8, missing=0.2)
+    idx = np.array([0, 1, 2, 3, 4, 5, 6, 7, 2, 5, 2])  # oversampling: repeats of rows 2 and 5
+    batch = to_tensors(fs.subset(idx))
+    g = batch.groups
+    assert g is not None and g.dtype == torch.int64 and g.shape == (len(idx),)
+    for i in range(len(idx)):
+        for j in range(len(idx)):
+            assert (g[i] == g[j]).item() == (idx[i] == idx[j])
+    assert len(torch.unique(g)) == 8
+    # take and to carry the groups along, row for row.
+    part = take(batch, torch.tensor([8, 2, 0])).to("cpu")
+    assert part.groups.tolist() == [g[8].item(), g[2].item(), g[0].item()]
+    assert part.groups[0] == part.groups[1] != part.groups[2]
+    assert to_tensors(fs.subset(np.arange(0))).groups.shape == (0,)

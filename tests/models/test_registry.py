@@ -14,9 +14,9 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+from flows.config import list_profiles
 from models.registry import (
     KINDS,
-    PROFILES,
     SPECS,
     TINY_MARKER,
     ExtractorSpec,
@@ -28,8 +28,8 @@ from models.registry import (
     extractor_id,
     get_spec,
     list_specs,
-    profile_specs,
     resolve_model_path,
+    specs_of,
 )
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -52,12 +52,39 @@ def test_list_specs_is_sorted_and_complete() -> None:
     assert get_spec("tiny-hubert").kind == "acoustic"
 
 
-@pytest.mark.parametrize("profile", sorted(PROFILES))
+def profile_specs(profile: str):
+    """What a profile runs, as the flows load it (configs/<profile>.yaml, no environment)."""
+    from flows.config import load_settings
+
+    return specs_of(load_settings(profile, env={}).models)
+
+
+@pytest.mark.parametrize("profile", list_profiles())
 def test_profiles_cover_every_kind(profile: str) -> None:
+    # configs/<profile>.yaml is the one source: what the flows load is what this checks.
     specs = profile_specs(profile)
     assert set(specs) == set(KINDS)
     assert all(spec.kind == kind for kind, spec in specs.items())
     assert all(spec.tiny == (profile == "demo") for spec in specs.values())
+
+
+def test_settings_refuse_an_extractor_of_the_wrong_kind_or_an_unknown_one(tmp_path: Path) -> None:
+    from flows.config import SettingsError, load_settings
+
+    custom = tmp_path / "mixed.yaml"
+    custom.write_text("models: {visual: tiny-clip-vit, acoustic: tiny-hubert}\n")
+    specs = profile_specs(str(custom))  # unnamed kinds: the settings' defaults (the paper's)
+    assert specs["visual"].name == "tiny-clip-vit" and specs["text"].name == "baichuan2-13b-base"
+    swapped = tmp_path / "swapped.yaml"
+    swapped.write_text("models: {visual: tiny-hubert}\n")
+    with pytest.raises(SettingsError, match=r"models\.visual: tiny-hubert is kind 'acoustic'"):
+        load_settings(str(swapped))
+    with pytest.raises(SettingsError, match="unknown extractor 'clip-b'; valid extractors are"):
+        load_settings("demo", ["models.visual=clip-b"])
+
+
+def test_paper_and_demo_profiles_exist() -> None:
+    assert {"demo", "paper"} <= set(list_profiles())
 
 
 def test_tiny_specs_mirror_the_paper_ones() -> None:
@@ -70,7 +97,9 @@ def test_tiny_specs_mirror_the_paper_ones() -> None:
 
 
 def test_unknown_profile_lists_valid_ones() -> None:
-    with pytest.raises(UnknownExtractorError, match="demo, paper"):
+    from flows.config import SettingsError
+
+    with pytest.raises(SettingsError, match="demo, paper"):
         profile_specs("laptop")
 
 

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
-import models.training as training
 from models.baseline import BaselineConfig, BaselineNet
-from models.featureset import FeatureSet
 from models.mrccl import MRCCL, mrccl_config
+from models.recipe import RecipeConfig, early_stopping_split
 from models.training import (
-    RecipeConfig,
     TrainConfig,
-    cross_validate_baseline,
     fine_tune,
     predict,
     pretrain,
-    run_self_training,
+    reference_wafs,
     train_baseline,
     waf,
 )
@@ -29,13 +25,7 @@ from tests.models.synthetic import DIMS, make_featureset
 FAST = TrainConfig(lr=3e-3, batch_size=32, max_epochs=12, patience=12, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_mrccl(seed: int = 0) -> MRCCL:
@@ -92,6 +82,7 @@ def test_pretraining_lowers_the_contrastive_loss() -> None:
 
 
 def small_recipe(**changes: object) -> RecipeConfig:
+    """The recipe on tiny data: 2 folds, few epochs, minority classes oversampled to 34 rows."""
     cfg = RecipeConfig(
         train=dataclasses.replace(FAST, max_epochs=4),
         model=mrccl_config("tiny", dims=DIMS, n_layers=1),
@@ -99,81 +90,40 @@ def small_recipe(**changes: object) -> RecipeConfig:
         n_splits=2,
         pretrain_epochs=1,
         final_epochs=3,
-        oversample_scale=0.04,  # 850 -> 34 rows per minority class
+        oversample_step1={"sad": 34, "worried": 34, "surprise": 34},
+        oversample_step2={"sad": 40, "worried": 40, "surprise": 40},
         thresholds={c: 0.0 for c in ("neutral", "angry", "happy", "sad", "worried", "surprise")},
     )
     return dataclasses.replace(cfg, **changes)
 
 
-def test_recipe_runs_keeps_pseudo_labels_out_of_validation_and_is_deterministic(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    labelled = make_featureset(60, seed=5, missing=0.1)
-    unlabelled = make_featureset(90, seed=6, labelled=False, missing=0.1)
-    seen: list[tuple[FeatureSet, FeatureSet]] = []
-    real = training.fine_tune
-
-    def spy(model: MRCCL, train: FeatureSet, val: FeatureSet, cfg: TrainConfig) -> object:
-        seen.append((train, val))
-        return real(model, train, val, cfg)
-
-    monkeypatch.setattr(training, "fine_tune", spy)
-    result = run_self_training(labelled, unlabelled, small_recipe())
-    assert len(seen) == 4  # 2 folds x (step 1, step 2)
-    unlabelled_ids = set(unlabelled.video_ids)
-    for train, val in seen:
-        assert not set(val.video_ids) & unlabelled_ids  # validation: labelled rows only
-        assert len(set(val.video_ids)) == len(val)  # and never oversampled
-        assert not set(val.video_ids) & set(train.video_ids)
-    step2_train = seen[1][0]
-    assert set(step2_train.video_ids) & unlabelled_ids  # pseudo labels did join training
-    assert sum(result.pseudo_counts[0].values()) > 0
-    summary = result.summary()
-    assert len(summary["fold_waf"]) == 2 and np.array(summary["confusion"]).sum() == 60
-    assert result.test_probs.shape == (90, 6)
-    assert np.allclose(result.test_probs.sum(1), 1.0, atol=1e-5)
-    assert len(result.models) == 2 and len(result.pretrain_history) == 1
-    monkeypatch.undo()
-    again = run_self_training(labelled, unlabelled, small_recipe())
-    assert again.fold_waf == result.fold_waf
-    assert np.array_equal(again.test_probs, result.test_probs)
+def test_without_an_early_stopping_set_every_epoch_runs_and_the_last_state_stays() -> None:
+    train = make_featureset(60, seed=1)
+    model = tiny_mrccl()
+    fit = fine_tune(model, train, None, dataclasses.replace(FAST, max_epochs=3, patience=1))
+    assert [h["epoch"] for h in fit.history] == [1, 2, 3]
+    assert fit.best_epoch == 3 and fit.best_val_waf is None
+    assert "val_waf" not in fit.history[0]
 
 
-@pytest.mark.parametrize(
-    "switch",
-    [
-        {"use_pretraining": False},
-        {"use_pseudo_labels": False},
-        {"use_oversampling": False},
-        {"model": mrccl_config("tiny", dims=DIMS, n_layers=1, use_nee=False)},
-    ],
-    ids=["no-pretraining", "no-pseudo-labels", "no-oversampling", "no-nee"],
-)
-def test_each_ablation_is_a_switch(switch: dict) -> None:
-    labelled = make_featureset(48, seed=7)
-    unlabelled = make_featureset(30, seed=8, labelled=False)
-    result = run_self_training(labelled, unlabelled, small_recipe(**switch))
-    assert len(result.fold_waf) == 2
-    assert (not result.pseudo_counts) == ("use_pseudo_labels" in switch)
-    assert (not result.pretrain_history) == ("use_pretraining" in switch)
+def test_early_stopping_rows_are_stratified_and_apart() -> None:
+    labels = np.repeat(np.arange(6), [20, 20, 10, 10, 4, 1])
+    fit, stop = early_stopping_split(labels, 0.15, seed=3)
+    assert not set(fit) & set(stop) and len(fit) + len(stop) == len(labels)
+    held = np.bincount(labels[stop], minlength=6)
+    assert held.tolist() == [3, 3, 2, 2, 1, 0]  # at least one of a class that has two or more
+    again, _ = early_stopping_split(labels, 0.15, seed=3)
+    assert np.array_equal(again, fit)
+    none_fit, none_stop = early_stopping_split(labels, 0.0, seed=3)
+    assert len(none_stop) == 0 and len(none_fit) == len(labels)
 
 
-def test_baseline_cross_validation_and_input_checks() -> None:
-    labelled = make_featureset(48, seed=9)
-    result = cross_validate_baseline(labelled, small_recipe(), test=make_featureset(10, seed=1))
-    assert len(result.fold_waf) == 2 and result.test_probs.shape == (10, 6)
-    with pytest.raises(ValueError, match="every class has fewer labelled rows than n_splits=20"):
-        cross_validate_baseline(labelled, small_recipe(n_splits=20))
-    with pytest.raises(ValueError, match="differ from the features' dims"):
-        cross_validate_baseline(labelled, small_recipe(baseline=BaselineConfig(hidden=8)))
-    with pytest.raises(ValueError, match="unlabelled set holds labelled rows"):
-        run_self_training(labelled, labelled, small_recipe())
-
-
-def test_recipe_config_from_nested_mapping() -> None:
-    cfg = RecipeConfig.from_dict(
-        {"n_splits": 3, "train": {"lr": 0.01}, "model": {"hidden": 64, "n_heads": 4}}
-    )
-    assert cfg.n_splits == 3 and cfg.train.lr == 0.01 and cfg.model.hidden == 64
-    with pytest.raises(ValueError, match="unknown keys \\['n_split'\\]"):
-        RecipeConfig.from_dict({"n_split": 3})
+def test_reference_wafs() -> None:
+    train = np.repeat(np.arange(6), [50, 20, 10, 10, 5, 5])
+    val = np.repeat(np.arange(6), [10, 4, 2, 2, 1, 1])
+    ref = reference_wafs(train, val)
+    # All neutral: F1(neutral) = 2*10/(10+20) = 2/3, weighted by 10/20.
+    assert ref["majority"] == pytest.approx(0.5 * 2 / 3)
+    # Guessing with the validation rows' own mix gives sum of squared class shares.
+    q = np.bincount(val, minlength=6) / len(val)
+    assert ref["class_prior"] == pytest.approx(float((q**2).sum()), rel=0.05)

@@ -10,21 +10,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import typer
-from sklearn.model_selection import StratifiedKFold
 from typer.testing import CliRunner
 
 from data_contracts import tables
-from data_contracts.labels import CLASS_INDEX
+from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
 from flows.quality_cli import register
+from tasks.check import check_stores
 from tasks.errors import BadInputError
-from tasks.quality import (
-    check_stores,
-    cv_folds,
-    near_duplicate_pairs,
-    quality_mask,
-    quality_signals,
-)
+from tasks.folds import fold_assignment
+from tasks.quality import near_duplicate_pairs, quality_mask, quality_signals
 from tests.quality.synthetic import (
     add_failure,
     broken_extractor_write,
@@ -125,7 +120,7 @@ def test_identical_bytes_across_pools_is_an_error(tmp_path):
 
 def test_near_duplicate_features_across_pools_and_folds(tmp_path):
     store, ids, x = make_root(tmp_path / "root", n_labelled=24, n_unlabelled=12)
-    folds = cv_folds(store, 3, 0)
+    folds = fold_assignment(store, 3, 0).folds
     spare = ids[3:24]
     other = next(v for v in spare if folds[v] != folds[ids[0]])
     same = next(v for v in spare if folds[v] == folds[ids[1]] and v != other)
@@ -144,18 +139,36 @@ def test_near_duplicate_features_across_pools_and_folds(tmp_path):
     assert not f.has_errors
 
 
-def test_folds_follow_the_train_flow_convention(tmp_path):
+def test_folds_are_the_ones_training_makes(tmp_path):
+    """Before any run, check and inspect show the folds training would make over the rows it
+    trains on (a labelled video without features is not one of them); after a run, the run's
+    own folds, named as such."""
+    from tasks.folds import fold_assignment, run_assignment, save_folds
+    from tasks.train_data import load_training_data, with_folds
+
     store, _, _ = make_root(tmp_path / "root", n_labelled=24)
-    folds = cv_folds(store, 4, 3)
-    labels = store.read(tables.LABELS).sort_values("video_id")
-    y = labels.label.map(CLASS_INDEX).to_numpy()
-    expected = {}
-    skf = StratifiedKFold(n_splits=4, shuffle=True, random_state=3)
-    for k, (_, test) in enumerate(skf.split(np.zeros(len(y)), y)):
-        expected.update({labels.video_id.iloc[t]: k for t in test})
-    assert folds == expected
+    empty = manifest_rows(["sample_00000100"], ["labeled"])  # a zero-byte video: no features
+    store.upsert(tables.MANIFEST, empty)
+    store.upsert(
+        tables.LABELS,
+        pd.DataFrame({"video_id": ["sample_00000100"], "label": ["sad"], "source": "x.csv"}),
+    )
+    refs = {m: tables.features(m, f"{m}-a" if m != "visual" else "vis-a", 16) for m in MODALITIES}
+    trained = with_folds(load_training_data(store, refs), 3, 0)
+    training = dict(zip(trained.labelled.video_ids, trained.folds.tolist(), strict=True))
+    preview = fold_assignment(store, 3, 0)
+    assert preview.folds == training and preview.run_key is None
+    assert "preview" in preview.source
     with pytest.raises(ValueError, match="cannot make 30 folds"):
-        cv_folds(store, 30, 0)
+        fold_assignment(store, 30, 0)
+
+    lab = trained.labelled
+    run = run_assignment(lab.video_ids, lab.labels, 3, 0, run_key="abc123")
+    save_folds(run, tmp_path / "run", store)
+    assert fold_assignment(store) == run  # the latest run's, whatever the defaults say
+    assert fold_assignment(store, 4, 0).run_key is None  # other folds asked for: a preview
+    f = check_stores(store, write=False)
+    assert "training run abc123" in f.markdown()
 
 
 def test_drift_and_not_comparable(tmp_path):

@@ -27,7 +27,8 @@ from models.asr import AsrModel
 from models.text import TextEncoder
 from models.tiny import TINY_FORMAT
 from models.visual import VisualEncoder
-from tasks.quality import check_stores, find_feature_tables
+from tasks.check import check_stores
+from tasks.quality import find_feature_tables
 from tests.quality.synthetic import broken_extractor_write
 
 pytestmark = pytest.mark.server
@@ -158,7 +159,7 @@ def test_inspect_prints_everything_known_about_a_video(extracted, cli):
     labelled = CliRunner().invoke(cli, ["inspect", original, "--data-root", str(root)])
     assert "(official" in labelled.output and "CV fold" in labelled.output
     missing = CliRunner().invoke(cli, ["inspect", "sample_0000002", "--data-root", str(root)])
-    assert missing.exit_code == 1 and "did you mean" in missing.output
+    assert missing.exit_code == 2 and "did you mean" in missing.output
 
 
 def test_changed_face_setting_recomputes_only_faces_and_visual(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 
 from data_contracts.labels import MODALITIES
 from flows.config import load_settings
-from tasks.train_data import TrainingData
+from tasks.train_data import TrainingData, with_folds
 from tasks.train_inputs import (
     INPUTS,
     META,
@@ -29,7 +28,7 @@ def _data() -> TrainingData:
         m: (np.full(d, 0.5, np.float32), np.full(d, 2.0, np.float32))
         for m, d in labelled.dims.items()
     }
-    return TrainingData(
+    data = TrainingData(
         labelled=labelled,
         unlabelled=unlabelled,
         dropped=["gone_1"],
@@ -37,6 +36,7 @@ def _data() -> TrainingData:
         extractor_ids={m: f"{m}-ext" for m in MODALITIES},
         stats=stats,
     )
+    return with_folds(data, 3, 0)
 
 
 def _assert_same(a: TrainingData, b: TrainingData) -> None:
@@ -48,6 +48,7 @@ def _assert_same(a: TrainingData, b: TrainingData) -> None:
             np.testing.assert_array_equal(x.features[m], y.features[m])
             np.testing.assert_array_equal(x.present[m], y.present[m])
     assert (a.dropped, a.missing, a.extractor_ids) == (b.dropped, b.missing, b.extractor_ids)
+    np.testing.assert_array_equal(a.folds, b.folds)
     for m in MODALITIES:
         np.testing.assert_array_equal(a.stats[m][0], b.stats[m][0])
         np.testing.assert_array_equal(a.stats[m][1], b.stats[m][1])
@@ -130,7 +131,7 @@ def test_pretraining_on_mapped_inputs_is_pretraining_on_the_sets(tmp_path):
     concatenates the labelled and unlabelled sets itself."""
     import torch
 
-    from models.training import pretrain_start
+    from models.recipe import pretrain_start
     from tests.models.test_training import small_recipe
 
     data = _data()
@@ -150,44 +151,31 @@ def test_pretraining_on_mapped_inputs_is_pretraining_on_the_sets(tmp_path):
         pretrain_start(loaded.labelled, loaded.unlabelled, recipe, loaded.labelled)
 
 
-def _worker_args(run_dir, key, data_root):
-    return argparse.Namespace(
-        step="fold-0",
-        key=key,
-        run_dir=str(run_dir),
-        data_root=str(data_root),
-        profile="demo",
-        corpus_dir=str(data_root),
-        override=[],
-    )
-
-
-def test_a_rank_maps_the_inputs_and_never_reads_the_stores(tmp_path):
-    """The worker builds its recipe and run key from the frozen inputs alone: the data root it
-    is given does not even exist."""
-    from flows.train import train_run_key
-    from flows.train_worker import _inputs
-    from tasks.train import recipe_from_settings
+def test_a_step_maps_the_inputs_and_never_reads_the_stores(tmp_path):
+    """A step (in the flow's process or a torchrun rank) builds its recipe and run key from the
+    frozen inputs and its own settings alone: no data root is involved at all."""
+    from models.recipe import recipe_from_settings
+    from tasks.train import run_key, step_inputs
 
     settings = load_settings("demo", [])
     data = _data()
-    key = train_run_key("fp1", settings, recipe_from_settings(settings.train, data.labelled.dims))
+    key = run_key("fp1", settings.train, recipe_from_settings(settings.train, data.labelled.dims))
     save_inputs(tmp_path / "run" / INPUTS, data, key=key, fingerprint="fp1")
-    loaded, recipe, worker_key = _inputs(
-        _worker_args(tmp_path / "run", key, tmp_path / "no-such-root"), settings
-    )
-    assert worker_key == key
+    loaded, recipe = step_inputs(tmp_path / "run", key, settings.train)
     assert recipe == recipe_from_settings(settings.train, data.labelled.dims)
     _assert_same(data, loaded)
-    # Other settings on this machine give another key: the worker refuses to train.
+    # Other settings in this process give another key: the step refuses to train.
     other = load_settings("demo", ["train.seed=123"])
-    _, _, other_key = _inputs(_worker_args(tmp_path / "run", key, tmp_path / "x"), other)
-    assert other_key != key
+    with pytest.raises(TrainingInputsError, match=f"differs from the run's {key}"):
+        step_inputs(tmp_path / "run", key, other.train)
+    # Launch settings are not part of the key: more processes may resume the run.
+    more = load_settings("demo", ["train.nproc_per_node=4"])
+    step_inputs(tmp_path / "run", key, more.train)
 
 
 def test_a_node_without_the_run_folder_says_it_must_be_shared(tmp_path):
-    from flows.train_worker import _inputs
+    from tasks.train import step_inputs
 
     settings = load_settings("demo", ["train.nnodes=2", "train.rdzv_endpoint=127.0.0.1:29400"])
     with pytest.raises(TrainingInputsError, match="every machine sees"):
-        _inputs(_worker_args(tmp_path / "run", "k1", tmp_path / "root"), settings)
+        step_inputs(tmp_path / "run", "k1", settings.train)

@@ -1,0 +1,321 @@
+"""The recipe of docs/method.md on in-memory features: the folds, the model every fold starts
+from (MR-CCL pretrained on all videos), and one fold (step 1, baseline, pseudo labels, step 2).
+
+Each function is one step of a run; tasks/train.py runs them over a run's frozen inputs and
+writes their outputs, for the flow, torchrun ranks, tests and benchmarks alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_contracts.labels import CLASSES, CLASSIFIERS, NUM_CLASSES
+from models.baseline import BaselineConfig, BaselineNet
+from models.featureset import UNLABELLED, FeatureSet
+from models.mrccl import MRCCL, MRCCLConfig, config_from_dict
+from models.selftrain import (
+    DEFAULT_PREFERRED,
+    DEFAULT_THRESHOLDS,
+    STEP1_TARGETS,
+    STEP2_TARGETS,
+    PseudoLabels,
+    random_oversample,
+    select_pseudo_labels,
+    targets_by_index,
+)
+from models.settings import TrainSettings, default
+from models.training import (
+    TrainConfig,
+    fine_tune,
+    predict,
+    pretrain,
+    reference_wafs,
+    train_baseline,
+    waf,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecipeConfig:
+    """The whole recipe. Ablations are switches: `use_pretraining`, `model.use_nee`,
+    `use_pseudo_labels` and `use_oversampling`."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: MRCCLConfig = field(default_factory=MRCCLConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    n_splits: int = default("n_splits")
+    use_pretraining: bool = default("use_pretraining")
+    pretrain_epochs: int = default("pretrain_epochs")
+    final_epochs: int = default("final_epochs")
+    lr_step2: float = default("lr_step2")
+    inner_val_fraction: float = default("inner_val_fraction")
+    use_pseudo_labels: bool = default("use_pseudo_labels")  # False: no baseline, no step 2
+    use_oversampling: bool = default("use_oversampling")
+    oversample_step1: dict[str, int] = field(default_factory=lambda: dict(STEP1_TARGETS))
+    oversample_step2: dict[str, int] = field(default_factory=lambda: dict(STEP2_TARGETS))
+    thresholds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    preferred: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PREFERRED))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.inner_val_fraction < 1:
+            raise ValueError(f"inner_val_fraction must be in [0, 1); got {self.inner_val_fraction}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RecipeConfig:
+        """Recipe from nested mappings (`train`, `model`, `baseline` are sub-mappings)."""
+        data = dict(data)
+        nested = {"train": TrainConfig, "model": MRCCLConfig, "baseline": BaselineConfig}
+        subs = {k: config_from_dict(c, data.pop(k, {})) for k, c in nested.items()}
+        return dataclasses.replace(config_from_dict(cls, data), **subs)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def _from_settings(cls: type, ts: TrainSettings, **given: Any) -> Any:
+    """`cls` with every field that has a train setting of the same name taken from `ts`."""
+    names = {f.name for f in dataclasses.fields(cls)} & set(TrainSettings.model_fields) - set(given)
+    return cls(**{n: copy.deepcopy(getattr(ts, n)) for n in names}, **given)
+
+
+def recipe_from_settings(ts: TrainSettings, dims: Mapping[str, int]) -> RecipeConfig:
+    """The recipe's dataclasses from the typed train settings and the feature dims."""
+    device = ts.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights = dict(zip(CLASSIFIERS, ts.vote_weights, strict=True))
+    return _from_settings(
+        RecipeConfig,
+        ts,
+        train=_from_settings(TrainConfig, ts, device=device),
+        model=_from_settings(MRCCLConfig, ts, dims=dict(dims), voting_weights=weights),
+        # The baseline has its own dropout; its width follows MR-CCL's.
+        baseline=BaselineConfig(dims=dict(dims), hidden=ts.hidden, dropout=ts.baseline_dropout),
+        preferred={c: "baseline" if c in ts.preferred_baseline else "mrccl" for c in CLASSES},
+    )
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def early_stopping_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to fit on and rows to choose the epoch on: `fraction` of each class (at least one
+    row of a class that has two or more), drawn with `seed`. fraction 0: no early-stopping rows."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    stop: list[np.ndarray] = []
+    if fraction > 0:
+        for c in np.unique(labels):
+            rows = np.flatnonzero(labels == c)
+            n = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+            if n > 0:
+                stop.append(rng.choice(rows, size=n, replace=False))
+    held = np.sort(np.concatenate(stop)) if stop else np.zeros(0, dtype=np.int64)
+    fit = np.setdiff1d(np.arange(len(labels)), held)
+    return fit.astype(np.int64), held.astype(np.int64)
+
+
+def _check_inputs(labelled: FeatureSet, unlabelled: FeatureSet | None, cfg: RecipeConfig) -> None:
+    if (labelled.labels == UNLABELLED).any():
+        raise ValueError(
+            "the labelled set holds rows with label -1; move them to the unlabelled set"
+        )
+    if unlabelled is not None and (unlabelled.labels != UNLABELLED).any():
+        raise ValueError("the unlabelled set holds labelled rows; set their labels to -1")
+    for name, dims in (("model", cfg.model.dims), ("baseline", cfg.baseline.dims)):
+        if dims != labelled.dims:
+            raise ValueError(f"{name}.dims {dims} differ from the features' dims {labelled.dims}")
+    counts = np.bincount(labelled.labels, minlength=NUM_CLASSES)
+    if counts.max() < cfg.n_splits:
+        raise ValueError(
+            f"every class has fewer labelled rows than n_splits={cfg.n_splits}; lower n_splits"
+        )
+    thin = [CLASSES[c] for c in range(NUM_CLASSES) if 0 < counts[c] < cfg.n_splits]
+    if thin:
+        # Stratified folds still work: such a class is absent from some validation folds.
+        log.warning(
+            "classes %s have fewer labelled rows than n_splits=%d; some folds validate without "
+            "them",
+            thin,
+            cfg.n_splits,
+        )
+
+
+def _oversampled(
+    data: FeatureSet, targets: Mapping[str, int], cfg: RecipeConfig, seed: int
+) -> FeatureSet:
+    """`data` lifted to the targets, or unchanged when oversampling is off."""
+    if not cfg.use_oversampling:
+        return data
+    wanted = targets_by_index(targets)
+    held = set(np.unique(data.labels).tolist())
+    absent = [CLASSES[c] for c in wanted if c not in held]
+    if absent:
+        # Tiny corpora only: a fold can lack a rare class entirely; nothing to copy from.
+        log.warning("no training rows of %s in this split; not oversampled", absent)
+    wanted = {c: n for c, n in wanted.items() if c in held}
+    idx = random_oversample(data.labels, wanted, np.random.default_rng(seed))
+    return data.subset(idx)
+
+
+def _fold_cfg(cfg: RecipeConfig, k: int, **changes: Any) -> TrainConfig:
+    # A distinct, fixed seed per fold: same inputs + seed => same result.
+    return dataclasses.replace(cfg.train, seed=cfg.train.seed + 1009 * (k + 1), **changes)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def pretrain_start(
+    labelled: FeatureSet,
+    unlabelled: FeatureSet,
+    cfg: RecipeConfig,
+    everything: FeatureSet | None = None,
+) -> tuple[MRCCL, list[dict[str, float]]]:
+    """The model every fold starts from: MR-CCL contrastively pretrained on all videos
+    (labelled ones with their labels hidden), or freshly initialised without pretraining.
+
+    `everything`, when given, must be those rows (labelled first, labels hidden) already in one
+    set, e.g. views of mapped arrays; otherwise the two sets are concatenated (a copy).
+    """
+    _check_inputs(labelled, unlabelled, cfg)
+    torch.manual_seed(cfg.train.seed)
+    template = MRCCL(cfg.model)
+    history: list[dict[str, float]] = []
+    if cfg.use_pretraining:
+        if everything is None:
+            everything = FeatureSet.concat(
+                [labelled.with_labels(np.full(len(labelled), UNLABELLED)), unlabelled]
+            )
+        elif len(everything) != len(labelled) + len(unlabelled) or everything.labelled.any():
+            raise ValueError(
+                f"everything must hold the {len(labelled)} labelled and {len(unlabelled)} "
+                f"unlabelled rows with labels hidden; got {len(everything)} rows, "
+                f"{int(everything.labelled.sum())} labelled"
+            )
+        history = pretrain(template, everything, cfg.train, cfg.pretrain_epochs)
+    return template.cpu(), history
+
+
+@dataclass
+class FoldOutcome:
+    """One cross-validation fold of the recipe: its model, scores and probabilities. Every
+    score is measured on the fold's validation rows, which no training choice saw."""
+
+    k: int
+    model: MRCCL
+    val_index: np.ndarray  # rows of the labelled set this fold validates on
+    val_probs: dict[str, np.ndarray]  # A, V, T, F, voted -> (n_val, C)
+    test_probs: dict[str, np.ndarray]  # A, V, T, F, voted -> (M, C)
+    val_waf: float  # the full method: voted, after step 2 (step 1 without pseudo labels)
+    step1_waf: float
+    baseline_waf: float | None
+    references: dict[str, float]  # majority and class-prior WAFs of this fold
+    pseudo: PseudoLabels
+    history: dict[str, Any]
+    stop_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able scores, pseudo-label counts and curves."""
+        return {
+            "k": self.k,
+            "val_waf": self.val_waf,
+            "step1_waf": self.step1_waf,
+            "baseline_waf": self.baseline_waf,
+            "reference_waf": self.references,
+            "n_early_stopping": len(self.stop_index),
+            "pseudo_counts": self.pseudo.counts(),
+            "history": self.history,
+        }
+
+
+def train_fold(
+    k: int,
+    labelled: FeatureSet,
+    unlabelled: FeatureSet,
+    test: FeatureSet,
+    cfg: RecipeConfig,
+    start_state: Mapping[str, torch.Tensor],
+    folds: np.ndarray,
+) -> FoldOutcome:
+    """Fold k: step 1 fine-tune, baseline, pseudo labels by the two-model rule, step 2 with the
+    pseudo-labelled videos (training side only) at the lower learning rate.
+
+    `folds` is the run's fold of each labelled row (assign_folds). The epoch of every stage is
+    chosen on early-stopping rows held out of the fold's training rows, never on the
+    validation rows whose scores are reported.
+    """
+    _check_inputs(labelled, unlabelled, cfg)
+    if len(folds) != len(labelled):
+        raise ValueError(f"folds has {len(folds)} rows for {len(labelled)} labelled videos")
+    tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+    if len(va) == 0:
+        raise ValueError(f"fold {k} has no validation rows; folds hold {sorted(set(folds))}")
+    step1 = _fold_cfg(cfg, k, max_epochs=cfg.final_epochs)
+    fit_rows, stop_rows = early_stopping_split(
+        labelled.labels[tr], cfg.inner_val_fraction, step1.seed
+    )
+    train, val = labelled.subset(tr[fit_rows]), labelled.subset(va)
+    stop = labelled.subset(tr[stop_rows]) if len(stop_rows) else None
+    model = MRCCL(cfg.model).to(cfg.train.device)
+    model.load_state_dict(dict(start_state))
+    fit1 = fine_tune(model, _oversampled(train, cfg.oversample_step1, cfg, step1.seed), stop, step1)
+    stages: dict[str, Any] = {"step1": fit1.history}
+    step1_waf = waf(val.labels, predict(model, val, cfg.train.eval_batch_size)["voted"].argmax(1))
+    baseline_waf = None
+    no_pseudo = np.zeros(0, dtype=np.int64)
+    chosen = PseudoLabels(no_pseudo, no_pseudo, np.zeros(0, dtype=np.float32))
+    if cfg.use_pseudo_labels:
+        # Baseline with the same training set, then the two-model pseudo-label rule.
+        torch.manual_seed(step1.seed)
+        base = BaselineNet(cfg.baseline)
+        fitb = train_baseline(
+            base,
+            _oversampled(train, cfg.oversample_step1, cfg, step1.seed),
+            stop,
+            _fold_cfg(cfg, k),
+        )
+        base_val = predict(base, val, cfg.train.eval_batch_size)["voted"]
+        baseline_waf = waf(val.labels, base_val.argmax(1))
+        stages["baseline"] = fitb.history
+        if len(unlabelled):
+            probs_b = predict(base, unlabelled, cfg.train.eval_batch_size)["voted"]
+            probs_m = predict(model, unlabelled, cfg.train.eval_batch_size)["voted"]
+            chosen = select_pseudo_labels(probs_b, probs_m, cfg.thresholds, cfg.preferred)
+        # Pseudo-labelled rows join training only; validation stays the labelled fold.
+        pseudo = unlabelled.subset(chosen.indices).with_labels(chosen.labels)
+        step2 = _fold_cfg(cfg, k, max_epochs=cfg.final_epochs, lr=cfg.lr_step2)
+        grown = _oversampled(
+            FeatureSet.concat([train, pseudo]), cfg.oversample_step2, cfg, step2.seed
+        )
+        stages["step2"] = fine_tune(model, grown, stop, step2).history
+    val_probs = predict(model, val, cfg.train.eval_batch_size)
+    test_probs = predict(model, test, cfg.train.eval_batch_size)
+    val_waf = waf(val.labels, val_probs["voted"].argmax(1))
+    log.info("fold %d: WAF %.4f", k, val_waf)
+    return FoldOutcome(
+        k=k,
+        model=model.cpu(),
+        val_index=va,
+        val_probs=val_probs,
+        test_probs=test_probs,
+        val_waf=val_waf,
+        step1_waf=step1_waf,
+        baseline_waf=baseline_waf,
+        references=reference_wafs(labelled.labels[tr], val.labels),
+        pseudo=chosen,
+        history=stages,
+        stop_index=tr[stop_rows],
+    )

@@ -10,31 +10,25 @@ from typing import Annotated
 import typer
 import yaml
 
-from flows.config import Settings, SettingsError, list_profiles, load_settings
+from flows.cli_common import (
+    DataRootUrlOpt,
+    MerflowGroup,
+    Overrides,
+    ProfileOpt,
+    UsageProblem,
+)
+from flows.config import Settings, load_settings
 
 app = typer.Typer(
     name="merflow",
-    help="Videos in, multimodal emotion features and an MR-CCL classifier out (Prefect 3).",
+    help="Videos in, multimodal emotion features and an MR-CCL classifier out (Prefect 3). "
+    "Exit codes: 0 done, 1 the work failed, 2 a setting or argument is wrong, "
+    "3 extract --strict saw failed videos.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=MerflowGroup,  # the one error -> message + exit code rule (flows/cli_common.py)
 )
-
-ProfileOpt = Annotated[
-    str, typer.Option("--profile", "-p", help=f"settings profile ({', '.join(list_profiles())})")
-]
-Overrides = Annotated[
-    list[str] | None, typer.Argument(help="key=value setting overrides, e.g. faces.fps=5")
-]
-# A string, not a Path: a Path would collapse the '//' of an s3://bucket/prefix data root.
-DataRootUrlOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data-root",
-        help="where stores and artifacts live: a folder or an object-storage URL "
-        "(s3://bucket/prefix; models, runs and the Prefect server stay in a local work folder)",
-    ),
-]
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -46,16 +40,7 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _settings(profile: str, overrides: list[str] | None) -> Settings:
-    try:
-        return load_settings(profile, overrides or [])
-    except SettingsError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+    return load_settings(profile, overrides or [])
 
 
 @app.callback()
@@ -79,12 +64,8 @@ def demo_corpus_cmd(
 ) -> None:
     """Write a small MER2024-shaped corpus with real faces, Chinese speech and transcripts."""
     from tasks.demo_corpus import make_demo_corpus
-    from tasks.errors import MerflowError
 
-    try:
-        corpus = make_demo_corpus(out_dir, n_labeled=labeled, n_unlabeled=unlabeled, seed=seed)
-    except MerflowError as e:
-        raise _fail(str(e)) from e
+    corpus = make_demo_corpus(out_dir, n_labeled=labeled, n_unlabeled=unlabeled, seed=seed)
     typer.echo(f"demo corpus: {corpus}")
 
 
@@ -95,19 +76,15 @@ def scan_cmd(
 ) -> None:
     """Build or update the manifest; hashes only new or changed files."""
     from data_contracts.store import Store
-    from tasks.errors import BadInputError
     from tasks.scan import scan_videos
 
     settings = _settings("demo", [])
-    try:
-        root = (
-            _root(data_root)
-            if data_root
-            else settings.resolved_data_root(Path(video_dirs[0]).resolve().parent)
-        )
-        report, _ = scan_videos(video_dirs, Store(root))
-    except (BadInputError, SettingsError, ValueError) as e:
-        raise _fail(str(e)) from e
+    root = (
+        _root(data_root)
+        if data_root
+        else settings.resolved_data_root(Path(video_dirs[0]).resolve().parent)
+    )
+    report, _ = scan_videos(video_dirs, Store(root), extensions=settings.corpus.video_extensions)
     typer.echo(f"manifest {Store(root).table_dir(_manifest())}: {report.summary()}")
     for name, ids in (("new", report.new), ("changed", report.changed), ("gone", report.gone)):
         if ids:
@@ -118,13 +95,10 @@ def scan_cmd(
 
 
 def _root(data_root: str | Path) -> Path | str:
-    """A --data-root value as merflow uses it (a local Path or a URL); bad ones exit 2."""
+    """A --data-root value as merflow uses it (a local Path or a URL)."""
     from data_contracts.location import normalize_root
 
-    try:
-        return normalize_root(data_root)
-    except ValueError as e:
-        raise _fail(str(e), code=2) from e
+    return normalize_root(data_root)
 
 
 def _manifest():
@@ -136,10 +110,9 @@ def _manifest():
 def _connect(settings: Settings, root: Path) -> dict[str, str]:
     from flows import server
 
-    try:
-        url, env = server.connect(root, settings.prefect.api_url, settings.prefect.port)
-    except server.ServerError as e:
-        raise _fail(str(e)) from e
+    url, env = server.connect(
+        root, settings.prefect.api_url, settings.prefect.port, host=settings.prefect.host
+    )
     typer.echo(f"Prefect API {url} (UI: {url.removesuffix('/api')})")
     return env
 
@@ -147,34 +120,26 @@ def _connect(settings: Settings, root: Path) -> dict[str, str]:
 def _run_flow(
     flow_fn, corpus_dir: Path, settings: Settings, profile: str, overrides, data_root, **kw
 ) -> dict:
-    """Run a flow against the data root's Prefect server; bad input is a clear error, exit 1."""
+    """Run a flow against the data root's Prefect server."""
     from data_contracts.location import normalize_root
     from flows import server
-    from tasks.errors import MerflowError
 
     if not Path(corpus_dir).is_dir():
-        raise _fail(
+        raise UsageProblem(
             f"corpus folder {corpus_dir} does not exist; give a MER2024-shaped corpus folder "
             f"(or create one with `merflow demo-corpus DIR`)"
         )
-    try:
-        root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus_dir)
-        # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
-        local = settings.local_root(root)
-    except (MerflowError, SettingsError) as e:
-        raise _fail(str(e)) from e
-    env = _connect(settings, local)
-    try:
-        with server.use_server(env):
-            return flow_fn(
-                str(corpus_dir),
-                profile=profile,
-                data_root=str(root),
-                overrides=list(overrides or []),
-                **kw,
-            )
-    except (MerflowError, SettingsError, ValueError) as e:
-        raise _fail(str(e)) from e
+    root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus_dir)
+    # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
+    env = _connect(settings, settings.local_root(root))
+    with server.use_server(env):
+        return flow_fn(
+            str(corpus_dir),
+            profile=profile,
+            data_root=str(root),
+            overrides=list(overrides or []),
+            **kw,
+        )
 
 
 def _run_extract(corpus_dir, settings, profile, overrides, data_root, only_new=False) -> dict:
@@ -204,7 +169,8 @@ def extract_cmd(
     settings = _settings(profile, overrides)
     summary = _run_extract(corpus_dir, settings, profile, overrides, data_root, only_new)
     if strict and summary["failures"]:
-        raise _fail(f"{len(summary['failures'])} failure(s) and --strict was given", code=3)
+        typer.echo(f"error: {len(summary['failures'])} failure(s) and --strict was given", err=True)
+        raise typer.Exit(3)
 
 
 def _run_train(corpus_dir, settings, profile, overrides, data_root) -> dict:
@@ -241,15 +207,11 @@ def train_join_cmd(
     """On the other machines of a multi-node run (train.nnodes > 1): take part in every
     training step the train flow runs under torchrun. Give the same settings as the flow."""
     from flows.train import join_training
-    from tasks.errors import MerflowError
 
     _settings(profile, overrides)
-    try:
-        steps = join_training(
-            str(corpus_dir), profile, str(data_root) if data_root else None, overrides, typer.echo
-        )
-    except (MerflowError, ValueError) as e:
-        raise _fail(str(e)) from e
+    steps = join_training(
+        str(corpus_dir), profile, str(data_root) if data_root else None, overrides, typer.echo
+    )
     typer.echo(f"took part in: {', '.join(steps) or 'nothing (every step was done)'}")
 
 
@@ -316,10 +278,8 @@ def serve_cmd(
     """Serve the extract, train, pipeline and scheduled reextract-new deployments to the UI."""
     import os
 
-    from prefect import serve
-
     from flows import server
-    from flows.deploy import allowed_roots_for, build_deployments
+    from flows.deploy import allowed_roots_for, serve_deployments
 
     settings = _settings(profile, overrides)
     opts, root, env = _serve_setup(
@@ -331,7 +291,7 @@ def serve_cmd(
     env["MERFLOW_ALLOWED_ROOTS"] = os.pathsep.join(roots)
     typer.echo(f"serving extract, train, pipeline, reextract-new; runs may touch {roots}")
     with server.use_server(env):
-        serve(*build_deployments(opts), print_starting_message=False)
+        serve_deployments(opts)
 
 
 @app.command("deploy")
@@ -378,8 +338,12 @@ def _server_home(data_root: str) -> Path:
 def server_start(
     data_root: RootArg,
     host: Annotated[
-        str, typer.Option(help="bind address (loopback unless an auth string is set)")
-    ] = "127.0.0.1",
+        str | None,
+        typer.Option(
+            help="bind address (default: the prefect.host setting, 127.0.0.1; beyond loopback "
+            "only with an auth string)"
+        ),
+    ] = None,
     port: Annotated[int, typer.Option(help="API and UI port")] = 4200,
     database_url: Annotated[
         str | None,
@@ -389,12 +353,8 @@ def server_start(
     """Start a Prefect server in the background (SQLite under the data root)."""
     from flows import server
 
-    try:
-        info = server.start(
-            _server_home(data_root), host=host, port=port, database_url=database_url
-        )
-    except server.ServerError as e:
-        raise _fail(str(e)) from e
+    host = host or _settings("demo", []).prefect.host
+    info = server.start(_server_home(data_root), host=host, port=port, database_url=database_url)
     typer.echo(f"Prefect server pid {info.pid} at {info.ui_url} (log {info.log})")
     typer.echo(f"clients: export PREFECT_API_URL={info.api_url}")
 

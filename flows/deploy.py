@@ -3,15 +3,17 @@ re-extraction of new videos, and the hand-off of training to a GPU work pool."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
 from data_contracts.location import normalize_root
-from flows.config import PROJECT_ROOT, load_settings
+from flows.config import PROJECT_ROOT, Settings, load_settings
 from flows.extract import extract_flow
 from flows.runners import with_runner
 from flows.train import train_flow
@@ -19,6 +21,12 @@ from flows.train import train_flow
 log = logging.getLogger(__name__)
 
 TRAIN_DEPLOYMENT = "train/train"
+
+
+def extract_flow_for(settings: Settings):
+    """The extract flow on the task runner `extract.task_runner` names (flows/runners.py): the
+    one flow object the `extract` deployment, `pipeline`, `reextract-new` and the CLI run."""
+    return with_runner(extract_flow, settings)
 
 
 @flow(name="pipeline", flow_run_name="pipeline-{profile}", log_prints=True)
@@ -37,7 +45,7 @@ def pipeline_flow(
         overrides: key=value settings, e.g. ["faces.fps=5", "train.use_nee=false"].
     """
     settings = load_settings(profile, overrides or [])
-    summary = with_runner(extract_flow, settings)(corpus_dir, profile, data_root, overrides)
+    summary = extract_flow_for(settings)(corpus_dir, profile, data_root, overrides)
     report = train_flow(corpus_dir, profile, data_root, overrides)
     return {"extract": summary, "train": report}
 
@@ -61,7 +69,8 @@ def reextract_new_flow(
             extracted, so training can run on a GPU work pool; empty to skip.
     """
     logger = get_run_logger()
-    summary = extract_flow(corpus_dir, profile, data_root, overrides, only_new=True)
+    settings = load_settings(profile, overrides or [])
+    summary = extract_flow_for(settings)(corpus_dir, profile, data_root, overrides, only_new=True)
     computed = sum(s["processed"] for s in summary["stages"].values())
     summary["train_run"] = None
     if summary["videos"] and computed and train_deployment:
@@ -99,8 +108,9 @@ class ServeOptions:
     overrides: tuple[str, ...] = ()
 
 
-def build_deployments(opts: ServeOptions) -> list:
-    """extract, train, pipeline and a scheduled reextract-new, with defaults for the run form."""
+def deployment_specs(opts: ServeOptions) -> list[tuple[Any, dict[str, Any]]]:
+    """extract, train, pipeline and a scheduled reextract-new: each flow object with its
+    deployment options (name, defaults for the run form, tags, schedule)."""
     params = {
         "corpus_dir": opts.corpus_dir,
         "profile": opts.profile,
@@ -113,31 +123,74 @@ def build_deployments(opts: ServeOptions) -> list:
     elif opts.interval_seconds:
         schedule["interval"] = timedelta(seconds=opts.interval_seconds)
     tags = ["merflow", opts.profile]
+    # The served settings' extract.task_runner; reextract-new and pipeline pick theirs from
+    # each run's own parameters (the same for the same settings).
+    settings = load_settings(opts.profile, list(opts.overrides))
     return [
-        extract_flow.to_deployment(
-            name="extract",
-            parameters=params,
-            tags=[*tags, "cpu"],
-            description="Extract visual, acoustic and text features into the feature stores.",
+        (
+            extract_flow_for(settings),
+            {
+                "name": "extract",
+                "parameters": params,
+                "tags": [*tags, "cpu"],
+                "description": "Extract visual, acoustic and text features into the feature "
+                "stores.",
+            },
         ),
-        train_flow.to_deployment(
-            name="train",
-            parameters=params,
-            tags=[*tags, "gpu"],
-            description="MR-CCL pretraining, two-step self-training, voting and the WAF report.",
+        (
+            train_flow,
+            {
+                "name": "train",
+                "parameters": params,
+                "tags": [*tags, "gpu"],
+                "description": "MR-CCL pretraining, two-step self-training, voting and the WAF "
+                "report.",
+            },
         ),
-        pipeline_flow.to_deployment(
-            name="pipeline", parameters=params, tags=tags, description="Extract, then train."
+        (
+            pipeline_flow,
+            {
+                "name": "pipeline",
+                "parameters": params,
+                "tags": tags,
+                "description": "Extract, then train.",
+            },
         ),
-        reextract_new_flow.to_deployment(
-            name="reextract-new",
-            parameters={**params, "train_deployment": TRAIN_DEPLOYMENT},
-            tags=[*tags, "scheduled"],
-            description="Extract only new or changed videos, then start the train deployment.",
-            concurrency_limit=1,  # a slow run and the next tick must not extract the same clips
-            **schedule,
+        (
+            reextract_new_flow,
+            {
+                "name": "reextract-new",
+                "parameters": {**params, "train_deployment": TRAIN_DEPLOYMENT},
+                "tags": [*tags, "scheduled"],
+                "description": "Extract only new or changed videos, then start the train "
+                "deployment.",
+                # a slow run and the next tick must not extract the same clips
+                "concurrency_limit": 1,
+                **schedule,
+            },
         ),
     ]
+
+
+def build_deployments(opts: ServeOptions) -> list:
+    """The deployments of deployment_specs, as Prefect RunnerDeployments."""
+    return [flow_obj.to_deployment(**options) for flow_obj, options in deployment_specs(opts)]
+
+
+def serve_deployments(opts: ServeOptions) -> None:
+    """Serve the deployments until interrupted, each run executing its flow object as built
+    here (the extract flow on its configured task runner). Prefect's `serve()` would import
+    each entrypoint afresh and run the extract flow on the default thread runner."""
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+
+    runner = Runner(pause_on_shutdown=True)
+    for flow_obj, options in deployment_specs(opts):
+        runner.add_flow(flow_obj, **options)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal) as e:
+        log.info("serving stopped (%s)", type(e).__name__)
 
 
 ENTRYPOINTS = {

@@ -1,7 +1,7 @@
 """Generate a small MER2024-shaped demo corpus: real face, real Chinese speech, transcripts.
 
 The emotion label is learnable from every modality, even through tiny random networks
-(see FINDINGS.md, "demo corpus"): the face gets a class tint and a mouth/brow change, the audio
+(see docs/dependencies.md §7): the face gets a class tint and a mouth/brow change, the audio
 a faint class-specific tone under espeak-ng speech whose pitch and rate depend on the class, and
 the transcript uses class-specific wording. A scrambled join of features and labels therefore
 drops accuracy to chance, which is what the end-to-end tests rely on.
@@ -42,7 +42,7 @@ LABELS_CSV = "label-disdim.csv"
 TRANSCRIPTS_CSV = "label-transcription.csv"
 TRUTH_CSV = "demo-truth.csv"
 
-# MER2024 Train&Val class counts (METHOD.md): the demo keeps their proportions.
+# MER2024 Train&Val class counts (docs/method.md §1): the demo keeps their proportions.
 MER_TRAIN_COUNTS: dict[str, int] = {
     "neutral": 1248,
     "angry": 1208,

@@ -164,8 +164,16 @@ def test_read_only_store_stops_the_flow_with_the_way_out(
         )
     assert "read-write" in str(info.value) and "features/visual" in str(info.value)
     monkeypatch.undo()
-    for folder in table_folders(root):  # every store stays readable, nothing half-written
-        assert raw_rows(folder).shape[0] >= 0
-        assert not list(folder.glob(".part-*.tmp"))
+    store = Store(root)
+    videos = set(store.read(tables.MANIFEST).video_id)
+    known = videos | set(store.read(tables.LABELS).video_id)  # labels: the whole CSV
+    assert len(videos) == 6
+    # Every store stays readable (each part file whole) and nothing is half-written.
+    for folder in table_folders(root):
+        rows = raw_rows(folder)
+        assert not list(folder.glob(".part-*.tmp")), folder
+        assert set(rows.video_id) <= known and rows.video_id.is_unique, folder
+    # The stages before the refused write committed every video; the refused one none.
+    for table in (tables.AUDIO, tables.FACES):
+        assert set(store.read(table).video_id) == videos, table.name
     assert not raw_rows(root / "stores" / "features" / "visual").shape[0]
-    assert len(Store(root).read(tables.AUDIO)) == 6

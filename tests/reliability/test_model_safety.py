@@ -117,7 +117,6 @@ def test_extract_flow_refuses_paths_outside_the_roots_before_any_work(
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     monkeypatch.setenv("MERFLOW_ALLOWED_ROOTS", str(allowed))
-    root = allowed / "root"
     with pytest.raises(UnsafeParameterError) as info:
         extract_flow(
             str(corpus),  # outside: the corpus is under tmp_path/corpus
@@ -129,5 +128,7 @@ def test_extract_flow_refuses_paths_outside_the_roots_before_any_work(
     text = str(info.value)
     assert "corpus_dir" in text and "data_root" in text and "video_dirs entry" in text
     assert len(info.value.problems) == 3
-    assert not root.exists() and not (tmp_path / "escaped").exists()
+    # Nothing written anywhere: not the refused data root, not the corpus's default one, not
+    # the allowed folder.
+    assert not (tmp_path / "escaped").exists() and not (corpus / "merflow").exists()
     assert not any(Path(allowed).iterdir())

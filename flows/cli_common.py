@@ -1,0 +1,114 @@
+"""What every `merflow` command shares: the option declarations and the one rule that turns an
+error into a one-line message and an exit code.
+
+Exit codes, for every command:
+
+* 0: done (`check`: no error-level finding);
+* 1: the work failed: a video or file that cannot be processed (BadInputError), another
+  merflow error, the Prefect server, the disk; or `check` found errors;
+* 2: the command cannot run as given: a setting, an argument or a path is wrong (SettingsError,
+  ValueError, a file or folder that does not exist, a parameter outside the allowed roots);
+* 3: `extract --strict` and some videos failed.
+
+The rule is applied once, around every command, by `MerflowGroup` (the root command group):
+commands raise merflow's errors and never choose a code themselves. `merflow -v ...` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from flows.config import list_profiles
+
+# -- options shared by the commands ----------------------------------------------------------
+ProfileOpt = Annotated[
+    str,
+    typer.Option(
+        "--profile", "-p", help=f"settings profile ({', '.join(list_profiles())}, or a .yaml file)"
+    ),
+]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="key=value setting overrides, e.g. faces.fps=5")
+]
+# Strings, not Paths: a Path would collapse the '//' of an s3://bucket/prefix data root.
+DataRootUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data-root",
+        help="where stores and artifacts live: a folder or an object-storage URL "
+        "(s3://bucket/prefix; models, runs and the Prefect server stay in a local work folder)",
+    ),
+]
+DataRootArg = Annotated[
+    str, typer.Argument(help="the data root of an extraction: a folder or an s3://... URL")
+]
+RequiredDataRootOpt = Annotated[
+    str, typer.Option("--data-root", help="the data root to look in (a folder or a URL)")
+]
+
+
+class UsageProblem(ValueError):
+    """The command line names something that cannot be used (a folder that does not exist)."""
+
+
+# -- errors to exit codes ----------------------------------------------------------------------
+def exit_code(error: BaseException) -> int:
+    """The exit code of an error under merflow's one rule (see the module docstring)."""
+    from data_contracts.errors import BadInputError
+    from flows.safety import UnsafeParameterError
+
+    if isinstance(error, BadInputError):
+        return 1  # the input was read and is bad: a failed piece of work, not a usage error
+    if isinstance(error, ValueError | UnsafeParameterError | FileNotFoundError | LookupError):
+        return 2
+    return 1
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line: a list of problems becomes `head: a; b; c`."""
+    lines = [ln.strip().removeprefix("- ").strip() for ln in str(error).splitlines()]
+    lines = [ln for ln in lines if ln] or [type(error).__name__]
+    head, rest = lines[0], lines[1:]
+    if not rest:
+        return head
+    return f"{head} {'; '.join(rest)}" if head.endswith(":") else "; ".join(lines)
+
+
+_PASS_THROUGH = (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort)
+
+
+class MerflowGroup(TyperGroup):
+    """The root command group: every command's error becomes `error: <one line>` on stderr and
+    the exit code of `exit_code` (its traceback with -v/--verbose)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _PASS_THROUGH:
+            raise
+        except Exception as e:
+            if ctx.params.get("verbose"):
+                raise
+            code = exit_code(e)
+            known = _is_known(e)
+            message = one_line(e) if known else f"{type(e).__name__}: {one_line(e)}"
+            if code == 2:
+                command = " ".join(filter(None, ["merflow", ctx.invoked_subcommand]))
+                message += f" (see `{command} --help`)"
+            elif not known:
+                message += " (`merflow -v ...` shows where)"
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(code) from e
+
+
+def _is_known(error: BaseException) -> bool:
+    """merflow's own errors and the kinds whose message is meant for the user."""
+    from data_contracts.errors import MerflowError
+    from flows.server import ServerError
+
+    return isinstance(error, MerflowError | ServerError | ValueError | LookupError | OSError)

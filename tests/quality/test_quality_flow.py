@@ -65,7 +65,9 @@ def extracted(prefect_server, small_corpus, tiny_models, tmp_path_factory):
 
 @pytest.fixture
 def cli():
-    app = typer.Typer()
+    from flows.cli_common import MerflowGroup
+
+    app = typer.Typer(cls=MerflowGroup)  # the root command's error rule, as `merflow` has it
     register(app)
     app.command("noop", hidden=True)(lambda: None)  # keeps `check` a named subcommand
     return app

@@ -182,8 +182,11 @@ def train_flow(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(settings, run_dir / "settings.yaml")
     _save_beside_stores(settings, ctx["store"])
-    # Every step and the report read these, never the stores again (tasks/train.py).
-    data = freeze_run(run_dir, ctx["data"], key, ctx["fingerprint"], ctx["recipe"], ctx["store"])
+    # Every step and the report read these, never the stores again (tasks/train.py); the copy
+    # read from the stores is dropped once frozen (at paper size it is ~3 GB).
+    store, read = ctx["store"], ctx.pop("data")
+    data = freeze_run(run_dir, read, key, ctx["fingerprint"], ctx["recipe"], store)
+    del read
     logger.info(
         "run %s: %d labelled, %d unlabelled videos, features %s",
         key,
@@ -241,8 +244,8 @@ def join_training(
         raise ValueError("train-join is for multi-node runs: set train.nnodes and rdzv_endpoint")
     corpus = Path(corpus_dir).expanduser().resolve()
     root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus)
-    ctx = training_context(str(root), profile, overrides, str(corpus))
-    key = ctx["key"]
+    # Only the key: this machine's ranks map the inputs node 0 froze in the shared run folder.
+    key = training_context(str(root), profile, overrides, str(corpus))["key"]
     run_dir = _run_dir(settings, root, key)
     joined = []
     for step in step_names(settings.train.n_splits):

@@ -18,7 +18,6 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
-from tqdm.auto import tqdm
 
 from data_contracts import tables
 from data_contracts.location import is_url, normalize_root
@@ -241,31 +240,24 @@ def extract_flow(
 
     totals: dict[str, ShardReport] = {s: ShardReport(s) for s in STAGES}
     cached: Counter = Counter()
-    # Results in completion order: a progress bar per stage on the command line (stderr, only
-    # on a terminal) and the UI's progress artifact advance as shards finish.
+    # Results in completion order: a log line per stage and shard (the run's logs, in the UI and
+    # on stderr; they are the command line's progress too, as progress bars would interleave
+    # with them) and the UI's progress artifact advance as shards finish.
     where = {fut: (stage, i) for stage in STAGES for i, fut in enumerate(futures[stage])}
-    bars = {
-        stage: tqdm(total=len(parts), desc=f"{stage:>10}", unit="shard", position=k, disable=None)
-        for k, stage in enumerate(STAGES)
-    }
     left = [len(STAGES)] * len(parts)
-    try:
-        for fut in as_completed(list(where)):
-            stage, i = where[fut]
-            fut.wait()  # sets the future's final state; without it .state asks the API
-            if fut.state.name == "Cached":  # Prefect skipped the task: nothing was computed
-                cached[stage] += 1
-                totals[stage] = totals[stage].merge(ShardReport(stage, skipped=len(parts[i])))
-            else:
-                totals[stage] = totals[stage].merge(fut.result())
-            bars[stage].update(1)
-            left[i] -= 1
-            if left[i] == 0:
-                done = sum(n == 0 for n in left)
-                update_progress_artifact(progress, progress=100.0 * done / len(parts))
-    finally:
-        for bar in bars.values():
-            bar.close()
+    for fut in as_completed(list(where)):
+        stage, i = where[fut]
+        fut.wait()  # sets the future's final state; without it .state asks the API
+        hit = fut.state.name == "Cached"  # Prefect skipped the task: nothing was computed
+        shard = ShardReport(stage, skipped=len(parts[i])) if hit else fut.result()
+        cached[stage] += hit
+        totals[stage] = totals[stage].merge(shard)
+        level = logging.WARNING if shard.failed else logging.INFO
+        logger.log(level, shard.line(i + 1, len(parts), cached=hit))
+        left[i] -= 1
+        if left[i] == 0:
+            done = sum(n == 0 for n in left)
+            update_progress_artifact(progress, progress=100.0 * done / len(parts))
 
     summary = ExtractionSummary(str(root), len(videos), len(parts), report.summary())
     for stage, t in totals.items():

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -172,6 +174,27 @@ def masked_sum(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return (states * weights).sum(dim=1), mask.sum(dim=1)
 
 
+def quiet_progress_bars() -> None:
+    """Turn huggingface_hub's and transformers' progress bars off when stderr is no terminal.
+
+    In a log file, captured output or a Prefect worker a bar is a run of carriage-return
+    fragments ("Loading weights: 0%|...100%|"), not progress. On a terminal they stay, and
+    HF_HUB_DISABLE_PROGRESS_BARS, when set, decides (the hub warns on every call otherwise).
+    """
+    if (sys.stderr is not None and sys.stderr.isatty()) or os.environ.get(
+        "HF_HUB_DISABLE_PROGRESS_BARS"
+    ):
+        return
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    # transformers copies the hub's switch when first imported; once imported it has its own.
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 _CACHE: dict[tuple[Any, ...], Extractor] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -207,6 +230,7 @@ def load_extractor(
         if cached is not None:
             return cached
         started = time.perf_counter()
+        quiet_progress_bars()
         extractor = _build(spec, model_path, resolved_device, resolved_dtype, trust, num_threads)
         _CACHE[key] = extractor
     logger.info(

@@ -25,7 +25,7 @@ from prefect import task
 
 from data_contracts import tables
 from data_contracts.store import Store
-from models.extractors import load_extractor, planned_extractor_id
+from models.extractors import load_extractor, planned_extractor_id, quiet_progress_bars
 from models.registry import ExtractorSpec, get_spec, id_settings, resolve_model_path
 from tasks.faces import FaceSettings, load_crops
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, read_wav
@@ -75,6 +75,8 @@ class ModelChoice:
     def model_path(self) -> Path:
         """The checkpoint folder (a clear error naming where it looked when absent)."""
         models_dir = Path(self.models_dir) if self.models_dir else None
+        if self.allow_download:
+            quiet_progress_bars()  # a download's bars, as a load's (models.extractors)
         return resolve_model_path(self.spec, models_dir, self.allow_download)
 
     def extractor_id(self, upstream: str) -> str:

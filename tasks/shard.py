@@ -34,6 +34,8 @@ class ShardReport:
     # Shards that took Prefect more than one attempt. Their counts are the last attempt's: rows
     # an earlier attempt stored count as `skipped`.
     retried: int = 0
+    # Seconds the stage worked (last attempt; a wait for a GPU slot excluded).
+    seconds: float = 0.0
 
     def add_failure(self, video_id: str, error_type: str) -> None:
         """Count one per-video failure."""
@@ -51,7 +53,25 @@ class ShardReport:
             self.reasons + other.reasons,
             self.failed_videos + other.failed_videos,
             self.retried + other.retried,
+            self.seconds + other.seconds,
         )
+
+    def line(self, shard: int, shards: int, cached: bool = False) -> str:
+        """One log line of this shard's report: counts, seconds, videos (computed or failed) per
+        second; `cached`: Prefect's cache answered, the task did not run."""
+        text = (
+            f"{self.stage} shard {shard}/{shards}: {self.processed} computed, "
+            f"{self.skipped} skipped, {self.failed} failed"
+        )
+        if self.reasons:
+            text += " (" + ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items())) + ")"
+        if cached:
+            return text + " (cached)"
+        text += f" in {self.seconds:.1f} s"
+        worked = self.processed + self.failed
+        if worked and self.seconds > 0:
+            text += f", {worked / self.seconds:.2f} videos/s"
+        return text + (" (retried)" if self.retried else "")
 
 
 def shards(videos: pd.DataFrame, size: int) -> list[pd.DataFrame]:

@@ -11,6 +11,7 @@ that now succeed, and commits what it wrote even when a transient error escapes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,13 +180,17 @@ def run_stage(
         raise ValueError(f"videos lack columns {sorted(missing)}; pass manifest rows")
     attempt = attempt or current_attempt()
     report = ShardReport(stage.name, retried=int(attempt > 1))
+    started = time.perf_counter()
     todo, report.skipped, failed_before = select_pending(
         videos, store, stage.table, stage.name, stage.extractor_id, retry_failed
     )
+    report.seconds = time.perf_counter() - started
     if todo.empty:
         return report
     with gpu_slot(stage.device, slots_per_device=stage.gpu_slots):  # nothing held on a CPU
+        started = time.perf_counter()  # the wait for a slot is not the stage's work
         _compute(stage, todo, store, attempt, report, failed_before)
+        report.seconds += time.perf_counter() - started
     return report
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -32,11 +33,16 @@ app = typer.Typer(
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    # Without -v, no handler here: the root logger is Prefect's, configured when prefect is
+    # first imported (its console handler names each run's flow and task, and root stays at
+    # WARNING, which keeps httpx's line per API request and library INFO chatter out). A root
+    # handler added first would make Prefect leave the root alone.
+    if verbose:
+        logging.basicConfig(
+            level=logging.DEBUG,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
 
 
 def _settings(profile: str, overrides: list[str] | None) -> Settings:
@@ -108,19 +114,21 @@ def _manifest():
 
 
 def _connect(settings: Settings, root: Path) -> dict[str, str]:
+    """The Prefect clients' environment for a data root; says which server and why."""
     from flows import server
 
-    url, env = server.connect(
+    conn = server.connect(
         root, settings.prefect.api_url, settings.prefect.port, host=settings.prefect.host
     )
-    typer.echo(f"Prefect API {url} (UI: {url.removesuffix('/api')})")
-    return env
+    for line in conn.describe():
+        typer.echo(line)
+    return conn.env
 
 
 def _run_flow(
-    flow_fn, corpus_dir: Path, settings: Settings, profile: str, overrides, data_root, **kw
+    flow_fn, corpus_dir: Path, settings: Settings, profile: str, overrides, data_root, env, **kw
 ) -> dict:
-    """Run a flow against the data root's Prefect server."""
+    """Run a flow against the data root's Prefect server (or the one `env` names)."""
     from data_contracts.location import normalize_root
     from flows import server
 
@@ -131,7 +139,7 @@ def _run_flow(
         )
     root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus_dir)
     # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
-    env = _connect(settings, settings.local_root(root))
+    env = env or _connect(settings, settings.local_root(root))
     with server.use_server(env):
         return flow_fn(
             str(corpus_dir),
@@ -142,13 +150,15 @@ def _run_flow(
         )
 
 
-def _run_extract(corpus_dir, settings, profile, overrides, data_root, only_new=False) -> dict:
+def _run_extract(
+    corpus_dir, settings, profile, overrides, data_root, only_new=False, env=None
+) -> dict:
     from flows.extract import ExtractionSummary, extract_flow
     from flows.runners import with_runner
 
     flow_fn = with_runner(extract_flow, settings)
     summary = _run_flow(
-        flow_fn, corpus_dir, settings, profile, overrides, data_root, only_new=only_new
+        flow_fn, corpus_dir, settings, profile, overrides, data_root, env, only_new=only_new
     )
     typer.echo(ExtractionSummary(**summary).markdown())
     return summary
@@ -173,11 +183,11 @@ def extract_cmd(
         raise typer.Exit(3)
 
 
-def _run_train(corpus_dir, settings, profile, overrides, data_root) -> dict:
+def _run_train(corpus_dir, settings, profile, overrides, data_root, env=None) -> dict:
     from flows.train import train_flow
     from tasks.train_report import report_markdown
 
-    report = _run_flow(train_flow, corpus_dir, settings, profile, overrides, data_root)
+    report = _run_flow(train_flow, corpus_dir, settings, profile, overrides, data_root, env)
     typer.echo(report_markdown(report))
     typer.echo(
         f"report: {report['report_dir']} (report.md, confusion.png, curves.png, submission.csv)"
@@ -223,6 +233,10 @@ def demo_cmd(
     labeled: Annotated[int, typer.Option(help="labelled clips")] = 60,
     unlabeled: Annotated[int, typer.Option(help="unlabelled clips")] = 120,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    serve: Annotated[
+        bool,
+        typer.Option("--serve", help="then serve the demo's deployments to the UI until Ctrl-C"),
+    ] = False,
     overrides: Overrides = None,
 ) -> None:
     """Run the main job end to end on the built-in demo corpus with tiny models."""
@@ -232,9 +246,47 @@ def demo_cmd(
     corpus_dir = (out_dir / "corpus").resolve()
     if not (corpus_dir / settings.corpus.labels_csv).exists():
         make_demo_corpus(corpus_dir, n_labeled=labeled, n_unlabeled=unlabeled, seed=seed)
-    _run_extract(corpus_dir, settings, "demo", overrides, None)
-    _run_train(corpus_dir, settings, "demo", overrides, None)
-    typer.echo(f"data root: {settings.resolved_data_root(corpus_dir)}")
+    root = settings.resolved_data_root(corpus_dir)
+    env = _connect(settings, settings.local_root(root))
+    _run_extract(corpus_dir, settings, "demo", overrides, None, env=env)
+    _run_train(corpus_dir, settings, "demo", overrides, None, env=env)
+    serve_args = _demo_serve_args(corpus_dir, overrides)
+    for line in _demo_next_steps(root, env["PREFECT_API_URL"], serve_args, serving=serve):
+        typer.echo(line)
+    if serve:
+        serve_cmd(**serve_args)
+
+
+def _demo_serve_args(corpus_dir: Path, overrides: list[str] | None) -> dict:
+    """The `merflow serve` arguments that serve the demo corpus's deployments."""
+    return {"corpus_dir": corpus_dir, "profile": "demo", "overrides": list(overrides or [])}
+
+
+def _serve_command_line(args: dict) -> str:
+    """`merflow serve ...` with these serve arguments, as a shell command."""
+    argv = ["merflow", "serve", str(args["corpus_dir"]), "--profile", args["profile"]]
+    return shlex.join([*argv, *args["overrides"]])
+
+
+def _demo_next_steps(root, api_url: str, serve_args: dict, serving: bool) -> list[str]:
+    """After the demo: where its results and the UI are, and how to run the flows from the UI."""
+    ui = api_url.removesuffix("/api")
+    lines = [
+        f"data root: {root}",
+        f"Prefect UI: {ui} (the demo's flow runs are under Runs)",
+    ]
+    if serving:
+        return [
+            *lines,
+            f"serving the deployments: press Run on one at {ui}/deployments; Ctrl-C stops",
+        ]
+    return [
+        *lines,
+        "To start the flows from the UI, serve their deployments (until Ctrl-C), then press Run "
+        f"on one at {ui}/deployments:",
+        f"  {_serve_command_line(serve_args)}",
+        "(`merflow demo --serve` does this after the demo)",
+    ]
 
 
 def _serve_setup(settings, corpus_dir, profile, data_root, interval, cron, overrides):
@@ -318,15 +370,13 @@ def deploy_cmd(
     typer.echo(f"  PREFECT_API_URL={env['PREFECT_API_URL']} prefect worker start --pool {gpu_pool}")
 
 
-server_app = typer.Typer(help="A local Prefect server under the data root.", no_args_is_help=True)
+server_app = typer.Typer(
+    help="The local Prefect servers merflow starts, one per data root (docs/servers.md).",
+    no_args_is_help=True,
+)
 app.add_typer(server_app, name="server")
-RootArg = Annotated[
-    str,
-    typer.Option(
-        "--data-root",
-        help="the data root whose server this is (for an s3:// root: its local work folder's)",
-    ),
-]
+_ROOT_HELP = "the data root whose server this is (for an s3:// root: its local work folder's)"
+RootArg = Annotated[str, typer.Option("--data-root", help=_ROOT_HELP)]
 
 
 def _server_home(data_root: str) -> Path:
@@ -357,14 +407,33 @@ def server_start(
     info = server.start(_server_home(data_root), host=host, port=port, database_url=database_url)
     typer.echo(f"Prefect server pid {info.pid} at {info.ui_url} (log {info.log})")
     typer.echo(f"clients: export PREFECT_API_URL={info.api_url}")
+    typer.echo(f"stop:    {info.stop_command}")
 
 
 @server_app.command("stop")
-def server_stop(data_root: RootArg) -> None:
-    """Stop the data root's Prefect server."""
+def server_stop(
+    data_root: Annotated[str | None, typer.Option("--data-root", help=_ROOT_HELP)] = None,
+    every: Annotated[
+        bool, typer.Option("--all", help="stop every server `merflow server list` shows")
+    ] = False,
+) -> None:
+    """Stop the data root's Prefect server, or with --all every one merflow started."""
     from flows import server
 
-    typer.echo("stopped" if server.stop(_server_home(data_root)) else "no server was running")
+    if every == bool(data_root):
+        raise UsageProblem(
+            "give --data-root ROOT (that data root's server) or --all (every server merflow "
+            "started on this machine: `merflow server list` shows them), one of the two"
+        )
+    if data_root:
+        typer.echo("stopped" if server.stop(_server_home(data_root)) else "no server was running")
+        return
+    infos = server.started_servers()
+    for info in infos:
+        server.stop(info.data_root)
+        typer.echo(f"stopped pid {info.pid} ({info.ui_url}, data root {info.data_root})")
+    if not infos:
+        typer.echo("no server that merflow started is running")
 
 
 @server_app.command("status")
@@ -378,6 +447,30 @@ def server_status(data_root: RootArg) -> None:
         raise typer.Exit(1)
     state = "healthy" if server.healthy(info.api_url) else "not answering"
     typer.echo(f"pid {info.pid} at {info.ui_url}: {state} (database {info.database})")
+
+
+@server_app.command("list")
+def server_list() -> None:
+    """Every Prefect server merflow started on this machine that still runs."""
+    import os
+
+    from flows import server
+
+    infos = server.started_servers()
+    if not infos:
+        typer.echo(f"no server that merflow started is running (list: {server.registry_dir()})")
+        return
+    auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    rows = [("DATA ROOT", "PID", "UI", "UP", "STATE")]
+    for i in infos:
+        state = "healthy" if server.healthy(i.api_url, auth, timeout=1.0) else "not answering"
+        rows.append((str(i.data_root), str(i.pid), i.ui_url, server.age(i), state))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+    for r in rows:
+        typer.echo("  ".join([*(v.ljust(w) for v, w in zip(r, widths, strict=False)), r[-1]]))
+    typer.echo(
+        "stop one: merflow server stop --data-root ROOT; all of them: merflow server stop --all"
+    )
 
 
 def _mount_subcommands() -> None:

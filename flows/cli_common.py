@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -79,14 +78,16 @@ def one_line(error: BaseException) -> str:
     return f"{head} {'; '.join(rest)}" if head.endswith(":") else "; ".join(lines)
 
 
-_PASS_THROUGH = (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort)
+# typer.TyperException: the usage errors of typer's own click (no such option, a missing
+# argument), which typer prints with their usage line and exit code 2.
+_PASS_THROUGH = (typer.Exit, typer.Abort, typer.TyperException)
 
 
 class MerflowGroup(TyperGroup):
     """The root command group: every command's error becomes `error: <one line>` on stderr and
     the exit code of `exit_code` (its traceback with -v/--verbose)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
         except _PASS_THROUGH:

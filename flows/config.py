@@ -30,9 +30,16 @@ from models.settings import TrainSettings
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 ENV_PREFIX = "MERFLOW_"
-# Environment variables read by single tools, not settings (tasks/media.py, face_backends.py).
+# Environment variables read by single tools, not settings (tasks/media.py, face_backends.py,
+# data_contracts/location.py, flows/server.py).
 TOOL_ENV = frozenset(
-    {"MERFLOW_HOME", "MERFLOW_FFMPEG", "MERFLOW_OPENFACE_BIN", "MERFLOW_CACHE_DIR"}
+    {
+        "MERFLOW_HOME",
+        "MERFLOW_FFMPEG",
+        "MERFLOW_OPENFACE_BIN",
+        "MERFLOW_CACHE_DIR",
+        "MERFLOW_STATE_DIR",
+    }
 )
 
 
@@ -117,7 +124,9 @@ class ExtractSettings(_Section):
 class PrefectSettings(_Section):
     """The Prefect server merflow talks to."""
 
-    api_url: str | None = None  # default: the local server merflow starts under the data root
+    # A server every data root shares (as PREFECT_API_URL does); default: the data root's own
+    # server, started when needed (flows/server.py connect, docs/servers.md).
+    api_url: str | None = None
     # The address that local server binds to (flows/server.py); beyond loopback only with
     # PREFECT_SERVER_API_AUTH_STRING set.
     host: str = "127.0.0.1"

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 
 from flows.config import SettingsError, load_settings
-from flows.plan import ExtractionPlan, chain, plan_extraction
 from flows.task_cli import VideoFailedError, optional, run_video, scratch_store
 from tasks.errors import MerflowError
-from tasks.stage import MissingModalityError
+
+if TYPE_CHECKING:  # the plan loads the extractors (torch): only the commands import it
+    import numpy as np
+
+    from flows.plan import ExtractionPlan
 
 VideoArg = Annotated[Path, typer.Argument(help="the video file", dir_okay=False)]
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="settings profile")]
@@ -30,6 +32,8 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="key=value setting o
 def _plan(
     profile: str, overrides: list[str] | None, data_root: Path, official: bool = False
 ) -> ExtractionPlan:
+    from flows.plan import plan_extraction
+
     try:
         settings = load_settings(profile, overrides or [])
     except SettingsError as e:
@@ -39,6 +43,8 @@ def _plan(
 
 
 def _report(name: str, vector: np.ndarray, started: float, extra: str = "") -> None:
+    import numpy as np
+
     seconds = time.perf_counter() - started
     typer.echo(
         f"{name}: shape {tuple(vector.shape)}, L2 norm {np.linalg.norm(vector):.4f}, "
@@ -53,6 +59,9 @@ def _run(
 
     A missing modality of the stage itself (empty transcript, audio too short) is no error:
     it prints that the video has no vector."""
+    from flows.plan import chain
+    from tasks.stage import MissingModalityError
+
     # An official (given) transcript needs no audio.
     names = [n for n in chain(stage) if not (official and n == "audio")]
     try:

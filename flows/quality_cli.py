@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import pandas as pd
 import typer
 
-from data_contracts import tables
-from data_contracts.store import Store
-from data_contracts.tables import TableRef
 from flows.cli_common import DataRootArg, RequiredDataRootOpt
+
+if TYPE_CHECKING:  # pandas and pyarrow load in the commands, not with the command line
+    from data_contracts.store import Store
+    from data_contracts.tables import TableRef
 
 
 class UnknownVideoError(LookupError):
@@ -20,6 +20,8 @@ class UnknownVideoError(LookupError):
 
 
 def _rows(store: Store, table: TableRef, video_id: str, columns: list[str] | None = None):
+    import pandas as pd
+
     if not store.exists(table):
         return pd.DataFrame()
     df = store.read(table, columns=columns)
@@ -36,6 +38,9 @@ def _section(title: str, body: list[str]) -> list[str]:
 
 def describe_video(store: Store, video_id: str) -> str:
     """Everything the data root knows about one video, as readable text."""
+    import pandas as pd
+
+    from data_contracts import tables
     from tasks.folds import fold_assignment
     from tasks.quality import find_feature_tables, quality_signals
 
@@ -148,6 +153,7 @@ def check_cmd(
     ] = True,
 ) -> None:
     """Check the feature stores (no server): print the report; exit 1 on error-level findings."""
+    from data_contracts.store import Store
     from tasks.check import check_stores
 
     # Folds: the latest training run's (tasks/folds.py), unless others are asked for.
@@ -162,6 +168,8 @@ def inspect_cmd(
     data_root: RequiredDataRootOpt,
 ) -> None:
     """Print everything known about one video: manifest, artifacts, features, failures, labels."""
+    from data_contracts.store import Store
+
     typer.echo(describe_video(Store(data_root), video_id))
 
 

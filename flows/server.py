@@ -2,14 +2,19 @@
 
 merflow runs flows against a real server (SQLite under the data root, or PostgreSQL by URL):
 Prefect's ephemeral mode drops task-run records on exit and starts a server per process.
+Which server a command uses is `connect`'s order (docs/servers.md); every server merflow starts
+is also listed per user (`registry_dir`), so that `merflow server list` and
+`merflow server stop --all` find them after the commands that started them have ended.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,11 +45,23 @@ class ServerInfo:
     home: str
     log: str
     database: str
+    # time.time() at launch: tells the server from a later process that got its pid
+    started_at: float = 0.0
 
     @property
     def ui_url(self) -> str:
         """The UI's address."""
         return self.api_url.removesuffix("/api")
+
+    @property
+    def data_root(self) -> Path:
+        """The (local) data root whose server this is."""
+        return Path(self.home).parent
+
+    @property
+    def stop_command(self) -> str:
+        """The command that stops this server."""
+        return f"merflow server stop --data-root {shlex.quote(str(self.data_root))}"
 
 
 def prefect_home(data_root: Path) -> Path:
@@ -53,6 +71,107 @@ def prefect_home(data_root: Path) -> Path:
 
 def _state_file(data_root: Path) -> Path:
     return prefect_home(data_root) / "server.json"
+
+
+# -- the per-user list of started servers ------------------------------------------------------
+STATE_ENV = "MERFLOW_STATE_DIR"
+
+
+def registry_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The folder listing the servers merflow started on this machine for this user, one JSON
+    file each: $MERFLOW_STATE_DIR/servers, else $XDG_STATE_HOME/merflow/servers
+    (~/.local/state/merflow/servers)."""
+    environ = os.environ if environ is None else environ
+    base = environ.get(STATE_ENV) or Path(environ.get("XDG_STATE_HOME") or "~/.local/state") / (
+        "merflow"
+    )
+    return Path(base).expanduser().resolve() / "servers"
+
+
+def _entry(home: str | Path) -> Path:
+    return registry_dir() / f"{hashlib.sha256(str(home).encode()).hexdigest()[:16]}.json"
+
+
+def _read(path: Path) -> ServerInfo | None:
+    try:
+        return ServerInfo(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):  # absent, half-written by an old merflow, foreign
+        return None
+
+
+def _write(path: Path, info: ServerInfo) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(asdict(info), indent=2))
+
+
+def _alive(info: ServerInfo) -> bool:
+    """Whether the recorded process still runs and is the one that was recorded."""
+    import psutil
+
+    try:
+        proc = psutil.Process(info.pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # A process created after the launch is another one that got the pid.
+        return not info.started_at or proc.create_time() < info.started_at + 2.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def started_servers() -> list[ServerInfo]:
+    """The servers merflow started on this machine that still run, oldest first. The entries
+    of servers that are gone are removed; running ones that an older merflow started without
+    listing them are added (`_adopt`)."""
+    _adopt()
+    folder = registry_dir()
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        info = _read(path)
+        if info is not None and _alive(info):
+            found.append(info)
+        else:
+            path.unlink(missing_ok=True)
+    return sorted(found, key=lambda i: i.started_at)
+
+
+def _adopt() -> None:
+    """List the `prefect server start` processes of this user that merflow started (their
+    PREFECT_HOME's server.json names them) for this same list, but that are not in it yet."""
+    import psutil
+
+    mine = registry_dir()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if not ({"server", "start"} <= set(cmd) and any(Path(c).name == "prefect" for c in cmd)):
+            continue
+        try:
+            environ, created = proc.environ(), proc.create_time()
+        except psutil.Error:  # another user's, or gone
+            continue
+        home = environ.get("PREFECT_HOME")
+        if not home or registry_dir(environ) != mine or _entry(home).exists():
+            continue
+        info = _read(Path(home) / "server.json")
+        if info is not None and info.pid == proc.pid:
+            info.started_at = info.started_at or created
+            _write(_entry(home), info)
+
+
+def age(info: ServerInfo) -> str:
+    """How long the server has run, e.g. `3 h 05 min`."""
+    seconds = max(0, int(time.time() - info.started_at)) if info.started_at else None
+    if seconds is None:
+        return "?"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours:02d} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def is_loopback(host: str) -> bool:
@@ -101,17 +220,8 @@ def client_env(data_root: Path, api_url: str, auth_string: str | None = None) ->
 
 def status(data_root: Path) -> ServerInfo | None:
     """The server recorded for this data root, if its process is alive."""
-    path = _state_file(data_root)
-    if not path.exists():
-        return None
-    info = ServerInfo(**json.loads(path.read_text()))
-    try:
-        os.kill(info.pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return info
+    info = _read(_state_file(data_root))
+    return info if info is not None and _alive(info) else None
 
 
 def start(
@@ -179,6 +289,7 @@ def start(
         home=str(home),
         log=str(log_path),
         database=database.split("@")[-1],  # never record a password
+        started_at=time.time(),
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -188,8 +299,8 @@ def start(
                 f"see its log {log_path}"
             )
         if healthy(api_url, auth_string):
-            with atomic_path(_state_file(data_root)) as tmp:
-                tmp.write_text(json.dumps(asdict(info), indent=2))
+            _write(_state_file(data_root), info)
+            _write(_entry(info.home), info)  # `merflow server list` finds it from anywhere
             return info
         time.sleep(0.5)
     _terminate(proc.pid)
@@ -198,8 +309,12 @@ def start(
 
 def stop(data_root: Path, timeout: float = 20.0) -> bool:
     """Stop the server recorded for this data root; False if none was running."""
-    info = status(data_root)
+    home = prefect_home(data_root)
+    listed = _read(_entry(home))
+    # The list still knows a server whose data root was deleted while it ran.
+    info = status(data_root) or (listed if listed is not None and _alive(listed) else None)
     _state_file(data_root).unlink(missing_ok=True)
+    _entry(home).unlink(missing_ok=True)
     if info is None:
         return False
     _terminate(info.pid, timeout)
@@ -252,26 +367,59 @@ def use_server(env: dict[str, str]):
                 os.environ[k] = v
 
 
+@dataclass
+class Connection:
+    """The Prefect API a command uses, why that one, and its clients' environment."""
+
+    api_url: str
+    env: dict[str, str]
+    # "setting" (prefect.api_url), "environment" (PREFECT_API_URL), "running" (the data
+    # root's server, started earlier) or "started" (started now, for this data root)
+    source: str
+    server: ServerInfo | None = None  # the data root's server, for "running" and "started"
+
+    def describe(self) -> list[str]:
+        """What to tell the user: which server, why, and, for one started now, how to stop it."""
+        ui = self.api_url.removesuffix("/api")
+        if self.server is None:
+            why = "the prefect.api_url setting" if self.source == "setting" else "PREFECT_API_URL"
+            return [f"Prefect API {self.api_url} (from {why}; UI {ui})"]
+        info = self.server
+        if self.source == "running":
+            return [f"Prefect server of {info.data_root} (pid {info.pid}, up {age(info)}): UI {ui}"]
+        return [
+            f"Started a Prefect server for {info.data_root} (pid {info.pid}); it keeps running "
+            "after this command.",
+            f"  UI:   {ui}",
+            f"  stop: {info.stop_command}",
+            "  every server merflow started: `merflow server list`, `merflow server stop --all`",
+            f"  one server for every data root: export PREFECT_API_URL={self.api_url}",
+        ]
+
+
 def connect(
     data_root: Path, api_url: str | None = None, port: int = 4200, host: str = "127.0.0.1"
-) -> tuple[str, dict[str, str]]:
-    """The API URL and client environment for a data root, starting its server when needed.
+) -> Connection:
+    """The Prefect API for a data root and its clients' environment, starting the data root's
+    server when needed.
 
-    Order: an explicit `api_url`, then PREFECT_API_URL from the environment, then the server
-    recorded for the data root, then a new one started on `port` (a free port if taken).
+    Order: an explicit `api_url` (the prefect.api_url setting), then PREFECT_API_URL from the
+    environment, then the server running for the data root, then a new one started on `port`
+    (a free port if taken).
     """
     auth = os.environ.get("PREFECT_API_AUTH_STRING")
     url = api_url or os.environ.get("PREFECT_API_URL")
+    source, info = ("setting" if api_url else "environment"), None
     if not url:
-        info = status(data_root)
+        source, info = "running", status(data_root)
         if info is None:
             if healthy(f"http://{host}:{port}/api"):
                 port = free_port(host)
-            info = start(data_root, host=host, port=port)
+            source, info = "started", start(data_root, host=host, port=port)
         url = info.api_url
     if not healthy(url, auth):
         raise ServerError(
             f"no Prefect API answers at {url}; start one with `merflow server start` or fix "
             f"prefect.api_url / PREFECT_API_URL"
         )
-    return url, client_env(data_root, url, auth)
+    return Connection(url, client_env(data_root, url, auth), source, info)

@@ -15,26 +15,21 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import pandas as pd
 import typer
 
-from data_contracts import tables
-from data_contracts.store import Store
+from flows.config import AudioSettings
 from tasks.errors import BadInputError, TransientError
-from tasks.face_backends import BackendUnavailableError
-from tasks.faces import FaceSettings, contact_sheet, faces_stage, load_crops
-from tasks.media import (
-    DEFAULT_SAMPLE_RATE,
-    FFmpegNotFoundError,
-    MediaInfo,
-    audio_stage,
-    find_ffmpeg,
-    probe,
-)
-from tasks.scan import sha256_file
-from tasks.stage import Stage, run_stage
+
+# pandas, the stores and the tasks (Prefect, av, cv2) load in the commands that run them, so
+# that `merflow --help` and every other command start without them.
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from data_contracts.store import Store
+    from tasks.media import MediaInfo
+    from tasks.stage import Stage
 
 task_app = typer.Typer(
     help="Run one task on one video locally (no Prefect server) and print what it did.",
@@ -57,6 +52,10 @@ class VideoFailedError(BadInputError):
 # -- one video through the engine -----------------------------------------------------------------
 def one_video(video: Path) -> pd.DataFrame:
     """A one-video shard: the manifest row a scan would write (id: the file stem)."""
+    import pandas as pd
+
+    from tasks.scan import sha256_file
+
     try:
         sha = sha256_file(video)
     except OSError:  # missing or unreadable: the first stage records why
@@ -71,6 +70,9 @@ def run_video(video: Path, stages: list[Stage], store: Store) -> dict[str, Any]:
     transient errors escape as they are. A stage whose row is already stored is not rerun,
     and failures are retried (`retry_failed`).
     """
+    from data_contracts import tables
+    from tasks.stage import run_stage
+
     videos = one_video(video)
     vid, sha = videos.video_id[0], videos.sha256[0]
     out: dict[str, Any] = {}
@@ -91,6 +93,8 @@ def run_video(video: Path, stages: list[Stage], store: Store) -> dict[str, Any]:
 @contextlib.contextmanager
 def scratch_store() -> Iterator[Store]:
     """A store in a temporary folder, removed afterwards (the commands keep no tables)."""
+    from data_contracts.store import Store
+
     with tempfile.TemporaryDirectory(prefix="merflow-task-") as tmp:
         yield Store(Path(tmp))
 
@@ -135,10 +139,12 @@ def extract_audio_cmd(
         str | None, typer.Option("--ffmpeg", help="ffmpeg binary (default: PATH, then bundled)")
     ] = None,
     sample_rate: Annotated[int, typer.Option(help="output sample rate in Hz")] = (
-        DEFAULT_SAMPLE_RATE
+        AudioSettings().sample_rate  # the flow's default (audio.sample_rate)
     ),
 ) -> None:
     """Split VIDEO's audio into a mono 16-bit wav, as the extract-audio task does."""
+    from tasks.media import FFmpegNotFoundError, audio_stage, find_ffmpeg, probe
+
     start = time.perf_counter()
     try:
         info = probe(video)
@@ -178,6 +184,10 @@ def crop_faces_cmd(
     ] = None,
 ) -> None:
     """Align the largest face of each sampled frame of VIDEO, as the crop-faces task does."""
+    from tasks.face_backends import BackendUnavailableError
+    from tasks.faces import FaceSettings, contact_sheet, faces_stage, load_crops
+    from tasks.media import probe
+
     start = time.perf_counter()
     try:
         settings = FaceSettings(

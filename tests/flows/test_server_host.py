@@ -17,7 +17,7 @@ def test_the_setting_reaches_the_server_merflow_starts_for_a_flow(monkeypatch, t
 
     def connect(root, api_url=None, port=4200, host="127.0.0.1"):
         seen.update(root=root, host=host, port=port)
-        return "http://x/api", {}
+        return server.Connection("http://x/api", {}, "environment")
 
     monkeypatch.setattr(server, "connect", connect)
     cli._connect(load_settings("demo", ["prefect.host=127.0.0.2", "prefect.port=4321"]), tmp_path)

@@ -1,0 +1,108 @@
+"""The command line starts without torch, open_clip, transformers, Prefect or pandas: help,
+settings, the server list and argument errors load none of them; the commands that need them
+import them when they run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+HEAVY = ("torch", "open_clip", "transformers", "prefect", "pandas", "pyarrow")
+MERFLOW = str(Path(sys.executable).with_name("merflow"))
+
+# Run the CLI in a fresh interpreter on ARGV, then report which heavy modules it had loaded.
+_PROBE = """
+import json, sys
+from flows.cli import app
+try:
+    app(sys.argv[1:], prog_name="merflow")
+except SystemExit:
+    pass
+heavy = sorted(m for m in {heavy!r} if m in sys.modules)
+print("HEAVY=" + json.dumps(heavy), file=sys.stderr)
+"""
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    # The server list of this test only; no settings of the developer's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERFLOW_")}
+    return {**env, "MERFLOW_STATE_DIR": str(tmp_path / "state")}
+
+
+def _loaded(args: list[str], tmp_path: Path) -> list[str]:
+    code = _PROBE.format(heavy=HEAVY)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=120,
+    )
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("HEAVY=")]
+    return json.loads(line.removeprefix("HEAVY="))
+
+
+def test_importing_the_command_line_loads_no_heavy_module(tmp_path):
+    code = f"import sys, flows.cli; print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        check=True,
+        timeout=120,
+    ).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["config"],
+        ["server", "list"],
+        ["server", "status", "--data-root", "NOWHERE"],
+        ["task", "--help"],
+        ["check", "--help"],
+        ["config", "--no-such-option"],
+    ],
+    ids=" ".join,
+)
+def test_light_commands_load_no_heavy_module(args, tmp_path):
+    args = [str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in args]
+    assert _loaded(args, tmp_path) == []
+
+
+def _merflow(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [MERFLOW, *args], capture_output=True, text=True, env=_env(tmp_path), timeout=120
+    )
+
+
+def test_the_entry_point_answers_help_config_and_bad_arguments(tmp_path):
+    helped = _merflow("--help", tmp_path=tmp_path)
+    assert helped.returncode == 0, helped.stderr
+    for command in ("demo", "extract", "train", "serve", "server", "task", "check", "inspect"):
+        assert command in helped.stdout
+
+    config = _merflow("config", "faces.fps=5", tmp_path=tmp_path)
+    assert config.returncode == 0, config.stderr
+    settings = yaml.safe_load(config.stdout)
+    assert settings["profile"] == "demo" and settings["faces"]["fps"] == 5
+
+    # Usage errors keep click's usage line and exit 2, not merflow's "failed" 1.
+    bad_option = _merflow("config", "--no-such-option", tmp_path=tmp_path)
+    assert bad_option.returncode == 2
+    assert "No such option" in bad_option.stderr and "Usage: merflow config" in bad_option.stderr
+    bad_command = _merflow("no-such-command", tmp_path=tmp_path)
+    assert bad_command.returncode == 2 and "No such command" in bad_command.stderr
+    bad_setting = _merflow("config", "faces.backend=mtcnn", tmp_path=tmp_path)
+    assert bad_setting.returncode == 2
+    assert bad_setting.stderr.startswith("error: settings refused: ")

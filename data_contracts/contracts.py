@@ -339,7 +339,7 @@ PREDICTIONS = Contract(
     fields=(
         _f("video_id", pa.string()),
         _f("run_id", pa.string()),
-        _f("split", pa.string()),  # "cv" (out-of-fold) or "unlabeled"
+        _f("split", pa.string()),  # "cv" (out-of-fold), "unlabeled" or "predict" (tasks/predict.py)
         _f("fold", pa.int32()),  # -1: averaged over the fold models
         *(_f(c, vector_type(len(CLASSES)), c != "prob_voted") for c in _PROB_COLUMNS),
         _f("predicted", pa.string()),

@@ -327,7 +327,7 @@ def serve_cmd(
     ] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Serve the extract, train, pipeline and scheduled reextract-new deployments to the UI."""
+    """Serve the extract, train, pipeline, scheduled reextract-new and predict-new deployments."""
     import os
 
     from flows import server
@@ -341,7 +341,8 @@ def serve_cmd(
     # Runs started from the UI may only touch these folders (flows/safety.py); the environment,
     # not a run's overrides, carries the restriction into every flow-run process.
     env["MERFLOW_ALLOWED_ROOTS"] = os.pathsep.join(roots)
-    typer.echo(f"serving extract, train, pipeline, reextract-new; runs may touch {roots}")
+    names = "extract, train, pipeline, reextract-new, predict-new"
+    typer.echo(f"serving {names}; runs may touch {roots}")
     with server.use_server(env):
         serve_deployments(opts)
 
@@ -485,6 +486,9 @@ def _mount_subcommands() -> None:
     from flows.quality_cli import register
 
     register(app)
+    from flows.predict_cli import register as register_predict
+
+    register_predict(app)
 
 
 _mount_subcommands()

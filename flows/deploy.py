@@ -15,12 +15,14 @@ from prefect.deployments import run_deployment
 from data_contracts.location import normalize_root
 from flows.config import PROJECT_ROOT, Settings, load_settings
 from flows.extract import extract_flow
+from flows.predict import predict_new_flow
 from flows.runners import with_runner
 from flows.train import train_flow
 
 log = logging.getLogger(__name__)
 
 TRAIN_DEPLOYMENT = "train/train"
+PREDICT_DEPLOYMENT = "predict-new/predict-new"
 
 
 def extract_flow_for(settings: Settings):
@@ -57,8 +59,10 @@ def reextract_new_flow(
     data_root: str | None = None,
     overrides: list[str] | None = None,
     train_deployment: str | None = TRAIN_DEPLOYMENT,
+    predict_deployment: str | None = PREDICT_DEPLOYMENT,
 ) -> dict:
-    """Scan for new or changed videos and extract only those; then hand training over.
+    """Scan for new or changed videos and extract only those; then have them labelled by the
+    latest finished run and hand training over.
 
     Args:
         corpus_dir: corpus folder whose video folders are watched.
@@ -67,12 +71,27 @@ def reextract_new_flow(
         overrides: key=value settings.
         train_deployment: deployment started (without waiting) when anything new was
             extracted, so training can run on a GPU work pool; empty to skip.
+        predict_deployment: deployment started (without waiting) when anything new was
+            extracted, to label the new videos with the latest finished run; empty to skip.
     """
     logger = get_run_logger()
     settings = load_settings(profile, overrides or [])
     summary = extract_flow_for(settings)(corpus_dir, profile, data_root, overrides, only_new=True)
     computed = sum(s["processed"] for s in summary["stages"].values())
-    summary["train_run"] = None
+    summary["train_run"] = summary["predict_run"] = None
+    if summary["videos"] and computed and predict_deployment:
+        run = run_deployment(
+            name=predict_deployment,
+            parameters={
+                "corpus_dir": corpus_dir,
+                "profile": profile,
+                "data_root": data_root,
+                "overrides": list(overrides or []),
+            },
+            timeout=0,  # labels come from the last finished run, while training goes on
+        )
+        summary["predict_run"] = str(run.id)
+        logger.info("started %s run %s to label the new videos", predict_deployment, run.id)
     if summary["videos"] and computed and train_deployment:
         run = run_deployment(
             name=train_deployment,
@@ -109,8 +128,8 @@ class ServeOptions:
 
 
 def deployment_specs(opts: ServeOptions) -> list[tuple[Any, dict[str, Any]]]:
-    """extract, train, pipeline and a scheduled reextract-new: each flow object with its
-    deployment options (name, defaults for the run form, tags, schedule)."""
+    """extract, train, pipeline, a scheduled reextract-new and the predict-new it starts: each
+    flow object with its deployment options (name, defaults for the run form, tags, schedule)."""
     params = {
         "corpus_dir": opts.corpus_dir,
         "profile": opts.profile,
@@ -160,13 +179,28 @@ def deployment_specs(opts: ServeOptions) -> list[tuple[Any, dict[str, Any]]]:
             reextract_new_flow,
             {
                 "name": "reextract-new",
-                "parameters": {**params, "train_deployment": TRAIN_DEPLOYMENT},
+                "parameters": {
+                    **params,
+                    "train_deployment": TRAIN_DEPLOYMENT,
+                    "predict_deployment": PREDICT_DEPLOYMENT,
+                },
                 "tags": [*tags, "scheduled"],
-                "description": "Extract only new or changed videos, then start the train "
-                "deployment.",
+                "description": "Extract only new or changed videos, then start the predict-new "
+                "and train deployments.",
                 # a slow run and the next tick must not extract the same clips
                 "concurrency_limit": 1,
                 **schedule,
+            },
+        ),
+        (
+            predict_new_flow,
+            {
+                "name": "predict-new",
+                "parameters": params,
+                "tags": [*tags, "gpu"],
+                "description": "Label the videos the latest finished training run has not "
+                "labelled yet, without retraining (reextract-new starts it).",
+                "concurrency_limit": 1,  # two runs at once would label the same videos twice
             },
         ),
     ]
@@ -198,6 +232,7 @@ ENTRYPOINTS = {
     "train": ("flows/train.py:train_flow", "gpu"),
     "pipeline": ("flows/deploy.py:pipeline_flow", "cpu"),
     "reextract-new": ("flows/deploy.py:reextract_new_flow", "cpu"),
+    "predict-new": ("flows/predict.py:predict_new_flow", "gpu"),
 }
 
 
@@ -218,7 +253,11 @@ def deploy_to_pools(opts: ServeOptions, cpu_pool: str, gpu_pool: str) -> list[st
         extra = {}
         if name == "reextract-new":
             extra = {"interval": opts.interval_seconds} if not opts.cron else {"cron": opts.cron}
-            extra["parameters"] = {**params, "train_deployment": TRAIN_DEPLOYMENT}
+            extra["parameters"] = {
+                **params,
+                "train_deployment": TRAIN_DEPLOYMENT,
+                "predict_deployment": PREDICT_DEPLOYMENT,
+            }
         deployment_id = remote.deploy(
             name=name,
             work_pool_name=gpu_pool if kind == "gpu" else cpu_pool,

@@ -1,4 +1,5 @@
-"""Served deployments: pipeline via the API, scheduled re-extraction of new clips, auth."""
+"""Served deployments: pipeline via the API, scheduled re-extraction of new clips and their
+labels from the latest finished run (predict-new), auth."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import shutil
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pandas as pd
 import pytest
 from prefect.deployments import run_deployment
@@ -87,6 +89,48 @@ def test_schedule_extracts_exactly_the_new_clips(serve, corpus):
     # The labelled pool grew nothing; the new clips went to the unlabelled pool.
     manifest = store.read(tables.MANIFEST).set_index("video_id")
     assert set(manifest.loc[new_ids, "pool"]) == {"unlabeled"}
+
+
+def test_predict_new_labels_a_clip_added_after_training(serve, corpus):
+    """reextract-new extracts the new clip and starts predict-new, which labels it with the
+    latest finished run (the training it also starts is a separate, later run)."""
+    import time
+
+    from data_contracts.labels import CLASSES
+
+    # The least training that makes a finished run: no labels are checked against its WAF.
+    quick = [*FAST_TRAIN, "train.max_epochs=1", "train.final_epochs=1"]
+    served = serve(corpus, "--interval", "4", overrides=[*quick, "train.use_pseudo_labels=false"])
+    store = Store(served.root)
+    deadline = time.monotonic() + 400
+    while not (done := list(served.root.glob("runs/train-*/report/report.json"))):
+        assert time.monotonic() < deadline, served.text()[-3000:]
+        time.sleep(2)
+    key = done[0].parent.parent.name.removeprefix("train-")
+
+    new_id = "sample_09000003"
+    src = sorted((corpus / "video-labeled").glob("*.mp4"))[0]
+    shutil.copy(src, corpus / "video-unlabeled" / f"{new_id}.mp4")
+
+    def labelled() -> pd.DataFrame:
+        if not store.exists(tables.PREDICTIONS):
+            return pd.DataFrame(columns=["video_id", "run_id", "split"])
+        preds = store.read(tables.PREDICTIONS)
+        return preds[(preds.split == "predict") & (preds.run_id == key)]
+
+    deadline = time.monotonic() + 300
+    while labelled().empty:
+        assert time.monotonic() < deadline, served.text()[-3000:]
+        time.sleep(2)
+    (row,) = labelled().itertuples(index=False)  # only the new clip: the run saw the others
+    assert row.video_id == new_id and row.predicted in CLASSES and row.fold == -1
+    assert abs(float(np.sum(row.prob_voted)) - 1) < 1e-4
+    with _client() as client:
+        runs = [r for r in client.read_flow_runs() if r.name.startswith("predict-new")]
+        artifacts = client.read_artifacts()
+    assert any(r.state and r.state.is_completed() for r in runs)
+    shown = [a for a in artifacts if a.key == "predict-new"]
+    assert shown and new_id in str(shown[0].data)
 
 
 def _rows(store: Store, modality: str) -> pd.DataFrame:

@@ -1,0 +1,460 @@
+"""Label videos with a finished training run: its fold models' voted probabilities averaged over
+the folds (as the run's submission averages them), on features of the run's extractors,
+standardised with the run's normaliser, missing modalities masked. The predict flow, the
+`predict-new` deployment and `merflow predict` on single videos all call these functions.
+
+A run folder is read as the train flow left it (tasks/train.py):
+
+    runs/train-<key>/report/report.json     the run finished: extractor ids, train settings
+    runs/train-<key>/fold-<k>/done.json     every fold finished ...
+    runs/train-<key>/fold-<k>/model/        ... and saved its model (safetensors + config.json)
+    runs/train-<key>/normalizer.npz         the z-score the inputs were standardised with
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from data_contracts import tables
+from data_contracts.atomic import atomic_path
+from data_contracts.errors import MerflowError
+from data_contracts.labels import CLASSES, CLASSIFIER_OF_MODALITY, CLASSIFIERS, MODALITIES
+from data_contracts.store import Store
+from data_contracts.tables import TableRef
+from models.featureset import UNLABELLED, FeatureSet
+from models.settings import TrainSettings
+
+if TYPE_CHECKING:  # the plan pulls in the extractors; only its type is needed here
+    from flows.plan import ExtractionPlan
+
+log = logging.getLogger(__name__)
+
+SPLIT = "predict"  # the predictions table's split of rows written here (the run's: cv, unlabeled)
+PROB_KEYS = (*CLASSIFIERS, "voted")
+LATEST = "latest"
+REPORT_JSON = Path("report") / "report.json"
+NORMALIZER = "normalizer.npz"
+
+
+class RunFolderError(MerflowError, LookupError):
+    """A run folder is missing, unfinished or partial (exit 2: name another run)."""
+
+
+class ExtractorMismatchError(MerflowError, ValueError):
+    """The current settings extract other features than the run was trained on (exit 2)."""
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainedRun:
+    """A finished run as predict reads it: its key, folders, features and train settings."""
+
+    key: str
+    folder: Path
+    extractor_ids: dict[str, str]  # modality -> extractor id of the tables it trained on
+    settings: TrainSettings
+    fold_dirs: list[Path]  # fold-k/model, k = 0 .. n_splits-1
+    normalizer: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    models: list[Any] = field(default_factory=list)  # loaded by load_models
+
+
+def find_run(runs_dir: Path, which: str = LATEST) -> Path:
+    """The run folder `which` names: `latest` (the newest finished run under `runs_dir`), a run
+    key, `train-<key>`, or a run folder's path."""
+    if which == LATEST:
+        finished = [d for d in runs_dir.glob("train-*") if (d / REPORT_JSON).is_file()]
+        if not finished:
+            raise RunFolderError(
+                f"no finished training run under {runs_dir} (none has {REPORT_JSON}); train one "
+                "first (`merflow train CORPUS --data-root ...`), or name a run folder"
+            )
+        return max(finished, key=lambda d: (d / REPORT_JSON).stat().st_mtime_ns)
+    given = Path(which).expanduser()
+    if given.is_dir() and given.name.startswith("train-"):
+        return given.resolve()
+    folder = runs_dir / (which if which.startswith("train-") else f"train-{which}")
+    if not folder.is_dir():
+        have = sorted(d.name.removeprefix("train-") for d in runs_dir.glob("train-*"))
+        raise RunFolderError(
+            f"no training run {which!r} under {runs_dir} (runs there: {', '.join(have) or 'none'});"
+            f" give `latest`, one of those keys, or a run folder's path"
+        )
+    return folder
+
+
+def load_normalizer(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """What tasks.train.save_normalizer wrote: per modality (mean, std)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {m: (z[f"{m}_mean"], z[f"{m}_std"]) for m in MODALITIES if f"{m}_mean" in z.files}
+
+
+def _train_settings(recorded: Mapping[str, Any]) -> TrainSettings:
+    # Settings this merflow does not know (a newer version's) are left out, not refused.
+    known = {k: v for k, v in recorded.items() if k in TrainSettings.model_fields}
+    return TrainSettings.model_validate(known)
+
+
+def load_run(folder: Path) -> TrainedRun:
+    """A finished run folder, checked whole: every missing piece is named at once, with the way
+    out. Models are not loaded yet (load_models)."""
+    folder = Path(folder)
+    key = folder.name.removeprefix("train-")
+    again = (
+        "rerun `merflow train` with the run's settings (its settings.yaml): finished steps are "
+        "kept and skipped; or name another run (`latest` is the newest finished one)"
+    )
+    if not folder.is_dir():
+        raise RunFolderError(f"run folder {folder} does not exist; {again}")
+    if not (folder / REPORT_JSON).is_file():
+        raise RunFolderError(
+            f"run {key} has not finished: {folder / REPORT_JSON} is missing; {again}"
+        )
+    report = json.loads((folder / REPORT_JSON).read_text())
+    settings = _train_settings(report.get("settings") or {})
+    n_splits = len(report.get("fold_waf") or []) or settings.n_splits
+    missing: list[str] = []
+    fold_dirs = []
+    for k in range(n_splits):
+        fold = folder / f"fold-{k}"
+        needed = [fold / "done.json", fold / "model" / "config.json"]
+        needed.append(fold / "model" / "model.safetensors")
+        missing += [str(p.relative_to(folder)) for p in needed if not p.is_file()]
+        fold_dirs.append(fold / "model")
+    normalizer = None
+    if (folder / NORMALIZER).is_file():
+        normalizer = load_normalizer(folder / NORMALIZER)
+    elif settings.standardize:
+        missing.append(NORMALIZER)
+    if missing:
+        raise RunFolderError(
+            f"run {key} in {folder} is partial: missing {', '.join(missing)}; {again}"
+        )
+    ids = dict(report.get("extractor_ids") or {})
+    if set(ids) != set(MODALITIES):
+        raise RunFolderError(
+            f"{folder / REPORT_JSON} names extractor ids for {sorted(ids)}, not {list(MODALITIES)};"
+            f" {again}"
+        )
+    return TrainedRun(key, folder, ids, settings, fold_dirs, normalizer)
+
+
+def resolve_device(device: str) -> str:
+    """`models.device` as torch takes it: `auto` is cuda where one is present, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_models(run: TrainedRun, device: str = "cpu") -> TrainedRun:
+    """Load every fold's model as it was saved (safetensors + config.json) onto `device`; a
+    model trained on other features than the run's report names is refused."""
+    from models.checkpoint import load_checkpoint
+
+    models = []
+    for folder in run.fold_dirs:
+        ckpt = load_checkpoint(folder, resolve_device(device))
+        if ckpt.extractor_ids != run.extractor_ids:
+            raise RunFolderError(
+                f"{folder} was trained on {ckpt.extractor_ids}, but the run's report names "
+                f"{run.extractor_ids}; the run folder mixes runs: train it again"
+            )
+        models.append(ckpt.model)
+    run.models = models
+    return run
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def matching_plan(settings: Any, data_root: Path | str, run: TrainedRun) -> ExtractionPlan:
+    """The extraction plan of the current settings whose feature tables are the run's; refused,
+    naming each difference, when there is none. Official transcripts are a property of the
+    corpus, not of the settings: a run trained with them reads one transcripts table where the
+    official text takes precedence and ASR fills in, so new videos get ASR text in that table."""
+    from flows.plan import plan_extraction
+
+    choices = [False, True] if settings.extract.prefer_official_transcripts else [False]
+    plans = [plan_extraction(settings, data_root, None, official=o) for o in choices]
+    for plan in plans:
+        if plan_ids(plan) == run.extractor_ids:
+            return plan
+    found = plan_ids(plans[-1])
+    diffs = "; ".join(
+        f"{m}: run {run.extractor_ids[m]}, settings {found[m]}"
+        for m in MODALITIES
+        if found[m] != run.extractor_ids[m]
+    )
+    raise ExtractorMismatchError(
+        f"run {run.key} was trained on other features than the current settings extract ({diffs});"
+        f" its features would not mean what its models learnt. Give the run's profile and "
+        f"overrides (its settings.yaml), or train a run on the current settings"
+    )
+
+
+def plan_ids(plan: ExtractionPlan) -> dict[str, str]:
+    """Modality -> extractor id of the plan's feature tables."""
+    return {m: t.name.rsplit("/", 1)[-1] for m, t in plan.feature_tables().items()}
+
+
+def video_rows(paths: Iterable[Path]) -> pd.DataFrame:
+    """Manifest-like rows of single video files (id: the file stem), for the stage engine; the
+    manifest itself is left alone (a debugging run)."""
+    from tasks.scan import sha256_file
+
+    rows = []
+    for p in paths:
+        p = Path(p).expanduser().resolve()
+        if not p.is_file():
+            raise FileNotFoundError(f"video {p} does not exist; give a video file or a folder")
+        rows.append({"video_id": p.stem, "sha256": sha256_file(p), "path": str(p)})
+    df = pd.DataFrame(rows, columns=["video_id", "sha256", "path"])
+    dup = df.video_id[df.video_id.duplicated()].tolist()
+    if dup:
+        raise ValueError(f"video ids must be unique (the file stem): {dup} occur twice")
+    return df
+
+
+def pending(plan: ExtractionPlan, videos: pd.DataFrame, store: Store) -> dict[str, set[str]]:
+    """Per extraction stage, the videos whose row (or recorded failure) the store lacks."""
+    from flows.plan import STAGES
+    from tasks.shard import select_pending
+
+    out = {}
+    for name in STAGES:
+        stage = plan.stage(name)
+        todo = select_pending(videos, store, stage.table, name, stage.extractor_id)[0]
+        out[name] = set(todo.video_id)
+    return out
+
+
+def extract_here(plan: ExtractionPlan, videos: pd.DataFrame, store: Store) -> dict[str, int]:
+    """Run every stage the videos still lack in this process, with the engine the flow's tasks
+    run (tasks.stage.run_stage), upstream first; returns how many each stage computed."""
+    from flows.plan import STAGES
+    from tasks.stage import run_stage
+
+    return {name: run_stage(plan.stage(name), videos, store).processed for name in STAGES}
+
+
+def read_features(
+    store: Store, feature_tables: Mapping[str, TableRef], videos: pd.DataFrame
+) -> FeatureSet:
+    """The videos' features under the run's tables, matched on their current bytes (video_id +
+    sha256); a modality without a row is absent, never zeros that mean something."""
+    ids = videos.video_id.astype(str).tolist()
+    position = {k: i for i, k in enumerate(zip(ids, videos.sha256, strict=True))}
+    n = len(ids)
+    features, present = {}, {}
+    for m in MODALITIES:
+        table = feature_tables[m]
+        dim = dict(table.contract.vector_dims)["embedding"]
+        x, p = np.zeros((n, dim), np.float32), np.zeros(n, bool)
+        if store.exists(table) and n:
+            keys, mat = store.read_vectors(table, where={"video_id": ids})
+            for j, k in enumerate(zip(keys.video_id, keys.sha256, strict=True)):
+                i = position.get(k)
+                if i is not None:
+                    x[i], p[i] = mat[j], True
+        features[m], present[m] = x, p
+    return FeatureSet(np.array(ids), features, present, np.full(n, UNLABELLED, np.int64))
+
+
+def standardized(data: FeatureSet, stats: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Z-score `data` in place with a run's statistics, as train_data.standardize did its inputs."""
+    for m, (mean, std) in stats.items():
+        x, p = data.features[m], data.present[m]
+        x[p] = (x[p] - mean) / std
+        x[~p] = 0.0
+
+
+def quality_kept(
+    store: Store, plan: ExtractionPlan, ts: TrainSettings, data: FeatureSet
+) -> FeatureSet:
+    """`data` with the run's quality filters applied (train.quality_min_*), as training masked
+    its inputs; unchanged when the run had none. Videos outside the manifest have no signals and
+    keep every modality."""
+    from tasks.quality import quality_mask, quality_signals
+
+    thresholds = {
+        "min_face_ratio": ts.quality_min_face_ratio,
+        "min_face_confidence": ts.quality_min_face_confidence,
+        "min_speech_ratio": ts.quality_min_speech_ratio,
+        "min_asr_confidence": ts.quality_min_asr_confidence,
+        "min_transcript_chars": ts.quality_min_transcript_chars,
+    }
+    if all(v is None for v in thresholds.values()) or not len(data):
+        return data
+    signals = quality_signals(store, plan.faces.extractor_id, plan.audio_id, plan.transcripts_id)
+    keep = quality_mask(store, data.video_ids, signals=signals, **thresholds)
+    present = {m: data.present[m] & keep[m] for m in MODALITIES}
+    return FeatureSet(data.video_ids, data.features, present, data.labels)
+
+
+# ----------------------------------------------------------------------------- predictions
+
+
+def average_over_folds(per_fold: Iterable[Mapping[str, np.ndarray]], n_splits: int) -> dict:
+    """Each classifier's probabilities summed over the fold models / n_splits (float64): what
+    the run's submission and its `unlabeled` prediction rows are (tasks/train_report.py)."""
+    total: dict[str, np.ndarray] = {}
+    for probs in per_fold:
+        for k in PROB_KEYS:
+            if k in probs:
+                total[k] = total.get(k, np.float64(0.0)) + probs[k] / n_splits
+    return total
+
+
+def fold_averaged(run: TrainedRun, data: FeatureSet) -> dict[str, np.ndarray]:
+    """The run's fold models on `data` (standardised, modalities masked), averaged over folds."""
+    from models.training import TrainConfig, predict
+
+    if not run.models:
+        raise ValueError("the run's models are not loaded; call load_models first")
+    batch = TrainConfig().eval_batch_size  # rows per forward; a row's output does not depend on it
+    return average_over_folds((predict(m, data, batch) for m in run.models), len(run.models))
+
+
+def prediction_rows(
+    run_id: str,
+    data: FeatureSet,
+    probs: Mapping[str, np.ndarray],
+    split: str,
+    folds: np.ndarray,
+    labels: list[str | None] | None,
+) -> pd.DataFrame:
+    """Rows of the predictions table: a classifier whose modality is missing gave no vote, so
+    its probabilities are null; `voted` decides the class."""
+    n = len(data)
+    present = {CLASSIFIER_OF_MODALITY[m]: data.present[m] for m in MODALITIES}
+    present["F"] = np.ones(n, dtype=bool)
+    as32 = {k: np.asarray(v, np.float32) for k, v in probs.items()}
+    return pd.DataFrame(
+        {
+            "video_id": data.video_ids,
+            "run_id": run_id,
+            "split": split,
+            "fold": folds,
+            **{
+                f"prob_{c}": [p if ok else None for p, ok in zip(as32[c], present[c], strict=True)]
+                for c in CLASSIFIERS
+            },
+            "prob_voted": list(as32["voted"]),
+            "predicted": [CLASSES[i] for i in as32["voted"].argmax(1)],
+            "label": labels if labels is not None else [None] * n,
+        }
+    )
+
+
+def modalities_present(data: FeatureSet) -> list[str]:
+    """Per video, its modalities with features, `+`-joined (`none`: nothing to label with)."""
+    names = [[m for m in MODALITIES if data.present[m][i]] for i in range(len(data))]
+    return ["+".join(n) or "none" for n in names]
+
+
+def label_videos(
+    store: Store,
+    run: TrainedRun,
+    plan: ExtractionPlan,
+    videos: pd.DataFrame,
+    split: str = SPLIT,
+) -> pd.DataFrame:
+    """Label `videos` (video_id, sha256) from the stores with the run's loaded models; write
+    the labelled ones to the predictions table; return the output table: one row per video
+    (video, class, the six voted probabilities, modalities present, run key). A video without
+    any modality gets no class (its failures say why) and no predictions row."""
+    data = read_features(store, plan.feature_tables(), videos)
+    data = quality_kept(store, plan, run.settings, data)
+    mods = modalities_present(data)
+    if run.normalizer is not None:
+        standardized(data, run.normalizer)
+    ok = np.flatnonzero([m != "none" for m in mods])
+    labelled = data.subset(ok)
+    probs = fold_averaged(run, labelled) if len(ok) else {}
+    if len(ok):
+        truth = store.read(tables.LABELS, where={"video_id": labelled.video_ids.tolist()})
+        known = dict(zip(truth.video_id, truth.label, strict=True))
+        rows = prediction_rows(
+            run.key,
+            labelled,
+            probs,
+            split,
+            np.full(len(ok), -1, np.int32),
+            [known.get(v) for v in labelled.video_ids],
+        )
+        store.upsert(tables.PREDICTIONS, rows)
+    voted = np.full((len(data), len(CLASSES)), np.nan)
+    if len(ok):
+        voted[ok] = np.asarray(probs["voted"], np.float32)
+    classes = [None] * len(data)
+    for i in ok:
+        classes[i] = CLASSES[int(voted[i].argmax())]
+    out = pd.DataFrame({"video_id": data.video_ids, "class": classes})
+    for c, name in enumerate(CLASSES):
+        out[f"p_{name}"] = voted[:, c]
+    out["modalities"] = mods
+    out["run_key"] = run.key
+    log.info("run %s labelled %d of %d videos", run.key, len(ok), len(data))
+    return out
+
+
+def failure_reasons(store: Store, videos: pd.DataFrame) -> dict[str, str]:
+    """Per video, its recorded failures as one line (why a modality is missing)."""
+    ids = videos.video_id.astype(str).tolist()
+    if not ids or not store.exists(tables.FAILURES):
+        return {}
+    failed = store.read(tables.FAILURES, where={"video_id": ids})
+    current = set(zip(videos.video_id, videos.sha256, strict=True))
+    failed = failed[[k in current for k in zip(failed.video_id, failed.sha256, strict=True)]]
+    return {
+        v: "; ".join(f"{r.stage}: {r.message}" for r in g.itertuples(index=False))
+        for v, g in failed.groupby("video_id")
+    }
+
+
+def write_csv(table: pd.DataFrame, folder: Path) -> Path:
+    """The output table as a CSV under `folder` (one file per invocation, by UTC time)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"predict-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}.csv"
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6f")
+    return path
+
+
+def table_text(table: pd.DataFrame) -> str:
+    """The output table as aligned text for the terminal."""
+    shown = table.copy()
+    shown["class"] = shown["class"].fillna("-")
+    return shown.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-")
+
+
+def to_label(
+    store: Store, run: TrainedRun, plan: ExtractionPlan, manifest: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, int]:
+    """The manifest's videos the run has no prediction of yet (neither its own cv/unlabeled rows
+    nor an earlier predict row), and how many of the rest still wait for extraction (a stage
+    lacks their row): those are left for a later run, not labelled with modalities missing."""
+    manifest = store.read(tables.MANIFEST) if manifest is None else manifest
+    manifest = manifest[manifest.has_video | manifest.has_audio]  # unreadable: never extracted
+    if manifest.empty:
+        return manifest[["video_id", "sha256"]], 0
+    seen = set()
+    if store.exists(tables.PREDICTIONS):
+        preds = store.read(tables.PREDICTIONS, columns=["video_id", "run_id"])
+        seen = set(preds.video_id[preds.run_id == run.key])
+    new = manifest[~manifest.video_id.isin(seen)]
+    waiting = set().union(*pending(plan, new, store).values()) if len(new) else set()
+    ready = new[~new.video_id.isin(waiting)]
+    return ready[["video_id", "sha256"]].reset_index(drop=True), len(waiting)

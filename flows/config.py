@@ -68,6 +68,7 @@ class AudioSettings(_Section):
 
     sample_rate: int = Field(16000, gt=0)  # of the wavs; speech models resample to their own
     ffmpeg_bin: str | None = None
+    ffmpeg_threads: int = Field(0, ge=0)  # ffmpeg's -threads per audio split; 0: its own choice
 
 
 class FaceSettings(_Section):
@@ -78,6 +79,11 @@ class FaceSettings(_Section):
     fps: float | None = Field(None, gt=0)
     max_frames: int | None = Field(None, gt=0)
     openface_bin: str | None = None
+    # The backend used instead when `backend` cannot load here (openface without its binary);
+    # the run says so once and the extractor id records the backend used. None: an error.
+    fallback: Literal["dlib", "opencv"] | None = None
+    detect_every: int = Field(1, ge=1)  # dlib: detect on every k-th sampled frame, track between
+    decode_threads: int = Field(0, ge=0)  # PyAV decoder threads per video; 0: FFmpeg's choice
 
 
 class ModelSettings(_Section):
@@ -114,6 +120,9 @@ class ExtractSettings(_Section):
     prefer_official_transcripts: bool = True
     gpu_concurrency: int = Field(1, gt=0)
     retries: int = Field(2, ge=0)  # Prefect retries of a stage's shard on transient errors
+    # torch intra-op threads (and ASR threads) of each model stage; None: half the cores this
+    # worker may use (a CPU stage of the next shard runs beside it), at least 1.
+    model_threads: int | None = Field(None, gt=0)
     # Where tasks run: threads of the flow's process, or Dask worker processes (a LocalCluster
     # of dask_workers, or an existing scheduler at dask_address, e.g. from dask-jobqueue).
     task_runner: Literal["threads", "dask"] = "threads"

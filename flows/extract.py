@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from prefect import flow, get_run_logger, task
+from prefect import allow_failure, flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -147,6 +147,20 @@ def ensure_gpu_slots(slots_per_device: int) -> int:
     return len(ensure_device_slots(slots_per_device))
 
 
+def cpu_lanes(settings: Settings, n_shards: int) -> int:
+    """How many shards' raw-video stages (audio split, faces) run at once per stage.
+
+    In one process (the thread runner) they run in shard order, one shard at a time per stage,
+    so shard 1's crops are done early and CLIP on shard k runs while the faces of shard k+1
+    are cropped; started all at once they would share the cores and all finish last. A local
+    Dask cluster gets one lane per worker; an existing scheduler (size unknown) no order.
+    """
+    e = settings.extract
+    if e.task_runner == "dask":
+        return n_shards if e.dask_address else max(1, e.dask_workers)
+    return 1
+
+
 @flow(name="extract", flow_run_name="extract-{profile}", log_prints=True)
 def extract_flow(
     corpus_dir: str,
@@ -228,13 +242,18 @@ def extract_flow(
     tasks = stage_tasks(settings)
     fresh = {stage: t.with_options(refresh_cache=True) for stage, t in tasks.items()}
 
-    for part in parts:
+    lanes = cpu_lanes(settings, len(parts))
+    for i, part in enumerate(parts):
         ids = set(part.video_id)
         shard_official = {k: v for k, v in (official or {}).items() if k in ids}
         for stage in STAGES:
             # The store is the truth: a cache entry whose rows it lacks is refreshed.
             run = fresh[stage] if pending[stage] & ids else tasks[stage]
-            after = [futures[UPSTREAM[stage]][-1]] if stage in UPSTREAM else None
+            if stage in UPSTREAM:  # a model stage waits for its own input only
+                after = [futures[UPSTREAM[stage]][-1]]
+            else:  # raw-video stages run shard after shard in each lane (see cpu_lanes); a
+                # failed shard does not hold back the next one
+                after = [allow_failure(futures[stage][i - lanes])] if i >= lanes else None
             args = plan.stage_args(stage, shard_official)
             futures[stage].append(run.submit(part, r, **args, wait_for=after))
 
@@ -268,6 +287,7 @@ def extract_flow(
             "cached_shards": cached[stage],
             "retried_shards": t.retried,
             "reasons": dict(t.reasons),
+            "seconds": round(t.seconds, 3),  # summed over shards (overlapping ones too)
         }
     summary.feature_tables = {m: t.name for m, t in plan.feature_tables().items()}
     run_ids = sorted(set(videos.video_id) | set(report.unreadable))

@@ -4,6 +4,8 @@ Prefect tasks and `merflow task` build the same stages from the same plan."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from tasks.embed import (
 from tasks.faces import FaceSettings, faces_stage
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, audio_stage
 from tasks.stage import Stage
+
+log = logging.getLogger(__name__)
 
 # The six stages in the flow's order, and the stage each one reads from (none: the video).
 STAGES = ("audio", "faces", "acoustic", "transcribe", "text", "visual")
@@ -54,6 +58,7 @@ class ExtractionPlan:
     official_transcripts: bool
     sample_rate: int = DEFAULT_SAMPLE_RATE
     ffmpeg_bin: str | None = None
+    ffmpeg_threads: int = 0
 
     @property
     def upstream(self) -> dict[str, str]:
@@ -78,7 +83,11 @@ class ExtractionPlan:
         m, rate = self.models, self.sample_rate
         official = (official or {}) if self.official_transcripts else None
         return {
-            "audio": {"ffmpeg_bin": self.ffmpeg_bin, "sample_rate": rate},
+            "audio": {
+                "ffmpeg_bin": self.ffmpeg_bin,
+                "sample_rate": rate,
+                "ffmpeg_threads": self.ffmpeg_threads,
+            },
             "faces": {"settings": self.faces},
             "acoustic": {"model": m["acoustic"], "audio_sample_rate": rate},
             "transcribe": {"model": m["asr"], "audio_sample_rate": rate, "official": official},
@@ -108,6 +117,8 @@ def model_choices(settings: Settings, data_root: Path | str) -> dict[str, ModelC
         "allow_download": m.allow_download,
         "trust_remote_code": m.trust_remote_code,
         "gpu_slots": settings.extract.gpu_concurrency,
+        # None: resolved where the stage computes (tasks/embed.py ModelChoice.compute_threads).
+        "threads": settings.extract.model_threads,
     }
     # Audio reaches the model at the model's own rate (resampled), so the budget is in its samples.
     model_rate = get_spec(m.acoustic).sample_rate
@@ -127,12 +138,34 @@ def model_choices(settings: Settings, data_root: Path | str) -> dict[str, ModelC
 def face_settings(settings: Settings) -> FaceSettings:
     """The faces stage's settings from the profile."""
     f = settings.faces
+    backend = f.backend
+    if f.fallback and f.fallback != backend:
+        from tasks.face_backends import BackendUnavailableError, load_backend
+
+        try:
+            load_backend(backend, openface_bin=f.openface_bin)
+        except BackendUnavailableError as e:
+            _say_fallback_once(backend, f.fallback, str(e))
+            backend = f.fallback
     return FaceSettings(
-        backend=f.backend,
+        backend=backend,
         size=f.size,
         fps=f.fps,
         max_frames=f.max_frames,
         openface_bin=f.openface_bin,
+        detect_every=f.detect_every,
+        decode_threads=f.decode_threads,
+    )
+
+
+@functools.cache
+def _say_fallback_once(backend: str, fallback: str, why: str) -> None:
+    log.warning(
+        "face backend %r is unavailable here, using %r instead (the faces extractor id records "
+        "it): %s",
+        backend,
+        fallback,
+        why,
     )
 
 
@@ -164,4 +197,5 @@ def plan_extraction(
         official_transcripts=official,
         sample_rate=settings.audio.sample_rate,
         ffmpeg_bin=settings.audio.ffmpeg_bin,
+        ffmpeg_threads=settings.audio.ffmpeg_threads,
     )

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ class ModelChoice:
     batch: float | None = None  # crops, audio samples or tokens per forward; None: default
     chunk_seconds: float | None = None  # audio models: chunk length; None: the spec's
     gpu_slots: int = 1  # shards sharing one GPU of a machine (extract.gpu_concurrency)
+    threads: int | None = None  # torch intra-op (and ASR) threads; None: compute_threads()
 
     @property
     def spec(self) -> ExtractorSpec:
@@ -93,12 +95,37 @@ class ModelChoice:
             self.device,
             self.dtype,
             trust_remote_code=self.trust_remote_code,
+            num_threads=self.compute_threads if self.spec.loader == "sherpa-wenet-ctc" else None,
         )
+
+    @property
+    def compute_threads(self) -> int:
+        """The threads it computes with: `threads`, else half the cores of the worker it runs
+        on (the other half crops the next shard's faces and splits its audio), at least 1.
+        More threads than free cores make every batched op wait at a barrier for a thread the
+        OS has descheduled: 5-10x slower on a busy 2-core machine."""
+        return self.threads or max(1, available_cpus() // 2)
+
+    def use_threads(self) -> None:
+        """Give this thread's torch ops `compute_threads` intra-op threads (torch keeps the
+        count per calling thread once it has run an op: each stage sets its own)."""
+        import torch
+
+        if torch.get_num_threads() != self.compute_threads:
+            torch.set_num_threads(self.compute_threads)
 
     @property
     def budget(self) -> int | None:
         """The per-forward batch budget as an int, None for the extractor's default."""
         return int(self.batch) if self.batch else None
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask: a container's, Slurm's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 @functools.cache
@@ -203,6 +230,7 @@ def _features(
 
         def compute(items: list[Item]) -> list[Result]:
             out: list[Result] = []
+            model.use_threads()
             for (video, _), r in zip(items, embed(encoder, items), strict=True):
                 out.append(r if isinstance(r, Exception) else _feature_row(video, ext_id, *r, prov))
             return out
@@ -319,6 +347,7 @@ def transcribe_stage(
             need = [(v, x) for v, x in items if not isinstance(x, str)]
             heard = {}
             if need:
+                model.use_threads()
                 asr = asr or model.load()
                 results = asr.transcribe([x for _, x in need])
                 heard = {v.video_id: t for (v, _), t in zip(need, results, strict=True)}

@@ -2,8 +2,9 @@
 
 A backend turns a video into aligned face crops, at most one (the largest face) per sampled
 frame. `dlib` (the default) and `opencv` look at frames that `FrameSampler` decodes as a
-stream; `openface` runs OpenFace 2's `FeatureExtraction` binary on the file, as the paper and
-the challenge baseline do, and reads back its CSV and aligned images.
+stream (dlib with `detect_every` k > 1 detects on every k-th and tracks the landmarks between);
+`openface` runs OpenFace 2's `FeatureExtraction` binary on the file, as the paper and the
+challenge baseline do, and reads back its CSV and aligned images.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class FrameSampler:
 
     fps: float | None = None
     max_frames: int | None = None
+    threads: int = 0  # decoder threads; 0: FFmpeg's choice
     n_decoded: int = 0
     n_sampled: int = 0
     _stride: int = field(default=1, init=False, repr=False)
@@ -110,6 +112,7 @@ class FrameSampler:
                     raise UnreadableMediaError(f"{video} has no video stream to take faces from")
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"  # frame threads: decoding is most of the cost
+                stream.thread_count = self.threads
                 rate = stream.average_rate or stream.guessed_rate
                 self.plan(stream.frames or None, float(rate) if rate else None)
                 for idx, frame in enumerate(container.decode(stream)):
@@ -208,13 +211,17 @@ class DlibBackend(FrameBackend):
     """dlib's HOG detector, 5-point landmarks and `get_face_chip` alignment.
 
     Confidence is the HOG detector's SVM score (unbounded; higher is surer; below
-    `DLIB_MIN_SCORE` a detection is dropped).
+    `DLIB_MIN_SCORE` a detection is dropped). With `detect_every` k > 1 the detector runs on
+    every k-th sampled frame only and the frames between are tracked (`faces`).
     """
 
     name = "dlib"
 
     def __init__(
-        self, detect_max_side: int = DEFAULT_DETECT_MAX_SIDE, padding: float = DEFAULT_PADDING
+        self,
+        detect_max_side: int = DEFAULT_DETECT_MAX_SIDE,
+        padding: float = DEFAULT_PADDING,
+        detect_every: int = 1,
     ):
         import dlib
 
@@ -226,6 +233,45 @@ class DlibBackend(FrameBackend):
         self.predictor = dlib.shape_predictor(str(model))
         self.detect_max_side = detect_max_side
         self.padding = padding
+        self.detect_every = max(1, int(detect_every))
+
+    def faces(self, video: Path, sampler: FrameSampler, size: int) -> Iterator[Face]:
+        """Every frame detected (detect_every 1), or detected on every k-th and tracked between."""
+        if self.detect_every == 1:
+            yield from super().faces(video, sampler, size)
+            return
+        lock = self.__dict__.setdefault("_align_lock", threading.Lock())
+        tracker = _Tracker(self, size)
+        for idx, rgb in sampler.frames(video):
+            with lock:
+                out = tracker.frame(idx, np.ascontiguousarray(rgb))
+            yield from out
+        with lock:
+            out = tracker.finish()
+        yield from out
+
+    def detect(self, rgb: np.ndarray) -> tuple[tuple[float, float, float, float], float] | None:
+        """The largest face's box (frame pixels) and HOG score, or None."""
+        small, scale = downscale(rgb, self.detect_max_side)
+        rects, scores, _ = self.detector.run(small, 0, DLIB_MIN_SCORE)
+        if len(rects) == 0 and 2 * max(small.shape[:2]) <= self.detect_max_side:
+            rects, scores, _ = self.detector.run(small, 1, DLIB_MIN_SCORE)
+        if len(rects) == 0:
+            return None
+        i = int(np.argmax([r.width() * r.height() for r in rects]))
+        r = rects[i]
+        return (r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale), float(
+            scores[i]
+        )
+
+    def landmarks(self, rgb: np.ndarray, box: tuple[float, float, float, float]):
+        """dlib's 5-point shape of the face in `box` (frame pixels)."""
+        return self.predictor(rgb, self._dlib.rectangle(*(round(v) for v in box)))
+
+    def chip(self, rgb: np.ndarray, shape, size: int) -> np.ndarray:
+        """The aligned crop from a 5-point shape."""
+        crop = self._dlib.get_face_chip(rgb, shape, size=size, padding=self.padding)
+        return np.ascontiguousarray(crop, dtype=np.uint8)
 
     def align(self, rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple, float] | None:
         """Detect on a downscaled copy, then landmark and align on the full-resolution frame."""
@@ -246,6 +292,108 @@ class DlibBackend(FrameBackend):
         shape = self.predictor(rgb, full)
         crop = self._dlib.get_face_chip(rgb, shape, size=size, padding=self.padding)
         return np.ascontiguousarray(crop, dtype=np.uint8), box, float(scores[i])
+
+
+# -- tracking between detections -----------------------------------------------------------------
+# A tracked frame's landmarks must put the face where the next detection finds it: below this
+# IoU the tracked frames since the last detection are detected one by one instead.
+TRACK_MIN_IOU = 0.5
+
+
+def _points(shape) -> np.ndarray:
+    return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+
+
+def _frame_of(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre and scale (RMS distance from the centre) of a set of landmarks."""
+    centre = points.mean(0)
+    return centre, float(np.sqrt(((points - centre) ** 2).sum(1).mean())) or 1.0
+
+
+def box_iou(a: tuple, b: tuple) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class _Tracker:
+    """Detect on every k-th sampled frame; between, re-fit the 5 landmarks on a box carried over
+    from the previous frame's landmarks (dlib's landmark model is cheap, detection is not).
+
+    A tracked face is emitted only once the next detection confirms it (the detected box
+    overlaps the tracked one): when it does not, or no face is found, those frames are
+    detected one by one as with k = 1, so tracking never adds a face detection would miss
+    nor keeps one it would drop. Confidence of a tracked face: its closing detection's score.
+    Holds at most k - 1 decoded frames (those pending).
+    """
+
+    def __init__(self, backend: DlibBackend, size: int):
+        self.b, self.size = backend, size
+        self.pending: list[tuple[int, np.ndarray, np.ndarray, tuple]] = []  # idx, rgb, crop, box
+        self.points: np.ndarray | None = None  # the last frame's landmarks
+        self.offset = np.zeros(2)  # detector box centre minus landmark centre, in landmark scale
+        self.extent = np.ones(2)  # detector box size in landmark scale
+        self.since = 0  # sampled frames since the last detection
+
+    def _box_from(self, points: np.ndarray) -> tuple[float, float, float, float]:
+        centre, scale = _frame_of(points)
+        c, half = centre + self.offset * scale, self.extent * scale / 2
+        return (c[0] - half[0], c[1] - half[1], c[0] + half[0], c[1] + half[1])
+
+    def _detected(self, idx: int, rgb: np.ndarray) -> list[Face]:
+        """Detect on this frame; settle the pending frames; restart tracking from here."""
+        found = self.b.detect(rgb)
+        out: list[Face] = []
+        if found is not None and self.pending:
+            box, score = found
+            if box_iou(box, self._box_from(self.points)) >= TRACK_MIN_IOU:
+                out += [Face(i, crop, tb, score) for i, _, crop, tb in self.pending]
+            else:
+                out += self._one_by_one()
+        elif self.pending:
+            out += self._one_by_one()
+        self.pending, self.since = [], 0
+        if found is None:
+            self.points = None
+            return out
+        box, score = found
+        shape = self.b.landmarks(rgb, box)
+        self.points = _points(shape)
+        centre, scale = _frame_of(self.points)
+        b = np.asarray(box)
+        self.offset = ((b[:2] + b[2:]) / 2 - centre) / scale
+        self.extent = (b[2:] - b[:2]) / scale
+        out.append(Face(idx, self.b.chip(rgb, shape, self.size), box, score))
+        return out
+
+    def _one_by_one(self) -> list[Face]:
+        out = []
+        for i, rgb, _, _ in self.pending:
+            found = self.b.align(rgb, self.size)
+            if found is not None:
+                out.append(Face(i, found[0], found[1], found[2]))
+        return out
+
+    def frame(self, idx: int, rgb: np.ndarray) -> list[Face]:
+        """The faces this frame settles (its own, and pending tracked ones), in frame order."""
+        self.since += 1
+        if self.points is None or self.since >= self.b.detect_every:
+            return self._detected(idx, rgb)
+        shape = self.b.landmarks(rgb, self._box_from(self.points))
+        self.points = _points(shape)
+        crop = self.b.chip(rgb, shape, self.size)
+        self.pending.append((idx, rgb, crop, self._box_from(self.points)))
+        return []
+
+    def finish(self) -> list[Face]:
+        """Settle what is pending at the end of the video: its last frame is detected."""
+        if not self.pending:
+            return []
+        idx, rgb, _, _ = self.pending.pop()
+        return self._detected(idx, rgb)
 
 
 # -- opencv --------------------------------------------------------------------------------------
@@ -484,18 +632,20 @@ def load_backend(
     detect_max_side: int = DEFAULT_DETECT_MAX_SIDE,
     padding: float = DEFAULT_PADDING,
     openface_bin: str | None = None,
+    detect_every: int = 1,
 ) -> FaceBackend:
-    """The named backend, built once per process and reused (models stay loaded)."""
+    """The named backend, built once per process and reused (models stay loaded).
+    `detect_every` (dlib): detect on every k-th sampled frame, track between."""
     # Always positional: lru_cache would cache f("dlib") and f("dlib", 640, ...) separately.
-    return _load_backend(name, int(detect_max_side), float(padding), openface_bin)
+    return _load_backend(name, int(detect_max_side), float(padding), openface_bin, detect_every)
 
 
 @functools.lru_cache(maxsize=8)
 def _load_backend(
-    name: str, detect_max_side: int, padding: float, openface_bin: str | None
+    name: str, detect_max_side: int, padding: float, openface_bin: str | None, detect_every: int
 ) -> FaceBackend:
     if name == "dlib":
-        return DlibBackend(detect_max_side, padding)
+        return DlibBackend(detect_max_side, padding, detect_every)
     if name == "opencv":
         return OpenCVBackend(detect_max_side, padding)
     if name == "openface":

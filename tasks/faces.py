@@ -59,9 +59,18 @@ def _rate_name(fps: float | None, max_frames: int | None) -> str:
 
 
 def _id_settings(
-    backend: str, size: int, fps: float | None, max_frames: int | None, detect: int, padding: float
+    backend: str,
+    size: int,
+    fps: float | None,
+    max_frames: int | None,
+    detect: int,
+    padding: float,
+    detect_every: int = 1,
 ) -> dict[str, Any]:
+    # Detection on every frame keeps the key out, so ids from before tracking existed hold.
+    tracked = {"detect_every": detect_every} if detect_every > 1 and backend == "dlib" else {}
     return {
+        **tracked,
         "backend": backend,
         "size": size,
         "fps": fps,
@@ -80,9 +89,10 @@ def faces_extractor_id(
     max_frames: int | None = None,
     detect_max_side: int = DEFAULT_DETECT_MAX_SIDE,
     padding: float = DEFAULT_PADDING,
+    detect_every: int = 1,
 ) -> str:
     """A readable name plus a short hash of all output-changing settings: `faces-dlib-112-all-…`."""
-    settings = _id_settings(backend, size, fps, max_frames, detect_max_side, padding)
+    settings = _id_settings(backend, size, fps, max_frames, detect_max_side, padding, detect_every)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"faces-{backend}-{size}-{_rate_name(fps, max_frames)}-{digest}"
 
@@ -98,6 +108,10 @@ class FaceSettings:
     detect_max_side: int = DEFAULT_DETECT_MAX_SIDE  # detect on a copy no larger than this
     padding: float = DEFAULT_PADDING  # margin around the face, as dlib's get_face_chip
     openface_bin: str | None = None  # path of FeatureExtraction (a location, not an output knob)
+    # dlib: run the detector on every k-th sampled frame and track the landmarks between
+    # (tasks/face_backends.py _Tracker); 1: detect on every frame.
+    detect_every: int = 1
+    decode_threads: int = 0  # PyAV decoder threads; 0: FFmpeg's choice (the cores)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -112,6 +126,14 @@ class FaceSettings:
             raise ValueError(f"max_frames must be >= 1 or None (no cap), got {self.max_frames}")
         if self.detect_max_side < 64:
             raise ValueError(f"detect_max_side {self.detect_max_side} is too small; use >= 64")
+        if self.detect_every < 1:
+            raise ValueError(
+                f"detect_every must be >= 1 (1: detect on every frame), got {self.detect_every}"
+            )
+        if self.decode_threads < 0:
+            raise ValueError(
+                f"decode_threads must be >= 0 (0: automatic), got {self.decode_threads}"
+            )
         if not 0 <= self.padding <= 2:
             raise ValueError(f"padding {self.padding} is out of range; use 0..2 (default 0.25)")
 
@@ -119,7 +141,13 @@ class FaceSettings:
     def extractor_id(self) -> str:
         """The extractor id of these settings (keys the faces table and the artifact folder)."""
         return faces_extractor_id(
-            self.backend, self.size, self.fps, self.max_frames, self.detect_max_side, self.padding
+            self.backend,
+            self.size,
+            self.fps,
+            self.max_frames,
+            self.detect_max_side,
+            self.padding,
+            self.detect_every,
         )
 
     def provenance(self) -> dict[str, Any]:
@@ -133,6 +161,7 @@ class FaceSettings:
                 self.max_frames,
                 self.detect_max_side,
                 self.padding,
+                self.detect_every,
             ),
             "face_backend": self.backend,
             "face_thresholds": THRESHOLDS[self.backend],
@@ -144,7 +173,9 @@ class FaceSettings:
 
     def load(self) -> FaceBackend:
         """The backend these settings name, loaded once per process."""
-        return load_backend(self.backend, self.detect_max_side, self.padding, self.openface_bin)
+        return load_backend(
+            self.backend, self.detect_max_side, self.padding, self.openface_bin, self.detect_every
+        )
 
 
 # -- crops file ----------------------------------------------------------------------------------
@@ -298,7 +329,7 @@ def crop_faces(
             f"{video} has no video stream (audio only?); its visual features will be marked missing"
         )
     backend = backend or settings.load()
-    sampler = FrameSampler(settings.fps, settings.max_frames)
+    sampler = FrameSampler(settings.fps, settings.max_frames, threads=settings.decode_threads)
     with CropWriter(out, settings.size) as writer:
         for face in backend.faces(video, sampler, settings.size):
             writer.add(face)

@@ -205,11 +205,17 @@ class AudioResult:
 
 
 def audio_command(
-    video: Path, out: Path, ffmpeg_bin: str, sample_rate: int = DEFAULT_SAMPLE_RATE
+    video: Path,
+    out: Path,
+    ffmpeg_bin: str,
+    sample_rate: int = DEFAULT_SAMPLE_RATE,
+    threads: int = 0,
 ) -> list[str]:
     """The ffmpeg command line (built by ffmpeg-python) that writes `video`'s audio to `out`."""
     # The file: prefix keeps a name with a colon from being read as a protocol (e.g. "a:b.mp4").
-    stream = ffmpeg.input(f"file:{video}").output(
+    # -threads before the input sets the decoder's threads; 0 leaves ffmpeg's own choice.
+    given = {"threads": threads} if threads else {}
+    stream = ffmpeg.input(f"file:{video}", **given).output(
         f"file:{out}",
         map="0:a:0",
         vn=None,
@@ -260,6 +266,7 @@ def extract_audio(
     ffmpeg_bin: str | None = None,
     sample_rate: int = DEFAULT_SAMPLE_RATE,
     info: MediaInfo | None = None,
+    threads: int = 0,
 ) -> AudioResult:
     """Write `video`'s first audio stream to `out` as mono 16-bit PCM wav, atomically."""
     video, out = Path(video), Path(out)
@@ -274,7 +281,7 @@ def extract_audio(
         )
     cmd_bin = find_ffmpeg(ffmpeg_bin)
     with atomic_path(out) as tmp:
-        cmd = audio_command(video.resolve(), tmp, cmd_bin, sample_rate)
+        cmd = audio_command(video.resolve(), tmp, cmd_bin, sample_rate, threads)
         run_ffmpeg(cmd, video, timeout=120.0 + 2.0 * (info.duration or 0.0))
         n_samples = wav_frames(tmp)
         duration = n_samples / sample_rate
@@ -372,13 +379,17 @@ def speech_ratio(
 
 
 # -- the stage ----------------------------------------------------------------------------------
-def audio_stage(ffmpeg_bin: str | None = None, sample_rate: int = DEFAULT_SAMPLE_RATE) -> Stage:
+def audio_stage(
+    ffmpeg_bin: str | None = None, sample_rate: int = DEFAULT_SAMPLE_RATE, ffmpeg_threads: int = 0
+) -> Stage:
     """The audio split as a stage: one video at a time, ffmpeg looked up once per shard."""
 
     def setup() -> Any:
         exe = find_ffmpeg(ffmpeg_bin)  # a configuration error stops the shard at once
         # Looked up per call (not bound here), so a patched extract_audio is the one used.
-        return lambda video, out: extract_audio(video, out, exe, sample_rate)
+        return lambda video, out: extract_audio(
+            video, out, exe, sample_rate, threads=ffmpeg_threads
+        )
 
     extractor_id = audio_extractor_id(sample_rate)
     return artifact_stage(AUDIO_STAGE, tables.AUDIO, extractor_id, ".wav", setup)
@@ -402,6 +413,8 @@ def extract_audio_task(
     data_root: str,
     ffmpeg_bin: str | None = None,
     sample_rate: int = DEFAULT_SAMPLE_RATE,
+    ffmpeg_threads: int = 0,
 ) -> ShardReport:
     """Prefect task: split the audio of one shard into the store under `data_root`."""
-    return extract_audio_shard(videos, Store(data_root), ffmpeg_bin, sample_rate)
+    stage = audio_stage(ffmpeg_bin, sample_rate, ffmpeg_threads)
+    return run_stage(stage, videos, Store(data_root))

@@ -160,6 +160,22 @@ def test_extract_audio_is_deterministic(clips, tmp_path):
     assert a == b
 
 
+def test_ffmpeg_threads_reach_the_decoder_and_change_no_bytes(clips, tmp_path, monkeypatch):
+    from tasks import media
+
+    seen = []
+    run = media.run_ffmpeg
+    monkeypatch.setattr(
+        media, "run_ffmpeg", lambda cmd, *a, **kw: seen.append(cmd) or run(cmd, *a, **kw)
+    )
+    one = extract_audio(clips["good"], tmp_path / "one.wav", threads=1)
+    auto = extract_audio(clips["good"], tmp_path / "auto.wav")
+    assert seen[0][seen[0].index("-threads") + 1] == "1"
+    assert seen[0].index("-threads") < seen[0].index("-i")  # the input's (decoder's) option
+    assert "-threads" not in seen[1]  # 0: ffmpeg's own choice
+    assert one.path.read_bytes() == auto.path.read_bytes()
+
+
 def test_silent_audio_is_a_wav_with_zero_speech_ratio(clips, tmp_path):
     result = extract_audio(clips["silent"], tmp_path / "s.wav")
     assert result.n_samples == 16000 and result.speech_ratio == 0.0

@@ -141,3 +141,58 @@ def test_stage_tasks_take_their_retries_from_the_settings():
     # Every stage keeps the retry rule; GPU bounds are slots per device (tasks/gpu_slots.py).
     tasks = stage_tasks(load_settings("demo", []))
     assert tasks["audio"].retry_condition_fn is tasks["text"].retry_condition_fn
+
+
+def test_model_stages_compute_on_the_configured_torch_threads(videos, tiny_models, tmp_path):
+    import threading
+
+    import torch
+
+    from models.visual import VisualEncoder
+
+    plan = _plan(tiny_models, tmp_path / "root", "extract.model_threads=1")
+    store = Store(tmp_path / "root")
+    run_stage(plan.stage("faces"), videos, store)
+    seen = []
+    embed = VisualEncoder.embed
+
+    def spy(self, *a, **kw):
+        seen.append(torch.get_num_threads())
+        return embed(self, *a, **kw)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(VisualEncoder, "embed", spy)
+            # In another thread, as a Prefect task runs: the stage sets its own count there.
+            t = threading.Thread(target=run_stage, args=(plan.stage("visual"), videos, store))
+            t.start()
+            t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
+
+
+def test_model_threads_default_to_half_the_cores_of_the_worker_computing(tiny_models, monkeypatch):
+    import tasks.embed as embed_mod
+
+    plan = _plan(tiny_models, "/tmp/unused")
+    visual = plan.models["visual"]
+    assert visual.threads is None  # resolved on the worker, not on the flow's machine
+    monkeypatch.setattr(embed_mod, "available_cpus", lambda: 16)
+    assert visual.compute_threads == 8
+    monkeypatch.setattr(embed_mod, "available_cpus", lambda: 1)
+    assert visual.compute_threads == 1
+    set_ = _plan(tiny_models, "/tmp/unused", "extract.model_threads=3").models["asr"]
+    assert set_.compute_threads == 3
+
+
+def test_raw_video_stages_run_in_shard_order_per_lane():
+    from flows.extract import cpu_lanes
+
+    assert cpu_lanes(load_settings("demo", []), 5) == 1
+    dask = load_settings("demo", ["extract.task_runner=dask", "extract.dask_workers=3"])
+    assert cpu_lanes(dask, 5) == 3
+    remote = load_settings("demo", ["extract.task_runner=dask", "extract.dask_address=tcp://x:1"])
+    assert cpu_lanes(remote, 5) == 5

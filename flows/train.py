@@ -1,12 +1,17 @@
 """The train flow: load features → MR-CCL pretraining → k folds (step 1, baseline, pseudo
 labels, step 2) → voting → report, predictions and submission. Every step is a cached Prefect
-task whose outputs live under the run folder, so a killed run resumes where it stopped."""
+task whose outputs live under the run folder, so a killed run resumes where it stopped.
+
+While it trains, the UI shows every epoch as a line of the run's logs, a progress artifact
+(epochs done of the recipe's most) and the WAF of each fold as it finishes (_Watch)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -14,8 +19,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
+    create_progress_artifact,
     create_table_artifact,
+    update_progress_artifact,
 )
+from prefect.context import FlowRunContext
+from prefect.logging.handlers import APILogHandler
 from tqdm.auto import tqdm
 
 from data_contracts.location import is_url, normalize_root
@@ -24,7 +33,8 @@ from flows.config import load_settings, save_resolved
 from flows.plan import plan_extraction
 from flows.safety import check_all_under_roots, trusted_roots
 from flows.train_worker import launch, worker_args
-from models.recipe import recipe_from_settings
+from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
+from models.training import EPOCH_RECORD, EpochReport
 from tasks.gpu_slots import gpu_slot
 from tasks.quality import quality_mask, quality_signals
 from tasks.train import (
@@ -38,7 +48,7 @@ from tasks.train import (
 )
 from tasks.train_data import load_training_data, mask_modalities
 from tasks.train_inputs import INPUTS
-from tasks.train_report import build_report, report_markdown
+from tasks.train_report import build_report, fold_rows, report_markdown
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +71,7 @@ def _run_step(step: str, key: str, run_dir: str, profile: str, overrides: list[s
             return str(run_step(step, Path(run_dir), data, recipe))
         if not (Path(run_dir) / step / DONE).is_file():
             args = worker_args(step, key, run_dir, profile, overrides)
+            # launch logs rank 0's epochs here, as the loops log theirs in process (_Watch).
             launch(ts, step, key, args, emit=get_run_logger().info)
         return str(Path(run_dir) / step)
 
@@ -79,6 +90,87 @@ fold_task = _step_task.with_options(
 
 def _fresh(t, folder: Path):
     return t if (folder / DONE).is_file() else t.with_options(refresh_cache=True)
+
+
+class _Watch(logging.Handler):
+    """What the UI shows of a training run while it goes: each epoch report of the loops
+    (models/training.py, logged in this process or relayed from torchrun's rank 0 by launch)
+    as a line of the flow run's logs, the `train-progress` artifact (epochs done of the
+    recipe's most; a stage that stops early jumps to its end), and the `train-folds` table,
+    renewed as each fold finishes. Warnings of merflow's own loggers reach the logs too."""
+
+    LOGGERS = ("models", "tasks")  # merflow's libraries; the flow logs through Prefect itself
+
+    def __init__(self, recipe: RecipeConfig, run_dir: Path) -> None:
+        super().__init__(logging.INFO)
+        self.run_dir, self.n_splits = run_dir, recipe.n_splits
+        self.flow_run_id = FlowRunContext.get().flow_run.id
+        # Epochs before each stage and at the end of each step, in training order.
+        self.before: dict[str, int] = {}
+        self.step_end: dict[str, int] = {}
+        done = 0
+        for step, stages in epoch_plan(recipe).items():
+            for name, epochs in stages:
+                self.before[name] = done
+                done += epochs
+            self.step_end[step] = done
+        self.total, self.done, self.shown = max(done, 1), 0, -1
+        self.api = APILogHandler()
+        self.progress = create_progress_artifact(
+            0.0,
+            key="train-progress",
+            description=f"training: 0 of {done} epochs (pretraining and {self.n_splits} folds)",
+        )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        report: EpochReport | None = getattr(record, EPOCH_RECORD, None)
+        if report is None and record.levelno < logging.WARNING:
+            return
+        run = FlowRunContext.get()
+        if run is None or run.flow_run is None or run.flow_run.id != self.flow_run_id:
+            return  # another flow run in this process, or none
+        # Straight to the API handler: the run logger's level (PREFECT_LOGGING_LEVEL, WARNING
+        # by default) would drop the epoch lines, and they are how a run shows it is alive.
+        self.api.emit(record)
+        if report is not None and report.stage in self.before:
+            where = f"{report.stage} epoch {report.epoch}/{report.epochs}"
+            try:
+                self._advance(self.before[report.stage] + report.epoch, where)
+            except Exception:  # an unreachable API must not stop training: logging's rule
+                self.handleError(record)
+
+    def step_done(self, step: str) -> None:
+        """A step finished (or was already done): progress to its end; a fold's row added."""
+        self._advance(self.step_end[step], f"{step} done", always=True)
+        if step.startswith("fold-"):
+            create_table_artifact(
+                fold_rows(self.run_dir, self.n_splits),
+                key="train-folds",
+                description="WAF (%) of each finished fold on its validation videos",
+            )
+
+    def _advance(self, done: int, where: str, always: bool = False) -> None:
+        self.done = max(self.done, done)
+        percent = round(100 * self.done / self.total)
+        if percent != self.shown or always:  # about 100 updates a run, and one per step
+            self.shown = percent
+            text = f"training: {self.done} of {self.total} epochs; {where}"
+            update_progress_artifact(self.progress, float(percent), description=text)
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[_Watch]:
+        """Forward the training loggers' epochs and warnings into this run while inside."""
+        epochs = logging.getLogger("models.training")
+        level = epochs.level
+        epochs.setLevel(logging.INFO)  # epoch records are INFO; the terminal shows them too
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+        try:
+            yield self
+        finally:
+            for name in self.LOGGERS:
+                logging.getLogger(name).removeHandler(self)
+            epochs.setLevel(level)
 
 
 def _quality_filtered(data, store: Store, settings, plan):
@@ -182,27 +274,29 @@ def train_flow(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(settings, run_dir / "settings.yaml")
     _save_beside_stores(settings, ctx["store"])
-    # Every step and the report read these, never the stores again (tasks/train.py); the copy
-    # read from the stores is dropped once frozen (at paper size it is ~3 GB).
-    store, read = ctx["store"], ctx.pop("data")
-    data = freeze_run(run_dir, read, key, ctx["fingerprint"], ctx["recipe"], store)
-    del read
-    logger.info(
-        "run %s: %d labelled, %d unlabelled videos, features %s",
-        key,
-        len(data.labelled),
-        len(data.unlabelled),
-        data.extractor_ids,
-    )
-    common = {"key": key, "run_dir": str(run_dir), "profile": profile, "overrides": overrides}
-    # A step's outputs are the truth: a cache entry whose folder is gone is refreshed.
-    steps = tqdm(total=1 + settings.train.n_splits, desc="     train", unit="step", disable=None)
-    _fresh(pretrain_task, run_dir / "pretrain")(step="pretrain", **common)
-    steps.update(1)
-    for k in range(settings.train.n_splits):
-        _fresh(fold_task, run_dir / f"fold-{k}")(step=f"fold-{k}", **common)
-        steps.update(1)
-    steps.close()
+    with _Watch(ctx["recipe"], run_dir).watching() as watch:
+        # Every step and the report read these, never the stores again (tasks/train.py); the
+        # copy read from the stores is dropped once frozen (at paper size it is ~3 GB).
+        store, read = ctx["store"], ctx.pop("data")
+        data = freeze_run(run_dir, read, key, ctx["fingerprint"], ctx["recipe"], store)
+        del read
+        logger.info(
+            "run %s: %d labelled, %d unlabelled videos, features %s",
+            key,
+            len(data.labelled),
+            len(data.unlabelled),
+            data.extractor_ids,
+        )
+        common = {"key": key, "run_dir": str(run_dir), "profile": profile, "overrides": overrides}
+        # A step's outputs are the truth: a cache entry whose folder is gone is refreshed.
+        names = step_names(settings.train.n_splits)
+        steps = tqdm(total=len(names), desc="     train", unit="step", disable=None)
+        for step in names:
+            step_task = pretrain_task if step == "pretrain" else fold_task
+            _fresh(step_task, run_dir / step)(step=step, **common)
+            watch.step_done(step)
+            steps.update(1)
+        steps.close()
     report = build_report(
         run_dir, key, data, settings.train.n_splits, ctx["store"], settings.train.model_dump()
     )

@@ -7,7 +7,8 @@ checks their run key against its own settings (tasks/train.py `step_inputs`, as 
 own process does), joins the process group torchrun set up, trains its share of every batch
 (models/distributed.py) and rank 0 writes the step's folder (checkpoint, outputs, done.json),
 exactly what the single-process step writes. A step that fails leaves no done.json, so a rerun
-(or Prefect's retry) starts it again.
+(or Prefect's retry) starts it again. Rank 0's epoch reports (models/training.py) reach the
+parent as EPOCH_MARK lines, which `launch` turns back into reports.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m flows.train_worker \\
         --step fold-0 --key KEY --run-dir RUN --profile demo
@@ -25,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -32,11 +34,16 @@ from flows.config import TrainSettings, load_settings
 from models.distributed import init_from_env, local_device, shutdown
 from tasks.errors import MerflowError
 
+if TYPE_CHECKING:
+    from models.training import EpochReport
+
 log = logging.getLogger(__name__)
 
 
 # A rank prints its user-facing error after this mark; launch() puts it first in its own.
 ERROR_MARK = "merflow-error:"
+# Rank 0 prints each epoch report as JSON after this mark; launch() logs it again.
+EPOCH_MARK = "merflow-epoch:"
 
 
 class DistributedStepError(MerflowError):
@@ -87,8 +94,12 @@ def launch(
     args: Sequence[str],
     emit: Callable[[str], None] = print,
 ) -> None:
-    """Run one step under torchrun, streaming its output through `emit`; raise
-    DistributedStepError (with the last lines) when any rank fails."""
+    """Run one step under torchrun, streaming its output through `emit`, and rank 0's epoch
+    reports through this process's training logger (models/training.py `log_epoch`), as if it
+    trained the step itself; raise DistributedStepError (with the last lines) when any rank
+    fails."""
+    from models.training import log_epoch
+
     check_devices(ts)
     cmd = torchrun_command(ts, f"merflow-{key}-{step}", args)
     emit(f"{step}: {ts.world_size} processes: {' '.join(cmd)}")
@@ -104,6 +115,11 @@ def launch(
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
+            report = _epoch_report(line)
+            if report is not None:
+                tail.append(report.line())
+                log_epoch(report)
+                continue
             tail.append(line)
             if ERROR_MARK in line and len(reasons) < 8:
                 reasons.append(line.split(ERROR_MARK, 1)[1].strip())
@@ -118,6 +134,18 @@ def launch(
         )
 
 
+def _epoch_report(line: str) -> EpochReport | None:
+    """The epoch report an EPOCH_MARK line carries; None for any other (or a garbled) line."""
+    if EPOCH_MARK not in line:
+        return None
+    from models.training import EpochReport
+
+    try:
+        return EpochReport.from_json(line.split(EPOCH_MARK, 1)[1])
+    except (ValueError, TypeError):
+        return None
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="flows.train_worker", description=__doc__)
     p.add_argument("--step", required=True, help="pretrain or fold-K")
@@ -126,6 +154,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", required=True)
     p.add_argument("--override", action="append", default=[])
     return p.parse_args(argv)
+
+
+class _EpochMarks(logging.Filter):
+    """Epoch records (models/training.py) as one EPOCH_MARK line of JSON each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from models.training import EPOCH_RECORD
+
+        report = getattr(record, EPOCH_RECORD, None)
+        if report is not None:
+            record.msg, record.args = f"{EPOCH_MARK} {report.to_json()}", ()
+        return True
 
 
 @record  # torchrun's failure summary then shows the first failing rank's traceback
@@ -150,6 +190,8 @@ def _main(argv: Sequence[str] | None) -> None:
         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_EpochMarks())
     settings = load_settings(a.profile, a.override)
     started = time.perf_counter()
     data, recipe = step_inputs(Path(a.run_dir), a.key, settings.train)

@@ -39,6 +39,7 @@ from models.training import (
     pretrain,
     reference_wafs,
     train_baseline,
+    training_stage,
     waf,
 )
 
@@ -142,32 +143,51 @@ def _check_inputs(labelled: FeatureSet, unlabelled: FeatureSet | None, cfg: Reci
         raise ValueError(
             f"every class has fewer labelled rows than n_splits={cfg.n_splits}; lower n_splits"
         )
-    thin = [CLASSES[c] for c in range(NUM_CLASSES) if 0 < counts[c] < cfg.n_splits]
-    if thin:
-        # Stratified folds still work: such a class is absent from some validation folds.
-        log.warning(
-            "classes %s have fewer labelled rows than n_splits=%d; some folds validate without "
-            "them",
-            thin,
-            cfg.n_splits,
-        )
+    # Classes thinner than n_splits are said once per run, where its folds are assigned
+    # (tasks/folds.py), not by every step that checks its inputs.
 
 
 def _oversampled(
     data: FeatureSet, targets: Mapping[str, int], cfg: RecipeConfig, seed: int
 ) -> FeatureSet:
-    """`data` lifted to the targets, or unchanged when oversampling is off."""
+    """`data` lifted to the targets, or unchanged when oversampling is off. A class with a
+    target but no rows in `data` stays absent (tiny corpora: nothing to copy from)."""
     if not cfg.use_oversampling:
         return data
-    wanted = targets_by_index(targets)
     held = set(np.unique(data.labels).tolist())
-    absent = [CLASSES[c] for c in wanted if c not in held]
-    if absent:
-        # Tiny corpora only: a fold can lack a rare class entirely; nothing to copy from.
-        log.warning("no training rows of %s in this split; not oversampled", absent)
-    wanted = {c: n for c, n in wanted.items() if c in held}
+    wanted = {c: n for c, n in targets_by_index(targets).items() if c in held}
     idx = random_oversample(data.labels, wanted, np.random.default_rng(seed))
     return data.subset(idx)
+
+
+def _warn_absent(k: int, train: FeatureSet, cfg: RecipeConfig) -> None:
+    """Once per fold: classes with an oversampling target that the fold's fit rows lack."""
+    if not cfg.use_oversampling:
+        return
+    targets = {**cfg.oversample_step1, **cfg.oversample_step2}
+    absent = sorted(set(targets_by_index(targets)) - set(np.unique(train.labels).tolist()))
+    if absent:
+        names = [CLASSES[c] for c in absent]
+        log.warning("fold %d: no training rows of %s, so none to oversample", k, names)
+
+
+def stage_name(k: int, part: str) -> str:
+    """The name of a stage of fold k (`step1`, `baseline`, `step2`) in epoch reports."""
+    return f"fold-{k} {part}"
+
+
+def epoch_plan(cfg: RecipeConfig) -> dict[str, list[tuple[str, int]]]:
+    """Each step of a run (`pretrain`, `fold-K`) with its stages and their most epochs, in the
+    order they train: what progress is counted against (early stopping may end a stage
+    sooner)."""
+    plan = {"pretrain": [("pretrain", cfg.pretrain_epochs if cfg.use_pretraining else 0)]}
+    for k in range(cfg.n_splits):
+        stages = [(stage_name(k, "step1"), cfg.final_epochs)]
+        if cfg.use_pseudo_labels:
+            stages += [(stage_name(k, "baseline"), cfg.train.max_epochs)]
+            stages += [(stage_name(k, "step2"), cfg.final_epochs)]
+        plan[f"fold-{k}"] = stages
+    return plan
 
 
 def _fold_cfg(cfg: RecipeConfig, k: int, **changes: Any) -> TrainConfig:
@@ -205,7 +225,8 @@ def pretrain_start(
                 f"unlabelled rows with labels hidden; got {len(everything)} rows, "
                 f"{int(everything.labelled.sum())} labelled"
             )
-        history = pretrain(template, everything, cfg.train, cfg.pretrain_epochs)
+        with training_stage("pretrain"):
+            history = pretrain(template, everything, cfg.train, cfg.pretrain_epochs)
     return template.cpu(), history
 
 
@@ -271,7 +292,10 @@ def train_fold(
     stop = labelled.subset(tr[stop_rows]) if len(stop_rows) else None
     model = MRCCL(cfg.model).to(cfg.train.device)
     model.load_state_dict(dict(start_state))
-    fit1 = fine_tune(model, _oversampled(train, cfg.oversample_step1, cfg, step1.seed), stop, step1)
+    _warn_absent(k, train, cfg)
+    fit_set = _oversampled(train, cfg.oversample_step1, cfg, step1.seed)  # step 1 and baseline
+    with training_stage(stage_name(k, "step1")):
+        fit1 = fine_tune(model, fit_set, stop, step1)
     stages: dict[str, Any] = {"step1": fit1.history}
     step1_waf = waf(val.labels, predict(model, val, cfg.train.eval_batch_size)["voted"].argmax(1))
     baseline_waf = None
@@ -281,12 +305,8 @@ def train_fold(
         # Baseline with the same training set, then the two-model pseudo-label rule.
         torch.manual_seed(step1.seed)
         base = BaselineNet(cfg.baseline)
-        fitb = train_baseline(
-            base,
-            _oversampled(train, cfg.oversample_step1, cfg, step1.seed),
-            stop,
-            _fold_cfg(cfg, k),
-        )
+        with training_stage(stage_name(k, "baseline")):
+            fitb = train_baseline(base, fit_set, stop, _fold_cfg(cfg, k))
         base_val = predict(base, val, cfg.train.eval_batch_size)["voted"]
         baseline_waf = waf(val.labels, base_val.argmax(1))
         stages["baseline"] = fitb.history
@@ -300,7 +320,8 @@ def train_fold(
         grown = _oversampled(
             FeatureSet.concat([train, pseudo]), cfg.oversample_step2, cfg, step2.seed
         )
-        stages["step2"] = fine_tune(model, grown, stop, step2).history
+        with training_stage(stage_name(k, "step2")):
+            stages["step2"] = fine_tune(model, grown, stop, step2).history
     val_probs = predict(model, val, cfg.train.eval_batch_size)
     test_probs = predict(model, test, cfg.train.eval_batch_size)
     val_waf = waf(val.labels, val_probs["voted"].argmax(1))

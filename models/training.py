@@ -2,16 +2,19 @@
 the baseline) and prediction. The recipe that calls them (folds, oversampling, pseudo labels,
 voting) is models/recipe.py.
 
-Read top to bottom: loop settings, metrics, batching, the loss of each stage, the loops
-(pretrain, fine_tune, train_baseline), predict.
+Read top to bottom: loop settings, epoch reports, metrics, batching, the loss of each stage,
+the loops (pretrain, fine_tune, train_baseline), predict.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -46,11 +49,6 @@ from models.settings import default
 log = logging.getLogger(__name__)
 
 
-def _fmt(stats: dict[str, float]) -> str:
-    """Epoch losses for the log: `loss=1.2345 ce=0.9876 ...`."""
-    return " ".join(f"{k}={v:.4f}" for k, v in stats.items())
-
-
 # ----------------------------------------------------------------------------- settings
 
 
@@ -75,6 +73,63 @@ class TrainConfig:
                 f"lr={self.lr}, batch_size={self.batch_size}, max_epochs={self.max_epochs}, "
                 f"patience={self.patience}"
             )
+
+
+# ----------------------------------------------------------------------------- epoch reports
+
+# Every finished epoch is one INFO record of this module's logger, carrying its EpochReport
+# under this attribute: the one path by which the terminal, the Prefect run (flows/train.py)
+# and the parent of a torchrun rank (flows/train_worker.py) learn how training goes.
+EPOCH_RECORD = "merflow_epoch"
+
+_stage: contextvars.ContextVar[str | None] = contextvars.ContextVar("training_stage", default=None)
+
+
+@contextlib.contextmanager
+def training_stage(name: str) -> Iterator[None]:
+    """Name the training stage the loops run in (e.g. `fold-0 step1`) for their epoch reports."""
+    token = _stage.set(name)
+    try:
+        yield
+    finally:
+        _stage.reset(token)
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """One finished epoch of a training stage: losses, early-stopping scores, wall time."""
+
+    stage: str  # `pretrain` or `fold-K PART` (models/recipe.py names them)
+    epoch: int
+    epochs: int  # the stage's most epochs; early stopping may end it sooner
+    stats: dict[str, float]
+    seconds: float
+
+    def line(self) -> str:
+        """`fold-0 step1: epoch 3/20 loss=1.2345 ... val_waf=0.8123 (1.2 s)`."""
+        stats = " ".join(f"{k}={v:.4f}" for k, v in self.stats.items())
+        return f"{self.stage}: epoch {self.epoch}/{self.epochs} {stats} ({self.seconds:.1f} s)"
+
+    def to_json(self) -> str:
+        """One line of JSON (how a torchrun rank hands it to its parent)."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> EpochReport:
+        """The report `to_json` wrote."""
+        return cls(**json.loads(text))
+
+
+def log_epoch(report: EpochReport) -> None:
+    """Log a finished epoch: its line, with the report attached (EPOCH_RECORD)."""
+    log.info("%s", report.line(), extra={EPOCH_RECORD: report})
+
+
+def _report(default: str, epoch: int, epochs: int, stats: dict, started: float) -> None:
+    """An epoch's report, from rank 0 only (every rank has the same losses and scores)."""
+    if world().main:
+        seconds = time.perf_counter() - started
+        log_epoch(EpochReport(_stage.get() or default, epoch, epochs, dict(stats), seconds))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -304,9 +359,10 @@ def pretrain(
     loop = _Loop(model, data, cfg, pretrain_loss)
     history = []
     for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
         stats = loop.epoch()
         history.append({"epoch": epoch, **stats})
-        log.info("pretrain epoch %d: %s", epoch, _fmt(stats))
+        _report("pretrain", epoch, epochs, stats, started)
     return history
 
 
@@ -325,6 +381,7 @@ def _fit(
     stop: FeatureSet | None,
     cfg: TrainConfig,
     loss_fn: LossFn,
+    stage_name: str,
 ) -> FitResult:
     """Train for at most cfg.max_epochs. With an early-stopping set `stop`, stop after
     cfg.patience epochs without a better WAF on it and end with the best state; without one,
@@ -351,13 +408,8 @@ def _fit(
             row |= {"val_ce": float(-np.log(picked).mean())}
             row |= {"val_waf": waf(stop.labels, voted.argmax(1))}
         history.append(row)  # no wall time in it: a rerun's history is identical
-        seconds = time.perf_counter() - started
-        log.info(
-            "epoch %d: %s (%.1f s)",
-            epoch,
-            _fmt({k: v for k, v in row.items() if k != "epoch"}),
-            seconds,
-        )
+        scores = {k: v for k, v in row.items() if k != "epoch"}
+        _report(stage_name, epoch, cfg.max_epochs, scores, started)
         if stop is None:
             best_epoch = epoch
             continue
@@ -380,14 +432,14 @@ def fine_tune(
     def loss(m: nn.Module, local: TensorBatch, whole: TensorBatch, gather: Gather):
         return fine_tune_loss(m, local, whole, gather, cfg.lambda_con)
 
-    return _fit(model, train, stop, cfg, loss)
+    return _fit(model, train, stop, cfg, loss, "fine-tune")
 
 
 def train_baseline(
     model: BaselineNet, train: FeatureSet, stop: FeatureSet | None, cfg: TrainConfig
 ) -> FitResult:
     """Supervised training of the challenge baseline (early stopping on `stop`)."""
-    return _fit(model, train, stop, cfg, baseline_loss)
+    return _fit(model, train, stop, cfg, baseline_loss, "baseline")
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ everything that names a fold (`merflow check`, `merflow inspect`, the report).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,9 +18,11 @@ import numpy as np
 
 from data_contracts import tables
 from data_contracts.atomic import atomic_path
-from data_contracts.labels import CLASS_INDEX
+from data_contracts.labels import CLASS_INDEX, CLASSES
 from data_contracts.store import Store
-from models.folds import assign_folds
+from models.folds import assign_folds, thin_classes
+
+log = logging.getLogger(__name__)
 
 RUN_FOLDS = "folds.json"
 LATEST_FOLDS = "runs/latest-folds.json"
@@ -43,8 +46,17 @@ class FoldAssignment:
 def run_assignment(
     video_ids: np.ndarray, labels: np.ndarray, n_splits: int, seed: int, run_key: str
 ) -> FoldAssignment:
-    """A run's folds over its labelled rows (in the run's row order)."""
+    """A run's folds over its labelled rows (in the run's row order); warns, once for the run,
+    of classes too thin for every fold to validate on them."""
     folds = assign_folds(labels, n_splits, seed)
+    thin = [CLASSES[c] for c in thin_classes(labels, n_splits)]
+    if thin:
+        log.warning(
+            "classes %s have fewer labelled rows than n_splits=%d; some folds validate without "
+            "them",
+            thin,
+            n_splits,
+        )
     return FoldAssignment(
         folds=dict(zip(map(str, video_ids), folds.tolist(), strict=True)),
         n_splits=n_splits,

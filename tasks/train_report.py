@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # headless: workers have no display
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix
 
 from data_contracts import tables
@@ -33,6 +34,7 @@ from tasks.train import load_fold
 from tasks.train_data import TrainingData
 
 PROB_KEYS = (*CLASSIFIERS, "voted")
+STAGES = ("step1", "baseline", "step2")  # a fold's stages, in the order they train
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -62,31 +64,72 @@ def _plot_confusion(cm: np.ndarray, path: Path, title: str) -> Path:
 
 
 def _plot_curves(folds: list[dict], pretrain: list[dict], path: Path) -> Path:
-    stages = ("step1", "baseline", "step2")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), dpi=100)
-    if pretrain:
-        axes[0].plot([h["epoch"] for h in pretrain], [h["loss"] for h in pretrain])
-    axes[0].set_title("pretraining loss (L_intra + L_imc)")
-    axes[0].set_xlabel("epoch")
-    for ax, stage in zip(axes[1:], stages, strict=True):
+    # Markers: a stage that trained one epoch still shows (as a point).
+    style = {"marker": "o", "markersize": 3, "linewidth": 1.2}
+    panels = [(axes[0], "pretraining loss (L_intra + L_imc)", [(None, pretrain, "loss")])]
+    for ax, stage in zip(axes[1:], STAGES, strict=True):
         # The early-stopping rows' WAF; the training loss when no rows were held out for it.
-        key, title = "val_waf", "early-stopping WAF"
-        for f in folds:
-            hist = f.get("history", {}).get(stage) or []
-            if hist and key not in hist[0]:
-                key, title = "loss", "training loss"
-            if hist:
-                ax.plot([h["epoch"] for h in hist], [h[key] for h in hist], label=f"fold {f['k']}")
-        ax.set_title(f"{stage}: {title}")
+        hists = [(f["k"], f.get("history", {}).get(stage) or []) for f in folds]
+        key = "val_waf" if any(h and "val_waf" in h[0] for _, h in hists) else "loss"
+        title = "early-stopping WAF" if key == "val_waf" else "training loss"
+        panels.append((ax, f"{stage}: {title}", [(k, h, key) for k, h in hists]))
+    for ax, title, curves in panels:
+        drawn = [(k, h, key) for k, h, key in curves if h]
+        for k, hist, key in drawn:
+            label = None if k is None else f"fold {k}"
+            ax.plot([h["epoch"] for h in hist], [h[key] for h in hist], label=label, **style)
+        ax.set_title(title)
         ax.set_xlabel("epoch")
-        if key == "val_waf":
-            ax.set_ylim(-0.02, 1.02)  # a curve at 1.0 stays visible
-    axes[1].legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if not drawn:
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        ax.set_xlim(0.5, max(h[-1]["epoch"] for _, h, _ in drawn) + 0.5)
+        if drawn[0][2] == "val_waf":
+            # Room above 1.0 and below 0.0: a curve there would hide under the frame.
+            ax.set_ylim(-0.08, 1.08)
+        else:
+            ax.margins(y=0.08)
+        if any(k is not None for k, _, _ in drawn):
+            ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def fold_rows(run_dir: Path, n_splits: int) -> list[dict[str, Any]]:
+    """One row per finished fold of a run (its done.json): WAF (%) of the full method, step 1,
+    the baseline and the reference guesses on the fold's validation videos, pseudo labels,
+    and the epochs each stage trained. The UI's fold table while a run goes."""
+
+    def pct(x: float | None) -> float | None:
+        return None if x is None else round(100 * x, 2)
+
+    rows = []
+    for k in range(n_splits):
+        done = run_dir / f"fold-{k}" / "done.json"
+        if not done.is_file():
+            continue
+        f = json.loads(done.read_text())
+        refs, hist = f.get("reference_waf") or {}, f.get("history") or {}
+        rows.append(
+            {
+                "fold": k,
+                "full method": pct(f["val_waf"]),
+                "step 1": pct(f["step1_waf"]),
+                "baseline": pct(f.get("baseline_waf")),
+                "majority class": pct(refs.get("majority")),
+                "class mix": pct(refs.get("class_prior")),
+                "pseudo labels": sum((f.get("pseudo_counts") or {}).values()),
+                "epochs": ", ".join(f"{s} {len(hist[s])}" for s in STAGES if s in hist),
+            }
+        )
+    return rows
 
 
 def build_report(

@@ -1,4 +1,5 @@
-"""The Prefect UI in headless Chromium: Deployments → extract → Run → Custom run → rows land."""
+"""The Prefect UI in headless Chromium: Deployments → extract → Run → Custom run → rows land;
+a finished train run shows its epochs in its logs and its report among its artifacts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 
 from tests.deploy.conftest import _client, wait_for_run
+from tests.flows.test_train_watch import extracted, trained_run  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.slow]
 
@@ -83,6 +85,28 @@ def test_custom_run_from_the_ui_lands_rows_in_the_stores(
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui-extract-run.png"))
     shutil.rmtree(served.root / "artifacts", ignore_errors=True)
+
+
+def test_a_train_run_shows_its_epochs_and_its_report(
+    trained_run,  # noqa: F811 (the fixture imported above)
+    prefect_server,
+    browser_page,
+):
+    flow_run_id, _ = trained_run
+    page = browser_page
+    try:
+        page.goto(f"{prefect_server.ui_url}/flow-runs/flow-run/{flow_run_id}")
+        # The Logs tab opens first: the last epoch of the last stage is one of its lines.
+        page.get_by_text("fold-1 step2: epoch 2/2 loss=").first.wait_for()
+        page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
+        page.get_by_text("train-folds", exact=True).first.wait_for()  # the fold table's card
+        page.get_by_text("train-report", exact=True).first.click()
+        page.wait_for_url("**/artifacts/artifact/**")
+        page.get_by_role("cell", name="full method (voted)").wait_for()  # the report's table
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "ui-train-run.png"), full_page=True)
+        raise
 
 
 def _submitted_run(overrides: list[str], timeout: float = 60.0):

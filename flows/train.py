@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -35,6 +36,7 @@ from flows.safety import check_all_under_roots, trusted_roots
 from flows.train_worker import launch, worker_args
 from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
 from models.training import EPOCH_RECORD, EpochReport
+from tasks.embed import available_cpus
 from tasks.gpu_slots import gpu_slot
 from tasks.quality import quality_mask, quality_signals
 from tasks.train import (
@@ -67,6 +69,7 @@ def _run_step(step: str, key: str, run_dir: str, profile: str, overrides: list[s
     slots = settings.extract.gpu_concurrency
     with gpu_slot(ts.device, slots_per_device=slots, n_devices=ts.nproc_per_node):
         if ts.world_size == 1:
+            torch.set_num_threads(ts.process_threads(available_cpus()))
             data, recipe = step_inputs(Path(run_dir), key, ts)
             return str(run_step(step, Path(run_dir), data, recipe))
         if not (Path(run_dir) / step / DONE).is_file():

@@ -32,6 +32,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from flows.config import TrainSettings, load_settings
 from models.distributed import init_from_env, local_device, shutdown
+from tasks.embed import available_cpus
 from tasks.errors import MerflowError
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ def launch(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # torchrun sets one thread per process only when it starts several; share the cores out
     # always, or CPU ranks (and a CPU-bound flow beside them) oversubscribe the machine.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ts.nproc_per_node)))
+    env["OMP_NUM_THREADS"] = str(ts.process_threads(available_cpus()))
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as proc:

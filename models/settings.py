@@ -80,6 +80,10 @@ class TrainSettings(BaseModel):
     nnodes: int = Field(1, ge=1)  # machines; the others run `merflow train-join`
     rdzv_endpoint: str | None = None  # host:port on node 0 that every node can reach
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on CUDA, else gloo
+    # torch intra-op threads of each training process; None: the cores this worker may use,
+    # shared out over its nproc_per_node processes. Set it when two jobs share a machine: more
+    # threads than free cores make every op wait for a descheduled thread (~8x slower).
+    threads: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _multi_node_needs_endpoint(self) -> TrainSettings:
@@ -90,14 +94,21 @@ class TrainSettings(BaseModel):
             )
         return self
 
+    def process_threads(self, cpus: int) -> int:
+        """Intra-op threads of each training process on a worker with `cpus` usable cores."""
+        return self.threads or max(1, cpus // self.nproc_per_node)
+
     @property
     def world_size(self) -> int:
         """Training processes in all."""
         return self.nproc_per_node * self.nnodes
 
 
-# Train settings that only say how many processes run a step (excluded from the run key).
-LAUNCH_SETTINGS = frozenset({"nproc_per_node", "nnodes", "rdzv_endpoint", "dist_backend"})
+# Train settings that only say how many processes (and threads) run a step (excluded from the
+# run key).
+LAUNCH_SETTINGS = frozenset(
+    {"nproc_per_node", "nnodes", "rdzv_endpoint", "dist_backend", "threads"}
+)
 
 
 def default(name: str) -> Any:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 def run(video: Path, every: int, fps: float | None, size: int) -> tuple[dict, float, int]:
     """frame -> (box, 5 landmarks, crop) with `detect_every` = every; CPU seconds; frames."""
     from tasks import face_backends as fb
+    from tasks import face_frames, face_track
 
     backend = fb.DlibBackend(detect_every=every)
     used: dict[int, np.ndarray] = {}  # id(crop) -> the landmarks that aligned it
@@ -34,21 +35,21 @@ def run(video: Path, every: int, fps: float | None, size: int) -> tuple[dict, fl
 
     def chip_spy(rgb, shape, size):
         crop = chip(rgb, shape, size)
-        used[id(crop)] = fb._points(shape)
+        used[id(crop)] = face_track._points(shape)
         return crop
 
     def align_spy(rgb, size):
         found = align(rgb, size)
         if found is not None:  # detection path: the same fit again, for the record
-            used[id(found[0])] = fb._points(landmarks(rgb, found[1]))
+            used[id(found[0])] = face_track._points(landmarks(rgb, found[1]))
         return found
 
-    sampler = fb.FrameSampler(fps, None)
+    sampler = face_frames.FrameSampler(fps, None)
     t0 = time.process_time()  # timed without the record keeping below
     n = sum(1 for _ in backend.faces(video, sampler, size))
     cpu = time.process_time() - t0
     backend.chip, backend.align = chip_spy, align_spy
-    faces = list(backend.faces(video, fb.FrameSampler(fps, None), size))
+    faces = list(backend.faces(video, face_frames.FrameSampler(fps, None), size))
     assert len(faces) == n
     return {f.frame_idx: (f.box, used[id(f.crop)], f.crop) for f in faces}, cpu, sampler.n_sampled
 
@@ -62,7 +63,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--limit", type=int, default=None, help="at most this many videos")
     args = p.parse_args()
-    from tasks import face_backends as fb
+    from tasks import face_track
 
     videos = sorted(v for p_ in args.paths for v in ([p_] if p_.is_file() else p_.rglob("*.mp4")))
     videos = videos[: args.limit]
@@ -79,7 +80,7 @@ def main() -> None:
             only_ref += len(set(r) - set(got))
             only_k += len(set(got) - set(r))
             for i in sorted(set(r) & set(got)):
-                iou.append(fb.box_iou(r[i][0], got[i][0]))
+                iou.append(face_track.box_iou(r[i][0], got[i][0]))
                 a, b = r[i][1], got[i][1]
                 d = np.linalg.norm(a - b, axis=1).mean()
                 ocular = np.linalg.norm(a[[0, 1]].mean(0) - a[[2, 3]].mean(0))

@@ -30,7 +30,7 @@ from models.settings import TrainSettings
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 ENV_PREFIX = "MERFLOW_"
-# Environment variables read by single tools, not settings (tasks/media.py, face_backends.py,
+# Environment variables read by single tools, not settings (tasks/media.py, face_openface.py,
 # data_contracts/location.py, flows/server.py).
 TOOL_ENV = frozenset(
     {

@@ -31,11 +31,9 @@ from tasks.face_backends import (
     DEFAULT_DETECT_MAX_SIDE,
     DEFAULT_PADDING,
     THRESHOLDS,
-    Face,
-    FaceBackend,
-    FrameSampler,
     load_backend,
 )
+from tasks.face_frames import Face, FaceBackend, FrameSampler
 from tasks.media import NoVideoStreamError, UnreadableMediaError, probe
 from tasks.shard import ShardReport
 from tasks.stage import Stage, artifact_stage, run_stage, task_options
@@ -109,7 +107,7 @@ class FaceSettings:
     padding: float = DEFAULT_PADDING  # margin around the face, as dlib's get_face_chip
     openface_bin: str | None = None  # path of FeatureExtraction (a location, not an output knob)
     # dlib: run the detector on every k-th sampled frame and track the landmarks between
-    # (tasks/face_backends.py _Tracker); 1: detect on every frame.
+    # (tasks/face_track.py LandmarkTracker); 1: detect on every frame.
     detect_every: int = 1
     decode_threads: int = 0  # PyAV decoder threads; 0: FFmpeg's choice (the cores)
 

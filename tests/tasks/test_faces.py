@@ -15,15 +15,10 @@ from typer.testing import CliRunner
 from data_contracts import tables
 from data_contracts.store import Store
 from flows.task_cli import task_app
-from tasks import face_backends
-from tasks.face_backends import (
-    BackendUnavailableError,
-    Face,
-    FrameSampler,
-    OpenFaceBackend,
-    load_backend,
-    parse_openface_output,
-)
+from tasks import face_backends, face_openface
+from tasks.face_backends import load_backend
+from tasks.face_frames import BackendUnavailableError, Face, FrameSampler
+from tasks.face_openface import OpenFaceBackend, parse_openface_output
 from tasks.faces import (
     CropWriter,
     FaceSettings,
@@ -203,7 +198,7 @@ def test_backends_load_once_per_process():
 
 # -- OpenFace ------------------------------------------------------------------------------------
 def test_openface_without_a_binary_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv(face_backends.OPENFACE_ENV, raising=False)
+    monkeypatch.delenv(face_openface.OPENFACE_ENV, raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(BackendUnavailableError, match=r"no binary is configured.*openface_bin"):
         OpenFaceBackend()

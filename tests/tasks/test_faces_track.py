@@ -12,7 +12,8 @@ import pytest
 from flows.config import load_settings
 from flows.plan import face_settings
 from tasks import face_backends
-from tasks.face_backends import box_iou
+from tasks.face_frames import BackendUnavailableError, FrameSampler
+from tasks.face_track import box_iou
 from tasks.faces import FaceSettings, crop_faces, faces_extractor_id, load_crops
 from tests.tasks import badmedia
 
@@ -58,7 +59,7 @@ def test_tracking_detects_less_often(clips, tmp_path, monkeypatch):
     calls = []
     detect = backend.detect
     monkeypatch.setattr(backend, "detect", lambda rgb: calls.append(1) or detect(rgb))
-    faces = list(backend.faces(clips["face"], face_backends.FrameSampler(), 112))
+    faces = list(backend.faces(clips["face"], FrameSampler(), 112))
     assert [f.frame_idx for f in faces] == [0, 1, 2, 3, 4]
     assert len(calls) == 2  # frame 0, and frame 4 closing the video; 1-3 were tracked
 
@@ -103,5 +104,5 @@ def test_without_a_fallback_a_missing_backend_is_still_an_error(tmp_path):
     )
     plan_faces = face_settings(settings)
     assert plan_faces.backend == "openface"
-    with pytest.raises(face_backends.BackendUnavailableError, match="openface"):
+    with pytest.raises(BackendUnavailableError, match="openface"):
         plan_faces.load()

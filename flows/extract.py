@@ -126,7 +126,7 @@ def stage_tasks(settings: Settings) -> dict[str, Any]:
     return {s: t.with_options(retries=settings.extract.retries) for s, t in _TASKS.items()}
 
 
-def _pending_per_stage(
+def pending_per_stage(
     store: Store, videos: pd.DataFrame, plan: ExtractionPlan
 ) -> dict[str, set[str]]:
     """Per stage, the video ids whose output (or recorded failure) the store lacks."""
@@ -159,6 +159,74 @@ def cpu_lanes(settings: Settings, n_shards: int) -> int:
     if e.task_runner == "dask":
         return n_shards if e.dask_address else max(1, e.dask_workers)
     return 1
+
+
+def submit_stages(
+    plan: ExtractionPlan,
+    parts: list[pd.DataFrame],
+    root: str,
+    settings: Settings,
+    pending: dict[str, set[str]],
+    official: dict[str, str] | None = None,
+) -> dict[str, list[PrefectFuture]]:
+    """Submit every stage's task on every shard; returns each stage's futures in shard order.
+
+    A model stage waits for its own input on the same shard only; raw-video stages run shard
+    after shard per lane (cpu_lanes), so the CPU stages of the next shard overlap the model
+    stages of this one. The store is the truth: a stage whose rows the shard still lacks
+    (`pending`) refreshes its Prefect cache entry. `official`: the corpus's official
+    transcripts (None: ASR text only, under the plan's transcripts extractor id).
+    """
+    if any(m.device != "cpu" for m in plan.models.values()):
+        ensure_gpu_slots(settings.extract.gpu_concurrency)
+    futures: dict[str, list[PrefectFuture]] = defaultdict(list)
+    tasks = stage_tasks(settings)
+    fresh = {stage: t.with_options(refresh_cache=True) for stage, t in tasks.items()}
+    lanes = cpu_lanes(settings, len(parts))
+    for i, part in enumerate(parts):
+        ids = set(part.video_id)
+        shard_official = {k: v for k, v in (official or {}).items() if k in ids}
+        for stage in STAGES:
+            run = fresh[stage] if pending[stage] & ids else tasks[stage]
+            if stage in UPSTREAM:  # a model stage waits for its own input only
+                after = [futures[UPSTREAM[stage]][-1]]
+            else:  # raw-video stages run shard after shard in each lane (see cpu_lanes); a
+                # failed shard does not hold back the next one
+                after = [allow_failure(futures[stage][i - lanes])] if i >= lanes else None
+            args = plan.stage_args(stage, shard_official)
+            futures[stage].append(run.submit(part, root, **args, wait_for=after))
+    return futures
+
+
+def shard_results(
+    futures: dict[str, list[PrefectFuture]],
+    parts: list[pd.DataFrame],
+    logger: Any,
+    progress: Any = None,
+) -> tuple[dict[str, ShardReport], Counter]:
+    """Each stage's reports summed over the shards, and how many shards Prefect's cache
+    skipped. Results come in completion order: a log line per stage and shard (the run's logs,
+    in the UI and on stderr; they are the command line's progress too, as progress bars would
+    interleave with them) and the progress artifact `progress` (if given) advance as shards
+    finish."""
+    totals: dict[str, ShardReport] = {s: ShardReport(s) for s in STAGES}
+    cached: Counter = Counter()
+    where = {fut: (stage, i) for stage in STAGES for i, fut in enumerate(futures[stage])}
+    left = [len(STAGES)] * len(parts)
+    for fut in as_completed(list(where)):
+        stage, i = where[fut]
+        fut.wait()  # sets the future's final state; without it .state asks the API
+        hit = fut.state.name == "Cached"  # Prefect skipped the task: nothing was computed
+        shard = ShardReport(stage, skipped=len(parts[i])) if hit else fut.result()
+        cached[stage] += hit
+        totals[stage] = totals[stage].merge(shard)
+        level = logging.WARNING if shard.failed else logging.INFO
+        logger.log(level, shard.line(i + 1, len(parts), cached=hit))
+        left[i] -= 1
+        if left[i] == 0 and progress is not None:
+            done = sum(n == 0 for n in left)
+            update_progress_artifact(progress, progress=100.0 * done / len(parts))
+    return totals, cached
 
 
 @flow(name="extract", flow_run_name="extract-{profile}", log_prints=True)
@@ -221,62 +289,20 @@ def extract_flow(
     logger.info("scan: %s", report.summary())
     videos = manifest[manifest.has_video | manifest.has_audio]
     plan = plan_extraction(settings, root, corpus)
-    models = plan.models
     # The store is the truth: a Prefect cache entry whose rows the store no longer holds (a
     # deleted or restored data root) is refreshed, never trusted.
-    pending = _pending_per_stage(store, videos, plan)
+    pending = pending_per_stage(store, videos, plan)
     if only_new:
         # New or changed bytes, and anything an earlier (killed or overlapping) run left
         # unfinished: every video some stage still lacks. Known-bad videos stay skipped.
         todo = set().union(*pending.values())
         videos = videos[videos.video_id.isin(todo)]
     parts = shards(videos, settings.extract.shard_size)
-    if any(m.device != "cpu" for m in models.values()):
-        ensure_gpu_slots(settings.extract.gpu_concurrency)
-
     progress = create_progress_artifact(
         progress=0.0, key="extract-progress", description="extraction shards finished"
     )
-    futures: dict[str, list[PrefectFuture]] = defaultdict(list)
-    r = str(root)
-    tasks = stage_tasks(settings)
-    fresh = {stage: t.with_options(refresh_cache=True) for stage, t in tasks.items()}
-
-    lanes = cpu_lanes(settings, len(parts))
-    for i, part in enumerate(parts):
-        ids = set(part.video_id)
-        shard_official = {k: v for k, v in (official or {}).items() if k in ids}
-        for stage in STAGES:
-            # The store is the truth: a cache entry whose rows it lacks is refreshed.
-            run = fresh[stage] if pending[stage] & ids else tasks[stage]
-            if stage in UPSTREAM:  # a model stage waits for its own input only
-                after = [futures[UPSTREAM[stage]][-1]]
-            else:  # raw-video stages run shard after shard in each lane (see cpu_lanes); a
-                # failed shard does not hold back the next one
-                after = [allow_failure(futures[stage][i - lanes])] if i >= lanes else None
-            args = plan.stage_args(stage, shard_official)
-            futures[stage].append(run.submit(part, r, **args, wait_for=after))
-
-    totals: dict[str, ShardReport] = {s: ShardReport(s) for s in STAGES}
-    cached: Counter = Counter()
-    # Results in completion order: a log line per stage and shard (the run's logs, in the UI and
-    # on stderr; they are the command line's progress too, as progress bars would interleave
-    # with them) and the UI's progress artifact advance as shards finish.
-    where = {fut: (stage, i) for stage in STAGES for i, fut in enumerate(futures[stage])}
-    left = [len(STAGES)] * len(parts)
-    for fut in as_completed(list(where)):
-        stage, i = where[fut]
-        fut.wait()  # sets the future's final state; without it .state asks the API
-        hit = fut.state.name == "Cached"  # Prefect skipped the task: nothing was computed
-        shard = ShardReport(stage, skipped=len(parts[i])) if hit else fut.result()
-        cached[stage] += hit
-        totals[stage] = totals[stage].merge(shard)
-        level = logging.WARNING if shard.failed else logging.INFO
-        logger.log(level, shard.line(i + 1, len(parts), cached=hit))
-        left[i] -= 1
-        if left[i] == 0:
-            done = sum(n == 0 for n in left)
-            update_progress_artifact(progress, progress=100.0 * done / len(parts))
+    futures = submit_stages(plan, parts, str(root), settings, pending, official)
+    totals, cached = shard_results(futures, parts, logger, progress)
 
     summary = ExtractionSummary(str(root), len(videos), len(parts), report.summary())
     for stage, t in totals.items():
@@ -297,7 +323,7 @@ def extract_flow(
     create_markdown_artifact(summary.markdown(), key="extract-summary", description="extraction")
     # The feature-store health check (leakage, NaN/zero vectors, drift) as a UI artifact; its
     # findings never fail the extraction, `merflow check` exits non-zero on errors.
-    check = check_task(r, settings.train.n_splits, settings.train.seed)
+    check = check_task(str(root), settings.train.n_splits, settings.train.seed)
     create_markdown_artifact(
         check.markdown(), key="merflow-check", description="feature-store check"
     )

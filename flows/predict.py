@@ -20,8 +20,8 @@ from prefect.cache_policies import NO_CACHE
 from data_contracts.location import is_url, normalize_root
 from data_contracts.store import Store
 from flows.config import Settings, load_settings
-from flows.extract import ensure_gpu_slots, scan_task, stage_tasks
-from flows.plan import STAGES, UPSTREAM, ExtractionPlan
+from flows.extract import pending_per_stage, scan_task, shard_results, submit_stages
+from flows.plan import STAGES, ExtractionPlan
 from flows.safety import check_all_under_roots, trusted_roots
 from tasks.gpu_slots import gpu_slot
 from tasks.predict import (
@@ -34,7 +34,6 @@ from tasks.predict import (
     load_models,
     load_run,
     matching_plan,
-    pending,
     resolve_device,
     to_label,
     write_csv,
@@ -68,23 +67,17 @@ def label_task(
 def _extract(
     plan: ExtractionPlan, videos: pd.DataFrame, root: str, settings: Settings
 ) -> dict[str, int]:
-    """The extract flow's stage tasks on the shards of `videos` that some stage still lacks,
-    chained per shard as that flow chains them; returns what each stage computed."""
-    store = Store(root)
-    todo_ids = set().union(*pending(plan, videos, store).values())
-    todo = videos[videos.video_id.isin(todo_ids)]
+    """The extract flow's stage tasks (flows/extract.py) on the shards of `videos` that some
+    stage still lacks; returns what each stage computed. No official transcripts: ASR fills in
+    the transcripts table of the run's extractor id (matching_plan)."""
+    pending = pending_per_stage(Store(root), videos, plan)
+    todo = videos[videos.video_id.isin(set().union(*pending.values()))]
     if todo.empty:
         return dict.fromkeys(STAGES, 0)
-    if any(m.device != "cpu" for m in plan.models.values()):
-        ensure_gpu_slots(settings.extract.gpu_concurrency)
-    tasks = {s: t.with_options(refresh_cache=True) for s, t in stage_tasks(settings).items()}
-    futures: dict[str, list] = {s: [] for s in STAGES}
-    for part in shards(todo, settings.extract.shard_size):
-        for stage in STAGES:
-            after = [futures[UPSTREAM[stage]][-1]] if stage in UPSTREAM else None
-            args = plan.stage_args(stage, {})  # no official transcripts: ASR fills in
-            futures[stage].append(tasks[stage].submit(part, root, **args, wait_for=after))
-    return {s: sum(f.result().processed for f in fs) for s, fs in futures.items()}
+    parts = shards(todo, settings.extract.shard_size)
+    futures = submit_stages(plan, parts, root, settings, pending)
+    totals, _ = shard_results(futures, parts, get_run_logger())
+    return {s: t.processed for s, t in totals.items()}
 
 
 def _finish(

@@ -38,7 +38,7 @@ from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
 from models.training import EPOCH_RECORD, EpochReport
 from tasks.embed import available_cpus
 from tasks.gpu_slots import gpu_slot
-from tasks.quality import quality_mask, quality_signals
+from tasks.quality import quality_mask, quality_signals, quality_thresholds
 from tasks.train import (
     DONE,
     data_fingerprint,
@@ -177,14 +177,7 @@ class _Watch(logging.Handler):
 
 
 def _quality_filtered(data, store: Store, settings, plan):
-    t = settings.train
-    thresholds = {
-        "min_face_ratio": t.quality_min_face_ratio,
-        "min_face_confidence": t.quality_min_face_confidence,
-        "min_speech_ratio": t.quality_min_speech_ratio,
-        "min_asr_confidence": t.quality_min_asr_confidence,
-        "min_transcript_chars": t.quality_min_transcript_chars,
-    }
+    thresholds = quality_thresholds(settings.train)
     if all(v is None for v in thresholds.values()):
         return data
     signals = quality_signals(store, plan.faces.extractor_id, plan.audio_id, plan.transcripts_id)

@@ -27,11 +27,13 @@ import pandas as pd
 from data_contracts import tables
 from data_contracts.atomic import atomic_path
 from data_contracts.errors import MerflowError
-from data_contracts.labels import CLASSES, CLASSIFIER_OF_MODALITY, CLASSIFIERS, MODALITIES
+from data_contracts.labels import CLASSES, MODALITIES
 from data_contracts.store import Store
 from data_contracts.tables import TableRef
 from models.featureset import UNLABELLED, FeatureSet
 from models.settings import TrainSettings
+from tasks.train import load_normalizer
+from tasks.train_report import average_over_folds, prediction_rows
 
 if TYPE_CHECKING:  # the plan pulls in the extractors; only its type is needed here
     from flows.plan import ExtractionPlan
@@ -39,7 +41,6 @@ if TYPE_CHECKING:  # the plan pulls in the extractors; only its type is needed h
 log = logging.getLogger(__name__)
 
 SPLIT = "predict"  # the predictions table's split of rows written here (the run's: cv, unlabeled)
-PROB_KEYS = (*CLASSIFIERS, "voted")
 LATEST = "latest"
 REPORT_JSON = Path("report") / "report.json"
 NORMALIZER = "normalizer.npz"
@@ -91,12 +92,6 @@ def find_run(runs_dir: Path, which: str = LATEST) -> Path:
             f" give `latest`, one of those keys, or a run folder's path"
         )
     return folder
-
-
-def load_normalizer(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """What tasks.train.save_normalizer wrote: per modality (mean, std)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {m: (z[f"{m}_mean"], z[f"{m}_std"]) for m in MODALITIES if f"{m}_mean" in z.files}
 
 
 def _train_settings(recorded: Mapping[str, Any]) -> TrainSettings:
@@ -227,19 +222,6 @@ def video_rows(paths: Iterable[Path]) -> pd.DataFrame:
     return df
 
 
-def pending(plan: ExtractionPlan, videos: pd.DataFrame, store: Store) -> dict[str, set[str]]:
-    """Per extraction stage, the videos whose row (or recorded failure) the store lacks."""
-    from flows.plan import STAGES
-    from tasks.shard import select_pending
-
-    out = {}
-    for name in STAGES:
-        stage = plan.stage(name)
-        todo = select_pending(videos, store, stage.table, name, stage.extractor_id)[0]
-        out[name] = set(todo.video_id)
-    return out
-
-
 def extract_here(plan: ExtractionPlan, videos: pd.DataFrame, store: Store) -> dict[str, int]:
     """Run every stage the videos still lack in this process, with the engine the flow's tasks
     run (tasks.stage.run_stage), upstream first; returns how many each stage computed."""
@@ -286,15 +268,9 @@ def quality_kept(
     """`data` with the run's quality filters applied (train.quality_min_*), as training masked
     its inputs; unchanged when the run had none. Videos outside the manifest have no signals and
     keep every modality."""
-    from tasks.quality import quality_mask, quality_signals
+    from tasks.quality import quality_mask, quality_signals, quality_thresholds
 
-    thresholds = {
-        "min_face_ratio": ts.quality_min_face_ratio,
-        "min_face_confidence": ts.quality_min_face_confidence,
-        "min_speech_ratio": ts.quality_min_speech_ratio,
-        "min_asr_confidence": ts.quality_min_asr_confidence,
-        "min_transcript_chars": ts.quality_min_transcript_chars,
-    }
+    thresholds = quality_thresholds(ts)
     if all(v is None for v in thresholds.values()) or not len(data):
         return data
     signals = quality_signals(store, plan.faces.extractor_id, plan.audio_id, plan.transcripts_id)
@@ -306,17 +282,6 @@ def quality_kept(
 # ----------------------------------------------------------------------------- predictions
 
 
-def average_over_folds(per_fold: Iterable[Mapping[str, np.ndarray]], n_splits: int) -> dict:
-    """Each classifier's probabilities summed over the fold models / n_splits (float64): what
-    the run's submission and its `unlabeled` prediction rows are (tasks/train_report.py)."""
-    total: dict[str, np.ndarray] = {}
-    for probs in per_fold:
-        for k in PROB_KEYS:
-            if k in probs:
-                total[k] = total.get(k, np.float64(0.0)) + probs[k] / n_splits
-    return total
-
-
 def fold_averaged(run: TrainedRun, data: FeatureSet) -> dict[str, np.ndarray]:
     """The run's fold models on `data` (standardised, modalities masked), averaged over folds."""
     from models.training import TrainConfig, predict
@@ -325,37 +290,6 @@ def fold_averaged(run: TrainedRun, data: FeatureSet) -> dict[str, np.ndarray]:
         raise ValueError("the run's models are not loaded; call load_models first")
     batch = TrainConfig().eval_batch_size  # rows per forward; a row's output does not depend on it
     return average_over_folds((predict(m, data, batch) for m in run.models), len(run.models))
-
-
-def prediction_rows(
-    run_id: str,
-    data: FeatureSet,
-    probs: Mapping[str, np.ndarray],
-    split: str,
-    folds: np.ndarray,
-    labels: list[str | None] | None,
-) -> pd.DataFrame:
-    """Rows of the predictions table: a classifier whose modality is missing gave no vote, so
-    its probabilities are null; `voted` decides the class."""
-    n = len(data)
-    present = {CLASSIFIER_OF_MODALITY[m]: data.present[m] for m in MODALITIES}
-    present["F"] = np.ones(n, dtype=bool)
-    as32 = {k: np.asarray(v, np.float32) for k, v in probs.items()}
-    return pd.DataFrame(
-        {
-            "video_id": data.video_ids,
-            "run_id": run_id,
-            "split": split,
-            "fold": folds,
-            **{
-                f"prob_{c}": [p if ok else None for p, ok in zip(as32[c], present[c], strict=True)]
-                for c in CLASSIFIERS
-            },
-            "prob_voted": list(as32["voted"]),
-            "predicted": [CLASSES[i] for i in as32["voted"].argmax(1)],
-            "label": labels if labels is not None else [None] * n,
-        }
-    )
 
 
 def modalities_present(data: FeatureSet) -> list[str]:
@@ -446,6 +380,8 @@ def to_label(
     """The manifest's videos the run has no prediction of yet (neither its own cv/unlabeled rows
     nor an earlier predict row), and how many of the rest still wait for extraction (a stage
     lacks their row): those are left for a later run, not labelled with modalities missing."""
+    from flows.extract import pending_per_stage
+
     manifest = store.read(tables.MANIFEST) if manifest is None else manifest
     manifest = manifest[manifest.has_video | manifest.has_audio]  # unreadable: never extracted
     if manifest.empty:
@@ -455,6 +391,6 @@ def to_label(
         preds = store.read(tables.PREDICTIONS, columns=["video_id", "run_id"])
         seen = set(preds.video_id[preds.run_id == run.key])
     new = manifest[~manifest.video_id.isin(seen)]
-    waiting = set().union(*pending(plan, new, store).values()) if len(new) else set()
+    waiting = set().union(*pending_per_stage(store, new, plan).values()) if len(new) else set()
     ready = new[~new.video_id.isin(waiting)]
     return ready[["video_id", "sha256"]].reset_index(drop=True), len(waiting)

@@ -208,6 +208,18 @@ def quality_signals(
     return out
 
 
+def quality_thresholds(ts: Any) -> dict[str, float | int | None]:
+    """A run's quality filters (train.quality_min_*) as quality_mask's keyword arguments; all
+    None when the run has none."""
+    return {
+        "min_face_ratio": ts.quality_min_face_ratio,
+        "min_face_confidence": ts.quality_min_face_confidence,
+        "min_speech_ratio": ts.quality_min_speech_ratio,
+        "min_asr_confidence": ts.quality_min_asr_confidence,
+        "min_transcript_chars": ts.quality_min_transcript_chars,
+    }
+
+
 def quality_mask(
     store: Store,
     video_ids: list[str] | np.ndarray,

@@ -21,6 +21,7 @@ import numpy as np
 from data_contracts import tables
 from data_contracts.atomic import atomic_path
 from data_contracts.contracts import FEATURES_VERSION
+from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
 from data_contracts.tables import TableRef
 from models.checkpoint import load_checkpoint, save_checkpoint
@@ -214,3 +215,9 @@ def save_normalizer(stats: dict[str, tuple[np.ndarray, np.ndarray]], path: Path)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     return path
+
+
+def load_normalizer(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """What save_normalizer wrote: per modality (mean, std)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {m: (z[f"{m}_mean"], z[f"{m}_std"]) for m in MODALITIES if f"{m}_mean" in z.files}

@@ -6,6 +6,7 @@ predictions under their contract, the submission CSV."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from data_contracts.labels import (
     NUM_CLASSES,
 )
 from data_contracts.store import Store
+from models.featureset import FeatureSet
 from models.training import per_class_f1, waf
 from tasks.train import load_fold
 from tasks.train_data import TrainingData
@@ -146,7 +148,7 @@ def build_report(
     n_lab, n_unl = len(lab), len(unl)
     oof = {k: np.zeros((n_lab, NUM_CLASSES), np.float32) for k in PROB_KEYS}
     fold_of = np.full(n_lab, -1, np.int32)
-    test = {k: np.zeros((n_unl, NUM_CLASSES), np.float64) for k in PROB_KEYS}
+    test_per_fold: list[dict[str, np.ndarray]] = []
     folds: list[dict] = []
     pseudo_rows: list[dict] = []
     now = datetime.now(UTC)
@@ -157,7 +159,7 @@ def build_report(
         fold_of[idx] = k
         for key in PROB_KEYS:
             oof[key][idx] = arrays[f"val_{key}"]
-            test[key] += arrays[f"test_{key}"] / n_splits
+        test_per_fold.append({key: arrays[f"test_{key}"] for key in PROB_KEYS})
         for i, c, p in zip(
             arrays["pseudo_index"], arrays["pseudo_label"], arrays["pseudo_confidence"], strict=True
         ):
@@ -171,6 +173,7 @@ def build_report(
                     "created_at": now,
                 }
             )
+    test = average_over_folds(test_per_fold, n_splits)
     pred = oof["voted"].argmax(1)
     cm = confusion_matrix(lab.labels, pred, labels=list(range(NUM_CLASSES)))
     fold_waf = [f["val_waf"] for f in folds]
@@ -259,33 +262,52 @@ def settings_preferred(settings: dict[str, Any], c: int) -> str:
     return "baseline" if CLASSES[c] in settings.get("preferred_baseline", []) else "mrccl"
 
 
-def _write_predictions(store, run_id, lab, unl, oof, test, fold_of) -> None:
-    def rows(data, probs, split, folds, labels):
-        ids, n = data.video_ids, len(data)
-        # A classifier of a missing modality gave no vote: its probabilities are null.
-        present = {CLASSIFIER_OF_MODALITY[m]: data.present[m] for m in MODALITIES}
-        present["F"] = np.ones(n, dtype=bool)
-        return pd.DataFrame(
-            {
-                "video_id": ids,
-                "run_id": run_id,
-                "split": split,
-                "fold": folds,
-                **{
-                    f"prob_{c}": [
-                        p if ok else None for p, ok in zip(probs[c], present[c], strict=True)
-                    ]
-                    for c in CLASSIFIERS
-                },
-                "prob_voted": list(probs["voted"].astype(np.float32)),
-                "predicted": [CLASSES[i] for i in probs["voted"].argmax(1)],
-                "label": labels if labels is not None else [None] * n,
-            }
-        )
+def average_over_folds(per_fold: Iterable[Mapping[str, np.ndarray]], n_splits: int) -> dict:
+    """Each classifier's probabilities summed over the fold models / n_splits (float64): the
+    run's submission and `unlabeled` prediction rows, and what `merflow predict` labels with."""
+    total: dict[str, np.ndarray] = {}
+    for probs in per_fold:
+        for k in PROB_KEYS:
+            if k in probs:
+                total[k] = total.get(k, np.float64(0.0)) + probs[k] / n_splits
+    return total
 
-    cv = rows(lab, oof, "cv", fold_of, [CLASSES[i] for i in lab.labels])
-    test32 = {k: v.astype(np.float32) for k, v in test.items()}
-    unl_rows = rows(unl, test32, "unlabeled", np.full(len(unl), -1, np.int32), None)
+
+def prediction_rows(
+    run_id: str,
+    data: FeatureSet,
+    probs: Mapping[str, np.ndarray],
+    split: str,
+    folds: np.ndarray,
+    labels: list[str | None] | None,
+) -> pd.DataFrame:
+    """Rows of the predictions table: a classifier whose modality is missing gave no vote, so
+    its probabilities are null; `voted` decides the class."""
+    n = len(data)
+    present = {CLASSIFIER_OF_MODALITY[m]: data.present[m] for m in MODALITIES}
+    present["F"] = np.ones(n, dtype=bool)
+    as32 = {k: np.asarray(v, np.float32) for k, v in probs.items()}
+    return pd.DataFrame(
+        {
+            "video_id": data.video_ids,
+            "run_id": run_id,
+            "split": split,
+            "fold": folds,
+            **{
+                f"prob_{c}": [p if ok else None for p, ok in zip(as32[c], present[c], strict=True)]
+                for c in CLASSIFIERS
+            },
+            "prob_voted": list(as32["voted"]),
+            "predicted": [CLASSES[i] for i in as32["voted"].argmax(1)],
+            "label": labels if labels is not None else [None] * n,
+        }
+    )
+
+
+def _write_predictions(store, run_id, lab, unl, oof, test, fold_of) -> None:
+    cv = prediction_rows(run_id, lab, oof, "cv", fold_of, [CLASSES[i] for i in lab.labels])
+    unl_fold = np.full(len(unl), -1, np.int32)
+    unl_rows = prediction_rows(run_id, unl, test, "unlabeled", unl_fold, None)
     store.upsert(tables.PREDICTIONS, pd.concat([cv, unl_rows], ignore_index=True))
 
 

@@ -79,38 +79,30 @@ def reextract_new_flow(
     summary = extract_flow_for(settings)(corpus_dir, profile, data_root, overrides, only_new=True)
     computed = sum(s["processed"] for s in summary["stages"].values())
     summary["train_run"] = summary["predict_run"] = None
-    if summary["videos"] and computed and predict_deployment:
-        run = run_deployment(
-            name=predict_deployment,
-            parameters={
-                "corpus_dir": corpus_dir,
-                "profile": profile,
-                "data_root": data_root,
-                "overrides": list(overrides or []),
-            },
-            timeout=0,  # labels come from the last finished run, while training goes on
-        )
-        summary["predict_run"] = str(run.id)
-        logger.info("started %s run %s to label the new videos", predict_deployment, run.id)
-    if summary["videos"] and computed and train_deployment:
-        run = run_deployment(
-            name=train_deployment,
-            parameters={
-                "corpus_dir": corpus_dir,
-                "profile": profile,
-                "data_root": data_root,
-                "overrides": list(overrides or []),
-            },
-            timeout=0,  # hand off: the train deployment's own worker runs it
-        )
-        summary["train_run"] = str(run.id)
-        logger.info(
-            "%d new videos extracted; started %s run %s",
-            summary["videos"],
-            train_deployment,
-            run.id,
-        )
-    else:
+    parameters = {
+        "corpus_dir": corpus_dir,
+        "profile": profile,
+        "data_root": data_root,
+        "overrides": list(overrides or []),
+    }
+    # Labels first, from the last finished run, while training goes on; neither is awaited:
+    # each deployment's own worker runs it.
+    handoffs = (
+        ("predict_run", predict_deployment, "to label the new videos"),
+        ("train_run", train_deployment, "to train on them"),
+    )
+    for field, deployment, why in handoffs:
+        if summary["videos"] and computed and deployment:
+            run = run_deployment(name=deployment, parameters=parameters, timeout=0)
+            summary[field] = str(run.id)
+            logger.info(
+                "%d new videos extracted; started %s run %s %s",
+                summary["videos"],
+                deployment,
+                run.id,
+                why,
+            )
+    if not summary["train_run"]:
         logger.info("nothing new to extract; training not triggered")
     return summary
 

@@ -20,11 +20,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 
 from data_contracts import tables
-from data_contracts.location import is_url, normalize_root
+from data_contracts.location import normalize_root
 from data_contracts.store import Store
 from flows.config import Settings, load_settings, save_resolved
 from flows.plan import STAGES, UPSTREAM, ExtractionPlan, plan_extraction
-from flows.safety import check_all_under_roots, trusted_roots
+from flows.safety import check_all_under_roots, data_root_paths, trusted_roots
 from tasks.check import check_task
 from tasks.embed import (
     embed_acoustic_task,
@@ -259,9 +259,7 @@ def extract_flow(
     root = settings.resolved_data_root(corpus) if not data_root else normalize_root(data_root)
     check_all_under_roots(
         [
-            ("data_root", root),
-            *([("work_dir", settings.local_root(root))] if is_url(root) else []),
-            ("models_dir", settings.models_dir(root)),
+            *data_root_paths(settings, root),
             ("labels CSV", corpus / settings.corpus.labels_csv),
             ("transcripts CSV", corpus / settings.corpus.transcripts_csv),
             *(("video folder", d) for d in dirs),

@@ -17,12 +17,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from data_contracts.location import is_url, normalize_root
+from data_contracts.location import normalize_root
 from data_contracts.store import Store
 from flows.config import Settings, load_settings
 from flows.extract import pending_per_stage, scan_task, shard_results, submit_stages
 from flows.plan import STAGES, ExtractionPlan
-from flows.safety import check_all_under_roots, trusted_roots
+from flows.safety import check_all_under_roots, checked_corpus_root, data_root_paths, trusted_roots
 from tasks.gpu_slots import gpu_slot
 from tasks.predict import (
     LATEST,
@@ -121,13 +121,7 @@ def predict_flow(
     given = [("data_root", data_root), *(("video_dirs entry", d) for d in video_dirs)]
     check_all_under_roots(given, roots)
     root = normalize_root(data_root)
-    check_all_under_roots(
-        [
-            *([("work_dir", settings.local_root(root))] if is_url(root) else []),
-            ("models_dir", settings.models_dir(root)),
-        ],
-        roots,
-    )
+    check_all_under_roots(data_root_paths(settings, root), roots)
     trained, plan = open_run(settings, root, run)  # refused before anything is scanned
     dirs = [str(Path(d).expanduser().resolve()) for d in video_dirs]
     report, manifest = scan_task(dirs, str(root), settings.corpus.video_extensions)
@@ -161,13 +155,7 @@ def predict_new_flow(
     logger = get_run_logger()
     overrides = list(overrides or [])
     settings = load_settings(profile, overrides)
-    roots = trusted_roots(profile, overrides, settings)
-    check_all_under_roots(
-        [("corpus_dir", corpus_dir), *([("data_root", data_root)] if data_root else [])], roots
-    )
-    corpus = Path(corpus_dir).expanduser().resolve()
-    root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus)
-    check_all_under_roots([("data_root", root), ("models_dir", settings.models_dir(root))], roots)
+    _, root = checked_corpus_root(settings, profile, overrides, corpus_dir, data_root)
     try:
         trained, plan = open_run(settings, root, run)
     except RunFolderError as e:

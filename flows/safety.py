@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from data_contracts.location import DataRootError, default_local_dir, normalize_root
+from data_contracts.location import DataRootError, default_local_dir, is_url, normalize_root
 from flows.config import Settings, load_settings
 from tasks.errors import MerflowError
 
@@ -138,3 +138,27 @@ def trusted_roots(profile: str, overrides: list[str], settings: Settings) -> lis
     if problems:
         raise UnsafeParameterError(problems)
     return list(roots)
+
+
+def data_root_paths(settings: Settings, root: Path | str) -> list[tuple[str, Path | str]]:
+    """The paths a run writes under its data root, named for check_all_under_roots."""
+    return [
+        ("data_root", root),
+        *([("work_dir", settings.local_root(root))] if is_url(root) else []),
+        ("models_dir", settings.models_dir(root)),
+    ]
+
+
+def checked_corpus_root(
+    settings: Settings, profile: str, overrides: list[str], corpus_dir: str, data_root: str | None
+) -> tuple[Path, Path | str]:
+    """A flow's corpus folder and data root, refused (before anything is read or written)
+    when a path lies outside the allowed roots in force; the data root defaults to the
+    corpus's."""
+    roots = trusted_roots(profile, overrides, settings)
+    given = [("corpus_dir", corpus_dir), *([("data_root", data_root)] if data_root else [])]
+    check_all_under_roots(given, roots)
+    corpus = Path(corpus_dir).expanduser().resolve()
+    root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus)
+    check_all_under_roots(data_root_paths(settings, root), roots)
+    return corpus, root

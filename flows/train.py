@@ -28,11 +28,11 @@ from prefect.context import FlowRunContext
 from prefect.logging.handlers import APILogHandler
 from tqdm.auto import tqdm
 
-from data_contracts.location import is_url, normalize_root
+from data_contracts.location import normalize_root
 from data_contracts.store import Store
 from flows.config import load_settings, save_resolved
 from flows.plan import plan_extraction
-from flows.safety import check_all_under_roots, trusted_roots
+from flows.safety import checked_corpus_root
 from flows.train_worker import launch, worker_args
 from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
 from models.training import EPOCH_RECORD, EpochReport
@@ -249,20 +249,7 @@ def train_flow(
     logger = get_run_logger()
     overrides = list(overrides or [])
     settings = load_settings(profile, overrides)
-    roots = trusted_roots(profile, overrides, settings)
-    check_all_under_roots(
-        [("corpus_dir", corpus_dir), *([("data_root", data_root)] if data_root else [])], roots
-    )
-    corpus = Path(corpus_dir).expanduser().resolve()
-    root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus)
-    check_all_under_roots(
-        [
-            ("data_root", root),
-            *([("work_dir", settings.local_root(root))] if is_url(root) else []),
-            ("models_dir", settings.models_dir(root)),
-        ],
-        roots,
-    )
+    corpus, root = checked_corpus_root(settings, profile, overrides, corpus_dir, data_root)
     # The plan sees the corpus: official transcripts change the text features' id.
     ctx = training_context(str(root), profile, overrides, str(corpus))
     key = ctx["key"]

@@ -109,18 +109,21 @@ class DlibBackend(FrameBackend):
         yield from out
 
     def detect(self, rgb: np.ndarray) -> tuple[tuple[float, float, float, float], float] | None:
-        """The largest face's box (frame pixels) and HOG score, or None."""
+        """The largest face's box (frame pixels) and HOG score, or None; detects on a
+        downscaled copy."""
         small, scale = downscale(rgb, self.detect_max_side)
         rects, scores, _ = self.detector.run(small, 0, DLIB_MIN_SCORE)
         if len(rects) == 0 and 2 * max(small.shape[:2]) <= self.detect_max_side:
+            # HOG finds faces from ~80 px up: a small frame gets a second look at twice its
+            # size (4-5x the cost, so only when the first look found nothing). Large frames
+            # never: there it found no more real faces and added a false positive.
             rects, scores, _ = self.detector.run(small, 1, DLIB_MIN_SCORE)
         if len(rects) == 0:
             return None
         i = int(np.argmax([r.width() * r.height() for r in rects]))
         r = rects[i]
-        return (r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale), float(
-            scores[i]
-        )
+        box = (r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
+        return box, float(scores[i])
 
     def landmarks(self, rgb: np.ndarray, box: tuple[float, float, float, float]):
         """dlib's 5-point shape of the face in `box` (frame pixels)."""
@@ -133,23 +136,11 @@ class DlibBackend(FrameBackend):
 
     def align(self, rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple, float] | None:
         """Detect on a downscaled copy, then landmark and align on the full-resolution frame."""
-        small, scale = downscale(rgb, self.detect_max_side)
-        rects, scores, _ = self.detector.run(small, 0, DLIB_MIN_SCORE)
-        if len(rects) == 0 and 2 * max(small.shape[:2]) <= self.detect_max_side:
-            # HOG finds faces from ~80 px up: a small frame gets a second look at twice its
-            # size (4-5x the cost, so only when the first look found nothing). Large frames
-            # never: there it found no more real faces and added a false positive.
-            rects, scores, _ = self.detector.run(small, 1, DLIB_MIN_SCORE)
-        if len(rects) == 0:
+        found = self.detect(rgb)
+        if found is None:
             return None
-        areas = [r.width() * r.height() for r in rects]
-        i = int(np.argmax(areas))
-        r = rects[i]
-        box = (r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
-        full = self._dlib.rectangle(*(round(v) for v in box))
-        shape = self.predictor(rgb, full)
-        crop = self._dlib.get_face_chip(rgb, shape, size=size, padding=self.padding)
-        return np.ascontiguousarray(crop, dtype=np.uint8), box, float(scores[i])
+        box, score = found
+        return self.chip(rgb, self.landmarks(rgb, box), size), box, score
 
 
 # -- opencv --------------------------------------------------------------------------------------

@@ -136,9 +136,9 @@ class FaceSettings:
             raise ValueError(f"padding {self.padding} is out of range; use 0..2 (default 0.25)")
 
     @property
-    def extractor_id(self) -> str:
-        """The extractor id of these settings (keys the faces table and the artifact folder)."""
-        return faces_extractor_id(
+    def _id_args(self) -> tuple:
+        """The settings that change the crops, in faces_extractor_id's order."""
+        return (
             self.backend,
             self.size,
             self.fps,
@@ -148,19 +148,16 @@ class FaceSettings:
             self.detect_every,
         )
 
+    @property
+    def extractor_id(self) -> str:
+        """The extractor id of these settings (keys the faces table and the artifact folder)."""
+        return faces_extractor_id(*self._id_args)
+
     def provenance(self) -> dict[str, Any]:
         """What the visual features computed from these crops record about them."""
         return {
             "faces_extractor_id": self.extractor_id,
-            "faces_settings": _id_settings(
-                self.backend,
-                self.size,
-                self.fps,
-                self.max_frames,
-                self.detect_max_side,
-                self.padding,
-                self.detect_every,
-            ),
+            "faces_settings": _id_settings(*self._id_args),
             "face_backend": self.backend,
             "face_thresholds": THRESHOLDS[self.backend],
             "crop_size": self.size,

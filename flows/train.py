@@ -35,8 +35,8 @@ from flows.plan import plan_extraction
 from flows.safety import checked_corpus_root
 from flows.train_worker import launch, worker_args
 from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
+from models.settings import available_cpus
 from models.training import EPOCH_RECORD, EpochReport
-from tasks.embed import available_cpus
 from tasks.gpu_slots import gpu_slot
 from tasks.quality import quality_mask, quality_signals, quality_thresholds
 from tasks.train import (

@@ -32,7 +32,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from flows.config import TrainSettings, load_settings
 from models.distributed import init_from_env, local_device, shutdown
-from tasks.embed import available_cpus
+from models.settings import available_cpus
 from tasks.errors import MerflowError
 
 if TYPE_CHECKING:
@@ -186,7 +186,10 @@ def _main(argv: Sequence[str] | None) -> None:
 
     a = _parse(argv)
     rank = int(os.environ.get("RANK", "0"))
+    # force: this process's logging is the rank's own, whatever an import configured first
+    # (Prefect's root WARNING level would swallow rank 0's INFO lines and epoch reports).
     logging.basicConfig(
+        force=True,
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",

@@ -8,9 +8,18 @@ on purpose (pydantic only, no torch): the command line reads settings without lo
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask: a container's, Slurm's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class TrainSettings(BaseModel):

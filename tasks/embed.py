@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from data_contracts import tables
 from data_contracts.store import Store
 from models.extractors import load_extractor, planned_extractor_id, quiet_progress_bars
 from models.registry import ExtractorSpec, get_spec, id_settings, resolve_model_path
+from models.settings import available_cpus
 from tasks.faces import FaceSettings, load_crops
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, read_wav
 from tasks.shard import ShardReport, now_utc
@@ -118,14 +118,6 @@ class ModelChoice:
     def budget(self) -> int | None:
         """The per-forward batch budget as an int, None for the extractor's default."""
         return int(self.batch) if self.batch else None
-
-
-def available_cpus() -> int:
-    """The cores this process may run on (its affinity mask: a container's, Slurm's)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @functools.cache

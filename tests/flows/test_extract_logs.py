@@ -12,9 +12,9 @@ import pytest
 
 from data_contracts.store import Store
 from flows.config import load_settings
-from flows.extract import extract_flow
 from flows.plan import STAGES, plan_extraction
 from tasks.stage import run_stage
+from tests.flows.test_extract_flow import _run
 
 LINE = re.compile(r"^(\w+) shard (\d+)/(\d+): (\d+) computed, (\d+) skipped, (\d+) failed(.*)$")
 
@@ -45,15 +45,10 @@ def _shard_lines(flow_run_id: UUID) -> list[tuple]:
 
 
 def _run_and_read(corpus, root, tiny_models) -> tuple[dict, dict]:
-    state = extract_flow(
-        str(corpus),
-        profile="demo",
-        data_root=str(root),
-        overrides=[
-            f"models.models_dir={tiny_models}",
-            "models.build_tiny=false",
-            "extract.shard_size=8",
-        ],
+    state = _run(
+        corpus,
+        root,
+        tiny_models,
         video_dirs=[str(corpus / "video-labeled")],  # 12 videos: shards of 8 and 4
         return_state=True,
     )

@@ -376,6 +376,38 @@ def feature_contract(modality: str, dim: int) -> Contract:
     )
 
 
+# Modalities with a frame-level table: CLIP per face crop, HuBERT frames pooled to a fixed rate.
+FRAME_MODALITIES = ("visual", "acoustic")
+
+
+def frame_feature_contract(modality: str, dim: int) -> Contract:
+    """The contract of one modality's frame-level feature table: a row per face crop (visual)
+    or per fixed-rate window of HuBERT frames (acoustic), beside the utterance table."""
+    if modality not in FRAME_MODALITIES:
+        raise ValueError(
+            f"no frame-level features for {modality!r}; valid: {', '.join(FRAME_MODALITIES)}"
+        )
+    if dim <= 0:
+        raise ValueError(f"feature dimension must be positive, got {dim}")
+    return Contract(
+        name=f"frames_{modality}",
+        version=FEATURES_VERSION,
+        fields=(
+            *_ID,
+            _EXT,
+            _f("frame", pa.int32()),  # position in the video's sequence, from 0
+            _f("start_s", pa.float32(), True),  # where it starts in the video; null: no frame rate
+            _f("embedding", vector_type(dim)),
+            # model frames pooled into the row: 1 per face crop, the window's HuBERT frames
+            _f("n_items", pa.int32()),
+            _CREATED,
+        ),
+        key=("video_id", "sha256", "extractor_id", "frame"),
+        vector_dims=(("embedding", dim),),
+        extra_metadata=(("modality", modality), ("dim", str(dim)), ("level", "frame")),
+    )
+
+
 FINDINGS = Contract(
     name="findings",
     version="1",

@@ -48,5 +48,11 @@ def features(modality: str, extractor_id: str, dim: int) -> TableRef:
     return TableRef(f"features/{modality}/{extractor_id}", c.feature_contract(modality, dim))
 
 
+def frame_features(modality: str, extractor_id: str, dim: int) -> TableRef:
+    """The frame-level feature table of one modality and extractor id (`frames/...`)."""
+    features(modality, extractor_id, dim)  # the same folder-name rules
+    return TableRef(f"frames/{modality}/{extractor_id}", c.frame_feature_contract(modality, dim))
+
+
 # Results of `merflow check` (tasks.quality): one row per finding, one check_id per run.
 FINDINGS = TableRef("findings", c.FINDINGS)

@@ -240,7 +240,7 @@ def demo_cmd(
     overrides: Overrides = None,
 ) -> None:
     """Run the main job end to end on the built-in demo corpus with tiny models."""
-    from tasks.demo_corpus import make_demo_corpus
+    from tasks.demo_corpus import make_demo_corpus, score_against_truth
 
     settings = _settings("demo", overrides)
     corpus_dir = (out_dir / "corpus").resolve()
@@ -249,7 +249,9 @@ def demo_cmd(
     root = settings.resolved_data_root(corpus_dir)
     env = _connect(settings, settings.local_root(root))
     _run_extract(corpus_dir, settings, "demo", overrides, None, env=env)
-    _run_train(corpus_dir, settings, "demo", overrides, None, env=env)
+    report = _run_train(corpus_dir, settings, "demo", overrides, None, env=env)
+    for line in score_against_truth(corpus_dir, Path(report["report_dir"]).parent):
+        typer.echo(line)
     serve_args = _demo_serve_args(corpus_dir, overrides)
     for line in _demo_next_steps(root, env["PREFECT_API_URL"], serve_args, serving=serve):
         typer.echo(line)

@@ -123,6 +123,11 @@ class ExtractSettings(_Section):
     # torch intra-op threads (and ASR threads) of each model stage; None: half the cores this
     # worker may use (a CPU stage of the next shard runs beside it), at least 1.
     model_threads: int | None = Field(None, gt=0)
+    # Frame-level feature tables beside the utterance ones, written in the same model pass
+    # (docs/features.md): visual, one row per face crop; acoustic, HuBERT's 50 frames a second
+    # mean-pooled to acoustic_frame_rate windows a second.
+    frame_features: list[Literal["visual", "acoustic"]] = Field(default_factory=list)
+    acoustic_frame_rate: float = Field(10.0, gt=0)
     # Where tasks run: threads of the flow's process, or Dask worker processes (a LocalCluster
     # of dask_workers, or an existing scheduler at dask_address, e.g. from dask-jobqueue).
     task_runner: Literal["threads", "dask"] = "threads"

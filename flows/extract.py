@@ -36,7 +36,8 @@ from tasks.faces import crop_faces_task
 from tasks.labels import load_labels, load_transcripts
 from tasks.media import extract_audio_task
 from tasks.scan import corpus_video_dirs, scan_videos
-from tasks.shard import ShardReport, select_pending, shards
+from tasks.shard import ShardReport, shards
+from tasks.stage import stage_pending
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def pending_per_stage(
     out = {}
     for name in STAGES:
         stage = plan.stage(name)
-        todo = select_pending(videos, store, stage.table, name, stage.extractor_id)[0]
+        todo = stage_pending(stage, videos, store)[0]
         out[name] = set(todo.video_id)
     return out
 

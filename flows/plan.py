@@ -123,11 +123,18 @@ def model_choices(settings: Settings, data_root: Path | str) -> dict[str, ModelC
     # Audio reaches the model at the model's own rate (resampled), so the budget is in its samples.
     model_rate = get_spec(m.acoustic).sample_rate
     return {
-        "visual": ModelChoice(m.visual, batch=m.visual_batch, **common),
+        "visual": ModelChoice(
+            m.visual,
+            batch=m.visual_batch,
+            frames="visual" in settings.extract.frame_features,
+            **common,
+        ),
         "acoustic": ModelChoice(
             m.acoustic,
             batch=m.audio_batch_seconds * model_rate,
             chunk_seconds=m.audio_chunk_seconds,
+            frames="acoustic" in settings.extract.frame_features,
+            frame_rate=settings.extract.acoustic_frame_rate,
             **common,
         ),
         "asr": ModelChoice(m.asr, **common),

@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,11 +120,36 @@ class AcousticEncoder(Extractor):
         ).input_values[0]
         return np.asarray(values, dtype=np.float32)
 
-    @torch.inference_mode()
+    @property
+    def frame_rate(self) -> float:
+        """Model frames per second (50 for HuBERT at 16 kHz: one frame per 320 samples)."""
+        return self.spec.sample_rate / math.prod(self._strides)
+
     def embed(
         self, waveforms: Sequence[np.ndarray], max_batch_samples: int | None = None
     ) -> np.ndarray:
         """One feature per clip, (n, output_dim) float32; long clips run in chunks."""
+        return self._encode(waveforms, max_batch_samples, None)[0]
+
+    def embed_frames(
+        self,
+        waveforms: Sequence[np.ndarray],
+        rate: float,
+        max_batch_samples: int | None = None,
+    ) -> tuple[np.ndarray, list[FrameWindows]]:
+        """The utterance features (as `embed`) and, per clip, its frames mean-pooled into
+        windows of round(frame_rate / rate) consecutive frames. The utterance feature is the
+        frame-count-weighted mean of its windows: both come from the same frames."""
+        if rate <= 0:
+            raise ValueError(f"frame rate must be positive, got {rate}")
+        pool = max(1, round(self.frame_rate / rate))
+        utterances, frames = self._encode(waveforms, max_batch_samples, pool)
+        return utterances, frames
+
+    @torch.inference_mode()
+    def _encode(
+        self, waveforms: Sequence[np.ndarray], max_batch_samples: int | None, pool: int | None
+    ) -> tuple[np.ndarray, list[FrameWindows]]:
         clips = [self._prepare(i, w) for i, w in enumerate(waveforms)]
         chunks = [
             (clip, start, end)
@@ -132,6 +158,9 @@ class AcousticEncoder(Extractor):
         ]
         sums = np.zeros((len(clips), self.output_dim), dtype=np.float64)
         counts = np.zeros(len(clips), dtype=np.int64)
+        # With frames kept: per chunk (in clip order), its valid frames and their start times.
+        kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        hop = math.prod(self._strides)
         budget = max_batch_samples or self.max_batch_samples
         limit = 1 if self._one_chunk_per_batch else None
         for batch in pack_batches([end - start for _, start, end in chunks], budget, limit):
@@ -157,12 +186,52 @@ class AcousticEncoder(Extractor):
             frame_mask = torch.arange(states.shape[1]).unsqueeze(0) < frames.unsqueeze(1)
             total, count = masked_sum(states, frame_mask.to(states.device))
             total_np = total.double().cpu().numpy()
-            for row, (clip, _, _) in enumerate(members):
+            for row, (clip, start, _) in enumerate(members):
                 sums[clip] += total_np[row]
                 counts[clip] += int(count[row])
+                if pool is not None:
+                    n = int(frames[row])
+                    valid = states[row, :n].double().cpu().numpy()
+                    times = (start + hop * np.arange(n)) / self.spec.sample_rate
+                    kept[batch[row]] = (valid, times)
         if len(clips) == 0:
-            return np.zeros((0, self.output_dim), dtype=np.float32)
-        return (sums / counts[:, None]).astype(np.float32)
+            return np.zeros((0, self.output_dim), dtype=np.float32), []
+        utterances = (sums / counts[:, None]).astype(np.float32)
+        if pool is None:
+            return utterances, []
+        per_clip: list[list[int]] = [[] for _ in clips]
+        for index, (clip, _, _) in enumerate(chunks):
+            per_clip[clip].append(index)
+        windows = [
+            _pool_windows(
+                np.concatenate([kept[i][0] for i in idx]),
+                np.concatenate([kept[i][1] for i in idx]),
+                pool,
+            )
+            for idx in per_clip
+        ]
+        return utterances, windows
+
+
+@dataclass(frozen=True)
+class FrameWindows:
+    """One clip's frame-level features: window means, their start times and frame counts."""
+
+    vectors: np.ndarray  # (w, D) float32
+    start_s: np.ndarray  # (w,) float32, seconds into the clip
+    n_frames: np.ndarray  # (w,) int32: model frames in each window (the last may hold fewer)
+
+
+def _pool_windows(frames: np.ndarray, times: np.ndarray, pool: int) -> FrameWindows:
+    """Means of consecutive groups of `pool` frames (float64 in, float32 out)."""
+    starts = np.arange(0, len(frames), pool)
+    sums = np.add.reduceat(frames, starts, axis=0)
+    n = np.diff(np.append(starts, len(frames)))
+    return FrameWindows(
+        (sums / n[:, None]).astype(np.float32),
+        times[starts].astype(np.float32),
+        n.astype(np.int32),
+    )
 
 
 def load_acoustic(

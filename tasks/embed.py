@@ -28,14 +28,16 @@ from data_contracts.store import Store
 from models.extractors import load_extractor, planned_extractor_id, quiet_progress_bars
 from models.registry import ExtractorSpec, get_spec, id_settings, resolve_model_path
 from models.settings import available_cpus
-from tasks.faces import FaceSettings, load_crops
+from tasks.faces import FaceCrops, FaceSettings, load_crops
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, read_wav
 from tasks.shard import ShardReport, now_utc
 from tasks.stage import (
+    SIDE_ROWS,
     Compute,
     Item,
     MissingModalityError,
     Result,
+    Side,
     Stage,
     Upstream,
     run_stage,
@@ -65,6 +67,10 @@ class ModelChoice:
     chunk_seconds: float | None = None  # audio models: chunk length; None: the spec's
     gpu_slots: int = 1  # shards sharing one GPU of a machine (extract.gpu_concurrency)
     threads: int | None = None  # torch intra-op (and ASR) threads; None: compute_threads()
+    # Frame-level features beside the utterance ones (visual: one row per face crop; acoustic:
+    # HuBERT frames mean-pooled to `frame_rate` windows per second), in the same pass.
+    frames: bool = False
+    frame_rate: float = 10.0
 
     @property
     def spec(self) -> ExtractorSpec:
@@ -193,6 +199,28 @@ def _feature_row(video: Any, extractor_id: str, vector: np.ndarray, n_items: int
     }
 
 
+def _frame_rows(video: Any, side_id: str, frames: FrameRows) -> list[dict]:
+    vectors, start_s, n_items = frames
+    now = now_utc()
+    return [
+        {
+            "video_id": video.video_id,
+            "sha256": video.sha256,
+            "extractor_id": side_id,
+            "frame": i,
+            "start_s": None if not np.isfinite(t) else float(t),
+            "embedding": np.asarray(v, dtype=np.float32),
+            "n_items": int(n),
+            "created_at": now,
+        }
+        for i, (v, t, n) in enumerate(zip(vectors, start_s, n_items, strict=True))
+    ]
+
+
+# One video's frame-level features: vectors (w, D), start seconds (w,), model frames each (w,).
+FrameRows = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def _artifact(store: Store, row: Any, video: Any, kind: str) -> Path:
     """The local file of an upstream artifact; a vanished one is a missing input."""
     try:
@@ -211,10 +239,17 @@ def _features(
     inputs: dict,
     load: Callable[[Store, Any, Any], Any],
     embed: Callable[[Any, list[Item]], list],
+    side_id: Callable[[str], str] | None = None,
 ) -> Stage:
-    """A feature stage: `embed(encoder, items)` gives one (vector, n_items) or error per item."""
+    """A feature stage: `embed(encoder, items)` gives one (vector, n_items) or error per item,
+    or (vector, n_items, FrameRows) when the stage also writes frame-level features: then
+    `side_id(extractor_id)` names the frame table's extractor id."""
     ext_id = model.extractor_id(upstream.extractor_id)
     modality = name  # feature tables are named by modality; the stages share those names
+    side = None
+    if side_id is not None:
+        frame_id = side_id(ext_id)
+        side = Side(tables.frame_features(modality, frame_id, model.spec.output_dim), frame_id)
 
     def start(store: Store) -> Compute:
         encoder = model.load()
@@ -224,38 +259,55 @@ def _features(
             out: list[Result] = []
             model.use_threads()
             for (video, _), r in zip(items, embed(encoder, items), strict=True):
-                out.append(r if isinstance(r, Exception) else _feature_row(video, ext_id, *r, prov))
+                if isinstance(r, Exception):
+                    out.append(r)
+                    continue
+                row = _feature_row(video, ext_id, r[0], r[1], prov)
+                if side is not None:
+                    row[SIDE_ROWS] = _frame_rows(video, side.extractor_id, r[2])
+                out.append(row)
             return out
 
         return compute
 
     table = tables.features(modality, ext_id, model.spec.output_dim)
     batch = VIDEOS_PER_GROUP[name]
-    return Stage(name, table, ext_id, start, upstream, load, batch, model.device, model.gpu_slots)
+    return Stage(
+        name, table, ext_id, start, upstream, load, batch, model.device, model.gpu_slots, side
+    )
 
 
 # -- visual --------------------------------------------------------------------------------------
 def visual_stage(model: ModelChoice, faces: FaceSettings) -> Stage:
-    """CLIP features of every face crop, mean-pooled per video."""
+    """CLIP features of every face crop, mean-pooled per video (and stored per crop, with
+    `model.frames`: the video's mean is the mean of its stored crop features)."""
 
-    def load(store: Store, video: Any, row: Any) -> np.ndarray:
+    def load(store: Store, video: Any, row: Any) -> FaceCrops:
         try:
-            crops = load_crops(_artifact(store, row, video, "faces")).crops
+            crops = load_crops(_artifact(store, row, video, "faces"))
         except (ValueError, KeyError, EOFError) as e:  # a damaged .npz
             raise MissingModalityError(f"face crops of video {video.video_id}: {e}") from e
-        if len(crops) == 0:
+        if len(crops.crops) == 0:
             raise MissingModalityError(f"video {video.video_id} has zero face crops")
         return crops
 
     def embed(encoder: Any, items: list[Item]) -> list:
-        crops = [c for _, cs in items for c in cs]
-        feats = encoder.embed(crops, batch_size=model.budget)
-        ends = np.cumsum([len(cs) for _, cs in items])
-        pairs = zip(items, ends, strict=True)
-        return [(feats[end - len(cs) : end].mean(0), len(cs)) for (_, cs), end in pairs]
+        feats = encoder.embed([c for _, fc in items for c in fc.crops], batch_size=model.budget)
+        ends = np.cumsum([len(fc.crops) for _, fc in items])
+        out = []
+        for (video, fc), end in zip(items, ends, strict=True):
+            mine = feats[end - len(fc.crops) : end]
+            if not model.frames:
+                out.append((mine.mean(0), len(mine)))
+                continue
+            fps = float(getattr(video, "fps", None) or np.nan)
+            start_s = fc.frame_idx / fps if fps > 0 else np.full(len(mine), np.nan)
+            out.append((mine.mean(0), len(mine), (mine, start_s, np.ones(len(mine), np.int32))))
+        return out
 
     up = Upstream("faces", tables.FACES, faces.extractor_id)
-    return _features(VISUAL_STAGE, model, up, faces.provenance(), load, embed)
+    side = (lambda ext_id: ext_id) if model.frames else None  # one row per crop: the same id
+    return _features(VISUAL_STAGE, model, up, faces.provenance(), load, embed, side)
 
 
 # -- audio models --------------------------------------------------------------------------------
@@ -288,12 +340,22 @@ def acoustic_stage(model: ModelChoice, audio_sample_rate: int = DEFAULT_SAMPLE_R
                 f"one {encoder.spec.name} frame; its acoustic features are marked missing"
             )
         waves = [items[i][1] for i in ok]
-        feats = encoder.embed(waves, max_batch_samples=model.budget) if waves else []
-        for i, w, vec in zip(ok, waves, feats, strict=True):
-            out[i] = (vec, len(encoder.chunk_bounds(len(w))))
+        if not waves:
+            return out
+        if not model.frames:
+            feats = encoder.embed(waves, max_batch_samples=model.budget)
+            for i, w, vec in zip(ok, waves, feats, strict=True):
+                out[i] = (vec, len(encoder.chunk_bounds(len(w))))
+            return out
+        feats, windows = encoder.embed_frames(waves, model.frame_rate, model.budget)
+        for i, w, vec, win in zip(ok, waves, feats, windows, strict=True):
+            frames = (win.vectors, win.start_s, win.n_frames)
+            out[i] = (vec, len(encoder.chunk_bounds(len(w))), frames)
         return out
 
-    return _features(ACOUSTIC_STAGE, model, up, inputs, load, embed)
+    # Windows of another rate are other rows: the rate names the frame table.
+    side = (lambda ext_id: f"{ext_id}-{model.frame_rate:g}hz") if model.frames else None
+    return _features(ACOUSTIC_STAGE, model, up, inputs, load, embed, side)
 
 
 def transcripts_extractor_id(asr_extractor_id: str, prefer_official: bool) -> str:

@@ -98,14 +98,20 @@ def select_pending(
     stage: str,
     extractor_id: str,
     retry_failed: bool = False,
+    side: tuple[TableRef, str] | None = None,
 ) -> tuple[pd.DataFrame, int, set[tuple[str, str]]]:
     """Videos that still need `stage` under `extractor_id`, how many were skipped, and the
     (video_id, sha256) pairs that failed before.
 
-    Skipped: the table already holds the row, or the same bytes already failed deterministically
-    under the same settings (it would fail again) unless `retry_failed`.
+    Skipped: the table already holds the row (and `side`, a (table, extractor id) the stage also
+    writes, holds rows of it), or the same bytes already failed deterministically under the same
+    settings (it would fail again) unless `retry_failed`.
     """
-    done, failed = stored_keys(store, table, stage, extractor_id, videos.video_id.tolist())
+    ids = videos.video_id.tolist()
+    done, failed = stored_keys(store, table, stage, extractor_id, ids)
+    if side is not None:
+        where = {"video_id": ids, "extractor_id": [side[1]]}
+        done &= {k[:2] for k in store.existing_keys(side[0], where=where)}
     skip = done if retry_failed else done | failed
     # A bool array, never a list: `df[[]]` would select no columns instead of no rows.
     mask = np.array(

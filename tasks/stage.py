@@ -11,6 +11,7 @@ that now succeed, and commits what it wrote even when a transient error escapes.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,9 +36,11 @@ from tasks.shard import (
 )
 
 # One loaded input per video, and what computing a group of them gives: per video, in order,
-# its output row or the bad-input error that makes it a failure row.
+# its output row or the bad-input error that makes it a failure row. A stage with a side table
+# puts the video's side rows (frame-level features) under SIDE_ROWS in its output row.
 Item = tuple[Any, Any]  # (manifest row, loaded input)
 Result = dict | BadInputError
+SIDE_ROWS = "_side_rows"
 Compute = Callable[[list[Item]], list[Result]]
 
 
@@ -57,6 +60,15 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class Side:
+    """A second table a stage writes in the same pass (the model runs once): `table`'s rows
+    under `extractor_id`, several per video (frame-level features beside utterance ones)."""
+
+    table: TableRef
+    extractor_id: str
+
+
+@dataclass(frozen=True)
 class Stage:
     """One extraction stage, as data.
 
@@ -66,6 +78,7 @@ class Stage:
     load: (store, video, upstream row or None) -> the video's input; raises BadInputError
         (MissingModalityError) for a missing or bad one. None: the input is the video itself.
     batch: videos per compute call.
+    side: a second table written in the same pass; a video is done when both tables hold it.
     device, gpu_slots: where the stage computes; on a GPU the shard holds one of the device's
         `gpu_slots` slots on this machine while it computes (tasks/gpu_slots.py).
     """
@@ -79,6 +92,27 @@ class Stage:
     batch: int = 1
     device: str = "cpu"
     gpu_slots: int = 1
+    side: Side | None = None
+
+    @property
+    def cache_id(self) -> str:
+        """What the stage's output depends on, for Prefect's cache key: its extractor id, and
+        its side table's when it writes one (turning frame features on is new work)."""
+        if self.side is None:
+            return self.extractor_id
+        # Cache keys name files of Prefect's result storage: no "/" from the table's name.
+        side = hashlib.sha256(self.side.table.name.encode()).hexdigest()[:8]
+        return f"{self.extractor_id}+side-{side}"
+
+
+def stage_pending(
+    stage: Stage, videos: pd.DataFrame, store: Store, retry_failed: bool = False
+) -> tuple[pd.DataFrame, int, set[tuple[str, str]]]:
+    """select_pending for a stage: videos its table lacks, or its side table lacks."""
+    side = (stage.side.table, stage.side.extractor_id) if stage.side else None
+    return select_pending(
+        videos, store, stage.table, stage.name, stage.extractor_id, retry_failed, side=side
+    )
 
 
 def one_at_a_time(work: Callable[[Any], dict]) -> Compute:
@@ -181,9 +215,7 @@ def run_stage(
     attempt = attempt or current_attempt()
     report = ShardReport(stage.name, retried=int(attempt > 1))
     started = time.perf_counter()
-    todo, report.skipped, failed_before = select_pending(
-        videos, store, stage.table, stage.name, stage.extractor_id, retry_failed
-    )
+    todo, report.skipped, failed_before = stage_pending(stage, videos, store, retry_failed)
     report.seconds = time.perf_counter() - started
     if todo.empty:
         return report
@@ -240,7 +272,12 @@ def _commit(
     failed_before: set[tuple[str, str]],
     report: ShardReport,
 ) -> None:
-    """Write result and failure rows; drop the old failure rows of videos that now succeed."""
+    """Write result and failure rows; drop the old failure rows of videos that now succeed.
+    Side rows go first: a crash between the two writes leaves the video pending, not half done."""
+    side_rows = [r for row in rows for r in row.pop(SIDE_ROWS, ())]
+    if stage.side is not None and side_rows:
+        frame = pd.DataFrame(side_rows, columns=stage.side.table.contract.columns)
+        store.upsert(stage.side.table, frame)
     if rows:
         store.upsert(stage.table, pd.DataFrame(rows, columns=stage.table.contract.columns))
     if failures:
@@ -269,7 +306,7 @@ def task_options(build: Callable[..., Stage], gpu: bool = False) -> dict[str, An
         args = {k: v for k, v in parameters.items() if k not in ("videos", "data_root")}
         stage = build(**args)
         return shard_cache_key(
-            parameters["videos"], stage.extractor_id, stage.name, parameters["data_root"]
+            parameters["videos"], stage.cache_id, stage.name, parameters["data_root"]
         )
 
     return {

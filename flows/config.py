@@ -84,6 +84,9 @@ class FaceSettings(_Section):
     fallback: Literal["dlib", "opencv"] | None = None
     detect_every: int = Field(1, ge=1)  # dlib: detect on every k-th sampled frame, track between
     decode_threads: int = Field(0, ge=0)  # PyAV decoder threads per video; 0: FFmpeg's choice
+    # Which faces become the visual features: the largest of each frame, or the speaking track
+    # (the face whose mouth follows the speech; docs/faces.md).
+    select: Literal["largest", "speaking"] = "largest"
 
 
 class ModelSettings(_Section):

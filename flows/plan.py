@@ -162,6 +162,7 @@ def face_settings(settings: Settings) -> FaceSettings:
         openface_bin=f.openface_bin,
         detect_every=f.detect_every,
         decode_threads=f.decode_threads,
+        select=f.select,
     )
 
 

@@ -179,13 +179,18 @@ def crop_faces_cmd(
     openface_bin: Annotated[
         str | None, typer.Option(help="OpenFace FeatureExtraction binary (backend openface)")
     ] = None,
+    select: Annotated[
+        str, typer.Option(help="faces kept: largest (of each frame) or speaking (track)")
+    ] = "largest",
     preview: Annotated[
-        Path | None, typer.Option(help="write a contact sheet of the crops to this PNG")
+        Path | None,
+        typer.Option(help="write a contact sheet to this PNG: a row per track, the chosen marked"),
     ] = None,
 ) -> None:
-    """Align the largest face of each sampled frame of VIDEO, as the crop-faces task does."""
+    """Align and track every face of each sampled frame of VIDEO and keep the ones `--select`
+    chooses, as the crop-faces task does."""
     from tasks.face_backends import BackendUnavailableError
-    from tasks.faces import FaceSettings, contact_sheet, faces_stage, load_crops
+    from tasks.faces import FaceSettings, faces_stage, load_tracks, track_sheet
     from tasks.media import probe
 
     start = time.perf_counter()
@@ -197,6 +202,7 @@ def crop_faces_cmd(
             max_frames=max_frames,
             detect_max_side=detect_max_side,
             openface_bin=openface_bin,
+            select=select,
         )
         info = probe(video)
         typer.echo(f"probed   {video}: {_describe(info)}")
@@ -213,8 +219,12 @@ def crop_faces_cmd(
         f"{row.n_faces} with a face ({row.face_ratio:.0%}), mean confidence {conf}"
     )
     typer.echo(f"wrote    {path} ({row.n_faces} x {size}x{size} RGB crops)")
+    tracks = load_tracks(path)
+    others = len(tracks.frame_idx) - int(tracks.chosen.sum())
+    typer.echo(f"tracks   {tracks.n_tracks} ({others} faces not chosen), {len(tracks.cuts)} cuts")
+    typer.echo(f"select   {tracks.select_reason}")
     if preview is not None:
-        contact_sheet(load_crops(path).crops, preview)
+        track_sheet(tracks, preview)
         typer.echo(f"preview  {preview}")
     typer.echo(f"took     {time.perf_counter() - start:.2f} s")
 

@@ -4,6 +4,8 @@
 decodes as a stream (dlib with `detect_every` k > 1 detects on every k-th and tracks the
 landmarks between: tasks/face_track.py); `openface` runs OpenFace 2's `FeatureExtraction`
 binary on the file, as the paper and the challenge baseline do (tasks/face_openface.py).
+Every backend gives all the faces of a frame, the largest first; with `mouth` the light
+backends also fit dlib's 68-point landmarks (for the speaking face, tasks/face_speaker.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import cv2
 import numpy as np
 
 from tasks.face_frames import (
+    Aligned,
     BackendUnavailableError,
     Face,
     FaceBackend,
@@ -34,9 +37,9 @@ DEFAULT_DETECT_MAX_SIDE = 640
 DEFAULT_PADDING = 0.25
 
 
-def _largest(boxes: np.ndarray) -> int:
-    """Index of the largest (x, y, w, h) box."""
-    return int(np.argmax(boxes[:, 2] * boxes[:, 3]))
+def _largest_first(areas: list[float] | np.ndarray) -> list[int]:
+    """Indices by decreasing area; equal areas keep their order (the first is argmax's pick)."""
+    return sorted(range(len(areas)), key=lambda i: -areas[i])
 
 
 # -- dlib ----------------------------------------------------------------------------------------
@@ -50,6 +53,33 @@ def dlib_model_dir() -> Path:
             "`pip install face_recognition_models dlib-bin` or choose backend=opencv"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+_MOUTH_LOCK = threading.Lock()
+
+
+@functools.cache
+def mouth_predictor():
+    """dlib's 68-point landmark model (it draws the lips), loaded once per process."""
+    import dlib
+
+    model = dlib_model_dir() / "shape_predictor_68_face_landmarks.dat"
+    if not model.is_file():
+        raise BackendUnavailableError(
+            f"dlib's 68-point landmark model {model} is missing (faces.select=speaking needs "
+            "it); reinstall face_recognition_models or use faces.select=largest"
+        )
+    return dlib.shape_predictor(str(model))
+
+
+def mouth_points(rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    """The 68 landmarks (frame pixels, float32) dlib fits in `box`."""
+    import dlib
+
+    predictor = mouth_predictor()
+    with _MOUTH_LOCK:  # one model for every backend of the process; dlib's is not thread-safe
+        shape = predictor(rgb, dlib.rectangle(*(round(v) for v in box)))
+    return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
 
 
 # HOG scores just above dlib's default threshold (0) are often texture, and "largest face"
@@ -70,7 +100,8 @@ class DlibBackend(FrameBackend):
 
     Confidence is the HOG detector's SVM score (unbounded; higher is surer; below
     `DLIB_MIN_SCORE` a detection is dropped). With `detect_every` k > 1 the detector runs on
-    every k-th sampled frame only and the frames between are tracked (`faces`).
+    every k-th sampled frame only and the frames between are tracked (`faces`). With `mouth`
+    each face's landmarks are dlib's 68 points (fitted on the same box), else the 5.
     """
 
     name = "dlib"
@@ -80,6 +111,7 @@ class DlibBackend(FrameBackend):
         detect_max_side: int = DEFAULT_DETECT_MAX_SIDE,
         padding: float = DEFAULT_PADDING,
         detect_every: int = 1,
+        mouth: bool = False,
     ):
         import dlib
 
@@ -92,6 +124,9 @@ class DlibBackend(FrameBackend):
         self.detect_max_side = detect_max_side
         self.padding = padding
         self.detect_every = max(1, int(detect_every))
+        self.mouth = mouth
+        if mouth:
+            mouth_predictor()  # a missing model stops the shard here, not at its first face
 
     def faces(self, video: Path, sampler: FrameSampler, size: int) -> Iterator[Face]:
         """Every frame detected (detect_every 1), or detected on every k-th and tracked between."""
@@ -108,8 +143,8 @@ class DlibBackend(FrameBackend):
             out = tracker.finish()
         yield from out
 
-    def detect(self, rgb: np.ndarray) -> tuple[tuple[float, float, float, float], float] | None:
-        """The largest face's box (frame pixels) and HOG score, or None; detects on a
+    def detect(self, rgb: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
+        """Every face's box (frame pixels) and HOG score, the largest first; detects on a
         downscaled copy."""
         small, scale = downscale(rgb, self.detect_max_side)
         rects, scores, _ = self.detector.run(small, 0, DLIB_MIN_SCORE)
@@ -118,12 +153,12 @@ class DlibBackend(FrameBackend):
             # size (4-5x the cost, so only when the first look found nothing). Large frames
             # never: there it found no more real faces and added a false positive.
             rects, scores, _ = self.detector.run(small, 1, DLIB_MIN_SCORE)
-        if len(rects) == 0:
-            return None
-        i = int(np.argmax([r.width() * r.height() for r in rects]))
-        r = rects[i]
-        box = (r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
-        return box, float(scores[i])
+        out = []
+        for i in _largest_first([r.width() * r.height() for r in rects]):
+            r = rects[i]
+            box = (r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
+            out.append((box, float(scores[i])))
+        return out
 
     def landmarks(self, rgb: np.ndarray, box: tuple[float, float, float, float]):
         """dlib's 5-point shape of the face in `box` (frame pixels)."""
@@ -134,13 +169,19 @@ class DlibBackend(FrameBackend):
         crop = self._dlib.get_face_chip(rgb, shape, size=size, padding=self.padding)
         return np.ascontiguousarray(crop, dtype=np.uint8)
 
-    def align(self, rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple, float] | None:
+    def points(self, rgb: np.ndarray, shape, box: tuple) -> np.ndarray:
+        """The landmarks a Face records: the 68 points with `mouth`, else the 5 of `shape`."""
+        if self.mouth:
+            return mouth_points(rgb, box)
+        return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+
+    def align_all(self, rgb: np.ndarray, size: int) -> list[Aligned]:
         """Detect on a downscaled copy, then landmark and align on the full-resolution frame."""
-        found = self.detect(rgb)
-        if found is None:
-            return None
-        box, score = found
-        return self.chip(rgb, self.landmarks(rgb, box), size), box, score
+        out = []
+        for box, score in self.detect(rgb):
+            shape = self.landmarks(rgb, box)
+            out.append((self.chip(rgb, shape, size), box, score, self.points(rgb, shape, box)))
+        return out
 
 
 # -- opencv --------------------------------------------------------------------------------------
@@ -153,13 +194,17 @@ class OpenCVBackend(FrameBackend):
     """OpenCV's bundled Haar cascades: face, then both eyes to level and scale the crop.
 
     Confidence is the cascade's level weight of the face (unbounded; higher is surer). A face
-    whose two eyes are not found is cropped square around its box, without rotation.
+    whose two eyes are not found is cropped square around its box, without rotation. Landmarks:
+    the two eye centres (None when not found), or dlib's 68 points fitted on the box (`mouth`).
     """
 
     name = "opencv"
 
     def __init__(
-        self, detect_max_side: int = DEFAULT_DETECT_MAX_SIDE, padding: float = DEFAULT_PADDING
+        self,
+        detect_max_side: int = DEFAULT_DETECT_MAX_SIDE,
+        padding: float = DEFAULT_PADDING,
+        mouth: bool = False,
     ):
         folder = Path(getattr(getattr(cv2, "data", None), "haarcascades", "") or ".")
         face_xml = folder / "haarcascade_frontalface_default.xml"
@@ -174,9 +219,12 @@ class OpenCVBackend(FrameBackend):
         self.eyes = cv2.CascadeClassifier(str(eye_xml))
         self.detect_max_side = detect_max_side
         self.padding = padding
+        self.mouth = mouth
+        if mouth:
+            mouth_predictor()
 
-    def align(self, rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple, float] | None:
-        """Detect face and eyes on a downscaled grey copy; warp the full-resolution frame."""
+    def align_all(self, rgb: np.ndarray, size: int) -> list[Aligned]:
+        """Detect faces and eyes on a downscaled grey copy; warp the full-resolution frame."""
         small, scale = downscale(rgb, self.detect_max_side)
         gray = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
         # Faces under 1/8 of the frame's short side are not the speaker; skipping those
@@ -188,18 +236,24 @@ class OpenCVBackend(FrameBackend):
             minSize=(min_side, min_side), outputRejectLevels=True,
         )  # fmt: skip
         if len(boxes) == 0:
-            return None
+            return []
         boxes = np.asarray(boxes, dtype=np.float64)
-        i = _largest(boxes)
-        x, y, w, h = boxes[i]
-        eyes = self._eye_centres(gray, x, y, w, h)
-        if eyes is not None:
-            m = _eye_transform(eyes[0] / scale, eyes[1] / scale, size)
-        else:
-            m = _box_transform(x / scale, y / scale, w / scale, h / scale, size, self.padding)
-        crop = cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR)
-        box = (x / scale, y / scale, (x + w) / scale, (y + h) / scale)
-        return crop, box, float(np.ravel(weights)[i])
+        out = []
+        for i in _largest_first(boxes[:, 2] * boxes[:, 3]):
+            x, y, w, h = boxes[i]
+            eyes = self._eye_centres(gray, x, y, w, h)
+            if eyes is not None:
+                m = _eye_transform(eyes[0] / scale, eyes[1] / scale, size)
+            else:
+                m = _box_transform(x / scale, y / scale, w / scale, h / scale, size, self.padding)
+            crop = cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR)
+            box = (x / scale, y / scale, (x + w) / scale, (y + h) / scale)
+            if self.mouth:
+                points = mouth_points(rgb, box)
+            else:
+                points = None if eyes is None else (np.stack(eyes) / scale).astype(np.float32)
+            out.append((crop, box, float(np.ravel(weights)[i]), points))
+        return out
 
     def _eye_centres(
         self, gray: np.ndarray, x: float, y: float, w: float, h: float
@@ -253,21 +307,30 @@ def load_backend(
     padding: float = DEFAULT_PADDING,
     openface_bin: str | None = None,
     detect_every: int = 1,
+    mouth: bool = False,
 ) -> FaceBackend:
     """The named backend, built once per process and reused (models stay loaded).
-    `detect_every` (dlib): detect on every k-th sampled frame, track between."""
+    `detect_every` (dlib): detect on every k-th sampled frame, track between; `mouth` (dlib,
+    opencv): fit dlib's 68 landmarks too (OpenFace always gives 68)."""
     # Always positional: lru_cache would cache f("dlib") and f("dlib", 640, ...) separately.
-    return _load_backend(name, int(detect_max_side), float(padding), openface_bin, detect_every)
+    return _load_backend(
+        name, int(detect_max_side), float(padding), openface_bin, detect_every, bool(mouth)
+    )
 
 
 @functools.lru_cache(maxsize=8)
 def _load_backend(
-    name: str, detect_max_side: int, padding: float, openface_bin: str | None, detect_every: int
+    name: str,
+    detect_max_side: int,
+    padding: float,
+    openface_bin: str | None,
+    detect_every: int,
+    mouth: bool,
 ) -> FaceBackend:
     if name == "dlib":
-        return DlibBackend(detect_max_side, padding, detect_every)
+        return DlibBackend(detect_max_side, padding, detect_every, mouth)
     if name == "opencv":
-        return OpenCVBackend(detect_max_side, padding)
+        return OpenCVBackend(detect_max_side, padding, mouth)
     if name == "openface":
         return OpenFaceBackend(openface_bin)
     raise ValueError(f"unknown face backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,7 +1,8 @@
-"""What every face backend shares: the `Face` record, the streaming frame sampler, the interface.
+"""What every face backend shares: the `Face` record, the streaming frame sampler (which also
+notes shot cuts), the interface.
 
-A backend turns a video into aligned face crops, at most one (the largest face) per sampled
-frame; the backends themselves are in tasks/face_backends.py and tasks/face_openface.py.
+A backend turns a video into aligned crops of every face of each sampled frame, ranked largest
+first; the backends themselves are in tasks/face_backends.py and tasks/face_openface.py.
 """
 
 from __future__ import annotations
@@ -26,12 +27,62 @@ class BackendUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Face:
-    """The aligned crop of the largest face of one frame."""
+    """The aligned crop of one face of one frame."""
 
     frame_idx: int
     crop: np.ndarray  # (size, size, 3) uint8 RGB
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the frame's pixels (NaN: unknown)
     confidence: float  # the backend's own score; see each backend
+    # 0: the face the backend ranks first in its frame (the largest, by its own measure: the
+    # one merflow kept before tracks existed); 1, 2, ...: the others.
+    rank: int = 0
+    # (k, 2) float32 landmarks in frame pixels, as the backend has them (dlib: 5 points, or
+    # dlib's 68 when asked for the mouth; OpenFace: 68; OpenCV: the 2 eye centres); None: none.
+    landmarks: np.ndarray | None = None
+
+
+# -- shot cuts -----------------------------------------------------------------------------------
+# Two consecutive sampled frames belong to different shots when their colour (hue-saturation)
+# histograms are far apart (Bhattacharyya distance), or moderately apart while the picture
+# itself changed (mean absolute difference of small grey thumbnails, as a share of 255). Faces
+# drifting, scaling or changing expression within a shot stay well below both.
+CUT_HIST_DISTANCE = 0.45
+CUT_HIST_DISTANCE_WITH_CHANGE = 0.25
+CUT_GREY_CHANGE = 0.15
+
+
+class ShotCuts:
+    """Notes where a new shot starts, from one sampled frame to the next (cheap: a ~64 px copy)."""
+
+    def __init__(self) -> None:
+        self.cuts: list[int] = []  # frame indices that start a new shot
+        self._prev: tuple[np.ndarray, np.ndarray] | None = None
+
+    @staticmethod
+    def signature(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A frame's hue-saturation histogram (sums to 1) and its 32 x 32 grey thumbnail."""
+        step = max(1, max(rgb.shape[:2]) // 64)
+        small = np.ascontiguousarray(rgb[::step, ::step])
+        hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+        hist = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256]).astype(np.float32)
+        hist /= max(float(hist.sum()), 1.0)
+        grey = cv2.resize(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY), (32, 32), cv2.INTER_AREA)
+        return hist, grey.astype(np.float32) / 255.0
+
+    def see(self, idx: int, rgb: np.ndarray) -> bool:
+        """Take the next sampled frame; True when it starts a new shot."""
+        sig = self.signature(rgb)
+        prev, self._prev = self._prev, sig
+        if prev is None:
+            return False
+        hist = float(cv2.compareHist(prev[0], sig[0], cv2.HISTCMP_BHATTACHARYYA))
+        change = float(np.abs(prev[1] - sig[1]).mean())
+        cut = hist > CUT_HIST_DISTANCE or (
+            hist > CUT_HIST_DISTANCE_WITH_CHANGE and change > CUT_GREY_CHANGE
+        )
+        if cut:
+            self.cuts.append(idx)
+        return cut
 
 
 # -- frame streaming -----------------------------------------------------------------------------
@@ -41,6 +92,8 @@ class FrameSampler:
 
     `fps`: keep frames at most this often (by timestamp); `max_frames`: keep at most this many,
     spread over the whole video when its frame count is known. Neither: every frame (the paper).
+    While frames stream by it notes each sampled frame's time (`times`) and where a new shot
+    starts (`cuts`: face tracks end there).
     """
 
     fps: float | None = None
@@ -48,6 +101,8 @@ class FrameSampler:
     threads: int = 0  # decoder threads; 0: FFmpeg's choice
     n_decoded: int = 0
     n_sampled: int = 0
+    times: dict[int, float] = field(default_factory=dict)  # sampled frame index -> seconds
+    shots: ShotCuts = field(default_factory=ShotCuts, repr=False)
     _stride: int = field(default=1, init=False, repr=False)
     _candidates: int = field(default=0, init=False, repr=False)
     _next_t: float | None = field(default=None, init=False, repr=False)
@@ -102,7 +157,10 @@ class FrameSampler:
                 for idx, frame in enumerate(container.decode(stream)):
                     t = frame.time if frame.time is not None else idx / float(rate or 25)
                     if self.accept(t):
-                        yield idx, frame.to_ndarray(format="rgb24")
+                        self.times[idx] = t
+                        rgb = frame.to_ndarray(format="rgb24")
+                        self.shots.see(idx, rgb)
+                        yield idx, rgb
                     if self.full:
                         return
                 declared = stream.frames
@@ -127,34 +185,43 @@ def downscale(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 
 
 # -- the interface -------------------------------------------------------------------------------
+# One aligned face of a frame: (crop, box, confidence, landmarks or None).
+Aligned = tuple[np.ndarray, tuple, float, np.ndarray | None]
+
+
 class FaceBackend(Protocol):
-    """Turns a video into aligned crops of the largest face per sampled frame."""
+    """Turns a video into aligned crops of every face of each sampled frame."""
 
     name: str
 
     def faces(self, video: Path, sampler: FrameSampler, size: int) -> Iterator[Face]:
-        """Aligned `size` x `size` crops, in frame order; frames without a face yield nothing."""
+        """Aligned `size` x `size` crops, in frame order and within a frame by rank (rank 0:
+        the largest); frames without a face yield nothing."""
         ...
 
 
 class FrameBackend:
-    """A backend that looks at frames one by one: subclasses implement `align`."""
+    """A backend that looks at frames one by one: subclasses implement `align_all`."""
 
     name = "frame"
 
-    def align(self, rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple, float] | None:
-        """(crop, box, confidence) of the largest face in `rgb`, or None when there is none."""
+    def align_all(self, rgb: np.ndarray, size: int) -> list[Aligned]:
+        """Every face in `rgb`, aligned, the largest first; empty when there is none."""
         raise NotImplementedError
 
+    def align(self, rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple, float] | None:
+        """(crop, box, confidence) of the largest face in `rgb`, or None when there is none."""
+        found = self.align_all(rgb, size)
+        return found[0][:3] if found else None
+
     def faces(self, video: Path, sampler: FrameSampler, size: int) -> Iterator[Face]:
-        """Stream `video` through `sampler` and align the largest face of each sampled frame."""
+        """Stream `video` through `sampler` and align every face of each sampled frame."""
         # One backend instance serves every thread of a worker process, and dlib's detector and
         # shape predictor crash (SIGSEGV) when two threads call them at once: decoding runs in
         # parallel, alignment one frame at a time per process.
         lock = self.__dict__.setdefault("_align_lock", threading.Lock())
         for idx, rgb in sampler.frames(video):
             with lock:
-                found = self.align(np.ascontiguousarray(rgb), size)
-            if found is not None:
-                crop, box, confidence = found
-                yield Face(idx, crop, box, confidence)
+                found = self.align_all(np.ascontiguousarray(rgb), size)
+            for rank, (crop, box, confidence, points) in enumerate(found):
+                yield Face(idx, crop, box, confidence, rank, points)

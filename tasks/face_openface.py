@@ -15,6 +15,7 @@ from pathlib import Path
 
 import av
 import cv2
+import numpy as np
 
 from tasks.errors import TransientError
 from tasks.face_frames import BackendUnavailableError, Face, FrameSampler
@@ -27,7 +28,8 @@ OPENFACE_ENV = "MERFLOW_OPENFACE_BIN"
 class OpenFaceBackend:
     """OpenFace 2's `FeatureExtraction`: similarity-aligned faces, masks off, bad frames dropped.
 
-    Confidence is OpenFace's landmark-tracking confidence in [0, 1].
+    Confidence is OpenFace's landmark-tracking confidence in [0, 1]; landmarks: its 68 2-D
+    points. FeatureExtraction follows one face, so a frame rarely has more than one.
     """
 
     name = "openface"
@@ -97,7 +99,8 @@ def sampler_frames_hint(video: Path) -> int:
 def parse_openface_output(
     out_dir: Path, stem: str, sampler: FrameSampler, size: int, video: Path | None = None
 ) -> Iterator[Face]:
-    """Faces from FeatureExtraction's `<stem>.csv` and `<stem>_aligned/frame_det_*.png`."""
+    """Faces from FeatureExtraction's `<stem>.csv` and `<stem>_aligned/frame_det_*.png`, the
+    largest (by landmark extent) of each frame first."""
     table = out_dir / f"{stem}.csv"
     if not table.is_file():
         raise UnreadableMediaError(
@@ -116,22 +119,31 @@ def parse_openface_output(
         t = float(candidates[0].get("timestamp") or 0.0)
         if not sampler.accept(t):
             continue
-        good = [r for r in candidates if int(float(r.get("success", "1"))) == 1]
-        if not good:
-            continue
-        row = max(good, key=lambda r: _landmark_area(_landmark_box(r)))
-        face_id = int(float(row.get("face_id", "0") or 0))
-        image = aligned / f"frame_det_{face_id:02d}_{frame:06d}.png"
-        if not image.is_file():
-            continue  # -nobadaligned: OpenFace saved no image for a frame it judged badly aligned
-        bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise UnreadableMediaError(f"OpenFace's aligned image {image} is unreadable")
-        crop = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        if crop.shape[:2] != (size, size):
-            crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
         # OpenFace numbers frames from 1; merflow's frame_idx counts from 0 like the decoder.
-        yield Face(frame - 1, crop, _landmark_box(row), float(row.get("confidence", "nan")))
+        sampler.times[frame - 1] = t
+        good = [r for r in candidates if int(float(r.get("success", "1"))) == 1]
+        good.sort(key=lambda r: -_landmark_area(_landmark_box(r)))  # stable: max()'s pick first
+        for rank, row in enumerate(good):
+            face_id = int(float(row.get("face_id", "0") or 0))
+            image = aligned / f"frame_det_{face_id:02d}_{frame:06d}.png"
+            if not image.is_file():
+                # -nobadaligned: no image for a face OpenFace judged badly aligned (its rank
+                # stays taken, so another face never stands in for the largest).
+                continue
+            bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise UnreadableMediaError(f"OpenFace's aligned image {image} is unreadable")
+            crop = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            if crop.shape[:2] != (size, size):
+                crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+            yield Face(
+                frame - 1,
+                crop,
+                _landmark_box(row),
+                float(row.get("confidence", "nan")),
+                rank,
+                _landmarks(row),
+            )
 
 
 def _landmark_box(row: dict[str, str]) -> tuple[float, float, float, float]:
@@ -140,6 +152,15 @@ def _landmark_box(row: dict[str, str]) -> tuple[float, float, float, float]:
     if not xs or not ys:
         return (math.nan,) * 4
     return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _landmarks(row: dict[str, str]) -> np.ndarray | None:
+    """The 68 2-D landmarks (x_0..x_67, y_0..y_67) of a row, or None when it has none."""
+    xs = [row.get(f"x_{i}") for i in range(68)]
+    ys = [row.get(f"y_{i}") for i in range(68)]
+    if any(v in (None, "") for v in xs + ys):
+        return None
+    return np.array([xs, ys], dtype=np.float32).T
 
 
 def _landmark_area(box: tuple[float, float, float, float]) -> float:

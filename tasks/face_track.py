@@ -1,9 +1,12 @@
-"""Landmark tracking between detections: dlib's detector on every k-th sampled frame only."""
+"""Faces across frames: dlib's landmarks tracked between detections (every k-th sampled frame),
+and the faces of a video linked into tracks (box overlap, appearance, shot cuts)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 
 from tasks.face_frames import Face
@@ -36,78 +39,200 @@ def box_iou(a: tuple, b: tuple) -> float:
     return inter / union if union > 0 else 0.0
 
 
-class LandmarkTracker:
-    """Detect on every k-th sampled frame; between, re-fit the 5 landmarks on a box carried over
-    from the previous frame's landmarks (dlib's landmark model is cheap, detection is not).
+@dataclass
+class _Followed:
+    """One face followed from a detection: its last landmarks, and the detector's box around
+    them in landmark units (centre offset, size)."""
 
-    A tracked face is emitted only once the next detection confirms it (the detected box
-    overlaps the tracked one): when it does not, or no face is found, those frames are
-    detected one by one as with k = 1, so tracking never adds a face detection would miss
-    nor keeps one it would drop. Confidence of a tracked face: its closing detection's score.
+    points: np.ndarray
+    offset: np.ndarray
+    extent: np.ndarray
+
+    @classmethod
+    def start(cls, points: np.ndarray, box: tuple) -> _Followed:
+        centre, scale = _frame_of(points)
+        b = np.asarray(box)
+        return cls(points, ((b[:2] + b[2:]) / 2 - centre) / scale, (b[2:] - b[:2]) / scale)
+
+    def box(self) -> tuple[float, float, float, float]:
+        centre, scale = _frame_of(self.points)
+        c, half = centre + self.offset * scale, self.extent * scale / 2
+        return (c[0] - half[0], c[1] - half[1], c[0] + half[0], c[1] + half[1])
+
+
+class LandmarkTracker:
+    """Detect on every k-th sampled frame; between, re-fit the 5 landmarks of each face on a box
+    carried over from the previous frame's landmarks (dlib's landmark model is cheap, detection
+    is not).
+
+    Tracked faces are emitted only once the next detection confirms them: the largest face
+    (rank 0) when the next detection's largest overlaps it, each other face when some detection
+    overlaps it. When the largest is not confirmed, or no face is found, those frames are
+    detected one by one as with k = 1, so tracking never adds a face detection would miss nor
+    keeps one it would drop. Confidence of a tracked face: its confirming detection's score.
     Holds at most k - 1 decoded frames (those pending).
     """
 
     def __init__(self, backend: DlibBackend, size: int):
         self.b, self.size = backend, size
-        self.pending: list[tuple[int, np.ndarray, np.ndarray, tuple]] = []  # idx, rgb, crop, box
-        self.points: np.ndarray | None = None  # the last frame's landmarks
-        self.offset = np.zeros(2)  # detector box centre minus landmark centre, in landmark scale
-        self.extent = np.ones(2)  # detector box size in landmark scale
+        # frame index, frame, and for each followed face: (crop, box, landmarks)
+        self.pending: list[tuple[int, np.ndarray, list[tuple[np.ndarray, tuple, np.ndarray]]]] = []
+        self.followed: list[_Followed] = []  # [0]: the largest face of the last detection
         self.since = 0  # sampled frames since the last detection
-
-    def _box_from(self, points: np.ndarray) -> tuple[float, float, float, float]:
-        centre, scale = _frame_of(points)
-        c, half = centre + self.offset * scale, self.extent * scale / 2
-        return (c[0] - half[0], c[1] - half[1], c[0] + half[0], c[1] + half[1])
 
     def _detected(self, idx: int, rgb: np.ndarray) -> list[Face]:
         """Detect on this frame; settle the pending frames; restart tracking from here."""
         found = self.b.detect(rgb)
         out: list[Face] = []
-        if found is not None and self.pending:
-            box, score = found
-            if box_iou(box, self._box_from(self.points)) >= TRACK_MIN_IOU:
-                out += [Face(i, crop, tb, score) for i, _, crop, tb in self.pending]
+        if self.pending:
+            boxes = [f.box() for f in self.followed]
+            if found and box_iou(found[0][0], boxes[0]) >= TRACK_MIN_IOU:
+                scores = [found[0][1]] + [_confirming(b, found) for b in boxes[1:]]
+                for i, _, faces in self.pending:
+                    out += [
+                        Face(i, crop, box, scores[r], r, points)
+                        for r, (crop, box, points) in enumerate(faces)
+                        if scores[r] is not None
+                    ]
             else:
                 out += self._one_by_one()
-        elif self.pending:
-            out += self._one_by_one()
-        self.pending, self.since = [], 0
-        if found is None:
-            self.points = None
-            return out
-        box, score = found
-        shape = self.b.landmarks(rgb, box)
-        self.points = _points(shape)
-        centre, scale = _frame_of(self.points)
-        b = np.asarray(box)
-        self.offset = ((b[:2] + b[2:]) / 2 - centre) / scale
-        self.extent = (b[2:] - b[:2]) / scale
-        out.append(Face(idx, self.b.chip(rgb, shape, self.size), box, score))
+        self.pending, self.since, self.followed = [], 0, []
+        for rank, (box, score) in enumerate(found):
+            shape = self.b.landmarks(rgb, box)
+            self.followed.append(_Followed.start(_points(shape), box))
+            crop = self.b.chip(rgb, shape, self.size)
+            out.append(Face(idx, crop, box, score, rank, self.b.points(rgb, shape, box)))
         return out
 
     def _one_by_one(self) -> list[Face]:
         out = []
-        for i, rgb, _, _ in self.pending:
-            found = self.b.align(rgb, self.size)
-            if found is not None:
-                out.append(Face(i, found[0], found[1], found[2]))
+        for i, rgb, _ in self.pending:
+            for rank, (crop, box, score, points) in enumerate(self.b.align_all(rgb, self.size)):
+                out.append(Face(i, crop, box, score, rank, points))
         return out
 
     def frame(self, idx: int, rgb: np.ndarray) -> list[Face]:
         """The faces this frame settles (its own, and pending tracked ones), in frame order."""
         self.since += 1
-        if self.points is None or self.since >= self.b.detect_every:
+        if not self.followed or self.since >= self.b.detect_every:
             return self._detected(idx, rgb)
-        shape = self.b.landmarks(rgb, self._box_from(self.points))
-        self.points = _points(shape)
-        crop = self.b.chip(rgb, shape, self.size)
-        self.pending.append((idx, rgb, crop, self._box_from(self.points)))
+        faces = []
+        for f in self.followed:
+            shape = self.b.landmarks(rgb, f.box())
+            f.points = _points(shape)
+            box = f.box()
+            faces.append((self.b.chip(rgb, shape, self.size), box, self.b.points(rgb, shape, box)))
+        self.pending.append((idx, rgb, faces))
         return []
 
     def finish(self) -> list[Face]:
         """Settle what is pending at the end of the video: its last frame is detected."""
         if not self.pending:
             return []
-        idx, rgb, _, _ = self.pending.pop()
+        idx, rgb, _ = self.pending.pop()
         return self._detected(idx, rgb)
+
+
+def _confirming(box: tuple, found: list[tuple[tuple, float]]) -> float | None:
+    """The score of the detection that best overlaps `box`, if it overlaps enough."""
+    best = max(found, key=lambda f: box_iou(box, f[0]))
+    return best[1] if box_iou(box, best[0]) >= TRACK_MIN_IOU else None
+
+
+# -- linking faces into tracks -------------------------------------------------------------------
+# A face joins the track that ended nearest before it, in the same shot, when it is about the
+# same size (side ratio within LINK_MAX_SCALE), has not moved more than LINK_MAX_SHIFT face
+# sides, was unseen no longer than LINK_MAX_GAP_S (a missed detection or two does not split a
+# track), and looks alike (colour signatures' Bhattacharyya coefficient >= LINK_MIN_SIMILARITY);
+# among several such pairs the best (overlap + similarity) are taken first.
+LINK_MAX_GAP_S = 1.0
+LINK_MAX_SCALE = 1.5
+LINK_MAX_SHIFT = 1.0
+LINK_MIN_SIMILARITY = 0.6
+
+
+def appearance(crop: np.ndarray) -> np.ndarray:
+    """A face's colour signature: the hue-saturation-value histogram of the aligned crop's
+    centre (skin, eyes, mouth; little background), summing to 1."""
+    s = crop.shape[0]
+    centre = np.ascontiguousarray(crop[s // 5 : s - s // 5, s // 5 : s - s // 5])
+    hsv = cv2.cvtColor(centre, cv2.COLOR_RGB2HSV)
+    hist = cv2.calcHist([hsv], [0, 1, 2], None, [8, 4, 4], [0, 180, 0, 256, 0, 256]).ravel()
+    return (hist / max(float(hist.sum()), 1.0)).astype(np.float32)
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Bhattacharyya coefficient of two signatures: 1 identical, 0 disjoint colours."""
+    return float(np.sqrt(np.clip(a, 0, None) * np.clip(b, 0, None)).sum())
+
+
+@dataclass
+class _Open:
+    track: int
+    box: np.ndarray
+    time: float
+    signature: np.ndarray
+
+
+def _side(box: np.ndarray) -> float:
+    return float(np.sqrt(max((box[2] - box[0]) * (box[3] - box[1]), 1e-9)))
+
+
+def _link_score(t: _Open, box: np.ndarray, signature: np.ndarray) -> float | None:
+    """How well a face continues an open track (overlap + similarity), or None: it does not."""
+    side_t, side_f = _side(t.box), _side(box)
+    shift = np.hypot(*((box[:2] + box[2:]) / 2 - (t.box[:2] + t.box[2:]) / 2)) / side_t
+    if not (1 / LINK_MAX_SCALE <= side_f / side_t <= LINK_MAX_SCALE and shift <= LINK_MAX_SHIFT):
+        return None  # NaN boxes (unknown) fail here too: such a face starts its own track
+    sim = similarity(t.signature, signature)
+    return None if sim < LINK_MIN_SIMILARITY else box_iou(t.box, box) + sim
+
+
+def link_tracks(
+    frame_idx: np.ndarray,
+    times: np.ndarray,
+    boxes: np.ndarray,
+    signatures: np.ndarray,
+    cuts: list[int] | np.ndarray = (),
+) -> np.ndarray:
+    """Track ids (0, 1, ... in order of first appearance) of faces given in frame order;
+    faces of one frame never share a track, and a shot cut ends every track."""
+    n = len(frame_idx)
+    ids = np.full(n, -1, np.int32)
+    cuts = sorted(int(c) for c in cuts)
+    open_: list[_Open] = []
+    next_cut, n_tracks, start = 0, 0, 0
+    while start < n:
+        frame = frame_idx[start]
+        stop = start
+        while stop < n and frame_idx[stop] == frame:
+            stop += 1
+        rows = range(start, stop)
+        if next_cut < len(cuts) and cuts[next_cut] <= frame:
+            open_ = []  # a new shot since the last face: nothing continues across it
+            while next_cut < len(cuts) and cuts[next_cut] <= frame:
+                next_cut += 1
+        t_now = float(times[start])
+        open_ = [t for t in open_ if t_now - t.time <= LINK_MAX_GAP_S]
+        pairs = []
+        for j, t in enumerate(open_):
+            for r in rows:
+                score = _link_score(t, boxes[r], signatures[r])
+                if score is not None:
+                    pairs.append((score, j, r))
+        used_t: set[int] = set()
+        for _, j, r in sorted(pairs, key=lambda p: -p[0]):
+            if j in used_t or ids[r] >= 0:
+                continue
+            used_t.add(j)
+            ids[r] = open_[j].track
+            t = open_[j]
+            t.box, t.time = boxes[r], t_now
+            t.signature = 0.8 * t.signature + 0.2 * signatures[r]
+        for r in rows:
+            if ids[r] < 0:
+                ids[r] = n_tracks
+                open_.append(_Open(n_tracks, boxes[r], t_now, signatures[r].copy()))
+                n_tracks += 1
+        start = stop
+    return ids

@@ -20,15 +20,18 @@ from tasks.face_backends import load_backend
 from tasks.face_frames import BackendUnavailableError, Face, FrameSampler
 from tasks.face_openface import OpenFaceBackend, parse_openface_output
 from tasks.faces import (
+    CHOSEN_COLOUR,
+    OTHER_COLOUR,
     CropWriter,
     FaceSettings,
     NoFaceError,
-    contact_sheet,
     crop_faces,
     crop_faces_shard,
     crop_faces_task,
     faces_extractor_id,
     load_crops,
+    load_tracks,
+    track_sheet,
 )
 from tasks.media import NoVideoStreamError, TruncatedMediaError, UnreadableMediaError
 from tests.tasks import badmedia
@@ -309,11 +312,22 @@ def test_crop_writer_memory_stays_bounded(tmp_path):
     assert load_crops(tmp_path / "big.npz").crops.shape == (1500, 112, 112, 3)
 
 
-def test_contact_sheet_tiles_the_crops(tmp_path):
-    crops = np.stack([np.full((20, 20, 3), v, np.uint8) for v in range(0, 200, 10)])
-    sheet = np.asarray(Image.open(contact_sheet(crops, tmp_path / "s.png", cols=4, max_tiles=8)))
-    assert sheet.shape == (2 * 22 + 2, 4 * 22 + 2, 3)
-    assert sheet[2, 2, 0] == 0 and sheet[-3, -3, 0] == 190  # first and last crop shown
+def test_contact_sheet_has_a_row_per_track_and_frames_the_chosen_faces(tmp_path):
+    # Two tracks over 10 frames: track 0 chosen (grey level = frame), track 1 not (white).
+    with CropWriter(tmp_path / "c.npz", 20) as writer:
+        for i in range(10):
+            writer.add(Face(i, np.full((20, 20, 3), 10 * i, np.uint8), (0, 0, 9, 9), 1.0))
+            writer.add(Face(i, np.full((20, 20, 3), 250, np.uint8), (50, 0, 59, 9), 1.0, 1))
+        writer.commit(np.arange(20) % 2 == 0, np.arange(20) % 2)
+    tracks = load_tracks(tmp_path / "c.npz")
+    sheet = np.asarray(Image.open(track_sheet(tracks, tmp_path / "s.png", cols=4)))
+    cell, label, head, row_h = 28, 150, 30, 48
+    assert sheet.shape == (head + 2 * row_h + 4, label + 4 * cell + 4, 3)
+    # Row 0: frames 0, 3, 6, 9 of track 0 in green frames; row 1: white crops in grey frames.
+    assert [sheet[head + 10, label + c * cell + 10, 0] for c in range(4)] == [0, 30, 60, 90]
+    assert tuple(sheet[head + 1, label + 1]) == CHOSEN_COLOUR
+    assert tuple(sheet[head + row_h + 1, label + 1]) == OTHER_COLOUR
+    assert sheet[head + row_h + 10, label + 10, 0] == 250
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -421,7 +435,9 @@ def test_cli_crop_faces_writes_crops_and_a_preview(clips, tmp_path):
     assert result.exit_code == 0, result.output
     assert "5 decoded, 5 sampled, 5 with a face (100%)" in result.output
     assert (tmp_path / "link to face.faces.npz").is_file()
-    assert Image.open(preview).size == (5 * 114 + 2, 114 + 2)
+    assert "tracks   1 (0 faces not chosen), 0 cuts" in result.output
+    # One track of 5 faces: a label column and 5 of 8 cells of (112 + 8) px, one row.
+    assert Image.open(preview).size == (150 + 8 * 120 + 4, 30 + 120 + 4)
 
 
 def test_cli_crop_faces_reports_no_face(clips, tmp_path):

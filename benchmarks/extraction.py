@@ -178,7 +178,8 @@ def phase_pure(args: argparse.Namespace) -> dict[str, Any]:
     """Each stage alone on every video, one stage after another; the sum of their times."""
     from tasks.embed import read_wav
     from tasks.errors import BadInputError
-    from tasks.faces import crop_faces, load_crops
+    from tasks.face_crops import load_crops
+    from tasks.faces import crop_faces
     from tasks.media import extract_audio, find_ffmpeg
 
     scratch = Path(args.data_root)
@@ -285,7 +286,8 @@ def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from tasks.embed import read_wav
-    from tasks.faces import crop_faces, load_crops
+    from tasks.face_crops import load_crops
+    from tasks.faces import crop_faces
     from tasks.media import extract_audio
 
     scratch = Path(args.data_root)

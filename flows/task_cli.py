@@ -190,7 +190,8 @@ def crop_faces_cmd(
     """Align and track every face of each sampled frame of VIDEO and keep the ones `--select`
     chooses, as the crop-faces task does."""
     from tasks.face_backends import BackendUnavailableError
-    from tasks.faces import FaceSettings, faces_stage, load_tracks, track_sheet
+    from tasks.face_crops import load_tracks, track_sheet
+    from tasks.faces import FaceSettings, faces_stage
     from tasks.media import probe
 
     start = time.perf_counter()

@@ -28,7 +28,8 @@ from data_contracts.store import Store
 from models.extractors import load_extractor, planned_extractor_id, quiet_progress_bars
 from models.registry import ExtractorSpec, get_spec, id_settings, resolve_model_path
 from models.settings import available_cpus
-from tasks.faces import FaceCrops, FaceSettings, load_crops
+from tasks.face_crops import FaceCrops, load_crops
+from tasks.faces import FaceSettings
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, read_wav
 from tasks.shard import ShardReport, now_utc
 from tasks.stage import (

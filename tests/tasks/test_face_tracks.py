@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from tasks.face_backends import DlibBackend
+from tasks.face_crops import load_crops, load_tracks
 from tasks.face_frames import FrameSampler, ShotCuts
 from tasks.face_track import appearance, link_tracks
-from tasks.faces import FaceSettings, crop_faces, load_crops, load_tracks
+from tasks.faces import FaceSettings, crop_faces
 from tests.tasks import face_clips as fc
 
 

@@ -17,21 +17,23 @@ from data_contracts.store import Store
 from flows.task_cli import task_app
 from tasks import face_backends, face_openface
 from tasks.face_backends import load_backend
-from tasks.face_frames import BackendUnavailableError, Face, FrameSampler
-from tasks.face_openface import OpenFaceBackend, parse_openface_output
-from tasks.faces import (
+from tasks.face_crops import (
     CHOSEN_COLOUR,
     OTHER_COLOUR,
     CropWriter,
+    load_crops,
+    load_tracks,
+    track_sheet,
+)
+from tasks.face_frames import BackendUnavailableError, Face, FrameSampler
+from tasks.face_openface import OpenFaceBackend, parse_openface_output
+from tasks.faces import (
     FaceSettings,
     NoFaceError,
     crop_faces,
     crop_faces_shard,
     crop_faces_task,
     faces_extractor_id,
-    load_crops,
-    load_tracks,
-    track_sheet,
 )
 from tasks.media import NoVideoStreamError, TruncatedMediaError, UnreadableMediaError
 from tests.tasks import badmedia

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from flows.config import load_settings
 from flows.task_cli import task_app
 from tasks.face_backends import load_backend
+from tasks.face_crops import CHOSEN_COLOUR, load_crops, load_tracks
 from tasks.face_frames import FrameSampler
 from tasks.face_speaker import (
     SPEAKING_MIN_FRAMES,
@@ -21,14 +22,7 @@ from tasks.face_speaker import (
     loudness_at,
     mouth_opening,
 )
-from tasks.faces import (
-    CHOSEN_COLOUR,
-    FaceSettings,
-    crop_faces,
-    faces_extractor_id,
-    load_crops,
-    load_tracks,
-)
+from tasks.faces import FaceSettings, crop_faces, faces_extractor_id
 from tests.tasks import badmedia
 from tests.tasks import face_clips as fc
 

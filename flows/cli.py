@@ -17,6 +17,7 @@ from flows.cli_common import (
     Overrides,
     ProfileOpt,
     UsageProblem,
+    corpus_or_override,
 )
 from flows.config import Settings, load_settings
 
@@ -132,7 +133,7 @@ def _run_flow(
     from data_contracts.location import normalize_root
     from flows import server
 
-    if not Path(corpus_dir).is_dir():
+    if corpus_dir is not None and not Path(corpus_dir).is_dir():
         raise UsageProblem(
             f"corpus folder {corpus_dir} does not exist; give a MER2024-shaped corpus folder "
             f"(or create one with `merflow demo-corpus DIR`)"
@@ -142,7 +143,7 @@ def _run_flow(
     env = env or _connect(settings, settings.local_root(root))
     with server.use_server(env):
         return flow_fn(
-            str(corpus_dir),
+            str(corpus_dir) if corpus_dir is not None else None,
             profile=profile,
             data_root=str(root),
             overrides=list(overrides or []),
@@ -183,11 +184,11 @@ def extract_cmd(
         raise typer.Exit(3)
 
 
-def _run_train(corpus_dir, settings, profile, overrides, data_root, env=None) -> dict:
+def _run_train(corpus_dir, settings, profile, overrides, data_root, env=None, **kw) -> dict:
     from flows.train import train_flow
     from tasks.train_report import report_markdown
 
-    report = _run_flow(train_flow, corpus_dir, settings, profile, overrides, data_root, env)
+    report = _run_flow(train_flow, corpus_dir, settings, profile, overrides, data_root, env, **kw)
     typer.echo(report_markdown(report))
     typer.echo(
         f"report: {report['report_dir']} (report.md, confusion.png, curves.png, submission.csv)"
@@ -197,14 +198,29 @@ def _run_train(corpus_dir, settings, profile, overrides, data_root, env=None) ->
 
 @app.command("train")
 def train_cmd(
-    corpus_dir: Annotated[Path, typer.Argument(help="the extracted corpus folder")],
+    corpus_dir: Annotated[
+        str | None,
+        typer.Argument(help="the extracted corpus folder; leave out to train on the stores alone"),
+    ] = None,
     profile: ProfileOpt = "demo",
     data_root: DataRootUrlOpt = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="a label CSV (name, discrete) to load into the labels table first"),
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
-    """MR-CCL pretraining, two-step self-training and voting on the feature stores; WAF report."""
+    """MR-CCL pretraining, two-step self-training and voting on the feature stores; WAF report.
+    Without a corpus folder it trains on what the stores under --data-root hold
+    (docs/import.md)."""
+    corpus, overrides = corpus_or_override(corpus_dir, overrides)
     settings = _settings(profile, overrides)
-    _run_train(corpus_dir, settings, profile, overrides, data_root)
+    if corpus is None and not (data_root or settings.data_root):
+        raise UsageProblem("give the corpus folder, or --data-root to train on its stores alone")
+    if labels is not None and not labels.is_file():
+        raise UsageProblem(f"label file {labels} does not exist; give a CSV with name, discrete")
+    kw = {"labels_csv": str(labels.resolve())} if labels is not None else {}
+    _run_train(corpus, settings, profile, overrides, data_root, **kw)
 
 
 @app.command("train-join")
@@ -491,6 +507,12 @@ def _mount_subcommands() -> None:
     from flows.predict_cli import register as register_predict
 
     register_predict(app)
+    from flows.import_cli import register as register_import
+
+    register_import(app)
+    from flows.ablate_cli import register as register_ablate
+
+    register_ablate(app)
 
 
 _mount_subcommands()

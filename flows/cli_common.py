@@ -17,6 +17,8 @@ traceback instead.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -53,6 +55,23 @@ RequiredDataRootOpt = Annotated[
 
 class UsageProblem(ValueError):
     """The command line names something that cannot be used (a folder that does not exist)."""
+
+
+# A `key=value` setting override (`train.seed=1`, `data_root=s3://b/p`), as opposed to a path.
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*(\.[A-Za-z_0-9]+)*=")
+
+
+def corpus_or_override(
+    corpus_dir: str | None, overrides: list[str] | None
+) -> tuple[Path | None, list[str]]:
+    """An optional corpus argument and the overrides after it: click gives the first override
+    to the corpus when the corpus is left out (`merflow train --data-root R train.seed=1`)."""
+    overrides = list(overrides or [])
+    if corpus_dir is None:
+        return None, overrides
+    if not Path(corpus_dir).exists() and OVERRIDE.match(corpus_dir):
+        return None, [corpus_dir, *overrides]
+    return Path(corpus_dir), overrides
 
 
 # -- errors to exit codes ----------------------------------------------------------------------

@@ -4,6 +4,7 @@ Prefect tasks and `merflow task` build the same stages from the same plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from data_contracts import tables
+from data_contracts.labels import MODALITIES
+from data_contracts.store import Store
 from data_contracts.tables import TableRef
 from flows.config import Settings
 from models.registry import get_spec
@@ -25,6 +28,7 @@ from tasks.embed import (
 )
 from tasks.faces import FaceSettings, faces_stage
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, audio_stage
+from tasks.quality import find_feature_tables
 from tasks.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -100,12 +104,15 @@ class ExtractionPlan:
         return BUILDERS[name](**self.stage_args(name, official))
 
 
-def model_choices(settings: Settings, data_root: Path | str) -> dict[str, ModelChoice]:
+def model_choices(
+    settings: Settings, data_root: Path | str, build: bool = True
+) -> dict[str, ModelChoice]:
     """The four extractors of a profile, as picklable choices for the tasks (their checkpoints
-    are local: under the data root, or its local work folder when it is a URL)."""
+    are local: under the data root, or its local work folder when it is a URL). `build`: build
+    the tiny checkpoints when models.build_tiny says so (False: use only what is there)."""
     m = settings.models
     models_dir = settings.models_dir(data_root)
-    if m.build_tiny:
+    if m.build_tiny and build:
         from models.tiny import build_tiny_models
 
         build_tiny_models(models_dir, seed=m.tiny_seed)
@@ -182,11 +189,13 @@ def plan_extraction(
     data_root: Path | str,
     corpus_dir: Path | None,
     official: bool | None = None,
+    build: bool = True,
 ) -> ExtractionPlan:
     """The plan of a profile on a corpus (official transcripts change the transcripts id).
 
     `official` None: official transcripts are preferred when the settings say so and the
-    corpus ships them; True or False decides it (`merflow task embed-text --text`).
+    corpus ships them; True or False decides it (`merflow task embed-text --text`). `build`:
+    as in model_choices.
     """
     if official is None:
         official = bool(
@@ -194,7 +203,7 @@ def plan_extraction(
             and settings.extract.prefer_official_transcripts
             and (Path(corpus_dir) / settings.corpus.transcripts_csv).exists()
         )
-    models = model_choices(settings, data_root)
+    models = model_choices(settings, data_root, build)
     audio_id = audio_extractor_id(settings.audio.sample_rate)
     asr_id = models["asr"].extractor_id(audio_id)
     return ExtractionPlan(
@@ -207,3 +216,78 @@ def plan_extraction(
         ffmpeg_bin=settings.audio.ffmpeg_bin,
         ffmpeg_threads=settings.audio.ffmpeg_threads,
     )
+
+
+def stored_plan(settings: Settings, store: Store) -> ExtractionPlan:
+    """The plan of a data root read without its corpus folder: no model is built, and official
+    transcripts count where the stores hold the text features made from them (with a corpus,
+    its transcript CSV decides)."""
+    try:
+        plan = plan_extraction(settings, store.root, None, official=False, build=False)
+        plan.feature_tables()  # every extractor's id: a checkpoint that is not there shows here
+        asr_id = plan.models["asr"].extractor_id(plan.audio_id)
+    except FileNotFoundError as e:  # models.registry.ModelNotFoundError
+        raise LookupError(
+            f"without a corpus folder the extraction plan names its tables from the models in "
+            f"{settings.models_dir(store.root)}, and they are not all there ({e}); name the table "
+            f"of every modality with train.feature_tables={{visual: ID, acoustic: ID, text: ID}} "
+            f"({_stored_listing(store)}), or give the corpus folder"
+        ) from e
+    if not settings.extract.prefer_official_transcripts:
+        return plan
+    official = dataclasses.replace(
+        plan,
+        transcripts_id=transcripts_extractor_id(asr_id, True),
+        official_transcripts=True,
+    )
+    return official if store.exists(official.feature_tables()["text"]) else plan
+
+
+def training_tables(
+    settings: Settings, store: Store, corpus_dir: Path | None
+) -> dict[str, TableRef]:
+    """The feature table of each modality a run trains on: the stored table the setting
+    `train.feature_tables` names, else the extraction plan's. Without a corpus folder the plan
+    is stored_plan (no model built) and its tables must be in the stores; with every modality
+    named, no plan is made at all."""
+    named = settings.train.feature_tables
+    stored = find_feature_tables(store)[0] if named else []
+    chosen: dict[str, TableRef] = {}
+    for m in (m for m in MODALITIES if m in named):
+        found = [t for t in stored if t.modality == m and t.extractor_id == named[m]]
+        if not found:
+            raise LookupError(
+                f"train.feature_tables names the {m} table {named[m]!r}, which the stores under "
+                f"{store.url} do not hold ({_stored_listing(store, m)}); import one with "
+                f"`merflow import-features {m} NAME SOURCE` (table imported-NAME)"
+            )
+        chosen[m] = found[0].ref
+    rest = [m for m in MODALITIES if m not in chosen]
+    if not rest:
+        return chosen
+    if corpus_dir is not None:
+        planned = plan_extraction(settings, store.root, corpus_dir).feature_tables()
+        return {m: chosen.get(m, planned[m]) for m in MODALITIES}
+    planned = stored_plan(settings, store).feature_tables()
+    absent = [m for m in rest if not store.exists(planned[m])]
+    if absent:
+        wanted = ", ".join(f"{m}: {planned[m].name.rsplit('/', 1)[-1]}" for m in absent)
+        raise LookupError(
+            f"without a corpus folder training reads the tables the stores hold, and they lack "
+            f"the extraction plan's {wanted}; name the tables to train on with "
+            f"train.feature_tables={{{', '.join(f'{m}: ID' for m in absent)}}} "
+            f"({_stored_listing(store)}), or extract them (`merflow extract CORPUS`)"
+        )
+    return {m: chosen.get(m, planned[m]) for m in MODALITIES}
+
+
+def _stored_listing(store: Store, modality: str | None = None) -> str:
+    """The feature tables the stores hold (of one modality), for an error message."""
+    stored, _ = find_feature_tables(store)
+    names = [
+        f"{t.modality}: {t.extractor_id}" if modality is None else t.extractor_id
+        for t in stored
+        if modality in (None, t.modality)
+    ]
+    what = f"{modality} tables" if modality else "feature tables"
+    return f"the stores hold {'; '.join(names)}" if names else f"the stores hold no {what}"

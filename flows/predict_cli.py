@@ -10,16 +10,12 @@ the run folder. Heavy modules load when the command runs, not with the command l
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from flows.cli_common import DataRootUrlOpt, ProfileOpt, UsageProblem
-
-# A `section.key=value` setting override, as opposed to a video or folder path.
-_OVERRIDE = re.compile(r"^[A-Za-z_]+(\.[A-Za-z_0-9]+)+=")
+from flows.cli_common import OVERRIDE, DataRootUrlOpt, ProfileOpt, UsageProblem
 
 RunArg = Annotated[
     str,
@@ -47,7 +43,7 @@ def split_items(items: list[str]) -> tuple[list[Path], list[Path], list[str]]:
             folders.append(path.resolve())
         elif path.is_file():
             files.append(path.resolve())
-        elif _OVERRIDE.match(item):
+        elif OVERRIDE.match(item):
             overrides.append(item)
         else:
             raise UsageProblem(f"{item} is neither a video file, a folder nor a key=value setting")

@@ -28,11 +28,13 @@ from prefect.context import FlowRunContext
 from prefect.logging.handlers import APILogHandler
 from tqdm.auto import tqdm
 
+from data_contracts import tables
 from data_contracts.location import normalize_root
 from data_contracts.store import Store
 from flows.config import load_settings, save_resolved
-from flows.plan import plan_extraction
-from flows.safety import checked_corpus_root
+from flows.extract import load_labels_task
+from flows.plan import plan_extraction, stored_plan, training_tables
+from flows.safety import check_all_under_roots, checked_corpus_root, data_root_paths, trusted_roots
 from flows.train_worker import launch, worker_args
 from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
 from models.settings import available_cpus
@@ -176,10 +178,12 @@ class _Watch(logging.Handler):
             epochs.setLevel(level)
 
 
-def _quality_filtered(data, store: Store, settings, plan):
+def _quality_filtered(data, store: Store, settings, corpus: Path | None):
     thresholds = quality_thresholds(settings.train)
     if all(v is None for v in thresholds.values()):
         return data
+    # The signals live in the upstream tables of the plan (faces, audio, transcripts).
+    plan = plan_extraction(settings, store.root, corpus) if corpus else stored_plan(settings, store)
     signals = quality_signals(store, plan.faces.extractor_id, plan.audio_id, plan.transcripts_id)
     parts, dropped = {}, list(data.dropped)
     for name in ("labelled", "unlabelled"):
@@ -198,14 +202,17 @@ def training_context(
     data_root: str, profile: str, overrides: list[str], corpus_dir: str | None = None
 ) -> dict:
     """What a run trains on, read from the stores once: the data (quality filters applied),
-    its fingerprint, the recipe and the run key."""
+    its fingerprint, the recipe and the run key. The feature tables are those of
+    flows/plan.py training_tables (train.feature_tables, else the extraction plan's); without
+    a corpus folder no model checkpoint is built to name them."""
     settings = load_settings(profile, overrides)
     store = Store(data_root)
-    plan = plan_extraction(settings, store.root, Path(corpus_dir) if corpus_dir else None)
-    feature_tables = plan.feature_tables()
+    corpus = Path(corpus_dir) if corpus_dir else None
+    # The chosen tables' names are part of the fingerprint, so another table is another run.
+    feature_tables = training_tables(settings, store, corpus)
     fingerprint = data_fingerprint(store, feature_tables)
     data = load_training_data(store, feature_tables, settings.train.standardize)
-    data = _quality_filtered(data, store, settings, plan)
+    data = _quality_filtered(data, store, settings, corpus)
     recipe = recipe_from_settings(settings.train, data.labelled.dims)
     return {
         "settings": settings,
@@ -231,27 +238,66 @@ def _save_beside_stores(settings, store: Store) -> None:
         store.write_text("runs/latest-train-settings.yaml", text)
 
 
+def _checked_paths(
+    settings, profile: str, overrides: list[str], corpus_dir, data_root, labels_csv
+) -> tuple[Path | None, Path | str]:
+    """The corpus folder (None: train from the stores alone) and the data root, refused when
+    they or the label CSV lie outside the allowed roots in force (flows/safety.py)."""
+    roots = trusted_roots(profile, overrides, settings)
+    check_all_under_roots([("labels CSV", labels_csv)] if labels_csv else [], roots)
+    if corpus_dir:
+        return checked_corpus_root(settings, profile, overrides, corpus_dir, data_root)
+    check_all_under_roots([("data_root", data_root)] if data_root else [], roots)
+    root = normalize_root(data_root) if data_root else settings.resolved_data_root(None)
+    check_all_under_roots(data_root_paths(settings, root), roots)
+    return None, root
+
+
+def _labels_without_videos(store: Store) -> list[str]:
+    """Labelled videos the manifest lacks: training reads manifest videos only."""
+    labelled = set(store.read(tables.LABELS, columns=["video_id"]).video_id)
+    return sorted(labelled - set(store.read(tables.MANIFEST, columns=["video_id"]).video_id))
+
+
 @flow(name="train", flow_run_name="train-{profile}", log_prints=True)
 def train_flow(
-    corpus_dir: str,
+    corpus_dir: str | None = None,
     profile: str = "demo",
     data_root: str | None = None,
     overrides: list[str] | None = None,
+    labels_csv: str | None = None,
 ) -> dict:
     """Train MR-CCL with two-step self-training on the extracted features; report WAF.
 
     Args:
-        corpus_dir: the corpus folder whose features were extracted (video-labeled/, ...).
+        corpus_dir: the corpus folder whose features were extracted (video-labeled/, ...);
+            empty: train on what the stores under data_root hold (docs/import.md).
         profile: settings profile (demo: tiny models; paper: the real ones).
         data_root: where the stores are (default <corpus_dir>/merflow).
-        overrides: key=value settings, e.g. ["train.use_pseudo_labels=false"] for an ablation.
+        overrides: key=value settings, e.g. ["train.use_pseudo_labels=false"] for an ablation,
+            or train.feature_tables={visual: imported-NAME} to train on an imported table.
+        labels_csv: a label CSV (name, discrete) to load into the labels table first, as
+            extraction loads the corpus's.
     """
     logger = get_run_logger()
     overrides = list(overrides or [])
     settings = load_settings(profile, overrides)
-    corpus, root = checked_corpus_root(settings, profile, overrides, corpus_dir, data_root)
+    corpus, root = _checked_paths(settings, profile, overrides, corpus_dir, data_root, labels_csv)
+    if labels_csv:
+        load_labels_task(str(Path(labels_csv).expanduser().resolve()), str(root))
+    unlisted = _labels_without_videos(Store(root))
+    if unlisted:
+        shown = ", ".join(unlisted[:10]) + (
+            f" (+{len(unlisted) - 10} more)" if len(unlisted) > 10 else ""
+        )
+        logger.warning(
+            "%d labelled videos are not in the manifest and are not trained on (`merflow scan "
+            "VIDEO_DIR --data-root ROOT` adds their videos): %s",
+            len(unlisted),
+            shown,
+        )
     # The plan sees the corpus: official transcripts change the text features' id.
-    ctx = training_context(str(root), profile, overrides, str(corpus))
+    ctx = training_context(str(root), profile, overrides, str(corpus) if corpus else None)
     key = ctx["key"]
     run_dir = _run_dir(settings, root, key)
     run_dir.mkdir(parents=True, exist_ok=True)

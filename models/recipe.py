@@ -247,6 +247,9 @@ class FoldOutcome:
     pseudo: PseudoLabels
     history: dict[str, Any]
     stop_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # The baseline's voted probabilities on the validation rows (None without pseudo labels):
+    # its per-class F1 beside the method's (the baseline row of Table 1, flows/ablate.py).
+    baseline_val_probs: np.ndarray | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-able scores, pseudo-label counts and curves."""
@@ -298,7 +301,7 @@ def train_fold(
         fit1 = fine_tune(model, fit_set, stop, step1)
     stages: dict[str, Any] = {"step1": fit1.history}
     step1_waf = waf(val.labels, predict(model, val, cfg.train.eval_batch_size)["voted"].argmax(1))
-    baseline_waf = None
+    baseline_waf, base_val = None, None
     no_pseudo = np.zeros(0, dtype=np.int64)
     chosen = PseudoLabels(no_pseudo, no_pseudo, np.zeros(0, dtype=np.float32))
     if cfg.use_pseudo_labels:
@@ -339,4 +342,5 @@ def train_fold(
         pseudo=chosen,
         history=stages,
         stop_index=tr[stop_rows],
+        baseline_val_probs=base_val,
     )

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from data_contracts.labels import MODALITIES
 
 
 def available_cpus() -> int:
@@ -82,6 +84,10 @@ class TrainSettings(BaseModel):
     use_pseudo_labels: bool = True
     use_oversampling: bool = True
     device: str = "auto"
+    # The feature table of a modality to train on (docs/import.md): its extractor id (e.g.
+    # imported-mertools-clip) or its table name (features/visual/<id>, kept as the id); a
+    # modality not named trains on the extraction plan's table, as extraction names it.
+    feature_tables: dict[str, str] = Field(default_factory=dict)
     # Data-parallel training (models/distributed.py): more than one process in all runs each
     # step under torchrun. These say how a step runs, not what it computes, so they are left out
     # of a run's identity: a run started on 8 GPUs resumes on 4 in the same folder.
@@ -93,6 +99,22 @@ class TrainSettings(BaseModel):
     # shared out over its nproc_per_node processes. Set it when two jobs share a machine: more
     # threads than free cores make every op wait for a descheduled thread (~8x slower).
     threads: int | None = Field(None, gt=0)
+
+    @field_validator("feature_tables")
+    @classmethod
+    def _tables_of_known_modalities(cls, value: dict[str, str]) -> dict[str, str]:
+        problems = []
+        for m, name in value.items():
+            parts = name.split("/")
+            table_name = len(parts) == 3 and parts[:2] == ["features", m]
+            if m not in MODALITIES:
+                problems.append(f"{m!r} is not a modality ({', '.join(MODALITIES)})")
+            elif not parts[-1].strip() or (len(parts) > 1 and not table_name):
+                problems.append(f"{m}: {name!r} is not an extractor id nor features/{m}/<id>")
+        if problems:
+            raise ValueError("; ".join(problems))
+        # Kept as extractor ids: two spellings of one table are one run key.
+        return {m: name.rsplit("/", 1)[-1].strip() for m, name in value.items()}
 
     @model_validator(mode="after")
     def _multi_node_needs_endpoint(self) -> TrainSettings:

@@ -10,7 +10,6 @@ speech models at their own sample rate, resampled when the audio split used anot
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -28,6 +27,7 @@ from data_contracts.store import Store
 from models.extractors import load_extractor, planned_extractor_id, quiet_progress_bars
 from models.registry import ExtractorSpec, get_spec, id_settings, resolve_model_path
 from models.settings import available_cpus
+from tasks.code_version import code_version
 from tasks.face_crops import FaceCrops, load_crops
 from tasks.faces import FaceSettings
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, read_wav
@@ -127,36 +127,6 @@ class ModelChoice:
         return int(self.batch) if self.batch else None
 
 
-@functools.cache
-def _code_version() -> dict[str, Any]:
-    """merflow's version and git commit, once per process; None where unknown, never an error."""
-    import importlib.metadata
-    import subprocess
-
-    try:
-        version = importlib.metadata.version("merflow")
-    except importlib.metadata.PackageNotFoundError:
-        version = None
-    root = Path(__file__).resolve().parents[1]
-    commit, dirty = None, None
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    try:
-        # A copy installed inside some other checkout (a venv in a repo) is not that commit.
-        top = git("rev-parse", "--show-toplevel")
-        if top and Path(top).resolve() == root:
-            commit = git("rev-parse", "HEAD") or None
-            dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"merflow_version": version, "git_commit": commit, "git_dirty": dirty}
-
-
 def _provenance(extractor: Any, upstream_id: str, extractor_id: str, inputs: dict) -> str:
     """JSON provenance of a feature row: model, the settings behind `extractor_id`, the settings
     of the stage that made its inputs (`inputs`, structured, never parsed from an id), code."""
@@ -182,7 +152,7 @@ def _provenance(extractor: Any, upstream_id: str, extractor_id: str, inputs: dic
             "settings_hash": hashlib.sha256(payload.encode()).hexdigest()[:8],
             "id_settings": settings,
             **inputs,
-            **_code_version(),
+            **code_version(),
         },
         sort_keys=True,
     )

@@ -1,6 +1,7 @@
 """The steps of a training run over its frozen inputs: freeze, pretrain, fold k, and the report
 (tasks/train_report.py). Each writes its outputs under the run folder and is skipped when they
-are already there, so a killed run resumes from the last finished step. The train flow, the
+are already there, so a killed run resumes from the last finished step; runs that would pretrain
+the same model share one pretraining (pretrain_step). The train flow, the
 torchrun worker, the tests and benchmarks/train_synthetic.py all run these same functions.
 
 A step reads the run's frozen inputs and checks their run key against its own settings: it
@@ -8,10 +9,17 @@ never reads the stores, so a store that grows during the run changes nothing in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,7 +33,7 @@ from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
 from data_contracts.tables import TableRef
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.distributed import barrier, world
+from models.distributed import World, barrier, gather_rows, world
 from models.recipe import (
     FoldOutcome,
     RecipeConfig,
@@ -117,19 +125,148 @@ def _mark_done(folder: Path, info: dict) -> None:
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=float))
 
 
+# The recipe's loop settings that pretraining reads (models/training.py pretrain and _Loop), and
+# the device; the early-stopping and fine-tuning ones (max_epochs, patience, lambda_con) it
+# does not.
+_PRETRAIN_LOOP = ("lr", "batch_size", "weight_decay", "seed")
+LOCK_POLL_S = 0.5  # how often a run waiting for another's pretraining looks again
+
+
+def pretrain_key(data: TrainingData, recipe: RecipeConfig) -> str:
+    """What MR-CCL pretraining computes from (models/recipe.py pretrain_start), hashed: every
+    row's features and presence in training order, the network's whole config (NEE included:
+    its noisy view is L_intra), the loop settings it reads, its epochs and seed. Not the fold,
+    pseudo-label or oversampling settings: runs that differ only there pretrain the same model.
+    """
+    h = hashlib.sha256()
+    parts = [data.everything] if data.everything is not None else [data.labelled, data.unlabelled]
+    head = {
+        "rows": sum(len(fs) for fs in parts),
+        "extractor_ids": dict(data.extractor_ids),
+        "features_version": FEATURES_VERSION,
+        # The whole config, not only what shapes the weights: the checkpoint saves it.
+        "model": asdict(recipe.model),
+        "loop": {n: getattr(recipe.train, n) for n in _PRETRAIN_LOOP}
+        # The kind of device, not which one: the ranks of a torchrun step each have their own.
+        | {"device": str(recipe.train.device).split(":")[0]},
+        "epochs": recipe.pretrain_epochs,
+    }
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for fs in parts:
+        h.update("".join(f"{v}\0" for v in fs.video_ids.tolist()).encode())
+    for m in MODALITIES:  # part after part: the same bytes as the concatenated rows
+        for fs in parts:
+            x = np.ascontiguousarray(fs.features[m])
+            h.update(f"{m}:{x.dtype}:{x.shape[1:]}".encode())
+            h.update(x)
+            h.update(np.ascontiguousarray(fs.present[m], dtype=bool))
+    return h.hexdigest()[:16]
+
+
+def shared_pretraining_dir(run_dir: Path) -> Path | None:
+    """Where the pretrainings a run may share live: beside the train flow's runs (runs/, whose
+    run folders are train-<key>); None for a run folder elsewhere (tests, benchmarks), which
+    trains its own."""
+    if run_dir.parent.name == "runs" and run_dir.name.startswith("train-"):
+        return run_dir.parent
+    return None
+
+
 def pretrain_step(run_dir: Path, data: TrainingData, recipe: RecipeConfig) -> Path:
-    """MR-CCL contrastive pretraining on all videos; writes run_dir/pretrain/ (or skips)."""
+    """MR-CCL contrastive pretraining on all videos; writes run_dir/pretrain/ (or skips).
+
+    A train flow's run shares it: the first run that needs a pretraining key (pretrain_key)
+    trains it into runs/pretrain-<key>/ while holding that key's lock, and every run of the key
+    (the ablations that keep pretraining, other seeds of the fold recipe) links it into its own
+    folder. Without pretraining there is nothing to share (a fresh initialisation)."""
     folder = run_dir / "pretrain"
     if _done(folder) is not None:
         log.info("pretraining already done in %s", folder)
         return folder
+    shared_root = shared_pretraining_dir(run_dir)
+    if not recipe.use_pretraining or shared_root is None:
+        _pretrain_into(folder, data, recipe, {})
+        return folder
+    key = pretrain_key(data, recipe)
+    shared = shared_root / f"pretrain-{key}"
+    w = world()
+    shared_root.mkdir(parents=True, exist_ok=True)
+    with _held(shared_root / f".pretrain-{key}.lock", w):
+        # Rank 0 holds the key's lock, and only a holder publishes: every rank sees one answer.
+        if _done(shared) is None:
+            _pretrain_into(shared, data, recipe, {"trained_for": run_dir.name}, publish=True)
+        else:
+            log.info("pretraining %s reused from %s", key, shared)
+        if w.main:
+            _link_tree(shared, folder, {"pretrain_key": key, "shared": shared.name})
+        barrier(w)
+    return folder
+
+
+def _pretrain_into(
+    folder: Path, data: TrainingData, recipe: RecipeConfig, info: dict, publish: bool = False
+) -> None:
+    """Pretrain (every rank) and write the checkpoint and done.json into `folder` (rank 0).
+    publish: written beside it and renamed into place, so `folder` is whole or absent."""
     w = world()  # under torchrun every rank trains; rank 0 alone writes
     model, history = pretrain_start(data.labelled, data.unlabelled, recipe, data.everything)
     if w.main:
-        save_checkpoint(model, folder, data.extractor_ids, FEATURES_VERSION, {"history": history})
-        _mark_done(folder, {"epochs": len(history), "history": history, "world_size": w.size})
+        out = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}") if publish else folder
+        save_checkpoint(model, out, data.extractor_ids, FEATURES_VERSION, {"history": history})
+        done = {"epochs": len(history), "history": history, "world_size": w.size, **info}
+        _mark_done(out, done)
+        if publish:
+            shutil.rmtree(folder, ignore_errors=True)  # a folder without done.json: not whole
+            try:
+                os.rename(out, folder)
+            except OSError:  # published meanwhile by a run whose lock did not hold (NFS)
+                shutil.rmtree(out, ignore_errors=True)
     barrier(w)
-    return folder
+
+
+def _link_tree(src: Path, dst: Path, info: dict) -> None:
+    """`src`'s files hard-linked (copied across file systems) into `dst`, done.json written anew
+    with `info` added; built beside `dst` and renamed into place."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, tmp, copy_function=link, ignore=shutil.ignore_patterns(DONE, ".*"))
+    _mark_done(tmp, {**(_done(src) or {}), **info})
+    shutil.rmtree(dst, ignore_errors=True)  # what a killed step left
+    os.rename(tmp, dst)
+
+
+@contextlib.contextmanager
+def _held(path: Path, w: World) -> Iterator[None]:
+    """Inside, rank 0 holds an exclusive lock on `path` (released when its process dies too).
+    The ranks wait for it together by polling in short collectives, never in one that could
+    outlast the process group's timeout; a world of one just polls."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR) if w.main else None
+    try:
+        while True:
+            got = fd is not None and _try_lock(fd)
+            if w.distributed:  # every rank learns rank 0's answer
+                got = bool(gather_rows(np.array([int(got)]), [1] * w.size, w)[0])
+            if got:
+                break
+            time.sleep(LOCK_POLL_S)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def fold_step(k: int, run_dir: Path, data: TrainingData, recipe: RecipeConfig) -> Path:
@@ -162,6 +299,8 @@ def _save_fold(folder: Path, outcome: FoldOutcome, data: TrainingData) -> None:
         "pseudo_confidence": outcome.pseudo.confidences,
         "stop_index": outcome.stop_index,
     }
+    if outcome.baseline_val_probs is not None:
+        arrays["val_baseline"] = outcome.baseline_val_probs
     with atomic_path(folder / "outputs.npz") as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     _mark_done(folder, {**outcome.summary(), "world_size": world().size})

@@ -39,10 +39,24 @@ PROB_KEYS = (*CLASSIFIERS, "voted")
 STAGES = ("step1", "baseline", "step2")  # a fold's stages, in the order they train
 
 
-def _write_text(path: Path, text: str) -> Path:
+def write_text(path: Path, text: str) -> Path:
+    """Write a report file atomically (readers never see half of it)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def save_png(fig, path: Path) -> Path:
+    """Save a report figure atomically as PNG and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def percent(x: float | None) -> float | None:
+    """A score in [0, 1] as the reports show it: percent, two decimals (None stays None)."""
+    return None if x is None else round(100 * x, 2)
 
 
 def _plot_confusion(cm: np.ndarray, path: Path, title: str) -> Path:
@@ -59,10 +73,7 @@ def _plot_confusion(cm: np.ndarray, path: Path, title: str) -> Path:
             color = "white" if cm[i, j] > peak / 2 else "black"
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", color=color, fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _plot_curves(folds: list[dict], pretrain: list[dict], path: Path) -> Path:
@@ -98,20 +109,13 @@ def _plot_curves(folds: list[dict], pretrain: list[dict], path: Path) -> Path:
         if any(k is not None for k, _, _ in drawn):
             ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def fold_rows(run_dir: Path, n_splits: int) -> list[dict[str, Any]]:
     """One row per finished fold of a run (its done.json): WAF (%) of the full method, step 1,
     the baseline and the reference guesses on the fold's validation videos, pseudo labels,
     and the epochs each stage trained. The UI's fold table while a run goes."""
-
-    def pct(x: float | None) -> float | None:
-        return None if x is None else round(100 * x, 2)
-
     rows = []
     for k in range(n_splits):
         done = run_dir / f"fold-{k}" / "done.json"
@@ -122,11 +126,11 @@ def fold_rows(run_dir: Path, n_splits: int) -> list[dict[str, Any]]:
         rows.append(
             {
                 "fold": k,
-                "full method": pct(f["val_waf"]),
-                "step 1": pct(f["step1_waf"]),
-                "baseline": pct(f.get("baseline_waf")),
-                "majority class": pct(refs.get("majority")),
-                "class mix": pct(refs.get("class_prior")),
+                "full method": percent(f["val_waf"]),
+                "step 1": percent(f["step1_waf"]),
+                "baseline": percent(f.get("baseline_waf")),
+                "majority class": percent(refs.get("majority")),
+                "class mix": percent(refs.get("class_prior")),
                 "pseudo labels": sum((f.get("pseudo_counts") or {}).values()),
                 "epochs": ", ".join(f"{s} {len(hist[s])}" for s in STAGES if s in hist),
             }
@@ -148,6 +152,7 @@ def build_report(
     n_lab, n_unl = len(lab), len(unl)
     oof = {k: np.zeros((n_lab, NUM_CLASSES), np.float32) for k in PROB_KEYS}
     fold_of = np.full(n_lab, -1, np.int32)
+    oof_baseline: np.ndarray | None = np.zeros((n_lab, NUM_CLASSES), np.float32)
     test_per_fold: list[dict[str, np.ndarray]] = []
     folds: list[dict] = []
     pseudo_rows: list[dict] = []
@@ -159,6 +164,10 @@ def build_report(
         fold_of[idx] = k
         for key in PROB_KEYS:
             oof[key][idx] = arrays[f"val_{key}"]
+        if oof_baseline is not None and "val_baseline" in arrays:
+            oof_baseline[idx] = arrays["val_baseline"]
+        else:  # runs without pseudo labels train no baseline (nor did runs before it was saved)
+            oof_baseline = None
         test_per_fold.append({key: arrays[f"test_{key}"] for key in PROB_KEYS})
         for i, c, p in zip(
             arrays["pseudo_index"], arrays["pseudo_label"], arrays["pseudo_confidence"], strict=True
@@ -200,6 +209,9 @@ def build_report(
         "per_classifier_oof_waf": {c: waf(lab.labels, oof[c].argmax(1)) for c in CLASSIFIERS},
         "rows": rows,
         "per_class_f1": per_class_f1(lab.labels, pred),
+        "baseline_per_class_f1": (
+            None if oof_baseline is None else per_class_f1(lab.labels, oof_baseline.argmax(1))
+        ),
         "confusion": cm.tolist(),
         "pseudo_counts": pseudo_counts,
         "classes": list(CLASSES),
@@ -207,14 +219,14 @@ def build_report(
     }
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "report.json", json.dumps(report, indent=2, sort_keys=True))
+    write_text(out / "report.json", json.dumps(report, indent=2, sort_keys=True))
     _plot_confusion(cm, out / "confusion.png", f"out-of-fold, WAF {report['oof_waf']:.3f}")
     _plot_curves(folds, pretrain, out / "curves.png")
-    _write_text(out / "report.md", report_markdown(report))
+    write_text(out / "report.md", report_markdown(report))
     submission = pd.DataFrame(
         {"name": unl.video_ids, "discrete": [CLASSES[i] for i in test["voted"].argmax(1)]}
     )
-    _write_text(out / "submission.csv", submission.to_csv(index=False))
+    write_text(out / "submission.csv", submission.to_csv(index=False))
     if store is not None:
         _write_predictions(store, run_id, lab, unl, oof, test, fold_of)
         if pseudo_rows:

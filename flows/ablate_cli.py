@@ -1,0 +1,51 @@
+"""`merflow ablate CORPUS`: the paper's Table 1 (the full method, its ablations and the
+baseline over training seeds) as the ablate flow against the data root's Prefect server
+(flows/ablate.py). Heavy modules load when the command runs, not with the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.cli_common import DataRootUrlOpt, Overrides, ProfileOpt
+
+
+def ablate_cmd(
+    corpus_dir: Annotated[Path, typer.Argument(help="the extracted corpus folder")],
+    seeds: Annotated[int, typer.Option(help="training seeds per system", min=1)] = 3,
+    parallel: Annotated[
+        int | None,
+        typer.Option(help="train runs at once (default: half the cores)", min=1),
+    ] = None,
+    profile: ProfileOpt = "demo",
+    data_root: DataRootUrlOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """The paper's Table 1: full method, each ablation and the baseline over seeds (finished
+    runs are reused, shared pretraining is trained once)."""
+    from flows.ablate import ablate_flow
+    from flows.cli import _run_flow
+    from flows.config import load_settings
+    from tasks.ablate_report import table_markdown
+
+    settings = load_settings(profile, overrides or [])
+    table = _run_flow(
+        ablate_flow,
+        corpus_dir,
+        settings,
+        profile,
+        overrides,
+        data_root,
+        None,
+        seeds=seeds,
+        parallel=parallel,
+    )
+    typer.echo(table_markdown(table))
+    typer.echo(f"table: {table['report_dir']} (table1.md, table1.png, table1.json)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `merflow ablate` to the command line."""
+    app.command("ablate")(ablate_cmd)

@@ -1,0 +1,95 @@
+"""Train on features brought from elsewhere (docs/import.md): the videos are scanned, their
+MERTools-layout .npy features (and a Parquet table) imported, and `merflow train` runs from the
+stores and a label CSV alone: no corpus folder, no model checkpoint built, no extraction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from data_contracts import tables
+from data_contracts.labels import CLASS_INDEX
+from data_contracts.store import Store
+from flows.cli import app
+
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+DIMS = {"visual": 16, "acoustic": 12, "text": 8}
+FAST = [
+    "train.n_splits=2",
+    "train.pretrain_epochs=2",
+    "train.max_epochs=15",
+    "train.final_epochs=15",
+    "train.threads=1",  # a second thread on a busy 2-core machine spins (models/settings.py)
+]
+
+
+def _features(truth: pd.DataFrame, out, seed: int = 0) -> None:
+    """Each video's features: its class's centroid plus noise (every modality carries the
+    class), as MERTools writes them: visual frame-level (T, D) .npy files, acoustic
+    utterance-level (D,) ones; text as a Parquet table of MER's `name` and a vector column."""
+    rng = np.random.default_rng(seed)
+    labels = truth.discrete.map(CLASS_INDEX).to_numpy()
+    centroids = {m: rng.normal(size=(6, d)) * 2 for m, d in DIMS.items()}
+    for m in ("visual", "acoustic"):
+        (out / m).mkdir(parents=True)
+    for name, y in zip(truth.name, labels, strict=True):
+        frames = rng.integers(2, 6)
+        visual = centroids["visual"][y] + rng.normal(size=(frames, DIMS["visual"]))
+        np.save(out / "visual" / f"{name}.npy", visual.astype(np.float32))
+        acoustic = centroids["acoustic"][y] + rng.normal(size=DIMS["acoustic"])
+        np.save(out / "acoustic" / f"{name}.npy", acoustic.astype(np.float32))
+    text = centroids["text"][labels] + rng.normal(size=(len(labels), DIMS["text"]))
+    pd.DataFrame({"name": truth.name, "feature": list(text.astype(np.float32))}).to_parquet(
+        out / "text.parquet"
+    )
+
+
+def _merflow(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_train_on_imported_mertools_features_without_a_corpus_folder(prefect_server, tmp_path):
+    from tasks.demo_corpus import make_demo_corpus
+
+    corpus, root = tmp_path / "corpus", tmp_path / "root"
+    make_demo_corpus(corpus, n_labeled=36, n_unlabeled=12, seed=5)
+    videos = [str(corpus / "video-labeled"), str(corpus / "video-unlabeled")]
+    _merflow("scan", *videos, "--data-root", str(root))  # hashes and probes only
+    truth = pd.read_csv(corpus / "demo-truth.csv")
+    _features(truth, tmp_path / "mertools")
+    for modality, source in (
+        ("visual", "visual"),
+        ("acoustic", "acoustic"),
+        ("text", "text.parquet"),
+    ):
+        said = _merflow(
+            "import-features", modality, "mertools", str(tmp_path / "mertools" / source),
+            "--data-root", str(root),
+        )  # fmt: skip
+        assert f"features/{modality}/imported-mertools: 48 rows written" in said
+
+    chosen = "{visual: imported-mertools, acoustic: imported-mertools, text: imported-mertools}"
+    said = _merflow(
+        "train", "--data-root", str(root), "--labels", str(corpus / "label-disdim.csv"),
+        f"train.feature_tables={chosen}", *FAST,
+    )  # fmt: skip
+    report_dir = next((root / "runs").glob("train-*/report"))
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["extractor_ids"] == dict.fromkeys(DIMS, "imported-mertools")
+    assert report["n_labelled"] == 36 and str(report_dir) in said
+    assert report["mean_waf"] > 0.6, report["fold_waf"]  # chance is ~0.2
+    submission = pd.read_csv(report_dir / "submission.csv")
+    unlabelled = truth[truth.pool == "unlabeled"].set_index("name")
+    assert sorted(submission.name) == sorted(unlabelled.index)
+    hit = (unlabelled.loc[submission.name, "discrete"].to_numpy() == submission.discrete).mean()
+    assert hit > 0.5
+    # The labels came from --labels; nothing was extracted and no checkpoint was built.
+    assert len(Store(root).read(tables.LABELS)) == 36
+    assert not (root / "models").exists() and not (root / "artifacts").exists()

@@ -19,10 +19,8 @@ is read from its report, not trained again: a second invocation trains nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.config import SettingsError, load_settings
 from flows.runners import task_runner_for
 from flows.safety import checked_corpus_root
-from flows.train import _run_dir, train_flow, training_context
+from flows.train import run_dir_of, train_flow, training_context
 from models.recipe import recipe_from_settings
 from models.settings import available_cpus
 from tasks.ablate_report import (
@@ -90,7 +88,7 @@ def plan_runs(
             settings = load_settings(profile, extra)
             ts = settings.train
             key = run_key(ctx["fingerprint"], ts, recipe_from_settings(ts, dims))
-            runs.append(Run(system.name, seed, extra, key, _run_dir(settings, root, key)))
+            runs.append(Run(system.name, seed, extra, key, run_dir_of(settings, root, key)))
     return runs
 
 
@@ -108,20 +106,6 @@ def _runner(settings, parallel: int):
     if settings.extract.task_runner == "dask":
         return task_runner_for(settings)
     return ThreadPoolTaskRunner(max_workers=parallel)
-
-
-@contextlib.contextmanager
-def _epochs_logged() -> Iterator[None]:
-    """The training loops' logger at INFO throughout. Each train flow sets it to INFO while it
-    runs and restores the level it found: runs that overlap would otherwise restore each
-    other's level mid-run and lose the epoch lines of the one still going."""
-    epochs = logging.getLogger("models.training")
-    level = epochs.level
-    epochs.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        epochs.setLevel(level)
 
 
 def _check_full_method(settings) -> None:
@@ -148,7 +132,7 @@ def _train(todo: list[Run], settings, parallel: int | None, common: dict) -> dic
         # Runs side by side share the cores; the thread count is not part of a run key.
         launch = [f"train.threads={max(1, available_cpus() // width)}"]
     reports, failed = {}, []
-    with _epochs_logged(), _runner(settings, width) as runner:
+    with _runner(settings, width) as runner:
         futures = {
             (r.system, r.seed): runner.submit(
                 train_run,

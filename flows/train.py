@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,9 +166,7 @@ class _Watch(logging.Handler):
     @contextlib.contextmanager
     def watching(self) -> Iterator[_Watch]:
         """Forward the training loggers' epochs and warnings into this run while inside."""
-        epochs = logging.getLogger("models.training")
-        level = epochs.level
-        epochs.setLevel(logging.INFO)  # epoch records are INFO; the terminal shows them too
+        _epochs_at_info(+1)
         for name in self.LOGGERS:
             logging.getLogger(name).addHandler(self)
         try:
@@ -175,7 +174,27 @@ class _Watch(logging.Handler):
         finally:
             for name in self.LOGGERS:
                 logging.getLogger(name).removeHandler(self)
-            epochs.setLevel(level)
+            _epochs_at_info(-1)
+
+
+# Runs watched at once in this process (ablate runs several side by side), and the level the
+# epochs' logger had before the first: only the last run to end restores it, so a run that
+# ends first cannot silence the epoch lines of one still going.
+_watching = {"count": 0, "level": logging.NOTSET}
+_watching_lock = threading.Lock()
+
+
+def _epochs_at_info(step: int) -> None:
+    """Hold the training loops' logger at INFO (epoch records are INFO; the terminal shows them
+    too) while any run is watched: step +1 when one starts, -1 when it ends."""
+    epochs = logging.getLogger("models.training")
+    with _watching_lock:
+        if step > 0 and _watching["count"] == 0:
+            _watching["level"] = epochs.level
+            epochs.setLevel(logging.INFO)
+        _watching["count"] += step
+        if _watching["count"] == 0:
+            epochs.setLevel(_watching["level"])
 
 
 def _quality_filtered(data, store: Store, settings, corpus: Path | None):
@@ -224,7 +243,7 @@ def training_context(
     }
 
 
-def _run_dir(settings, root: Path | str, key: str) -> Path:
+def run_dir_of(settings, root: Path | str, key: str) -> Path:
     """A run's folder: on a local disk even when the stores are on object storage."""
     return settings.local_root(root) / "runs" / f"train-{key}"
 
@@ -299,7 +318,7 @@ def train_flow(
     # The plan sees the corpus: official transcripts change the text features' id.
     ctx = training_context(str(root), profile, overrides, str(corpus) if corpus else None)
     key = ctx["key"]
-    run_dir = _run_dir(settings, root, key)
+    run_dir = run_dir_of(settings, root, key)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(settings, run_dir / "settings.yaml")
     _save_beside_stores(settings, ctx["store"])
@@ -369,7 +388,7 @@ def join_training(
     root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus)
     # Only the key: this machine's ranks map the inputs node 0 froze in the shared run folder.
     key = training_context(str(root), profile, overrides, str(corpus))["key"]
-    run_dir = _run_dir(settings, root, key)
+    run_dir = run_dir_of(settings, root, key)
     joined = []
     for step in step_names(settings.train.n_splits):
         if (run_dir / step / DONE).is_file():

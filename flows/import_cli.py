@@ -1,7 +1,8 @@
 """`merflow import-features MODALITY NAME SOURCE`: features computed elsewhere (MERTools' per-video
 `.npy` files, a Parquet or CSV table) into a feature table the train flow can be pointed at
-(docs/import.md). A store write, like `merflow scan`: no Prefect server. Heavy modules load when
-the command runs, not with the command line."""
+(docs/import.md), with or without their videos in the manifest (--without-videos). A store
+write, like `merflow scan`: no Prefect server. Heavy modules load when the command runs, not
+with the command line."""
 
 from __future__ import annotations
 
@@ -26,11 +27,20 @@ def import_features_cmd(
         ),
     ],
     data_root: DataRootUrlOpt = None,
+    without_videos: Annotated[
+        bool,
+        typer.Option(
+            "--without-videos",
+            help="for features whose videos you do not have: videos the manifest lacks are "
+            "imported as feature-only rows (sha256 'no-video') and trained on, not left out",
+        ),
+    ] = False,
     profile: ProfileOpt = "demo",
     overrides: Overrides = None,
 ) -> None:
     """Import features computed elsewhere as the feature table features/MODALITY/imported-NAME;
-    videos the manifest lacks are left out and listed."""
+    videos the manifest lacks are left out and listed, or with --without-videos imported as
+    feature-only rows."""
     from data_contracts.location import normalize_root
     from data_contracts.store import Store
     from flows.config import load_settings
@@ -40,10 +50,11 @@ def import_features_cmd(
     if not (data_root or settings.data_root):
         raise UsageProblem(
             "give --data-root: the data root whose manifest names the videos (`merflow scan "
-            "VIDEO_DIR --data-root ROOT` makes one)"
+            "VIDEO_DIR --data-root ROOT` makes one), or where features imported "
+            "--without-videos go"
         )
     root = normalize_root(data_root) if data_root else settings.resolved_data_root()
-    report = import_features(Store(root), modality, name, source)
+    report = import_features(Store(root), modality, name, source, without_videos)
     for line in report.lines():
         typer.echo(line)
 

@@ -108,7 +108,7 @@ def predict_flow(
     """Label the videos of folders with a finished training run, extracting what they lack.
 
     Args:
-        run: `latest` (the newest finished run), a run key or a run folder.
+        run: `latest` (the newest finished full-method run), a run key or a run folder.
         video_dirs: folders of videos to label (scanned into the manifest).
         data_root: the data root the run was trained on.
         profile: settings profile; its extractors must be the run's.
@@ -150,7 +150,7 @@ def predict_new_flow(
         profile: settings profile; its extractors must be the run's.
         data_root: where stores and runs are (default <corpus_dir>/merflow).
         overrides: key=value settings.
-        run: `latest` (the newest finished run) or a run key.
+        run: `latest` (the newest finished full-method run) or a run key.
     """
     logger = get_run_logger()
     overrides = list(overrides or [])

@@ -20,7 +20,8 @@ from flows.cli_common import OVERRIDE, DataRootUrlOpt, ProfileOpt, UsageProblem
 RunArg = Annotated[
     str,
     typer.Argument(
-        metavar="RUN", help="the run: `latest` (newest finished run), a run key or a run folder"
+        metavar="RUN",
+        help="the run: `latest` (newest finished full-method run), a run key or a run folder",
     ),
 ]
 ItemsArg = Annotated[

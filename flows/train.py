@@ -29,7 +29,6 @@ from prefect.context import FlowRunContext
 from prefect.logging.handlers import APILogHandler
 from tqdm.auto import tqdm
 
-from data_contracts import tables
 from data_contracts.location import normalize_root
 from data_contracts.store import Store
 from flows.config import load_settings, save_resolved
@@ -272,12 +271,6 @@ def _checked_paths(
     return None, root
 
 
-def _labels_without_videos(store: Store) -> list[str]:
-    """Labelled videos the manifest lacks: training reads manifest videos only."""
-    labelled = set(store.read(tables.LABELS, columns=["video_id"]).video_id)
-    return sorted(labelled - set(store.read(tables.MANIFEST, columns=["video_id"]).video_id))
-
-
 @flow(name="train", flow_run_name="train-{profile}", log_prints=True)
 def train_flow(
     corpus_dir: str | None = None,
@@ -304,17 +297,6 @@ def train_flow(
     corpus, root = _checked_paths(settings, profile, overrides, corpus_dir, data_root, labels_csv)
     if labels_csv:
         load_labels_task(str(Path(labels_csv).expanduser().resolve()), str(root))
-    unlisted = _labels_without_videos(Store(root))
-    if unlisted:
-        shown = ", ".join(unlisted[:10]) + (
-            f" (+{len(unlisted) - 10} more)" if len(unlisted) > 10 else ""
-        )
-        logger.warning(
-            "%d labelled videos are not in the manifest and are not trained on (`merflow scan "
-            "VIDEO_DIR --data-root ROOT` adds their videos): %s",
-            len(unlisted),
-            shown,
-        )
     # The plan sees the corpus: official transcripts change the text features' id.
     ctx = training_context(str(root), profile, overrides, str(corpus) if corpus else None)
     key = ctx["key"]

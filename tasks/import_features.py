@@ -3,8 +3,10 @@ CSV table of `video_id` + vector, written into a feature table under the feature
 
 The table is `features/<modality>/imported-<NAME>`. Its rows are bound to the videos the
 manifest holds (their sha256, as extracted features are); videos the source names that the
-manifest lacks are left out, counted in each row's provenance and listed in the import record
-`imports/<modality>/imported-<NAME>.json` under the data root. Everything is read and checked
+manifest lacks are left out, or, when the import says it has no videos (`without_videos`),
+stored as feature-only rows whose sha256 is NO_VIDEO; either way they are counted in each row's
+provenance and listed in the import record `imports/<modality>/imported-<NAME>.json` under the
+data root. Everything is read and checked
 before anything is written; the rows go through the store (validated, atomic, upserted). An id
 names its vectors for good: importing a source again writes only videos the table lacks (new
 in the source or in the manifest), and a source that changes a vector the table holds is
@@ -35,6 +37,12 @@ ID_COLUMNS = ("video_id", "name")  # merflow's id column, then MER's (label-disd
 TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHOWN = 10  # ids and problems shown in a message
+# The sha256 of a feature-only row: a video imported without its file (--without-videos). No
+# digest has a '-', so it never matches a scanned file's bytes; it is the same on every import,
+# so an id names its vectors for good, as a scanned video's rows do (the source's own sha256 is
+# in the provenance). Training takes such rows for the ids the manifest lacks
+# (tasks/train_data.py).
+NO_VIDEO = "no-video"
 
 
 @dataclass
@@ -69,6 +77,7 @@ class ImportReport:
     written: int = 0
     already: int = 0  # held by the table already (same video bytes, same vector)
     not_in_manifest: list[str] = field(default_factory=list)
+    without_videos: bool = False  # not_in_manifest imported as feature-only rows, not left out
     record: str | None = None
 
     def lines(self) -> list[str]:
@@ -80,11 +89,16 @@ class ImportReport:
             f"from {self.in_source} vectors in {self.source} ({self.format}, {self.dim}-d, "
             f"pooling: {self.pooling})"
         ]
-        if self.not_in_manifest:
+        if self.not_in_manifest and self.without_videos:
+            out.append(
+                f"  not in the manifest, imported without videos (feature-only, sha256 "
+                f"{NO_VIDEO}): {len(self.not_in_manifest)} ({_listing(self.not_in_manifest)})"
+            )
+        elif self.not_in_manifest:
             out.append(
                 f"  not in the manifest, left out: {len(self.not_in_manifest)} "
                 f"({_listing(self.not_in_manifest)}); `merflow scan VIDEO_DIR` adds their "
-                f"videos, then import again"
+                f"videos, then import again; without the videos, import with --without-videos"
             )
         if self.record:
             out.append(f"  import record: {self.record}")
@@ -275,8 +289,11 @@ def _listing(items: list[str], n: int = _SHOWN) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def import_features(store: Store, modality: str, name: str, source: Path) -> ImportReport:
-    """Import `source` as the feature table `features/<modality>/imported-<name>`."""
+def import_features(
+    store: Store, modality: str, name: str, source: Path, without_videos: bool = False
+) -> ImportReport:
+    """Import `source` as the feature table `features/<modality>/imported-<name>`; videos the
+    manifest lacks are left out, or with `without_videos` stored as feature-only rows."""
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; give one of {', '.join(MODALITIES)}")
     extractor_id = imported_extractor_id(name)
@@ -285,8 +302,10 @@ def import_features(store: Store, modality: str, name: str, source: Path) -> Imp
     table = tables.features(modality, extractor_id, read.dim)
     manifest = store.read(tables.MANIFEST, columns=["video_id", "sha256"])
     sha_of = dict(zip(manifest.video_id, manifest.sha256, strict=True))
-    _refuse_changed_vectors(store, table, read, sha_of, source)
     unknown = sorted(v for v in read.video_ids if v not in sha_of)
+    if without_videos:  # a video the manifest holds keeps its bytes' sha256
+        sha_of |= dict.fromkeys(unknown, NO_VIDEO)
+    _refuse_changed_vectors(store, table, read, sha_of, source)
     report = ImportReport(
         table.name,
         str(source),
@@ -295,14 +314,16 @@ def import_features(store: Store, modality: str, name: str, source: Path) -> Imp
         read.dim,
         len(read.video_ids),
         not_in_manifest=unknown,
+        without_videos=without_videos,
     )
-    if len(unknown) == len(read.video_ids):
+    if not without_videos and len(unknown) == len(read.video_ids):
         raise BadInputError(
             f"the manifest under {store.url} holds none of the {len(unknown)} videos "
             f"{source} names ({_listing(unknown, 3)}; the manifest holds "
             f"{_listing(sorted(sha_of), 3) or 'no video'}); features are bound to the bytes of "
             f"scanned videos: run `merflow scan VIDEO_DIR --data-root {store.url}` first, and "
-            f"name the vectors by the video file's stem"
+            f"name the vectors by the video file's stem; or, with the features and no videos, "
+            f"import them with --without-videos"
         )
     bound = [i for i, v in enumerate(read.video_ids) if v in sha_of]
     held = store.existing_keys(table, where={"video_id": [read.video_ids[i] for i in bound]})
@@ -330,6 +351,7 @@ def import_features(store: Store, modality: str, name: str, source: Path) -> Imp
         "columns": read.columns,
         "imported_at": now.isoformat(),
         "not_in_manifest": len(unknown),
+        "without_videos": without_videos,
         "record": record,
         **code_version(),
     }
@@ -341,24 +363,29 @@ def import_features(store: Store, modality: str, name: str, source: Path) -> Imp
             "embedding": [read.vectors[i] for i in rows],
             "n_items": read.n_items[rows].astype(np.int32),
             "provenance": [
-                json.dumps({**common, **_file_of(read, i)}, sort_keys=True) for i in rows
+                json.dumps({**common, **_row_of(read, i, sha_of)}, sort_keys=True) for i in rows
             ],
             "created_at": now,
         }
     )
     report.written = store.upsert(table, df).written
     summary = {**common, "table": table.name, "rows": report.written + report.already}
-    summary["not_in_manifest"] = {"count": len(unknown), "video_ids": unknown}
+    summary["not_in_manifest"] = {
+        "count": len(unknown),
+        "video_ids": unknown,
+        "imported": "feature-only" if without_videos else "left out",
+    }
     report.record = str(store.write_text(record, json.dumps(summary, indent=2, sort_keys=True)))
     return report
 
 
-def _file_of(read: SourceVectors, i: int) -> dict:
-    """The per-row part of the provenance: the .npy file and its frames."""
+def _row_of(read: SourceVectors, i: int, sha_of: dict[str, str]) -> dict:
+    """The per-row part of the provenance: feature-only or not, the .npy file and its frames."""
+    row = {"feature_only": sha_of[read.video_ids[i]] == NO_VIDEO}
     if read.files is None:
-        return {}
+        return row
     file, sha = read.files[i]
-    return {"file": file, "file_sha256": sha, "n_frames": int(read.n_items[i])}
+    return {**row, "file": file, "file_sha256": sha, "n_frames": int(read.n_items[i])}
 
 
 def _refuse_changed_vectors(

@@ -32,6 +32,7 @@ from data_contracts.store import Store
 from data_contracts.tables import TableRef
 from models.featureset import UNLABELLED, FeatureSet
 from models.settings import TrainSettings
+from tasks.ablate_report import SWITCHES
 from tasks.train import load_normalizer
 from tasks.train_report import average_over_folds, prediction_rows
 
@@ -71,16 +72,10 @@ class TrainedRun:
 
 
 def find_run(runs_dir: Path, which: str = LATEST) -> Path:
-    """The run folder `which` names: `latest` (the newest finished run under `runs_dir`), a run
-    key, `train-<key>`, or a run folder's path."""
+    """The run folder `which` names: `latest` (latest_run), a run key, `train-<key>`, or a run
+    folder's path."""
     if which == LATEST:
-        finished = [d for d in runs_dir.glob("train-*") if (d / REPORT_JSON).is_file()]
-        if not finished:
-            raise RunFolderError(
-                f"no finished training run under {runs_dir} (none has {REPORT_JSON}); train one "
-                "first (`merflow train CORPUS --data-root ...`), or name a run folder"
-            )
-        return max(finished, key=lambda d: (d / REPORT_JSON).stat().st_mtime_ns)
+        return latest_run(runs_dir)
     given = Path(which).expanduser()
     if given.is_dir() and given.name.startswith("train-"):
         return given.resolve()
@@ -92,6 +87,41 @@ def find_run(runs_dir: Path, which: str = LATEST) -> Path:
             f" give `latest`, one of those keys, or a run folder's path"
         )
     return folder
+
+
+def latest_run(runs_dir: Path) -> Path:
+    """The newest finished run of the full method under `runs_dir`: the newest report.json among
+    the runs with every switch of the method on (SWITCHES). A run with one off is an ablation,
+    made by `merflow ablate` or by hand, and is named by its key; the ablate flow's full-method
+    runs are plain train runs (same settings, same run key) and count."""
+    full, ablations = [], []
+    for folder in runs_dir.glob("train-*"):
+        try:
+            recorded = json.loads((folder / REPORT_JSON).read_text()).get("settings") or {}
+        except (OSError, ValueError):
+            continue  # no readable report: not finished
+        off = [s for s in SWITCHES if recorded.get(s.removeprefix("train."), True) is False]
+        (ablations if off else full).append((folder, off))
+    if full:
+        return max((f for f, _ in full), key=lambda d: (d / REPORT_JSON).stat().st_mtime_ns)
+    meaning = (
+        f"`{LATEST}` is the newest finished run of the full method (none of "
+        f"{', '.join(SWITCHES)} set to false)"
+    )
+    if not ablations:
+        raise RunFolderError(
+            f"no finished training run under {runs_dir} (none has {REPORT_JSON}); {meaning}: "
+            "train one first (`merflow train CORPUS --data-root ...`), or name a run folder"
+        )
+    shown = ", ".join(
+        f"{f.name.removeprefix('train-')} ({', '.join(f'{s}=false' for s in off)})"
+        for f, off in sorted(ablations)[:5]
+    )
+    raise RunFolderError(
+        f"no finished full-method training run under {runs_dir}; {meaning}, and the "
+        f"{len(ablations)} finished runs there are ablations: {shown}; name one of them by its "
+        "key, or train the full method (`merflow train CORPUS --data-root ...`)"
+    )
 
 
 def _train_settings(recorded: Mapping[str, Any]) -> TrainSettings:
@@ -107,7 +137,8 @@ def load_run(folder: Path) -> TrainedRun:
     key = folder.name.removeprefix("train-")
     again = (
         "rerun `merflow train` with the run's settings (its settings.yaml): finished steps are "
-        "kept and skipped; or name another run (`latest` is the newest finished one)"
+        "kept and skipped; or name another run (`latest` is the newest finished run of the "
+        "full method)"
     )
     if not folder.is_dir():
         raise RunFolderError(f"run folder {folder} does not exist; {again}")

@@ -1,4 +1,9 @@
-"""From the feature stores to in-memory training sets: join on video, mask missing modalities."""
+"""From the feature stores to in-memory training sets: join on video, mask missing modalities.
+
+The videos a run trains on are the manifest's, at their current bytes (video_id + sha256), and
+the ids the chosen feature tables hold as feature-only rows (imported without their videos,
+sha256 NO_VIDEO: tasks/import_features.py) that the manifest lacks. An id in both is the
+manifest's video: its bytes decide which rows it gets, and its feature-only rows are not used."""
 
 from __future__ import annotations
 
@@ -16,13 +21,14 @@ from data_contracts.store import Store
 from data_contracts.tables import TableRef
 from models.featureset import UNLABELLED, FeatureSet
 from tasks.errors import BadInputError
+from tasks.import_features import NO_VIDEO
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainingData:
-    """Labelled and unlabelled feature sets of the current manifest, plus what was left out."""
+    """Labelled and unlabelled feature sets of the training videos, plus what was left out."""
 
     labelled: FeatureSet
     unlabelled: FeatureSet
@@ -68,26 +74,45 @@ def standardize(
     return stats
 
 
+def training_videos(store: Store, feature_tables: dict[str, TableRef]) -> pd.DataFrame:
+    """The videos a run trains on, sorted by id (video_id, sha256): the manifest's current
+    bytes, then the feature-only ids of `feature_tables` the manifest lacks (sha256 NO_VIDEO)."""
+    manifest = store.read(tables.MANIFEST, columns=["video_id", "sha256"])
+    only: set[str] = set()
+    for table in feature_tables.values():
+        if store.exists(table):
+            only |= set(
+                store.read(table, columns=["video_id"], where={"sha256": [NO_VIDEO]}).video_id
+            )
+    only -= set(manifest.video_id)  # the manifest's bytes win
+    extra = pd.DataFrame({"video_id": sorted(only), "sha256": NO_VIDEO})
+    videos = pd.concat([manifest, extra], ignore_index=True) if len(extra) else manifest
+    return videos.sort_values("video_id").reset_index(drop=True)
+
+
 def load_training_data(
     store: Store, feature_tables: dict[str, TableRef], standardized: bool = True
 ) -> TrainingData:
-    """Join every modality's features onto the manifest's current bytes (video_id + sha256).
+    """Join every modality's features onto the training videos (training_videos: video_id +
+    sha256).
 
     A feature row of an older version of a video (another sha256) is not used; a modality
     without a row is masked (present=False), never zero-filled silently.
     """
     started = time.perf_counter()
-    manifest = store.read(tables.MANIFEST, columns=["video_id", "sha256", "pool"])
-    if manifest.empty:
+    videos = training_videos(store, feature_tables)
+    if videos.empty:
         raise BadInputError(
-            f"the manifest under {store.root} is empty; run `merflow extract` (or `merflow scan`) "
-            f"on the corpus first"
+            f"no video to train on under {store.root}: the manifest is empty and the feature "
+            f"tables {', '.join(t.name for t in feature_tables.values())} hold no feature-only "
+            f"rows; run `merflow extract` (or `merflow scan`) on the corpus first, or, with "
+            f"features and no videos, `merflow import-features MODALITY NAME SOURCE "
+            f"--without-videos` and train.feature_tables naming the imported tables"
         )
-    manifest = manifest.sort_values("video_id").reset_index(drop=True)
     position = {
-        (v, s): i for i, (v, s) in enumerate(zip(manifest.video_id, manifest.sha256, strict=True))
+        (v, s): i for i, (v, s) in enumerate(zip(videos.video_id, videos.sha256, strict=True))
     }
-    n = len(manifest)
+    n = len(videos)
     features, present, ext_ids = {}, {}, {}
     for modality in MODALITIES:
         table = feature_tables[modality]
@@ -105,15 +130,16 @@ def load_training_data(
     labels_df = store.read(tables.LABELS)
     label_of = dict(zip(labels_df.video_id, labels_df.label, strict=True))
     labels = np.array(
-        [CLASS_INDEX[label_of[v]] if v in label_of else UNLABELLED for v in manifest.video_id],
+        [CLASS_INDEX[label_of[v]] if v in label_of else UNLABELLED for v in videos.video_id],
         dtype=np.int64,
     )
+    _say_unknown_labels(set(label_of) - set(videos.video_id), store)
     stats = standardize(features, present) if standardized else None
     anything = np.stack([present[m] for m in MODALITIES]).any(axis=0)
-    dropped = manifest.video_id[~anything].tolist()
+    dropped = videos.video_id[~anything].tolist()
     keep = np.flatnonzero(anything)
     full = FeatureSet(
-        video_ids=manifest.video_id.to_numpy()[keep],
+        video_ids=videos.video_id.to_numpy()[keep],
         features={m: features[m][keep] for m in MODALITIES},
         present={m: present[m][keep] for m in MODALITIES},
         labels=labels[keep],
@@ -121,8 +147,9 @@ def load_training_data(
     lab = full.labels != UNLABELLED
     if not lab.any():
         raise BadInputError(
-            f"no video of the manifest under {store.root} has both features and a label; "
-            f"check the label CSV's names against the video file stems"
+            f"no video under {store.root} (of the manifest, or imported without videos) has "
+            f"both features and a label; check the label CSV's names against the video file "
+            f"stems (or the imported ids)"
         )
     missing = {m: int((~full.present[m]).sum()) for m in MODALITIES}
     data = TrainingData(
@@ -135,14 +162,32 @@ def load_training_data(
         stats=stats,
     )
     log.info(
-        "training data: %d labelled, %d unlabelled, %d without any modality; missing %s (%.2f s)",
+        "training data: %d labelled, %d unlabelled (%d of all feature-only, without a video "
+        "file), %d without any modality; missing %s (%.2f s)",
         len(data.labelled),
         len(data.unlabelled),
+        int((videos.sha256.to_numpy()[keep] == NO_VIDEO).sum()),
         len(dropped),
         missing,
         data.load_seconds,
     )
     return data
+
+
+def _say_unknown_labels(ids: set[str], store: Store) -> None:
+    """Warn of labelled videos that are not training videos: neither in the manifest nor
+    imported without videos into a chosen table."""
+    if not ids:
+        return
+    shown = sorted(ids)
+    log.warning(
+        "%d labelled videos under %s are not trained on: the manifest lacks them and no chosen "
+        "feature table holds them feature-only (`merflow scan VIDEO_DIR` adds their videos; "
+        "`merflow import-features ... --without-videos` their features alone): %s",
+        len(shown),
+        store.root,
+        ", ".join(shown[:10]) + (f" (+{len(shown) - 10} more)" if len(shown) > 10 else ""),
+    )
 
 
 def label_frame(data: FeatureSet) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """Train on features brought from elsewhere (docs/import.md): the videos are scanned, their
 MERTools-layout .npy features (and a Parquet table) imported, and `merflow train` runs from the
-stores and a label CSV alone: no corpus folder, no model checkpoint built, no extraction."""
+stores and a label CSV alone: no corpus folder, no model checkpoint built, no extraction; and
+with no videos at all, the features imported --without-videos."""
 
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ FAST = [
 ]
 
 
-def _features(truth: pd.DataFrame, out, seed: int = 0) -> None:
+def _features(truth: pd.DataFrame, out, seed: int = 0, text_npy: bool = False) -> None:
     """Each video's features: its class's centroid plus noise (every modality carries the
     class), as MERTools writes them: visual frame-level (T, D) .npy files, acoustic
-    utterance-level (D,) ones; text as a Parquet table of MER's `name` and a vector column."""
+    utterance-level (D,) ones; text as a Parquet table of MER's `name` and a vector column
+    (`text_npy`: (D,) .npy files too)."""
     rng = np.random.default_rng(seed)
     labels = truth.discrete.map(CLASS_INDEX).to_numpy()
     centroids = {m: rng.normal(size=(6, d)) * 2 for m, d in DIMS.items()}
@@ -44,6 +46,11 @@ def _features(truth: pd.DataFrame, out, seed: int = 0) -> None:
         acoustic = centroids["acoustic"][y] + rng.normal(size=DIMS["acoustic"])
         np.save(out / "acoustic" / f"{name}.npy", acoustic.astype(np.float32))
     text = centroids["text"][labels] + rng.normal(size=(len(labels), DIMS["text"]))
+    if text_npy:
+        (out / "text").mkdir()
+        for name, vector in zip(truth.name, text.astype(np.float32), strict=True):
+            np.save(out / "text" / f"{name}.npy", vector)
+        return
     pd.DataFrame({"name": truth.name, "feature": list(text.astype(np.float32))}).to_parquet(
         out / "text.parquet"
     )
@@ -92,4 +99,44 @@ def test_train_on_imported_mertools_features_without_a_corpus_folder(prefect_ser
     assert hit > 0.5
     # The labels came from --labels; nothing was extracted and no checkpoint was built.
     assert len(Store(root).read(tables.LABELS)) == 36
+    assert not (root / "models").exists() and not (root / "artifacts").exists()
+
+
+def test_train_on_features_without_any_video(prefect_server, tmp_path):
+    """MER2024's released features and a label CSV, no video file anywhere: the three folders
+    are imported --without-videos into a data root without a manifest, and `merflow train`
+    trains on them and writes the submission of the unlabelled ids."""
+    rng = np.random.default_rng(3)
+    classes = np.array(list(CLASS_INDEX))
+    names = [f"sample_{i:05d}" for i in range(48)]
+    truth = pd.DataFrame({"name": names, "discrete": classes[np.arange(48) % 6]})
+    truth["discrete"] = rng.permutation(truth.discrete.to_numpy())
+    labelled, unlabelled = truth.iloc[:36], truth.iloc[36:]
+    labelled.to_csv(tmp_path / "label-disdim.csv", index=False)
+    _features(truth, tmp_path / "mer2024", seed=1, text_npy=True)
+    root = tmp_path / "root"
+    for modality in DIMS:
+        said = _merflow(
+            "import-features", modality, "mer2024", str(tmp_path / "mer2024" / modality),
+            "--data-root", str(root), "--without-videos",
+        )  # fmt: skip
+        assert f"features/{modality}/imported-mer2024: 48 rows written" in said
+        assert "imported without videos (feature-only, sha256 no-video): 48" in said
+    assert not Store(root).exists(tables.MANIFEST)
+
+    chosen = "{visual: imported-mer2024, acoustic: imported-mer2024, text: imported-mer2024}"
+    said = _merflow(
+        "train", "--data-root", str(root), "--labels", str(tmp_path / "label-disdim.csv"),
+        f"train.feature_tables={chosen}", *FAST,
+    )  # fmt: skip
+    report_dir = next((root / "runs").glob("train-*/report"))
+    report = json.loads((report_dir / "report.json").read_text())
+    assert str(report_dir) in said
+    assert (report["n_labelled"], report["n_unlabelled"]) == (36, 12)
+    assert report["mean_waf"] > 0.5, report["fold_waf"]  # chance is ~0.17
+    submission = pd.read_csv(report_dir / "submission.csv")
+    assert sorted(submission.name) == sorted(unlabelled.name)
+    expected = unlabelled.set_index("name").loc[submission.name, "discrete"].to_numpy()
+    assert (expected == submission.discrete.to_numpy()).mean() > 0.5
+    assert not Store(root).exists(tables.MANIFEST)  # nothing invented for the videos
     assert not (root / "models").exists() and not (root / "artifacts").exists()

@@ -1,6 +1,7 @@
 """`merflow import-features`: MERTools' .npy folders and Parquet/CSV tables become feature tables
-bound to the manifest's videos; unknown videos are left out and listed, bad sources write
-nothing, a re-import changes nothing, and training can be pointed at the table."""
+bound to the manifest's videos; unknown videos are left out and listed (or, --without-videos,
+stored feature-only and trained on), bad sources write nothing, a re-import changes nothing,
+and training can be pointed at the table."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from data_contracts.labels import CLASSES
 from data_contracts.store import Store
 from flows.cli import app
 from tasks.errors import BadInputError
-from tasks.import_features import import_features
+from tasks.import_features import NO_VIDEO, import_features
 from tests.quality.synthetic import feature_rows, manifest_rows, sha
 
 IDS = [f"sample_{i:03d}" for i in range(8)]
@@ -66,7 +67,10 @@ def test_npy_folder_is_mean_pooled_bound_to_the_manifest_and_unknown_videos_list
     assert prov["file"] == f"{IDS[0]}.npy" and prov["dim"] == 6 and prov["not_in_manifest"] == 2
     assert prov["source"] == str((tmp_path / "npy").resolve()) and len(prov["source_sha256"]) == 64
     record = json.loads((store.root / prov["record"]).read_text())
-    assert record["not_in_manifest"] == {"count": 2, "video_ids": ["ghost_a", "ghost_b"]}
+    assert record["not_in_manifest"] == {
+        "count": 2, "video_ids": ["ghost_a", "ghost_b"], "imported": "left out"
+    }  # fmt: skip
+    assert not prov["without_videos"] and not prov["feature_only"]
     assert record["rows"] == 6 and record["table"] == report.table
 
 
@@ -171,7 +175,7 @@ def _bad_sources(tmp_path):
         "unknown modality": ("audio", "dims", ValueError, "unknown modality 'audio'"),
         "missing source": ("visual", "nowhere", FileNotFoundError, "does not exist"),
         "other file kind": ("visual", "feats.txt", ValueError, "neither a folder"),
-        "no video scanned": ("visual", "ghosts", BadInputError, "merflow scan"),
+        "no video scanned": ("visual", "ghosts", BadInputError, "merflow scan.*--without-videos"),
     }
 
 
@@ -193,6 +197,12 @@ def test_command_prints_the_table_and_exits_by_the_one_rule(store, tmp_path):
     assert ok.exit_code == 0, ok.output
     assert "features/visual/imported-m: 4 rows written" in ok.output
     assert "left out: 1 (ghost_1)" in ok.output and "{visual: imported-m}" in ok.output
+    assert "--without-videos" in ok.output  # the other way in, for features without videos
+    flag = ["import-features", "visual", "m", str(tmp_path / "npy"), "--without-videos", *root]
+    ok = CliRunner().invoke(app, flag)
+    assert ok.exit_code == 0, ok.output
+    assert "1 rows written, 4 already imported" in ok.output
+    assert f"imported without videos (feature-only, sha256 {NO_VIDEO}): 1 (ghost_1)" in ok.output
     usage = CliRunner().invoke(app, ["import-features", "audio", "m", str(tmp_path / "npy"), *root])
     assert usage.exit_code == 2 and "unknown modality" in usage.output
     _bad_sources(tmp_path)
@@ -278,3 +288,85 @@ def test_without_a_corpus_an_unnamed_modality_takes_the_stored_plan_table(
     # The plan's visual table is not in the stores: left to the plan, it is a clear error.
     with pytest.raises(LookupError, match=r"lack the extraction plan's visual: .*imported-v"):
         training_tables(settings, store, None)
+
+
+# -- features without videos ---------------------------------------------------------------
+def test_without_videos_unknown_ids_become_feature_only_rows_and_known_ones_keep_their_bytes(
+    store, tmp_path
+):
+    arrays = _npy_folder(tmp_path / "npy", [*IDS[:2], "ghost_b", "ghost_a"], frames=0)
+    report = import_features(store, "acoustic", "m", tmp_path / "npy", without_videos=True)
+    assert (report.written, report.not_in_manifest) == (4, ["ghost_a", "ghost_b"])
+    rows = _table(store, "acoustic", "imported-m", 6)
+    assert rows.sha256.to_dict() == {
+        IDS[0]: sha(IDS[0]), IDS[1]: sha(IDS[1]), "ghost_a": NO_VIDEO, "ghost_b": NO_VIDEO
+    }  # fmt: skip
+    np.testing.assert_array_equal(rows.loc["ghost_a", "embedding"], arrays["ghost_a"])
+    prov = {v: json.loads(p) for v, p in rows.provenance.items()}
+    assert prov["ghost_a"]["feature_only"] and not prov[IDS[0]]["feature_only"]
+    assert prov["ghost_a"]["without_videos"] and prov["ghost_a"]["not_in_manifest"] == 2
+    record = json.loads((store.root / prov["ghost_a"]["record"]).read_text())
+    assert record["not_in_manifest"] == {
+        "count": 2, "video_ids": ["ghost_a", "ghost_b"], "imported": "feature-only"
+    }  # fmt: skip
+    # An id names its vectors for good, feature-only ones too: again is a no-op, a change refused.
+    before = _files(store)
+    again = import_features(store, "acoustic", "m", tmp_path / "npy", without_videos=True)
+    assert (again.written, again.already) == (0, 4) and _files(store) == before
+    np.save(tmp_path / "npy" / "ghost_b.npy", np.ones(6, np.float32))
+    with pytest.raises(ValueError, match=r"other vectors .* \(ghost_b\)"):
+        import_features(store, "acoustic", "m", tmp_path / "npy", without_videos=True)
+    assert _files(store) == before
+
+
+def test_without_videos_an_empty_data_root_takes_every_id(tmp_path):
+    empty = Store(tmp_path / "bare")
+    _npy_folder(tmp_path / "npy", ["a", "b"])
+    with pytest.raises(BadInputError, match="--without-videos"):
+        import_features(empty, "visual", "m", tmp_path / "npy")
+    report = import_features(empty, "visual", "m", tmp_path / "npy", without_videos=True)
+    assert report.written == 2 and "no-video" in "\n".join(report.lines())
+    assert set(_table(empty, "visual", "imported-m", 6).sha256) == {NO_VIDEO}
+
+
+def test_training_videos_are_the_manifests_plus_feature_only_ids_each_once(store, tmp_path):
+    from data_contracts.labels import CLASS_INDEX
+    from flows.train import training_context
+
+    _all_modalities(store, tmp_path)  # text-2: IDS at their scanned bytes
+    extra = {"visual": ["ghost_1", "ghost_2", "late_1"], "acoustic": ["ghost_2", "late_1"]}
+    for m, ids in extra.items():
+        _npy_folder(tmp_path / f"{m}-only", ids, seed=9)
+        import_features(store, m, f"{m}-only", tmp_path / f"{m}-only", without_videos=True)
+    labels = pd.DataFrame({"video_id": ["ghost_1"], "label": "sad", "source": "l.csv"})
+    store.upsert(tables.LABELS, labels)
+    store.upsert(tables.MANIFEST, manifest_rows(["late_1"], ["unlabeled"]))  # scanned since
+    chosen = "visual: imported-visual-only, acoustic: imported-acoustic-only, text: imported-text-2"
+    overrides = [f"train.feature_tables={{{chosen}}}"]
+
+    data = training_context(str(store.root), "demo", overrides)["data"]
+    lab, unl = data.labelled, data.unlabelled
+    assert sorted(lab.video_ids) == sorted([*IDS[:4], "ghost_1"])
+    assert lab.labels[list(lab.video_ids).index("ghost_1")] == CLASS_INDEX["sad"]
+    ghost = list(unl.video_ids).index("ghost_2")
+    assert unl.present["visual"][ghost] and not unl.present["text"][ghost]
+    # late_1 is the manifest's video now: its bytes have no row yet, its feature-only rows are
+    # not used, and it is counted once (dropped: no modality).
+    assert data.dropped == ["late_1"] and "late_1" not in unl.video_ids
+    # Imported again, its vectors are bound to its bytes; still one row of it.
+    import_features(store, "visual", "visual-only", tmp_path / "visual-only")
+    data = training_context(str(store.root), "demo", overrides)["data"]
+    ids = list(data.unlabelled.video_ids)
+    assert data.dropped == [] and ids.count("late_1") == 1
+    assert data.unlabelled.present["visual"][ids.index("late_1")]
+    assert not data.unlabelled.present["acoustic"][ids.index("late_1")]
+    assert sorted(ids) == sorted([*IDS[4:], "ghost_2", "late_1"])
+
+
+def test_nothing_to_train_on_names_both_ways_in(tmp_path):
+    from tasks.train_data import load_training_data
+
+    bare = Store(tmp_path / "bare")
+    refs = {m: tables.features(m, "imported-x", 4) for m in ("visual", "acoustic", "text")}
+    with pytest.raises(BadInputError, match=r"merflow extract.*--without-videos"):
+        load_training_data(bare, refs)

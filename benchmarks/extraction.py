@@ -6,8 +6,11 @@ compute vs a naive one-video-at-a-time loop, with the peak memory of each.
     .venv/bin/python benchmarks/extraction.py --n 96 --profile paper models.device=cuda
 
 Every phase runs in its own child process (so each peak RSS is that phase's alone), loads the
-models and the face backend first, reports that load time apart, and then times its work with
-the same settings (the same torch threads per model stage: `extract.model_threads`):
+models and the face backend first (the pipeline also starts the faces stage's worker processes,
+`faces.processes`, as a worker holds them after its first shard), reports that load time apart,
+and then times its work with the same settings (the same torch threads per model stage:
+`extract.model_threads`). Each phase also reports the CPU seconds it used, its faces workers and
+FFmpeg children included (the Prefect server's apart):
 
 - pipeline: `extract_flow` (scan, audio, faces, HuBERT, ASR, LLM, CLIP, health check) against a
   local Prefect server (SQLite, started under --out) into a fresh data root; wall time of the
@@ -58,6 +61,31 @@ def peak_rss_mib() -> dict[str, float]:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"peak_rss_mib": round(own, 1), "children_peak_rss_mib": round(kids, 1)}
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds (user + system) this process, its live children (the faces workers) and its
+    waited-for children (ffmpeg) have used so far."""
+    return tree_cpu_seconds(os.getpid()) or 0.0
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds a process and its children (live and waited-for) have used so far, None when
+    unreadable."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def gpu_peak_mib() -> float | None:
@@ -131,6 +159,7 @@ def load_models(plan: Any, need_asr: bool = True) -> tuple[dict[str, Any], Any, 
 def phase_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     """The extraction flow on the corpus into a fresh data root, timed end to end."""
     from flows.extract import extract_flow
+    from tasks.faces import start_workers
 
     root = Path(args.data_root)
     _, plan = load_plan(args, root)  # checkpoints built or found before the clock starts
@@ -138,11 +167,14 @@ def phase_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     # of this process) find them loaded. Dask workers would load their own: pass a
     # runner override and the load is in the wall time.
     _, _, loads = load_models(plan, not plan.official_transcripts)
-    t0 = time.perf_counter()
+    started = time.perf_counter()
+    if start_workers(plan.faces):  # the faces stage's worker processes, backends loaded
+        loads["faces_workers"] = round(time.perf_counter() - started, 2)
+    t0, c0 = time.perf_counter(), own_cpu_seconds()
     summary = extract_flow(
         str(args.corpus), profile=args.profile, data_root=str(root), overrides=args.overrides
     )
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, own_cpu_seconds() - c0
     stages = summary["stages"]
     return {
         "phase": "pipeline",
@@ -151,6 +183,7 @@ def phase_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         "ok": min(s["processed"] for s in stages.values()),
         "failed": len(summary["failures"]),
         "seconds": round(seconds, 2),
+        "cpu_s": round(cpu, 2),
         "stage_s": {k: v["seconds"] for k, v in stages.items()},
         "load_s": loads,
         "gpu_peak_mib": gpu_peak_mib(),
@@ -193,6 +226,7 @@ def phase_pure(args: argparse.Namespace) -> dict[str, Any]:
     wavs: dict[str, Any] = {}
     crops: dict[str, Any] = {}
     n_crops = 0
+    c0 = own_cpu_seconds()
     for v in videos:  # the raw-video stages: one video at a time, as their stages run
         out = scratch / v.stem
         out.mkdir(parents=True, exist_ok=True)
@@ -231,6 +265,7 @@ def phase_pure(args: argparse.Namespace) -> dict[str, Any]:
         "ok": min(len(wavs), len(crops)),
         "failed": len(videos) - min(len(wavs), len(crops)),
         "seconds": round(sum(spent.values()), 2),
+        "cpu_s": round(own_cpu_seconds() - c0, 2),
         "stage_s": {k: round(v, 3) for k, v in spent.items()},
         "load_s": loads,
         "inputs": {
@@ -301,7 +336,7 @@ def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
     steps = StepTimer()
     sr, ffmpeg_bin = settings.audio.sample_rate, settings.audio.ffmpeg_bin
     ok = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), own_cpu_seconds()
     for video in videos:
         out = scratch / video.stem
         out.mkdir(parents=True, exist_ok=True)
@@ -328,13 +363,14 @@ def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
             if vec is not None:
                 np.save(out / f"{kind}.npy", vec)
         ok += all(vectors.get(k) is not None for k in ("visual", "acoustic", "text"))
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, own_cpu_seconds() - c0
     return {
         "phase": "naive",
         "videos": len(videos),
         "ok": ok,
         "failed": sum(steps.failed.values()),
         "seconds": round(seconds, 2),
+        "cpu_s": round(cpu, 2),
         "stage_s": {k: round(v, 3) for k, v in steps.spent.items()},
         "failed_steps": steps.failed,
         "load_s": loads,
@@ -391,6 +427,14 @@ def print_table(rows: list[dict], server_mib: float | None) -> None:
             f"{r['videos_per_s']:>10}{ratio:>11}{r['peak_rss_mib']:>14}{gpu:>9}   {loads:.1f}"
         )
     print("pure/phase: the pure sum of the stages' own seconds over the phase's seconds")
+    for r in rows:
+        if r.get("cpu_s") is not None and r["seconds"]:
+            server = r.get("server_cpu_s")
+            extra = f" + Prefect server {server} s" if server else ""
+            print(
+                f"{r['phase']}: {r['cpu_s']} CPU s in the phase's process and its ffmpeg children"
+                f"{extra}; {r['cpu_s'] / r['seconds']:.2f} cores busy on average"
+            )
     if "pipeline" in by and "naive" in by:
         print(f"pipeline vs naive loop: {by['naive']['seconds'] / by['pipeline']['seconds']:.2f}x")
     if server_mib is not None:
@@ -479,9 +523,13 @@ def main() -> None:
             print(
                 f"running {phase} ... (load average {load} on {os.cpu_count()} cores)", flush=True
             )
+            server_cpu = tree_cpu_seconds(info.pid)
             r = run_child(phase, args, roots[phase], env)
             if r is None:
                 continue
+            after = tree_cpu_seconds(info.pid)
+            if server_cpu is not None and after is not None:
+                r["server_cpu_s"] = round(after - server_cpu, 2)
             r["videos_per_s"] = round(r["videos"] / r["seconds"], 2) if r["seconds"] else None
             rows.append(r)
             if phase == "pipeline":

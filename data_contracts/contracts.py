@@ -1,7 +1,15 @@
 """Declared Arrow schemas of every merflow table, and lazy row-rule validation.
 
 A contract is declared once: its name and version travel in each Parquet file's schema
-metadata, so a file describes itself and a reader refuses a file of another version.
+metadata, so a file describes itself and a reader refuses a file of another contract or of a
+version it does not know.
+
+Versions. A change that only adds nullable columns bumps the version and lists the old version
+in `older` with the columns added since: files of that version stay readable, their rows read
+with those columns null ("not recorded"), and the store rewrites them in the current layout
+when it merges parts (data_contracts.compaction). Any other change (a removed, renamed or
+retyped column, a new key) bumps the version without `older`: old files are refused with a
+message that says to re-run the step that writes them.
 """
 
 from __future__ import annotations
@@ -52,6 +60,24 @@ class Contract:
     label_columns: tuple[str, ...] = ()
     vector_dims: tuple[tuple[str, int], ...] = ()
     extra_metadata: tuple[tuple[str, str], ...] = field(default=())
+    # Older versions still read: (version, the columns added since it, null in its rows).
+    older: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __post_init__(self) -> None:
+        by_name = {f.name: f for f in self.fields}
+        for version, added in self.older:
+            bad = [c for c in added if c not in by_name or not by_name[c].nullable or c in self.key]
+            if version == self.version or bad:
+                raise ValueError(
+                    f"contract {self.name!r} v{self.version} cannot read v{version} files by "
+                    f"filling {bad or list(added)} with nulls: only nullable non-key columns of "
+                    f"this contract can be added; bump the version without `older` instead"
+                )
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The versions whose files this contract reads: its own, then the older ones."""
+        return (self.version, *(v for v, _ in self.older))
 
     @property
     def schema(self) -> pa.Schema:
@@ -135,18 +161,43 @@ class Contract:
     def _nullable(self, col: str) -> bool:
         return next(f for f in self.fields if f.name == col).nullable
 
-    def check_schema(self, schema: pa.Schema, where: str) -> None:
-        """Refuse a stored file whose self-description is not this contract and version."""
+    def check_schema(self, schema: pa.Schema, where: str) -> tuple[str, ...]:
+        """The columns a stored file of `schema` lacks (those added since its version; none for
+        the current one); refuse a file of another contract or of an unknown version."""
         meta = schema.metadata or {}
         name = meta.get(META_CONTRACT, b"").decode()
         version = meta.get(META_VERSION, b"").decode()
-        if name != self.name or version != self.version:
+        added = dict(self.older).get(version, ()) if name == self.name else None
+        if name != self.name or (version != self.version and not added):
             raise ContractMismatch(
                 f"{where} declares contract {name or '<none>'!r} version {version or '<none>'!r}, "
-                f"but this merflow reads {self.name!r} version {self.version!r}; re-run the step "
-                f"that writes it (its old files can be moved aside) or use the merflow version "
-                f"that wrote it"
+                f"but this merflow reads {self.name!r} version "
+                f"{', '.join(map(repr, self.versions))}; re-run the step that writes it (its old "
+                f"files can be moved aside) or use the merflow version that wrote it"
             )
+        lacking = [c for c in self.columns if c not in schema.names and c not in added]
+        if lacking:
+            raise ContractMismatch(
+                f"{where} declares {self.name!r} version {version!r} but lacks its columns "
+                f"{lacking}; the file is damaged or was written by another tool: move it aside "
+                f"and re-run the step that writes it"
+            )
+        return tuple(c for c in added if c not in schema.names)
+
+    def conform(
+        self, t: pa.Table, schema: pa.Schema, where: str, columns: list[str] | None = None
+    ) -> pa.Table:
+        """Rows read from a stored file of `schema` (with the `columns` it has; None: all) in
+        this version's layout: the columns added since the file's version are null."""
+        missing = self.check_schema(schema, where)
+        if not missing:
+            return t
+        wanted = self.columns if columns is None else columns
+        fields = {f.name: f for f in self.fields}
+        arrays = [
+            pa.nulls(t.num_rows, fields[c].type) if c in missing else t.column(c) for c in wanted
+        ]
+        return pa.Table.from_arrays(arrays, schema=pa.schema([fields[c] for c in wanted]))
 
 
 def _rows(mask: pd.Series) -> str:
@@ -256,9 +307,20 @@ AUDIO = Contract(
     key=("video_id", "sha256", "extractor_id"),
 )
 
+# Version 2 records the faces not chosen and the choice (docs/faces.md); version 1 rows read
+# them as null.
+_FACES_SELECTION = (
+    "any_face_ratio",
+    "n_faces_all",
+    "n_tracks",
+    "select_rule",
+    "chosen_track",
+    "select_score",
+    "select_reason",
+)
 FACES = Contract(
     name="faces",
-    version="1",
+    version="2",
     fields=(
         *_ID,
         _EXT,
@@ -266,13 +328,21 @@ FACES = Contract(
         _f("backend", pa.string()),
         _f("n_frames_decoded", pa.int32()),
         _f("n_frames_sampled", pa.int32()),
-        _f("n_faces", pa.int32()),
-        _f("face_ratio", pa.float32()),
+        _f("n_faces", pa.int32()),  # chosen faces: the crops the visual features see
+        _f("face_ratio", pa.float32()),  # share of sampled frames with a chosen face
         _f("mean_confidence", pa.float32(), True),
         _f("crop_size", pa.int32()),
+        _f("any_face_ratio", pa.float32(), True),  # share of sampled frames with any face
+        _f("n_faces_all", pa.int32(), True),  # every face found, chosen or not
+        _f("n_tracks", pa.int32(), True),
+        _f("select_rule", pa.string(), True),  # faces.select: largest or speaking
+        _f("chosen_track", pa.int32(), True),  # largest: the track most chosen faces are from
+        _f("select_score", pa.float32(), True),  # the chosen track's speaking r; null: not scored
+        _f("select_reason", pa.string(), True),
         _CREATED,
     ),
     key=("video_id", "sha256", "extractor_id"),
+    older=(("1", _FACES_SELECTION),),
 )
 
 TRANSCRIPTS = Contract(

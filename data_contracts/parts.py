@@ -136,17 +136,23 @@ def read_parquet(
 ) -> tuple[pa.Schema, pa.Table]:
     """A Parquet file's schema and (some of) its columns and rows: `source` is a local path,
     an Arrow buffer or file, or a Python file object. `filters` is pushed down to the read,
-    which skips the row groups whose statistics cannot match."""
+    which skips the row groups whose statistics cannot match. Of `columns`, those the file
+    lacks (a file of an older contract version) are not read: the contract fills them."""
     if filters is None:
         pf = pq.ParquetFile(source)
-        return pf.schema_arrow, pf.read(columns=columns)
+        return pf.schema_arrow, pf.read(columns=_present(columns, pf.schema_arrow))
     if isinstance(source, str | Path):
         fragment = _PARQUET.make_fragment(str(source), filesystem=pafs.LocalFileSystem())
     else:
         if not isinstance(source, pa.NativeFile | pa.Buffer):
             source = pa.PythonFile(source, mode="r")
         fragment = _PARQUET.make_fragment(source)
-    return fragment.physical_schema, fragment.to_table(columns=columns, filter=filters)
+    schema = fragment.physical_schema
+    return schema, fragment.to_table(columns=_present(columns, schema), filter=filters)
+
+
+def _present(columns: list[str] | None, schema: pa.Schema) -> list[str] | None:
+    return None if columns is None else [c for c in columns if c in schema.names]
 
 
 class PartBackend(abc.ABC):

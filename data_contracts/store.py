@@ -209,7 +209,8 @@ class Store(Compaction, Artifacts):
     def read_arrow(
         self, table: TableRef, columns: list[str] | None = None, where: Where | None = None
     ) -> pa.Table:
-        """The table as Arrow, newest row per key, contract checked on every file.
+        """The table as Arrow, newest row per key, contract checked on every file (a file of
+        an older version the contract still reads comes in the current layout).
 
         `where` keeps the rows whose value in each named column is in its collection, e.g.
         `{"video_id": ids, "extractor_id": [ext]}`; an empty collection keeps no row. Filters
@@ -274,7 +275,7 @@ class Store(Compaction, Artifacts):
         pieces = []
         read = self.backend.read_parts(table.name, listing, want, filters)
         for i, (part, schema, t) in enumerate(read):
-            contract.check_schema(schema, self.backend.describe(part))
+            t = contract.conform(t, schema, self.backend.describe(part), want)
             pieces.append(t.append_column("__part", pa.array(np.full(t.num_rows, i, np.int32))))
         if not pieces:
             return rows.empty(table, want).append_column("__part", pa.array([], pa.int32()))

@@ -170,6 +170,7 @@ def face_settings(settings: Settings) -> FaceSettings:
         detect_every=f.detect_every,
         decode_threads=f.decode_threads,
         select=f.select,
+        processes=f.processes,
     )
 
 

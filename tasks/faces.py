@@ -17,10 +17,12 @@ the visual modality, never an empty file. The file's writer and readers are task
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from prefect import task
 
 from data_contracts import tables
 from data_contracts.store import Store
+from tasks import video_pool
 from tasks.errors import BadInputError
 from tasks.face_backends import (
     BACKENDS,
@@ -45,6 +48,7 @@ from tasks.face_crops import (
 from tasks.face_frames import FaceBackend, FrameSampler
 from tasks.face_speaker import (
     SELECT_RULES,
+    SPEAKING_RULE_VERSION,
     Selection,
     choose_largest,
     choose_speaking,
@@ -54,6 +58,7 @@ from tasks.face_track import link_tracks
 from tasks.media import NoVideoStreamError, UnreadableMediaError, find_ffmpeg, probe
 from tasks.shard import ShardReport
 from tasks.stage import Stage, artifact_stage, run_stage, task_options
+from tasks.video_pool import resolve_processes
 
 FACES_STAGE = "faces"
 # Bump when a code change alters crops for the same settings, so old artifacts are not reused.
@@ -88,6 +93,8 @@ def _id_settings(
     # landmark tracking and face tracks existed hold (their crops are the same).
     tracked = {"detect_every": detect_every} if detect_every > 1 and backend == "dlib" else {}
     chosen = {"select": select} if select != "largest" else {}
+    if select == "speaking":
+        chosen["speaking_rule"] = SPEAKING_RULE_VERSION
     return {
         **tracked,
         **chosen,
@@ -138,6 +145,9 @@ class FaceSettings:
     # Which faces the crops keep: "largest", the largest face of each frame (as before tracks);
     # "speaking", the track whose mouth follows the speech (tasks/face_speaker.py).
     select: str = "largest"
+    # Worker processes that crop a shard's videos side by side, off the GIL of the process that
+    # runs the model stages (tasks/video_pool.py); None: half the cores, 0: in this process.
+    processes: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -159,6 +169,11 @@ class FaceSettings:
         if self.detect_every < 1:
             raise ValueError(
                 f"detect_every must be >= 1 (1: detect on every frame), got {self.detect_every}"
+            )
+        if self.processes is not None and self.processes < 0:
+            raise ValueError(
+                f"processes must be >= 0 (0: in this process) or None (half the cores), got "
+                f"{self.processes}"
             )
         if self.decode_threads < 0:
             raise ValueError(
@@ -215,7 +230,7 @@ class FaceSettings:
 # -- one video -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FaceResult:
-    """What cropping one video produced (the faces table's columns, and the selection)."""
+    """What cropping one video produced: the faces table's columns (docs/faces.md)."""
 
     path: Path
     backend: str
@@ -224,17 +239,25 @@ class FaceResult:
     n_faces: int  # chosen faces (the crops the visual features see)
     mean_confidence: float | None
     crop_size: int
+    n_frames_chosen: int = 0  # sampled frames with a chosen face
+    n_frames_any: int = 0  # sampled frames with any face, chosen or not
     n_faces_all: int = 0  # every face found, chosen or not
     n_tracks: int = 0
-    select: str = "largest"
+    select_rule: str = "largest"
     chosen_track: int = -1
     select_score: float | None = None  # the chosen track's speaking score (correlation)
     select_reason: str = ""
 
     @property
     def face_ratio(self) -> float:
-        """Share of sampled frames in which a face was chosen."""
-        return self.n_faces / self.n_frames_sampled if self.n_frames_sampled else 0.0
+        """Share of sampled frames with a chosen face: how much of the video the visual
+        features see (with `speaking`, the chosen person's face; with `largest`, any face)."""
+        return self.n_frames_chosen / self.n_frames_sampled if self.n_frames_sampled else 0.0
+
+    @property
+    def any_face_ratio(self) -> float:
+        """Share of sampled frames with any face, chosen or not."""
+        return self.n_frames_any / self.n_frames_sampled if self.n_frames_sampled else 0.0
 
 
 def _select(
@@ -292,6 +315,7 @@ def crop_faces(
         confidence = np.asarray(writer.confidence, np.float64)[sel.chosen]
         finite = confidence[np.isfinite(confidence)]
         n_all = writer.n
+        frames = np.asarray(writer.frame_idx, np.int64)
         writer.commit(
             sel.chosen,
             track_id,
@@ -313,9 +337,11 @@ def crop_faces(
         n_faces=int(sel.chosen.sum()),
         mean_confidence=float(finite.mean()) if finite.size else None,
         crop_size=settings.size,
+        n_frames_chosen=len(np.unique(frames[sel.chosen])),
+        n_frames_any=len(np.unique(frames)),
         n_faces_all=n_all,
         n_tracks=len(sel.track_score),
-        select=sel.rule,
+        select_rule=sel.rule,
         chosen_track=sel.chosen_track,
         select_score=sel.score if np.isfinite(sel.score) else None,
         select_reason=sel.reason,
@@ -323,17 +349,31 @@ def crop_faces(
 
 
 # -- the stage ----------------------------------------------------------------------------------
+def _cropper(settings: FaceSettings) -> Callable[[Path, Path], FaceResult]:
+    backend = settings.load()  # a missing binary or model stops the shard here
+    if settings.select == "speaking":
+        find_ffmpeg()  # the speaking face hears the audio: no ffmpeg stops the shard here too
+    return functools.partial(crop_faces, settings=settings, backend=backend)
+
+
 def faces_stage(settings: FaceSettings | None = None) -> Stage:
-    """Face crops as a stage: one video at a time, the backend loaded once per process."""
+    """Face crops as a stage: the backend loaded once per process, the videos cropped in
+    `settings.processes` worker processes (one at a time in this process with 0)."""
     settings = settings or FaceSettings()
+    setup = functools.partial(_cropper, settings)
+    processes = resolve_processes(settings.processes)
+    return artifact_stage(
+        FACES_STAGE, tables.FACES, settings.extractor_id, ".npz", setup, processes
+    )
 
-    def setup() -> Any:
-        backend = settings.load()  # a missing binary or model stops the shard here
-        if settings.select == "speaking":
-            find_ffmpeg()  # the speaking face hears the audio: no ffmpeg stops the shard here too
-        return lambda video, out: crop_faces(video, out, settings, backend)
 
-    return artifact_stage(FACES_STAGE, tables.FACES, settings.extractor_id, ".npz", setup)
+def start_workers(settings: FaceSettings) -> int:
+    """Start the faces stage's worker processes now, backends loaded, as a worker holds them
+    after its first shard (a benchmark's model load); returns how many there are."""
+    processes = resolve_processes(settings.processes)
+    if processes:
+        video_pool.pool(processes).warm(functools.partial(_cropper, settings))
+    return processes
 
 
 def crop_faces_shard(

@@ -24,6 +24,7 @@ from data_contracts import tables
 from data_contracts.failures import failure_row, failures_frame
 from data_contracts.store import Store
 from data_contracts.tables import TableRef
+from tasks import video_pool
 from tasks.errors import BadInputError
 from tasks.gpu_slots import gpu_slot
 from tasks.shard import (
@@ -39,7 +40,9 @@ from tasks.shard import (
 # its output row or the bad-input error that makes it a failure row. A stage with a side table
 # puts the video's side rows (frame-level features) under SIDE_ROWS in its output row.
 Item = tuple[Any, Any]  # (manifest row, loaded input)
-Result = dict | BadInputError
+# A compute that runs videos side by side may also give another exception for one video (a
+# transient error): the engine commits the others' rows and then raises it.
+Result = dict | Exception
 SIDE_ROWS = "_side_rows"
 Compute = Callable[[list[Item]], list[Result]]
 
@@ -136,34 +139,64 @@ def artifact_stage(
     extractor_id: str,
     suffix: str,
     setup: Callable[[], Callable[[Path, Path], Any]],
+    processes: int = 0,
 ) -> Stage:
-    """A raw-video stage that writes one artifact per video, one video at a time.
+    """A raw-video stage that writes one artifact per video.
 
-    `setup()` runs once per shard (a configuration error stops it before any video) and gives
-    `make(video_path, out_path)`, which writes the artifact and returns a result whose
-    attributes name the table's other columns; keys, stored path and time are added here.
+    `setup()` gives `make(video_path, out_path)`, which writes the artifact and returns a result
+    whose attributes name the table's other columns; keys, stored path and time are added here.
+    `setup` runs once per shard here (a configuration error stops the shard before any video).
+    processes > 0: `make` runs in that many worker processes (tasks/video_pool.py), each with
+    its own `setup()` kept across shards, several videos at a time; `setup` must then pickle (a
+    module-level function or a partial of one) and `make`'s result too.
     """
     fixed = {"video_id", "sha256", "extractor_id", "path", "created_at"}
     own = [c for c in table.contract.columns if c not in fixed]
 
+    def row(store: Store, video: Any, out: Path, result: Any) -> dict:
+        return {
+            "video_id": video.video_id,
+            "sha256": video.sha256,
+            "extractor_id": extractor_id,
+            "path": store.publish_artifact(out),
+            **{c: getattr(result, c) for c in own},
+            "created_at": now_utc(),
+        }
+
     def start(store: Store) -> Compute:
         make = setup()
 
+        def out_path(video: Any) -> Path:
+            return store.artifact_path(name, extractor_id, video.video_id, video.sha256, suffix)
+
         def work(video: Any) -> dict:
-            out = store.artifact_path(name, extractor_id, video.video_id, video.sha256, suffix)
-            result = make(Path(video.path), out)
-            return {
-                "video_id": video.video_id,
-                "sha256": video.sha256,
-                "extractor_id": extractor_id,
-                "path": store.publish_artifact(out),
-                **{c: getattr(result, c) for c in own},
-                "created_at": now_utc(),
-            }
+            out = out_path(video)
+            return row(store, video, out, make(Path(video.path), out))
 
-        return one_at_a_time(work)
+        if processes < 1:
+            return one_at_a_time(work)
 
-    return Stage(name, table, extractor_id, start)
+        def in_workers(items: list[Item]) -> list[Result]:
+            if len(items) == 1:  # a pool's start costs more than one video's work
+                return one_at_a_time(work)(items)
+            outs = [out_path(video) for video, _ in items]
+            workers = video_pool.pool(processes)
+            futures = [
+                workers.submit(setup, Path(video.path), out)
+                for (video, _), out in zip(items, outs, strict=True)
+            ]
+            done: list[Result] = []
+            for (video, _), out, future in zip(items, outs, futures, strict=True):
+                try:
+                    done.append(row(store, video, out, future.result()))
+                except Exception as e:  # a bad input's failure row, or raised after the commit
+                    done.append(e)
+            return done
+
+        return in_workers
+
+    # Several videos per group when they run side by side, so that every process has work.
+    return Stage(name, table, extractor_id, start, batch=max(1, 4 * processes))
 
 
 def groups(df: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
@@ -244,6 +277,7 @@ def _compute(
             failure_row(video.video_id, video.sha256, stage.name, e, stage.extractor_id, attempt)
         )
 
+    escaped: list[Exception] = []  # errors of single videos computed side by side
     try:
         for group in groups(todo, stage.batch):
             items: list[Item] = []
@@ -257,9 +291,13 @@ def _compute(
             for (video, _), result in zip(items, compute(items), strict=True):
                 if isinstance(result, BadInputError):
                     fail(video, result)
+                elif isinstance(result, Exception):
+                    escaped.append(result)
                 else:
                     rows.append(result)
                     report.processed += 1
+            if escaped:  # the others' rows are committed below, then the shard is retried
+                raise escaped[0]
     finally:
         _commit(store, stage, rows, failures, failed_before, report)
 

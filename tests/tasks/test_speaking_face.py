@@ -7,10 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from data_contracts import tables
+from data_contracts.store import Store
 from flows.config import load_settings
 from flows.task_cli import task_app
 from tasks.face_backends import load_backend
@@ -22,9 +25,33 @@ from tasks.face_speaker import (
     loudness_at,
     mouth_opening,
 )
-from tasks.faces import FaceSettings, crop_faces, faces_extractor_id
+from tasks.faces import FaceSettings, crop_faces, crop_faces_shard, faces_extractor_id
+from tasks.quality import quality_signals
+from tests.quality.synthetic import manifest_rows
 from tests.tasks import badmedia
 from tests.tasks import face_clips as fc
+
+HIDDEN = 12  # frames at the end of the `hidden` clip without the speaker
+
+
+def speaker_leaves_clip(path: Path) -> Path:
+    """The two-face clip whose speaker is gone for the last HIDDEN frames (after her speech)
+    while Grace Hopper stays: a listener shown while the speaker is off screen."""
+    audio = fc.speech(tail_s=1.6)
+    n = round(len(audio) / fc.SPEECH_RATE_HZ * fc.FPS)
+    opening = fc.envelope(audio, n)
+    hopper = fc.hopper()
+    still = fc.place(hopper, fc.HOPPER_CENTER_XY, fc.HOPPER_BOX_PX, (80, 150), 136, 160, fc.SIZE)
+    empty = np.full((fc.SIZE, 160, 3), 128, np.uint8)
+
+    def frames():
+        for k in range(n):
+            left = (
+                fc.astronaut(opening[k], (80, 150), 84, 160, fc.SIZE) if k < n - HIDDEN else empty
+            )
+            yield np.ascontiguousarray(np.concatenate([left, still], axis=1))
+
+    return fc.encode(path, frames(), audio, n)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +60,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     two = fc.two_faces_clip(d / "two.mp4")
     silent = d / "silent.mp4"
     badmedia.run_ffmpeg("-i", two, "-map", "0:v", "-c", "copy", silent)  # no audio stream
-    return {"two": two, "silent": silent}
+    return {"two": two, "silent": silent, "leaves": speaker_leaves_clip(d / "leaves.mp4")}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +80,7 @@ def test_speaking_keeps_the_speaker(speaking):
     assert share >= 0.95, f"the speaker is chosen in {share:.0%} of the chosen frames"
     # ... in (nearly) every frame she is seen, as one track, with its score and reason kept.
     assert speaking.n_faces >= 0.95 * speaking.n_frames_sampled
-    assert (speaking.select, tracks.select) == ("speaking", "speaking")
+    assert (speaking.select_rule, tracks.select) == ("speaking", "speaking")
     assert speaking.chosen_track == tracks.chosen_track
     assert set(tracks.track_id[tracks.chosen]) == {tracks.chosen_track}
     assert (
@@ -106,6 +133,37 @@ def test_selection_keys_the_extractor_id_and_largest_keeps_the_old_one():
     assert face_settings(load_settings("demo", ["faces.select=speaking"])).select == "speaking"
 
 
+def test_the_faces_table_records_the_choice_and_both_face_ratios(clips, tmp_path):
+    store = Store(tmp_path / "data")
+    video = pd.DataFrame(
+        {"video_id": ["leaves"], "path": [str(clips["leaves"])], "sha256": ["0" * 64]}
+    )
+    for select in ("speaking", "largest"):
+        report = crop_faces_shard(video, store, FaceSettings(size=64, select=select))
+        assert (report.processed, report.failed) == (1, 0)
+    rows = store.read(tables.FACES).set_index("select_rule")
+    spk, big = rows.loc["speaking"], rows.loc["largest"]
+    n = spk.n_frames_sampled
+    # Grace Hopper is in every frame: both rules see a face in all of them.
+    assert spk.any_face_ratio == big.any_face_ratio == pytest.approx(1.0)
+    # `largest` keeps a face in every frame; `speaking` keeps the speaker, who leaves.
+    assert big.face_ratio == pytest.approx(1.0) and big.n_faces == n
+    assert spk.face_ratio == pytest.approx((n - HIDDEN) / n, abs=1.5 / n)
+    assert spk.n_faces == pytest.approx(spk.face_ratio * n)
+    # The choice, its score and its reason are the crops file's.
+    tracks = load_tracks(store.root / spk.path)
+    assert (spk.n_tracks, spk.chosen_track) == (tracks.n_tracks, tracks.chosen_track)
+    assert spk.n_faces_all == len(tracks.frame_idx) > spk.n_faces
+    assert spk.select_score == pytest.approx(tracks.select_score) and spk.select_score > 0.5
+    assert spk.select_reason == tracks.select_reason and spk.select_reason.startswith("speaking:")
+    assert _left(load_crops(store.root / spk.path).boxes).all()
+    assert np.isnan(big.select_score) and big.select_reason.startswith("largest face of each")
+    # The quality report shows the score.
+    store.upsert(tables.MANIFEST, manifest_rows(["leaves"], ["labeled"], ["0" * 64]))
+    signals = quality_signals(store, spk.extractor_id).set_index("video_id")
+    assert signals.loc["leaves", "speaker_score"] == pytest.approx(spk.select_score, rel=1e-6)
+
+
 # -- the score -----------------------------------------------------------------------------------
 def _mouths(opening: np.ndarray) -> np.ndarray:
     """68-point landmarks with eyes 40 px apart and the inner lips `opening` x 40 px apart."""
@@ -146,6 +204,31 @@ def test_no_track_moving_with_the_speech_falls_back_to_the_longest():
     short = np.repeat([0, 1], [60 - SPEAKING_MIN_FRAMES + 1, SPEAKING_MIN_FRAMES - 1])
     sel = choose_speaking(short, boxes, mouth_opening(_mouths(opening)), loud)
     assert np.isnan(sel.track_score[1])
+    # Digital silence (a real stock clip's audio track): nothing to follow, and it says so.
+    sel = choose_speaking(track, boxes, mouth_opening(_mouths(opening)), np.full(60, -80.0))
+    assert sel.chosen_track == 0 and sel.reason == (
+        "longest track: its audio is silent (no change in loudness)"
+    )
+
+
+def test_slow_unrelated_drifts_are_not_taken_for_speech():
+    """A smile that widens while music swells: two slow, independent drifts correlate by
+    chance (r = 0.43 over 72 frames, which counting every frame would call certain), but
+    they are worth few independent frames, so the still, longer track is kept."""
+    rng = np.random.default_rng(3)
+
+    def drift() -> np.ndarray:
+        return np.convolve(rng.normal(size=80), np.ones(9) / 9, "valid")  # 72 smooth values
+
+    opening, music = 0.15 + 0.06 * drift(), -30 + 5 * drift()
+    track = np.repeat([0, 1], [90, 72])
+    loud = np.concatenate([rng.normal(-30, 5, 90), music])
+    mouth = mouth_opening(_mouths(np.concatenate([np.full(90, 0.1), opening])))
+    boxes = np.tile([0.0, 0.0, 50.0, 50.0], (162, 1))
+    sel = choose_speaking(track, boxes, mouth, loud)
+    assert sel.track_score[1] == pytest.approx(0.43, abs=0.01)
+    assert sel.chosen_track == 0 and sel.reason.startswith("longest track: no track's mouth")
+    assert "72 frames, 13 independent" in sel.reason
 
 
 # -- the preview ---------------------------------------------------------------------------------

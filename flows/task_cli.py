@@ -217,7 +217,8 @@ def crop_faces_cmd(
     conf = "n/a" if conf is None else f"{conf:.3f}"
     typer.echo(
         f"frames   {row.n_frames_decoded} decoded, {row.n_frames_sampled} sampled, "
-        f"{row.n_faces} with a face ({row.face_ratio:.0%}), mean confidence {conf}"
+        f"a chosen face in {row.face_ratio:.0%} of them, any face in {row.any_face_ratio:.0%}; "
+        f"mean confidence {conf}"
     )
     typer.echo(f"wrote    {path} ({row.n_faces} x {size}x{size} RGB crops)")
     tracks = load_tracks(path)

@@ -435,7 +435,7 @@ def test_cli_crop_faces_writes_crops_and_a_preview(clips, tmp_path):
         ["crop-faces", str(clips["symlink"]), "--out", str(tmp_path), "--preview", str(preview)],
     )
     assert result.exit_code == 0, result.output
-    assert "5 decoded, 5 sampled, 5 with a face (100%)" in result.output
+    assert "5 decoded, 5 sampled, a chosen face in 100% of them, any face in 100%" in result.output
     assert (tmp_path / "link to face.faces.npz").is_file()
     assert "tracks   1 (0 faces not chosen), 0 cuts" in result.output
     # One track of 5 faces: a label column and 5 of 8 cells of (112 + 8) px, one row.

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pandas and pyarrow load in the commands, not with the comma
 
 
 class UnknownVideoError(LookupError):
-    """The video id is not in the data root's manifest (exit 2: the argument is wrong)."""
+    """The video id is not one of the data root's videos (exit 2: the argument is wrong)."""
 
 
 def _rows(store: Store, table: TableRef, video_id: str, columns: list[str] | None = None):
@@ -42,22 +42,35 @@ def describe_video(store: Store, video_id: str) -> str:
 
     from data_contracts import tables
     from tasks.folds import fold_assignment
-    from tasks.quality import find_feature_tables, quality_signals
+    from tasks.import_features import NO_VIDEO
+    from tasks.quality import current_videos, find_feature_tables, quality_signals
 
     if not store.has_stores():
         raise UnknownVideoError(f"{store.root} holds no stores/: it is not a merflow data root")
+    found, _ = find_feature_tables(store)
     manifest = store.read(tables.MANIFEST)
     row = manifest[manifest.video_id == video_id]
     if row.empty:
-        close = difflib.get_close_matches(video_id, manifest.video_id.tolist(), n=5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UnknownVideoError(
-            f"video {video_id!r} is not in the manifest under {store.root} "
-            f"({len(manifest)} videos){hint}"
-        )
-    m = row.iloc[0].to_dict()
+        # The videos training knows: the manifest's, and those imported without their files.
+        videos = current_videos(store, [ft.ref for ft in found])
+        only = videos[(videos.video_id == video_id) & (videos.sha256 == NO_VIDEO)]
+        if only.empty:
+            close = difflib.get_close_matches(video_id, videos.video_id.tolist(), n=5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UnknownVideoError(
+                f"video {video_id!r} is neither in the manifest under {store.root} nor imported "
+                f"without its video file ({len(videos)} videos){hint}"
+            )
+        m = {
+            **only.iloc[0].to_dict(),
+            "feature_only": "imported without its video file: no manifest row, no artifacts",
+        }
+        heading = "Manifest (none: a feature-only video)"
+    else:
+        m = row.iloc[0].to_dict()
+        heading = "Manifest"
     sha = m["sha256"]
-    out = [f"# {video_id}", *_section("Manifest", _kv(m))]
+    out = [f"# {video_id}", *_section(heading, _kv(m))]
 
     body = []
     for kind, table, stats in (
@@ -81,11 +94,12 @@ def describe_video(store: Store, video_id: str) -> str:
     out += _section("Transcripts", body)
 
     body = []
-    found, _ = find_feature_tables(store)
     for ft in found:
         cols = ["video_id", "sha256", "extractor_id", "n_items", "provenance", "created_at"]
         for r in _rows(store, ft.ref, video_id, cols).itertuples(index=False):
             stale = "" if r.sha256 == sha else " [older bytes]"
+            if r.sha256 != sha and r.sha256 == NO_VIDEO:  # the manifest's bytes win
+                stale = " [feature-only, not used: the manifest holds this video]"
             body.append(f"  {ft.ref.name}{stale}: dim {ft.dim}, {r.n_items} items, {r.created_at}")
             try:
                 prov = json.dumps(json.loads(r.provenance or "null"), indent=2, sort_keys=True)

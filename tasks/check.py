@@ -2,7 +2,9 @@
 rows, missing modalities by reason, NaN / all-zero / outlying-norm vectors, dimension and
 contract version; leakage (the same bytes, or features with cosine > 0.99, across the labelled
 and unlabelled pools or across CV folds); drift between a modality's newest table and the one
-before it. Findings go to the `findings` table and to `<data_root>/reports/check.md`.
+before it. The videos checked are those training takes (tasks/quality.py current_videos): the
+manifest's and those imported without their files. Findings go to the `findings` table and to
+`<data_root>/reports/check.md`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
 from tasks.errors import BadInputError
 from tasks.folds import fold_assignment
+from tasks.import_features import NO_VIDEO
 from tasks.quality import (
     LABELLED_POOL,
     LEVELS,
@@ -33,7 +36,7 @@ from tasks.quality import (
     FeatureTable,
     Finding,
     Findings,
-    current_manifest,
+    current_videos,
     find_feature_tables,
     mean_std,
     near_duplicate_pairs,
@@ -49,7 +52,7 @@ log = logging.getLogger(__name__)
 # -- the check ---------------------------------------------------------------------------------
 @dataclass
 class _Context:
-    current: pd.DataFrame  # manifest video_id, sha256, pool
+    current: pd.DataFrame  # video_id, sha256, pool of the current videos (current_videos)
     folds: dict[str, int]
     failures: pd.DataFrame
     cosine: float
@@ -64,7 +67,7 @@ def _ids(values: Any) -> tuple[str, ...]:
 def _content_duplicates(ctx: _Context) -> list[Finding]:
     """The same bytes (SHA-256) under several video ids: across pools or folds, it is leakage."""
     out = []
-    m = ctx.current
+    m = ctx.current[ctx.current.sha256 != NO_VIDEO]  # feature-only: no bytes to compare
     for sha, group in m[m.sha256.duplicated(keep=False)].groupby("sha256"):
         ids = _ids(group.video_id)
         pools = sorted(set(group.pool))
@@ -88,7 +91,7 @@ def _content_duplicates(ctx: _Context) -> list[Finding]:
 
 
 def _missing(ft: FeatureTable, held: set[tuple], ctx: _Context) -> tuple[dict, list[Finding]]:
-    """Videos of the manifest that lack a row in this table, grouped by the recorded reason."""
+    """Current videos that lack a row in this table, grouped by the recorded reason."""
     stage, *upstream = UPSTREAM[ft.modality]
     f = ctx.failures
     own = f[(f.stage == stage) & (f.extractor_id == ft.extractor_id)]
@@ -99,6 +102,14 @@ def _missing(ft: FeatureTable, held: set[tuple], ctx: _Context) -> tuple[dict, l
     examples: dict[str, str] = {}
     for key in zip(ctx.current.video_id, ctx.current.sha256, strict=True):
         if key in held:
+            continue
+        if key[1] == NO_VIDEO:  # nothing to extract from: only an import adds its row
+            reason = "feature-only, not in this table"
+            reasons.setdefault(reason, []).append(key[0])
+            examples[reason] = (
+                "imported without their video files; `merflow import-features ... "
+                "--without-videos` into this table adds them, else training masks the modality"
+            )
             continue
         row = own.get(key)
         if row is None or row.error_type == PASS_THROUGH:
@@ -145,7 +156,8 @@ def _leakage(
             continue
         i, j, cos, total = near_duplicate_pairs(x, a, b, ctx.cosine, ctx.block, center=mean)
         capped = total > len(i)  # only the first pairs were kept: the counts are lower bounds
-        keep = sha[i] != sha[j]  # identical bytes are reported once, from the manifest
+        # Identical bytes are reported once, from the manifest; feature-only rows have none.
+        keep = (sha[i] != sha[j]) | (sha[i] == NO_VIDEO)
         if code.endswith("folds"):
             keep &= fold[i] != fold[j]
         i, j, cos = i[keep], j[keep], cos[keep]
@@ -221,7 +233,8 @@ def _check_table(
         findings.append(
             Finding("info", "stale-rows", name,
                     f"{stale} row(s) belong to videos gone from the manifest or whose bytes "
-                    f"changed; training ignores them", _ids(vid[~current]))
+                    f"changed, or are feature-only rows of ids the manifest now holds; training "
+                    f"ignores them", _ids(vid[~current]))
         )  # fmt: skip
     missing: dict[str, int] = {}
     if newest:
@@ -292,6 +305,30 @@ def _drift(
     )  # fmt: skip
 
 
+def _store_kind(store: Store, current: pd.DataFrame, has_manifest: bool) -> list[Finding]:
+    """An error when there is nothing to check; an info finding naming feature-only videos."""
+    only = current.video_id[current.sha256 == NO_VIDEO]
+    if not has_manifest and only.empty:
+        return [
+            Finding("error", "no-manifest", tables.MANIFEST.name,
+                    f"the manifest under {store.root} is empty and no feature table holds "
+                    f"feature-only rows; run `merflow extract` first, or, with features and no "
+                    f"videos, `merflow import-features MODALITY NAME SOURCE --without-videos`")
+        ]  # fmt: skip
+    if only.empty:
+        return []
+    if has_manifest:
+        code, what = "feature-only-videos", f"besides the manifest's {len(current) - len(only)}"
+    else:
+        code, what = "features-only-store", "and no manifest: a features-only store"
+    return [
+        Finding("info", code, tables.MANIFEST.name,
+                f"{len(only)} video(s) imported without their files (sha256 {NO_VIDEO}) "
+                f"{what}; training takes them, checked here like the others (they have no "
+                f"quality signals)", _ids(only), {"feature_only": len(only)})
+    ]  # fmt: skip
+
+
 def check_stores(
     store: Store,
     n_splits: int | None = None,
@@ -314,12 +351,11 @@ def check_stores(
     now = datetime.now(UTC)
     check_id = f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     items: list[Finding] = []
-    current = current_manifest(store)
-    if current.empty:
-        items.append(
-            Finding("error", "no-manifest", tables.MANIFEST.name,
-                    f"the manifest under {store.root} is empty; run `merflow extract` first")
-        )  # fmt: skip
+    found, problems = find_feature_tables(store)
+    # The videos training takes from any of these tables: the manifest's and the feature-only.
+    current = current_videos(store, [ft.ref for ft in found])
+    has_manifest = bool((current.sha256 != NO_VIDEO).any())  # scanned bytes are digests
+    items += _store_kind(store, current, has_manifest)
     folds: dict[str, int] = {}
     fold_source = "none"
     try:
@@ -331,7 +367,6 @@ def check_stores(
         items.append(Finding("info", "folds-unavailable", tables.LABELS.name, str(e)))
     ctx = _Context(current, folds, store.read(tables.FAILURES), cosine_threshold, norm_z, block)
     items += _content_duplicates(ctx)
-    found, problems = find_feature_tables(store)
     items += problems
     by_modality = newest_first(store, found)
     summaries, stats = [], {}
@@ -343,7 +378,7 @@ def check_stores(
         fts = by_modality.get(modality, [])
         if len(fts) > 1:
             items.append(_drift(modality, fts[0], fts[1], stats, drift_warn))
-    signals = quality_signals(store) if not current.empty else None
+    signals = quality_signals(store) if has_manifest else None  # extraction's, manifest only
     order = {lv: i for i, lv in enumerate(LEVELS)}
     items.sort(key=lambda f: order[f.level])  # stable: errors first, tables in order
     findings = Findings(

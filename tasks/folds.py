@@ -96,10 +96,10 @@ def fold_assignment(store: Store, n_splits: int | None = None, seed: int | None 
     """The folds `check` and `inspect` show: the latest training run's (when its n_splits and
     seed are the ones asked for, or none were asked), else a preview (with the n_splits and seed
     asked for, else the data root's saved settings) computed with the same function over the
-    rows a run would train on: the labelled manifest videos, sorted by id,
-    that have at least one modality in the newest feature table of each modality (a run's
-    quality filters, when set, may drop more). Raises ValueError when there are too few
-    labelled videos for the folds."""
+    rows a run would train on: the labelled videos (of the manifest, or imported without their
+    files: tasks/quality.py current_videos), sorted by id, that have at least one modality in the
+    newest feature table of each modality (a run's quality filters, when set, may drop more).
+    Raises ValueError when there are too few labelled videos for the folds."""
     latest = _parse(store.read_text(LATEST_FOLDS))
     if latest is not None and n_splits in (None, latest.n_splits) and seed in (None, latest.seed):
         return latest
@@ -107,8 +107,7 @@ def fold_assignment(store: Store, n_splits: int | None = None, seed: int | None 
     n_splits = saved_splits if n_splits is None else n_splits
     seed = saved_seed if seed is None else seed
     labels = store.read(tables.LABELS, columns=["video_id", "label"])
-    manifest = store.read(tables.MANIFEST, columns=["video_id", "sha256"])
-    with_features = _videos_with_features(store, manifest)
+    with_features = _videos_with_features(store)
     labels = labels[labels.video_id.isin(with_features)].sort_values("video_id")
     folds = assign_folds(labels.label.map(CLASS_INDEX).to_numpy(), n_splits, seed)
     return FoldAssignment(
@@ -144,13 +143,16 @@ def _saved_fold_settings(store: Store) -> tuple[int, int]:
     return default("n_splits"), default("seed")
 
 
-def _videos_with_features(store: Store, manifest) -> set[str]:
-    """Manifest videos (current bytes) with a row in the newest table of any modality."""
-    from tasks.quality import newest_feature_tables
+def _videos_with_features(store: Store) -> set[str]:
+    """The videos a run on the newest table of each modality trains on (current_videos: the
+    manifest's current bytes and the feature-only ids) that have a row in one of those tables."""
+    from tasks.quality import current_videos, newest_feature_tables
 
-    current = set(zip(manifest.video_id, manifest.sha256, strict=True))
+    newest = newest_feature_tables(store)
+    videos = current_videos(store, newest.values())
+    current = set(zip(videos.video_id, videos.sha256, strict=True))
     found: set[str] = set()
-    for ref in newest_feature_tables(store).values():
+    for ref in newest.values():
         keys = store.read(ref, columns=["video_id", "sha256"])
         found |= {v for v, s in zip(keys.video_id, keys.sha256, strict=True) if (v, s) in current}
     return found

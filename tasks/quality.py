@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 LEVELS = ("error", "warning", "info")
 LABELLED_POOL = "labeled"
+UNLABELLED_POOL = "unlabeled"  # of a feature-only video without a label (MER's folder name)
 REPORT = "reports/check.md"
 # Where a modality's missing row is explained: its own stage, then the stages it reads from.
 UPSTREAM = {
@@ -150,6 +152,7 @@ class Findings:
 SIGNAL_COLUMNS = (
     "face_ratio",
     "face_confidence",
+    "speaker_score",
     "speech_ratio",
     "asr_confidence",
     "transcript_chars",
@@ -159,6 +162,38 @@ SIGNAL_COLUMNS = (
 def current_manifest(store: Store) -> pd.DataFrame:
     manifest = store.read(tables.MANIFEST, columns=["video_id", "sha256", "pool"])
     return manifest.sort_values("video_id").reset_index(drop=True)
+
+
+def current_videos(store: Store, feature_tables: Iterable[TableRef]) -> pd.DataFrame:
+    """The videos a run on `feature_tables` trains on, sorted by id (video_id, sha256, pool): the
+    manifest's current bytes, then the ids the tables hold feature-only (imported without their
+    videos, sha256 NO_VIDEO) that the manifest lacks; an id in both is the manifest's. A
+    feature-only video has no folder, so its pool is the labels table's say: LABELLED_POOL when
+    it has a label, else UNLABELLED_POOL (as training splits them)."""
+    # Imported here: tasks/import_features reads this module's find_feature_tables.
+    from tasks.import_features import NO_VIDEO
+
+    manifest = current_manifest(store)
+    only: set[str] = set()
+    for table in feature_tables:
+        if store.exists(table):
+            only |= set(
+                store.read(table, columns=["video_id"], where={"sha256": [NO_VIDEO]}).video_id
+            )
+    only -= set(manifest.video_id)  # the manifest's bytes win
+    if not only:
+        return manifest
+    labelled = set(store.read(tables.LABELS, columns=["video_id"]).video_id)
+    ids = sorted(only)
+    extra = pd.DataFrame(
+        {
+            "video_id": ids,
+            "sha256": NO_VIDEO,
+            "pool": [LABELLED_POOL if v in labelled else UNLABELLED_POOL for v in ids],
+        }
+    )
+    videos = pd.concat([manifest, extra], ignore_index=True)
+    return videos.sort_values("video_id").reset_index(drop=True)
 
 
 def _latest_rows(
@@ -183,12 +218,13 @@ def quality_signals(
     audio_extractor_id: str | None = None,
     transcripts_extractor_id: str | None = None,
 ) -> pd.DataFrame:
-    """Per manifest video: face-frame fraction and mean detection confidence, speech ratio, ASR
-    confidence and transcript length (NaN where unknown); newest rows unless ids are given."""
+    """Per manifest video: face-frame fraction, mean detection confidence and the speaking
+    face's score, speech ratio, ASR confidence and transcript length (NaN where unknown);
+    newest rows unless ids are given."""
     current = current_manifest(store)
     faces = _latest_rows(
-        store, tables.FACES, ["face_ratio", "mean_confidence", "backend"], current,
-        faces_extractor_id,
+        store, tables.FACES, ["face_ratio", "mean_confidence", "backend", "select_score"],
+        current, faces_extractor_id,
     )  # fmt: skip
     audio = _latest_rows(store, tables.AUDIO, ["speech_ratio"], current, audio_extractor_id)
     text = _latest_rows(
@@ -201,6 +237,9 @@ def quality_signals(
     # Scales differ by backend (dlib HOG score, OpenCV level weight, OpenFace [0, 1]).
     out["face_confidence"] = ids.map(faces.mean_confidence).astype("float64")
     out["face_backend"] = ids.map(faces.backend)
+    # faces.select=speaking: how well the kept track's mouth follows the speech (r); NaN for
+    # `largest`, an unscored fallback, or a row written before the faces table recorded it.
+    out["speaker_score"] = ids.map(faces.select_score).astype("float64")
     out["speech_ratio"] = ids.map(audio.speech_ratio).astype("float64")
     out["transcript_source"] = ids.map(text.source)
     out["asr_confidence"] = ids.map(text.confidence).astype("float64")
@@ -302,13 +341,13 @@ def find_feature_tables(store: Store) -> tuple[list[FeatureTable], list[Finding]
             )  # fmt: skip
             continue
         contract = feature_contract(modality, int(next(iter(dims))))
-        if declared != {(contract.name, contract.version, str(int(next(iter(dims)))))}:
+        if any(n != contract.name or v not in contract.versions for n, v, _ in declared):
             problems.append(
                 Finding(
                     "error", "contract-mismatch", name,
                     f"part files declare {sorted(declared)} but this merflow reads "
-                    f"{contract.name} version {contract.version}; re-extract the table or use the "
-                    f"merflow version that wrote it",
+                    f"{contract.name} version {', '.join(contract.versions)}; re-extract the "
+                    f"table or use the merflow version that wrote it",
                 )
             )  # fmt: skip
             continue

@@ -22,6 +22,7 @@ from data_contracts.tables import TableRef
 from models.featureset import UNLABELLED, FeatureSet
 from tasks.errors import BadInputError
 from tasks.import_features import NO_VIDEO
+from tasks.quality import current_videos
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +77,9 @@ def standardize(
 
 def training_videos(store: Store, feature_tables: dict[str, TableRef]) -> pd.DataFrame:
     """The videos a run trains on, sorted by id (video_id, sha256): the manifest's current
-    bytes, then the feature-only ids of `feature_tables` the manifest lacks (sha256 NO_VIDEO)."""
-    manifest = store.read(tables.MANIFEST, columns=["video_id", "sha256"])
-    only: set[str] = set()
-    for table in feature_tables.values():
-        if store.exists(table):
-            only |= set(
-                store.read(table, columns=["video_id"], where={"sha256": [NO_VIDEO]}).video_id
-            )
-    only -= set(manifest.video_id)  # the manifest's bytes win
-    extra = pd.DataFrame({"video_id": sorted(only), "sha256": NO_VIDEO})
-    videos = pd.concat([manifest, extra], ignore_index=True) if len(extra) else manifest
-    return videos.sort_values("video_id").reset_index(drop=True)
+    bytes, then the feature-only ids of `feature_tables` the manifest lacks (sha256 NO_VIDEO).
+    The rule is current_videos' (tasks/quality.py), which check, inspect and the folds share."""
+    return current_videos(store, feature_tables.values())[["video_id", "sha256"]]
 
 
 def load_training_data(

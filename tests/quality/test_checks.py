@@ -20,6 +20,7 @@ from tasks.check import check_stores
 from tasks.errors import BadInputError
 from tasks.folds import fold_assignment
 from tasks.quality import near_duplicate_pairs, quality_mask, quality_signals
+from tests.data_contracts.old_layouts import FACES_V1, v1_rows, v2_rows
 from tests.quality.synthetic import (
     add_failure,
     broken_extractor_write,
@@ -262,6 +263,10 @@ def _signal_rows(store, ids):
                 "path": "x.npz", "backend": "dlib", "n_frames_decoded": 10,
                 "n_frames_sampled": 10, "n_faces": [10, 2, 0], "face_ratio": [1.0, 0.2, 0.0],
                 "mean_confidence": [1.2, 0.4, None], "crop_size": 64, "created_at": now,
+                "any_face_ratio": [1.0, 0.9, 0.0], "n_faces_all": [10, 12, 0],
+                "n_tracks": [1, 2, 0], "select_rule": ["largest", "speaking", "speaking"],
+                "chosen_track": [0, 1, -1], "select_score": [None, 0.45, None],
+                "select_reason": "why",
             }
         ),
     )  # fmt: skip
@@ -296,6 +301,9 @@ def test_quality_signals_and_masks(tmp_path):
     assert s.loc[ids[2], "transcript_source"] == "official" and np.isnan(
         s.loc[ids[5], "face_ratio"]
     )
+    # The speaking face's score; NaN where the rule scores nothing (largest) or no row.
+    assert s.loc[ids[1], "speaker_score"] == pytest.approx(0.45)
+    assert np.isnan(s.loc[ids[0], "speaker_score"]) and np.isnan(s.loc[ids[5], "speaker_score"])
 
     off = quality_mask(store, ids)
     assert all(m.all() and m.shape == (len(ids),) for m in off.values())
@@ -308,3 +316,18 @@ def test_quality_signals_and_masks(tmp_path):
     assert masks["visual"].tolist() == [True, False, False, True]
     assert masks["acoustic"].tolist() == [True, False, True, True]
     assert masks["text"].tolist() == [True, False, True, True]
+
+
+def test_quality_signals_of_an_old_faces_table(tmp_path):
+    """A faces table of contract version 1 (before the selection columns) still gives its
+    signals: face ratios as stored, speaker score unknown, nothing masked by default."""
+    store, ids, _ = make_root(tmp_path / "root")
+    store.upsert(FACES_V1, v1_rows(ids[:2], 3, [sha(v) for v in ids[:2]]))
+    store.upsert(tables.FACES, v2_rows(ids[2:3], 0.6, [sha(ids[2])]))
+    s = quality_signals(store).set_index("video_id")
+    assert s.loc[ids[:3], "face_ratio"].tolist() == pytest.approx([0.3, 0.3, 0.6])
+    assert s.loc[ids[:2], "speaker_score"].isna().all()
+    assert s.loc[ids[2], "speaker_score"] == pytest.approx(0.6)
+    assert all(m.all() for m in quality_mask(store, ids, signals=s.reset_index()).values())
+    f = check_stores(store, n_splits=3, write=False)
+    assert "speaker_score" in f.markdown() and "contract-mismatch" not in _codes(f)

@@ -88,7 +88,7 @@ class FaceSettings(_Section):
     # (the face whose mouth follows the speech; docs/faces.md).
     select: Literal["largest", "speaking"] = "largest"
     # Worker processes that crop a shard's videos side by side, off the GIL of the process
-    # running the model stages; None: half the worker's cores; 0: in the stage's own process.
+    # running the model stages; None: one per core of the worker; 0: in the stage's own process.
     # Inside a Dask worker (a daemonic process) always 0. Never part of the extractor id.
     processes: int | None = Field(None, ge=0)
 

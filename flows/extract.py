@@ -32,9 +32,8 @@ from tasks.embed import (
     embed_visual_task,
     transcribe_task,
 )
-from tasks.faces import crop_faces_task
 from tasks.labels import load_labels, load_transcripts
-from tasks.media import extract_audio_task
+from tasks.raw_video_tasks import crop_faces_task, extract_audio_task
 from tasks.scan import corpus_video_dirs, scan_videos
 from tasks.shard import ShardReport, shards
 from tasks.stage import stage_pending

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
 
 from data_contracts import tables
 from data_contracts.store import Store
@@ -57,7 +56,7 @@ from tasks.face_speaker import (
 from tasks.face_track import link_tracks
 from tasks.media import NoVideoStreamError, UnreadableMediaError, find_ffmpeg, probe
 from tasks.shard import ShardReport
-from tasks.stage import Stage, artifact_stage, run_stage, task_options
+from tasks.stage import Stage, artifact_stage, run_stage
 from tasks.video_pool import resolve_processes
 
 FACES_STAGE = "faces"
@@ -146,7 +145,7 @@ class FaceSettings:
     # "speaking", the track whose mouth follows the speech (tasks/face_speaker.py).
     select: str = "largest"
     # Worker processes that crop a shard's videos side by side, off the GIL of the process that
-    # runs the model stages (tasks/video_pool.py); None: half the cores, 0: in this process.
+    # runs the model stages (tasks/video_pool.py); None: every core, 0: in this process.
     processes: int | None = None
 
     def __post_init__(self) -> None:
@@ -172,7 +171,7 @@ class FaceSettings:
             )
         if self.processes is not None and self.processes < 0:
             raise ValueError(
-                f"processes must be >= 0 (0: in this process) or None (half the cores), got "
+                f"processes must be >= 0 (0: in this process) or None (every core), got "
                 f"{self.processes}"
             )
         if self.decode_threads < 0:
@@ -385,14 +384,6 @@ def crop_faces_shard(
 ) -> ShardReport:
     """Crop the faces of every video in the shard that the faces table lacks."""
     return run_stage(faces_stage(settings), videos, store, retry_failed, attempt)
-
-
-@task(name="crop-faces", **task_options(faces_stage))
-def crop_faces_task(
-    videos: pd.DataFrame, data_root: str, settings: FaceSettings | None = None
-) -> ShardReport:
-    """Prefect task: crop the faces of one shard into the store under `data_root`."""
-    return crop_faces_shard(videos, Store(data_root), settings)
 
 
 def settings_dict(settings: FaceSettings) -> dict[str, Any]:

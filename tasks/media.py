@@ -21,14 +21,13 @@ import av
 import ffmpeg
 import numpy as np
 import pandas as pd
-from prefect import task
 
 from data_contracts import tables
 from data_contracts.atomic import atomic_path
 from data_contracts.store import Store, store_write_error
 from tasks.errors import BadInputError, TransientError
 from tasks.shard import ShardReport
-from tasks.stage import Stage, artifact_stage, run_stage, task_options
+from tasks.stage import Stage, artifact_stage, run_stage
 
 AUDIO_STAGE = "audio"
 DEFAULT_SAMPLE_RATE = 16000
@@ -405,16 +404,3 @@ def extract_audio_shard(
 ) -> ShardReport:
     """Split the audio of every video in the shard that the audio table lacks."""
     return run_stage(audio_stage(ffmpeg_bin, sample_rate), videos, store, retry_failed, attempt)
-
-
-@task(name="extract-audio", **task_options(audio_stage))
-def extract_audio_task(
-    videos: pd.DataFrame,
-    data_root: str,
-    ffmpeg_bin: str | None = None,
-    sample_rate: int = DEFAULT_SAMPLE_RATE,
-    ffmpeg_threads: int = 0,
-) -> ShardReport:
-    """Prefect task: split the audio of one shard into the store under `data_root`."""
-    stage = audio_stage(ffmpeg_bin, sample_rate, ffmpeg_threads)
-    return run_stage(stage, videos, Store(data_root))

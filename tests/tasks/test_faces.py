@@ -32,10 +32,10 @@ from tasks.faces import (
     NoFaceError,
     crop_faces,
     crop_faces_shard,
-    crop_faces_task,
     faces_extractor_id,
 )
 from tasks.media import NoVideoStreamError, TruncatedMediaError, UnreadableMediaError
+from tasks.raw_video_tasks import crop_faces_task
 from tests.tasks import badmedia
 
 # Where dlib's HOG detector puts the astronaut's face in the 512 x 512 photo.

@@ -28,11 +28,11 @@ from tasks.media import (
     audio_extractor_id,
     extract_audio,
     extract_audio_shard,
-    extract_audio_task,
     find_ffmpeg,
     probe,
     speech_ratio,
 )
+from tasks.raw_video_tasks import extract_audio_task
 from tasks.shard import retry_if_transient, shard_cache_key
 from tests.tasks import badmedia
 

@@ -129,8 +129,8 @@ def test_the_rows_of_the_other_videos_are_committed_before_a_video_error_escapes
     assert (rerun.processed, rerun.skipped) == (1, 1)
 
 
-def test_the_process_count_defaults_to_half_the_cores_and_to_none_in_a_daemon(monkeypatch):
-    assert video_pool.resolve_processes(None) == max(1, available_cpus() // 2)
+def test_the_process_count_defaults_to_the_cores_and_to_none_in_a_daemon(monkeypatch):
+    assert video_pool.resolve_processes(None) == available_cpus()
     assert video_pool.resolve_processes(3) == 3
     assert video_pool.resolve_processes(0) == 0
     monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)

@@ -1,0 +1,37 @@
+"""The Prefect tasks of the two raw-video stages: the audio split and the face crops.
+
+Apart from tasks/media.py and tasks/faces.py so that the faces stage's worker processes
+(tasks/video_pool.py), which import those modules, start without importing Prefect.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from prefect import task
+
+from data_contracts.store import Store
+from tasks.faces import FaceSettings, crop_faces_shard, faces_stage
+from tasks.media import DEFAULT_SAMPLE_RATE, audio_stage
+from tasks.shard import ShardReport
+from tasks.stage import run_stage, task_options
+
+
+@task(name="extract-audio", **task_options(audio_stage))
+def extract_audio_task(
+    videos: pd.DataFrame,
+    data_root: str,
+    ffmpeg_bin: str | None = None,
+    sample_rate: int = DEFAULT_SAMPLE_RATE,
+    ffmpeg_threads: int = 0,
+) -> ShardReport:
+    """Prefect task: split the audio of one shard into the store under `data_root`."""
+    stage = audio_stage(ffmpeg_bin, sample_rate, ffmpeg_threads)
+    return run_stage(stage, videos, Store(data_root))
+
+
+@task(name="crop-faces", **task_options(faces_stage))
+def crop_faces_task(
+    videos: pd.DataFrame, data_root: str, settings: FaceSettings | None = None
+) -> ShardReport:
+    """Prefect task: crop the faces of one shard into the store under `data_root`."""
+    return crop_faces_shard(videos, Store(data_root), settings)

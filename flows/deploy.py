@@ -4,6 +4,7 @@ re-extraction of new videos, and the hand-off of training to a GPU work pool."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
 from data_contracts.location import normalize_root
+from flows.ablate import ablate_flow
 from flows.config import PROJECT_ROOT, Settings, load_settings
 from flows.extract import extract_flow
 from flows.predict import predict_new_flow
@@ -23,6 +25,13 @@ log = logging.getLogger(__name__)
 
 TRAIN_DEPLOYMENT = "train/train"
 PREDICT_DEPLOYMENT = "predict-new/predict-new"
+
+
+def ablate_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """The ablate run form: the served corpus, profile, data root and overrides, and the
+    flow's own defaults for seeds and parallel (one place for them: flows/ablate.py)."""
+    signature = inspect.signature(ablate_flow.fn).parameters
+    return {**params, **{n: signature[n].default for n in ("seeds", "parallel")}}
 
 
 def extract_flow_for(settings: Settings):
@@ -120,8 +129,9 @@ class ServeOptions:
 
 
 def deployment_specs(opts: ServeOptions) -> list[tuple[Any, dict[str, Any]]]:
-    """extract, train, pipeline, a scheduled reextract-new and the predict-new it starts: each
-    flow object with its deployment options (name, defaults for the run form, tags, schedule)."""
+    """extract, train, pipeline, a scheduled reextract-new, the predict-new it starts and ablate:
+    each flow object with its deployment options (name, defaults for the run form, tags,
+    schedule)."""
     params = {
         "corpus_dir": opts.corpus_dir,
         "profile": opts.profile,
@@ -195,6 +205,17 @@ def deployment_specs(opts: ServeOptions) -> list[tuple[Any, dict[str, Any]]]:
                 "concurrency_limit": 1,  # two runs at once would label the same videos twice
             },
         ),
+        (
+            ablate_flow,
+            {
+                "name": "ablate",
+                "parameters": ablate_parameters(params),
+                "tags": [*tags, "gpu"],
+                "description": "The paper's Table 1: the full method, each ablation and the "
+                "baseline over training seeds, as train runs side by side (finished runs are "
+                "reused).",
+            },
+        ),
     ]
 
 
@@ -225,6 +246,7 @@ ENTRYPOINTS = {
     "pipeline": ("flows/deploy.py:pipeline_flow", "cpu"),
     "reextract-new": ("flows/deploy.py:reextract_new_flow", "cpu"),
     "predict-new": ("flows/predict.py:predict_new_flow", "gpu"),
+    "ablate": ("flows/ablate.py:ablate_flow", "gpu"),
 }
 
 
@@ -243,6 +265,8 @@ def deploy_to_pools(opts: ServeOptions, cpu_pool: str, gpu_pool: str) -> list[st
     for name, (entrypoint, kind) in ENTRYPOINTS.items():
         remote = prefect_flow.from_source(source=str(PROJECT_ROOT), entrypoint=entrypoint)
         extra = {}
+        if name == "ablate":
+            extra["parameters"] = ablate_parameters(params)
         if name == "reextract-new":
             extra = {"interval": opts.interval_seconds} if not opts.cron else {"cron": opts.cron}
             extra["parameters"] = {

@@ -86,5 +86,12 @@ def test_served_runs_execute_the_built_flow_objects(monkeypatch, tmp_path):
     opts = deploy.ServeOptions(corpus_dir=str(tmp_path), overrides=("extract.task_runner=dask",))
     deploy.serve_deployments(opts)
     served = dict(added)
-    assert list(served) == ["extract", "train", "pipeline", "reextract-new", "predict-new"]
+    assert list(served) == [
+        "extract",
+        "train",
+        "pipeline",
+        "reextract-new",
+        "predict-new",
+        "ablate",
+    ]
     assert isinstance(served["extract"].task_runner, DaskTaskRunner)

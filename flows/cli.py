@@ -345,11 +345,12 @@ def serve_cmd(
     ] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Serve the extract, train, pipeline, scheduled reextract-new and predict-new deployments."""
+    """Serve the extract, train, pipeline, scheduled reextract-new, predict-new and ablate
+    deployments."""
     import os
 
     from flows import server
-    from flows.deploy import allowed_roots_for, serve_deployments
+    from flows.deploy import allowed_roots_for, deployment_specs, serve_deployments
 
     settings = _settings(profile, overrides)
     opts, root, env = _serve_setup(
@@ -359,7 +360,7 @@ def serve_cmd(
     # Runs started from the UI may only touch these folders (flows/safety.py); the environment,
     # not a run's overrides, carries the restriction into every flow-run process.
     env["MERFLOW_ALLOWED_ROOTS"] = os.pathsep.join(roots)
-    names = "extract, train, pipeline, reextract-new, predict-new"
+    names = ", ".join(options["name"] for _, options in deployment_specs(opts))
     typer.echo(f"serving {names}; runs may touch {roots}")
     with server.use_server(env):
         serve_deployments(opts)

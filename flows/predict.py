@@ -34,6 +34,7 @@ from tasks.predict import (
     load_models,
     load_run,
     matching_plan,
+    method_switches,
     resolve_device,
     to_label,
     write_csv,
@@ -49,7 +50,8 @@ def runs_dir(settings: Settings, root: Path | str) -> Path:
 def open_run(settings: Settings, root: Path | str, which: str) -> tuple[TrainedRun, ExtractionPlan]:
     """The run `which` names, checked whole, and the plan of its extractors under the current
     settings (refused when they differ)."""
-    run = load_run(find_run(runs_dir(settings, root), which))
+    switches = method_switches(settings.train)
+    run = load_run(find_run(runs_dir(settings, root), which, switches))
     return run, matching_plan(settings, root, run)
 
 
@@ -108,7 +110,8 @@ def predict_flow(
     """Label the videos of folders with a finished training run, extracting what they lack.
 
     Args:
-        run: `latest` (the newest finished full-method run), a run key or a run folder.
+        run: `latest` (the newest finished run of the method the settings describe; by
+            default the full method), a run key or a run folder.
         video_dirs: folders of videos to label (scanned into the manifest).
         data_root: the data root the run was trained on.
         profile: settings profile; its extractors must be the run's.
@@ -150,7 +153,8 @@ def predict_new_flow(
         profile: settings profile; its extractors must be the run's.
         data_root: where stores and runs are (default <corpus_dir>/merflow).
         overrides: key=value settings.
-        run: `latest` (the newest finished full-method run) or a run key.
+        run: `latest` (the newest finished run of the method the settings describe; by
+            default the full method) or a run key.
     """
     logger = get_run_logger()
     overrides = list(overrides or [])

@@ -21,7 +21,8 @@ RunArg = Annotated[
     str,
     typer.Argument(
         metavar="RUN",
-        help="the run: `latest` (newest finished full-method run), a run key or a run folder",
+        help="the run: `latest` (newest finished run of the settings' method: the full method "
+        "by default), a run key or a run folder",
     ),
 ]
 ItemsArg = Annotated[

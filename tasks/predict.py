@@ -71,11 +71,13 @@ class TrainedRun:
     models: list[Any] = field(default_factory=list)  # loaded by load_models
 
 
-def find_run(runs_dir: Path, which: str = LATEST) -> Path:
-    """The run folder `which` names: `latest` (latest_run), a run key, `train-<key>`, or a run
-    folder's path."""
+def find_run(
+    runs_dir: Path, which: str = LATEST, switches: Mapping[str, bool] | None = None
+) -> Path:
+    """The run folder `which` names: `latest` (latest_run, with `switches`), a run key,
+    `train-<key>`, or a run folder's path."""
     if which == LATEST:
-        return latest_run(runs_dir)
+        return latest_run(runs_dir, switches)
     given = Path(which).expanduser()
     if given.is_dir() and given.name.startswith("train-"):
         return given.resolve()
@@ -89,38 +91,54 @@ def find_run(runs_dir: Path, which: str = LATEST) -> Path:
     return folder
 
 
-def latest_run(runs_dir: Path) -> Path:
-    """The newest finished run of the full method under `runs_dir`: the newest report.json among
-    the runs with every switch of the method on (SWITCHES). A run with one off is an ablation,
-    made by `merflow ablate` or by hand, and is named by its key; the ablate flow's full-method
-    runs are plain train runs (same settings, same run key) and count."""
-    full, ablations = [], []
+def method_switches(train: TrainSettings | None = None) -> dict[str, bool]:
+    """The method's switches (SWITCHES: train.use_pretraining, ...) as `train` sets them; all
+    on (the full method) by default."""
+    train = train or TrainSettings()
+    return {s: bool(getattr(train, s.removeprefix("train."))) for s in SWITCHES}
+
+
+def latest_run(runs_dir: Path, switches: Mapping[str, bool] | None = None) -> Path:
+    """The newest finished run (the newest report.json) of the method the current settings
+    describe: its recorded switches (SWITCHES) equal `switches`, by default all on (the full
+    method). So the ablations `merflow ablate` trains beside the full method are never `latest`
+    for the default settings, while settings with a switch off pick runs made that way; the
+    ablate flow's full-method runs are plain train runs (same settings, same run key) and
+    count. Any run is named by its key."""
+    wanted = dict(switches or method_switches())
+    same, other = [], []
     for folder in runs_dir.glob("train-*"):
         try:
             recorded = json.loads((folder / REPORT_JSON).read_text()).get("settings") or {}
         except (OSError, ValueError):
             continue  # no readable report: not finished
-        off = [s for s in SWITCHES if recorded.get(s.removeprefix("train."), True) is False]
-        (ablations if off else full).append((folder, off))
-    if full:
-        return max((f for f, _ in full), key=lambda d: (d / REPORT_JSON).stat().st_mtime_ns)
-    meaning = (
-        f"`{LATEST}` is the newest finished run of the full method (none of "
-        f"{', '.join(SWITCHES)} set to false)"
+        has = {s: recorded.get(s.removeprefix("train."), True) is not False for s in SWITCHES}
+        off = [s for s in SWITCHES if not has[s]]
+        (same if has == wanted else other).append((folder, off))
+    if same:
+        return max((f for f, _ in same), key=lambda d: (d / REPORT_JSON).stat().st_mtime_ns)
+    wanted_off = [s for s, on in wanted.items() if not on]
+    method = (
+        "the full method (none of " + ", ".join(SWITCHES) + " set to false)"
+        if not wanted_off
+        else "the method with " + ", ".join(f"{s}=false" for s in wanted_off)
     )
-    if not ablations:
+    meaning = f"`{LATEST}` is the newest finished run of {method}, as the current settings say"
+    if not other:
         raise RunFolderError(
             f"no finished training run under {runs_dir} (none has {REPORT_JSON}); {meaning}: "
             "train one first (`merflow train CORPUS --data-root ...`), or name a run folder"
         )
     shown = ", ".join(
-        f"{f.name.removeprefix('train-')} ({', '.join(f'{s}=false' for s in off)})"
-        for f, off in sorted(ablations)[:5]
+        f"{f.name.removeprefix('train-')} "
+        f"({', '.join(f'{s}=false' for s in off) or 'the full method'})"
+        for f, off in sorted(other)[:5]
     )
     raise RunFolderError(
-        f"no finished full-method training run under {runs_dir}; {meaning}, and the "
-        f"{len(ablations)} finished runs there are ablations: {shown}; name one of them by its "
-        "key, or train the full method (`merflow train CORPUS --data-root ...`)"
+        f"no finished training run of that method under {runs_dir}; {meaning}, and the "
+        f"{len(other)} finished runs there are others: {shown}; name one of them by its key, "
+        "give the settings it was trained with, or train one (`merflow train CORPUS "
+        "--data-root ...`)"
     )
 
 

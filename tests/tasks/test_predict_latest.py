@@ -1,6 +1,7 @@
-"""`merflow predict latest`: the newest finished run of the full method. Runs with a part of the
-method switched off (the ablations `merflow ablate` trains beside the full method, or one made
-by hand) and unfinished runs are passed over; the ablate flow's full-method runs count."""
+"""`merflow predict latest`: the newest finished run of the method the current settings describe
+(the full method by default). Runs with another part of the method switched off (the ablations
+`merflow ablate` trains beside the full method) and unfinished runs are passed over; the ablate
+flow's full-method runs count; settings with a switch off pick runs trained that way."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from models.settings import TrainSettings
 from tasks.ablate_report import SYSTEMS
-from tasks.predict import REPORT_JSON, RunFolderError, find_run
+from tasks.predict import REPORT_JSON, RunFolderError, find_run, method_switches
 
 
 def _finished(runs, key: str, overrides: tuple[str, ...] = (), age: int = 0, seed: int = 0):
@@ -42,6 +43,9 @@ def test_latest_passes_over_ablations_and_unfinished_runs(tmp_path):
     os.utime(full / REPORT_JSON, ns=(10**18,) * 2)
     assert find_run(runs, "latest") == full
     assert find_run(runs, "no_nee1") == runs / "train-no_nee1"
+    # Settings with NEE off (a served deployment's overrides, say) mean the run trained so.
+    no_nee = method_switches(TrainSettings(use_nee=False))
+    assert find_run(runs, "latest", no_nee) == runs / "train-no_nee1"
 
 
 def test_only_ablations_say_what_latest_means_and_name_them(tmp_path):
@@ -54,6 +58,7 @@ def test_only_ablations_say_what_latest_means_and_name_them(tmp_path):
         find_run(runs, "latest")
     message = str(err.value)
     assert "newest finished run of the full method" in message
+    assert "as the current settings say" in message
     assert "nonee (train.use_nee=false)" in message
     assert "two (train.use_pretraining=false, train.use_oversampling=false)" in message
     # The command says it too, as a usage problem (exit 2), before touching the video.

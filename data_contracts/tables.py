@@ -20,6 +20,13 @@ class TableRef:
         return self.contract.key
 
 
+# The sha256 of a feature-only row: a video imported without its file (--without-videos). No
+# digest has a '-', so it never matches a scanned file's bytes; it is the same on every import,
+# so an id names its vectors for good, as a scanned video's rows do (the source's own sha256 is
+# in the provenance). Training takes such rows for the ids the manifest lacks
+# (tasks/quality.py current_videos).
+NO_VIDEO = "no-video"
+
 MANIFEST = TableRef("manifest", c.MANIFEST)
 AUDIO = TableRef("audio", c.AUDIO)
 FACES = TableRef("faces", c.FACES)

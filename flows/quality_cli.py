@@ -41,8 +41,8 @@ def describe_video(store: Store, video_id: str) -> str:
     import pandas as pd
 
     from data_contracts import tables
+    from data_contracts.tables import NO_VIDEO
     from tasks.folds import fold_assignment
-    from tasks.import_features import NO_VIDEO
     from tasks.quality import current_videos, find_feature_tables, quality_signals
 
     if not store.has_stores():

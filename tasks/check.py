@@ -24,9 +24,9 @@ from prefect.cache_policies import NO_CACHE
 from data_contracts import tables
 from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
+from data_contracts.tables import NO_VIDEO
 from tasks.errors import BadInputError
 from tasks.folds import fold_assignment
-from tasks.import_features import NO_VIDEO
 from tasks.quality import (
     LABELLED_POOL,
     LEVELS,

@@ -27,6 +27,7 @@ import pandas as pd
 from data_contracts import tables
 from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
+from data_contracts.tables import NO_VIDEO
 from tasks.errors import BadInputError
 from tasks.quality import find_feature_tables
 from tasks.scan import sha256_file
@@ -37,12 +38,6 @@ ID_COLUMNS = ("video_id", "name")  # merflow's id column, then MER's (label-disd
 TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHOWN = 10  # ids and problems shown in a message
-# The sha256 of a feature-only row: a video imported without its file (--without-videos). No
-# digest has a '-', so it never matches a scanned file's bytes; it is the same on every import,
-# so an id names its vectors for good, as a scanned video's rows do (the source's own sha256 is
-# in the provenance). Training takes such rows for the ids the manifest lacks
-# (tasks/train_data.py).
-NO_VIDEO = "no-video"
 
 
 @dataclass

@@ -20,7 +20,7 @@ from data_contracts import tables
 from data_contracts.contracts import META_CONTRACT, META_VERSION, feature_contract
 from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
-from data_contracts.tables import TableRef
+from data_contracts.tables import NO_VIDEO, TableRef
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +170,6 @@ def current_videos(store: Store, feature_tables: Iterable[TableRef]) -> pd.DataF
     videos, sha256 NO_VIDEO) that the manifest lacks; an id in both is the manifest's. A
     feature-only video has no folder, so its pool is the labels table's say: LABELLED_POOL when
     it has a label, else UNLABELLED_POOL (as training splits them)."""
-    # Imported here: tasks/import_features reads this module's find_feature_tables.
-    from tasks.import_features import NO_VIDEO
-
     manifest = current_manifest(store)
     only: set[str] = set()
     for table in feature_tables:

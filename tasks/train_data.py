@@ -2,7 +2,7 @@
 
 The videos a run trains on are the manifest's, at their current bytes (video_id + sha256), and
 the ids the chosen feature tables hold as feature-only rows (imported without their videos,
-sha256 NO_VIDEO: tasks/import_features.py) that the manifest lacks. An id in both is the
+sha256 NO_VIDEO: data_contracts/tables.py) that the manifest lacks. An id in both is the
 manifest's video: its bytes decide which rows it gets, and its feature-only rows are not used."""
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import pandas as pd
 from data_contracts import tables
 from data_contracts.labels import CLASS_INDEX, MODALITIES
 from data_contracts.store import Store
-from data_contracts.tables import TableRef
+from data_contracts.tables import NO_VIDEO, TableRef
 from models.featureset import UNLABELLED, FeatureSet
 from tasks.errors import BadInputError
-from tasks.import_features import NO_VIDEO
 from tasks.quality import current_videos
 
 log = logging.getLogger(__name__)

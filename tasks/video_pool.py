@@ -33,8 +33,6 @@ from typing import Any, BinaryIO
 from models.settings import available_cpus
 from tasks.errors import BadInputError, TransientError
 
-log = logging.getLogger(__name__)
-
 Setup = Callable[[], Callable[[Path, Path], Any]]  # picklable: a module-level function/partial
 
 

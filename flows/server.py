@@ -203,6 +203,18 @@ def healthy(api_url: str, auth_string: str | None = None, timeout: float = 2.0) 
         return False
 
 
+def warm_routes(api_url: str, auth_string: str | None = None, timeout: float = 30.0) -> None:
+    """Have the server build its API routes now. FastAPI builds each included router's routes
+    on the first request that reaches it, ~1 s of the server's CPU on 2 cores: a request that
+    matches no route walks them all (a 404), so the first flow run does not pay it."""
+    req = urllib.request.Request(f"{api_url}/merflow-warm-up")
+    if auth_string:
+        req.add_header("Authorization", "Basic " + b64encode(auth_string.encode()).decode())
+    # The 404 it should give, or a slow server (the first flow run builds them then).
+    with contextlib.suppress(urllib.error.URLError, OSError, TimeoutError):
+        urllib.request.urlopen(req, timeout=timeout).close()
+
+
 def client_env(data_root: Path, api_url: str, auth_string: str | None = None) -> dict[str, str]:
     """Environment for Prefect clients (flows, workers, `merflow serve`) of this data root."""
     home = prefect_home(data_root)
@@ -299,6 +311,7 @@ def start(
                 f"see its log {log_path}"
             )
         if healthy(api_url, auth_string):
+            warm_routes(api_url, auth_string)
             _write(_state_file(data_root), info)
             _write(_entry(info.home), info)  # `merflow server list` finds it from anywhere
             return info

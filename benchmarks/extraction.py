@@ -213,7 +213,7 @@ def phase_pure(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.errors import BadInputError
     from tasks.face_crops import load_crops
     from tasks.faces import crop_faces
-    from tasks.media import extract_audio, find_ffmpeg
+    from tasks.media import AUDIO_GROUP, extract_audio_many, find_ffmpeg
 
     scratch = Path(args.data_root)
     settings, plan = load_plan(args, scratch)
@@ -227,16 +227,17 @@ def phase_pure(args: argparse.Namespace) -> dict[str, Any]:
     crops: dict[str, Any] = {}
     n_crops = 0
     c0 = own_cpu_seconds()
-    for v in videos:  # the raw-video stages: one video at a time, as their stages run
+    # The raw-video stages as their stages run them: the audio split AUDIO_GROUP videos per
+    # ffmpeg process, the faces one video at a time.
+    for i in range(0, len(videos), AUDIO_GROUP):
+        jobs = [(v, scratch / v.stem / "a.wav") for v in videos[i : i + AUDIO_GROUP]]
+        split = _clock(spent, "audio", extract_audio_many, jobs, exe, sr, plan.ffmpeg_threads)
+        for (v, wav), result in zip(jobs, split, strict=True):
+            if not isinstance(result, Exception):
+                wavs[v.stem] = read_wav(wav, m["acoustic"].spec.sample_rate)
+    for v in videos:
         out = scratch / v.stem
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            _clock(
-                spent, "audio", extract_audio, v, out / "a.wav", exe, sr, None, plan.ffmpeg_threads
-            )
-            wavs[v.stem] = read_wav(out / "a.wav", m["acoustic"].spec.sample_rate)
-        except BadInputError:
-            pass
         try:
             _clock(spent, "faces", crop_faces, v, out / "f.npz", plan.faces, backend)
             crops[v.stem] = list(load_crops(out / "f.npz").crops)

@@ -64,7 +64,7 @@ class RssSampler(threading.Thread):
 
 
 class FaultInjector:
-    """Makes the first audio extraction of every `every`-th video raise a transient OSError.
+    """Makes the audio stage's first read of every `every`-th video raise a transient OSError.
 
     One faulty video per shard at most (when `every` >= the shard size), so each faulty shard
     needs exactly one of its two retries.
@@ -77,7 +77,7 @@ class FaultInjector:
         self.injected: list[str] = []
         self.calls: Counter = Counter()
         self._module = tasks.media
-        self._real = tasks.media.extract_audio
+        self._real = tasks.media.audio_input
         self._lock = threading.Lock()
         self._targets: set[str] = set()
 
@@ -85,13 +85,13 @@ class FaultInjector:
         """Choose the faulty videos among the sorted ids and patch the audio stage."""
         chosen = sorted(video_ids)[self.every // 2 :: self.every] if self.every else []
         self._targets = set(chosen)
-        self._module.extract_audio = self._extract
+        self._module.audio_input = self._extract
 
     def disarm(self) -> None:
         """Restore the real audio stage."""
-        self._module.extract_audio = self._real
+        self._module.audio_input = self._real
 
-    def _extract(self, video, *args, **kwargs):
+    def _extract(self, video):
         stem = Path(video).stem
         with self._lock:
             self.calls[stem] += 1
@@ -100,7 +100,7 @@ class FaultInjector:
                 self.injected.append(stem)
         if fail:
             raise OSError(errno.EIO, "injected transient I/O fault (soak)", str(video))
-        return self._real(video, *args, **kwargs)
+        return self._real(video)
 
 
 def db_bytes(home: Path) -> int:

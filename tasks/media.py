@@ -6,12 +6,14 @@ the engine in tasks/stage.py, which turns them into failure rows).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import shutil
 import signal
 import subprocess
+import uuid
 import wave
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +32,8 @@ from tasks.shard import ShardReport
 from tasks.stage import Stage, artifact_stage, run_stage
 
 AUDIO_STAGE = "audio"
+# Videos per ffmpeg process in the audio stage (extract_audio_many).
+AUDIO_GROUP = 8
 DEFAULT_SAMPLE_RATE = 16000
 FFMPEG_ENV = "MERFLOW_FFMPEG"
 
@@ -211,29 +215,44 @@ def audio_command(
     threads: int = 0,
 ) -> list[str]:
     """The ffmpeg command line (built by ffmpeg-python) that writes `video`'s audio to `out`."""
+    return audio_command_many([(video, out)], ffmpeg_bin, sample_rate, threads)
+
+
+def audio_command_many(
+    jobs: list[tuple[Path, Path]],
+    ffmpeg_bin: str,
+    sample_rate: int = DEFAULT_SAMPLE_RATE,
+    threads: int = 0,
+) -> list[str]:
+    """One ffmpeg command line that writes each (video, out) job's first audio stream to its
+    out: one input and one output per job, each output mapped to its own input only."""
     # The file: prefix keeps a name with a colon from being read as a protocol (e.g. "a:b.mp4").
-    # -threads before the input sets the decoder's threads; 0 leaves ffmpeg's own choice.
+    # -threads before an input sets its decoder's threads; 0 leaves ffmpeg's own choice.
     given = {"threads": threads} if threads else {}
-    stream = ffmpeg.input(f"file:{video}", **given).output(
-        f"file:{out}",
-        map="0:a:0",
-        vn=None,
-        sn=None,
-        dn=None,
-        ac=1,
-        ar=sample_rate,
-        acodec="pcm_s16le",
-        f="wav",
-        map_metadata=-1,
-        fflags="+bitexact",  # no encoder tag: the same input gives the same bytes
-        **{"flags:a": "+bitexact"},
-    )
+    outputs = [
+        ffmpeg.input(f"file:{video}", **given)["a:0"].output(
+            f"file:{out}",
+            vn=None,
+            sn=None,
+            dn=None,
+            ac=1,
+            ar=sample_rate,
+            acodec="pcm_s16le",
+            f="wav",
+            map_metadata=-1,
+            fflags="+bitexact",  # no encoder tag: the same input gives the same bytes
+            **{"flags:a": "+bitexact"},
+        )
+        for video, out in jobs
+    ]
+    stream = ffmpeg.merge_outputs(*outputs)
     stream = stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error").overwrite_output()
     return stream.compile(cmd=ffmpeg_bin)
 
 
-def run_ffmpeg(cmd: list[str], video: Path, timeout: float) -> None:
-    """Run an ffmpeg command; a killed or hung process is transient, a refusal a bad input."""
+def run_ffmpeg(cmd: list[str], video: Path | str, timeout: float) -> None:
+    """Run an ffmpeg command on `video` (what its errors name); a killed or hung process is
+    transient, a refusal a bad input."""
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as e:
@@ -259,6 +278,21 @@ def run_ffmpeg(cmd: list[str], video: Path, timeout: float) -> None:
         )
 
 
+def audio_input(video: Path) -> MediaInfo:
+    """`video` probed, refused (NoAudioStreamError) when it has no audio stream to split."""
+    info = probe(video)
+    if not info.has_audio:
+        raise _no_audio(video)
+    return info
+
+
+def _no_audio(video: Path) -> NoAudioStreamError:
+    return NoAudioStreamError(
+        f"video {video} has no audio stream; its acoustic and text features will be marked "
+        "missing (nothing to retry)"
+    )
+
+
 def extract_audio(
     video: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -270,34 +304,105 @@ def extract_audio(
     """Write `video`'s first audio stream to `out` as mono 16-bit PCM wav, atomically."""
     video, out = Path(video), Path(out)
     if info is None:
-        info = probe(video)
+        info = audio_input(video)
     else:
         check_input(video)
-    if not info.has_audio:
-        raise NoAudioStreamError(
-            f"video {video} has no audio stream; its acoustic and text features will be marked "
-            "missing (nothing to retry)"
-        )
+        if not info.has_audio:
+            raise _no_audio(video)
     cmd_bin = find_ffmpeg(ffmpeg_bin)
     with atomic_path(out) as tmp:
         cmd = audio_command(video.resolve(), tmp, cmd_bin, sample_rate, threads)
         run_ffmpeg(cmd, video, timeout=120.0 + 2.0 * (info.duration or 0.0))
-        n_samples = wav_frames(tmp)
-        duration = n_samples / sample_rate
-        if n_samples == 0:
-            raise UnreadableMediaError(
-                f"the audio stream of {video} decodes to no samples; treat its audio as missing "
-                "or re-encode the file"
+        return _checked(video, out, tmp, info, sample_rate)
+
+
+def _checked(video: Path, out: Path, wav: Path, info: MediaInfo, sample_rate: int) -> AudioResult:
+    """The AudioResult of `wav` (written for `out`), or the error of an empty or cut-off one."""
+    n_samples = wav_frames(wav)
+    duration = n_samples / sample_rate
+    if n_samples == 0:
+        raise UnreadableMediaError(
+            f"the audio stream of {video} decodes to no samples; treat its audio as missing "
+            "or re-encode the file"
+        )
+    declared = info.audio_duration
+    # AAC priming makes a few ms of difference; a cut-short file misses far more.
+    if declared and duration < declared - max(0.1, 0.02 * declared):
+        raise TruncatedMediaError(
+            f"audio of {video} stops at {duration:.2f} s of the {declared:.2f} s its header "
+            "declares: the file is truncated; re-copy or re-download it"
+        )
+    return AudioResult(out, sample_rate, n_samples, duration, speech_ratio(wav))
+
+
+def extract_audio_many(
+    jobs: list[tuple[Path, Path]],
+    ffmpeg_bin: str | None = None,
+    sample_rate: int = DEFAULT_SAMPLE_RATE,
+    threads: int = 0,
+) -> list[AudioResult | Exception]:
+    """extract_audio of each (video, out) job, the group's splits in one ffmpeg process.
+
+    ffmpeg's start-up and input probing are most of a short clip's split, so one process per
+    group costs a third of one per video (benchmarks/raw_video.py). Per job, in order: its
+    AudioResult, or the error that fails that video alone: a bad input's, or another (an I/O
+    fault) that the stage engine raises after storing the others. When ffmpeg refuses the
+    group (one corrupt file), each video is split alone, so that only the bad one fails.
+    """
+    results: list[AudioResult | Exception | None] = [None] * len(jobs)
+    ready: list[tuple[int, Path, Path, MediaInfo]] = []
+    for i, (video, out) in enumerate(jobs):
+        try:
+            ready.append((i, Path(video), Path(out), audio_input(Path(video))))
+        except Exception as e:  # this video's own problem, whatever it is
+            results[i] = e
+    exe = find_ffmpeg(ffmpeg_bin)
+    if len(ready) > 1 and _split_together(ready, exe, sample_rate, threads, results):
+        ready = []
+    for i, video, out, info in ready:
+        try:
+            results[i] = extract_audio(video, out, exe, sample_rate, info, threads)
+        except Exception as e:
+            results[i] = e
+    return results  # type: ignore[return-value]  # every job has its result now
+
+
+def _split_together(
+    ready: list[tuple[int, Path, Path, MediaInfo]],
+    exe: str,
+    sample_rate: int,
+    threads: int,
+    results: list,
+) -> bool:
+    """Split `ready`'s videos with one ffmpeg process into `results`; False when ffmpeg refused
+    the group (nothing is written then). A killed or hung ffmpeg raises (the shard is retried)."""
+    tmps = [
+        out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.group.tmp") for _, _, out, _ in ready
+    ]
+    try:
+        for _, _, out, _ in ready:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        jobs = [(video.resolve(), tmp) for (_, video, _, _), tmp in zip(ready, tmps, strict=True)]
+        seconds = sum(info.duration or 0.0 for *_, info in ready)
+        what = f"{ready[0][1]} and {len(ready) - 1} other videos"
+        try:
+            run_ffmpeg(
+                audio_command_many(jobs, exe, sample_rate, threads), what, 120.0 + 2 * seconds
             )
-        declared = info.audio_duration
-        # AAC priming makes a few ms of difference; a cut-short file misses far more.
-        if declared and duration < declared - max(0.1, 0.02 * declared):
-            raise TruncatedMediaError(
-                f"audio of {video} stops at {duration:.2f} s of the {declared:.2f} s its header "
-                "declares: the file is truncated; re-copy or re-download it"
-            )
-        ratio = speech_ratio(tmp)
-    return AudioResult(out, sample_rate, n_samples, duration, ratio)
+        except UnreadableMediaError:
+            return False
+        for (i, video, out, info), written in zip(ready, tmps, strict=True):
+            try:
+                with atomic_path(out) as tmp:
+                    os.replace(written, tmp)
+                    results[i] = _checked(video, out, tmp, info, sample_rate)
+            except Exception as e:
+                results[i] = e
+        return True
+    finally:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def wav_frames(path: Path) -> int:
@@ -381,17 +486,17 @@ def speech_ratio(
 def audio_stage(
     ffmpeg_bin: str | None = None, sample_rate: int = DEFAULT_SAMPLE_RATE, ffmpeg_threads: int = 0
 ) -> Stage:
-    """The audio split as a stage: one video at a time, ffmpeg looked up once per shard."""
+    """The audio split as a stage: AUDIO_GROUP videos per ffmpeg process, ffmpeg looked up
+    once per shard."""
 
     def setup() -> Any:
         exe = find_ffmpeg(ffmpeg_bin)  # a configuration error stops the shard at once
-        # Looked up per call (not bound here), so a patched extract_audio is the one used.
-        return lambda video, out: extract_audio(
-            video, out, exe, sample_rate, threads=ffmpeg_threads
-        )
+        return lambda jobs: extract_audio_many(jobs, exe, sample_rate, ffmpeg_threads)
 
     extractor_id = audio_extractor_id(sample_rate)
-    return artifact_stage(AUDIO_STAGE, tables.AUDIO, extractor_id, ".wav", setup)
+    return artifact_stage(
+        AUDIO_STAGE, tables.AUDIO, extractor_id, ".wav", setup, together=AUDIO_GROUP
+    )
 
 
 def extract_audio_shard(

@@ -138,8 +138,9 @@ def artifact_stage(
     table: TableRef,
     extractor_id: str,
     suffix: str,
-    setup: Callable[[], Callable[[Path, Path], Any]],
+    setup: Callable[[], Callable[..., Any]],
     processes: int = 0,
+    together: int = 1,
 ) -> Stage:
     """A raw-video stage that writes one artifact per video.
 
@@ -149,7 +150,11 @@ def artifact_stage(
     processes > 0: `make` runs in that many worker processes (tasks/video_pool.py), each with
     its own `setup()` kept across shards, several videos at a time; `setup` must then pickle (a
     module-level function or a partial of one) and `make`'s result too.
+    together > 1: `make` takes up to that many videos at once, [(video_path, out_path), ...],
+    and gives per video, in order, its result or the error that fails it (see `Result`).
     """
+    if processes > 0 and together > 1:
+        raise ValueError(f"stage {name}: either worker processes or videos together, not both")
     fixed = {"video_id", "sha256", "extractor_id", "path", "created_at"}
     own = [c for c in table.contract.columns if c not in fixed]
 
@@ -173,6 +178,17 @@ def artifact_stage(
             out = out_path(video)
             return row(store, video, out, make(Path(video.path), out))
 
+        if together > 1:
+
+            def grouped(items: list[Item]) -> list[Result]:
+                outs = [out_path(video) for video, _ in items]
+                made = make([(Path(v.path), out) for (v, _), out in zip(items, outs, strict=True)])
+                return [
+                    r if isinstance(r, Exception) else row(store, video, out, r)
+                    for (video, _), out, r in zip(items, outs, made, strict=True)
+                ]
+
+            return grouped
         if processes < 1:
             return one_at_a_time(work)
 
@@ -196,7 +212,7 @@ def artifact_stage(
         return in_workers
 
     # Several videos per group when they run side by side, so that every process has work.
-    return Stage(name, table, extractor_id, start, batch=max(1, 4 * processes))
+    return Stage(name, table, extractor_id, start, batch=max(together, 4 * processes, 1))
 
 
 def groups(df: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:

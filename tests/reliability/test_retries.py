@@ -92,17 +92,18 @@ def test_retries_come_from_the_settings(prefect_server, corpus, tmp_path, tiny_m
 
 
 def _fail_audio_once(monkeypatch, flaky: str) -> Counter:
-    """Make the first audio split of video `flaky` raise a transient I/O error; count calls."""
+    """Make the audio stage's first read of video `flaky` raise a transient I/O error; count
+    the stage's reads of each video (one per attempt that splits it)."""
     calls: Counter = Counter()
-    real = tasks.media.extract_audio
+    real = tasks.media.audio_input
 
-    def faulty(video, *args, **kwargs):
+    def faulty(video):
         calls[video.stem] += 1
         if video.stem == flaky and calls[video.stem] == 1:
             raise OSError(errno.EIO, "injected I/O fault", str(video))
-        return real(video, *args, **kwargs)
+        return real(video)
 
-    monkeypatch.setattr(tasks.media, "extract_audio", faulty)
+    monkeypatch.setattr(tasks.media, "audio_input", faulty)
     return calls
 
 

@@ -27,6 +27,7 @@ from tasks.media import (
     UnreadableMediaError,
     audio_extractor_id,
     extract_audio,
+    extract_audio_many,
     extract_audio_shard,
     find_ffmpeg,
     probe,
@@ -222,6 +223,45 @@ def test_an_ffmpeg_that_refuses_is_a_bad_input(clips, tmp_path):
         extract_audio(clips["good"], tmp_path / "x.wav", ffmpeg_bin=str(refuser))
 
 
+def test_a_group_split_in_one_ffmpeg_gives_the_bytes_of_one_at_a_time(clips, tmp_path):
+    names = ["good", "odd_name", "silent", "audio_only", "video_only", "one_frame", "long"]
+    jobs = [(clips[n], tmp_path / "group" / f"{n}.wav") for n in names]
+    got = dict(zip(names, extract_audio_many(jobs), strict=True))
+    assert isinstance(got.pop("video_only"), NoAudioStreamError)
+    for name, result in got.items():
+        alone = extract_audio(clips[name], tmp_path / "alone" / f"{name}.wav")
+        assert result.path.read_bytes() == alone.path.read_bytes(), name
+        assert (result.n_samples, result.speech_ratio) == (alone.n_samples, alone.speech_ratio)
+    # Nothing but the finished wavs is left beside them.
+    assert sorted(p.name for p in (tmp_path / "group").iterdir()) == sorted(f"{n}.wav" for n in got)
+
+
+def test_a_group_ffmpeg_refuses_is_split_one_by_one_and_fails_the_bad_video_only(clips, tmp_path):
+    # ffmpeg refuses any command that reads the "broken" copy, as it does a corrupt file.
+    real = find_ffmpeg()
+    picky = fake_binary(
+        tmp_path / "bin",
+        "ffmpeg",
+        f'case "$*" in *broken*) echo "Invalid data found" >&2; exit 1;; esac; exec "{real}" "$@"',
+    )
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(clips["good"].read_bytes())
+    jobs = [(clips["good"], tmp_path / "a.wav"), (broken, tmp_path / "b.wav")]
+    jobs.append((clips["odd_name"], tmp_path / "c.wav"))
+    a, b, c = extract_audio_many(jobs, ffmpeg_bin=str(picky))
+    assert isinstance(b, UnreadableMediaError) and "broken.mp4" in str(b)
+    assert a.n_samples > 0 and c.n_samples > 0
+    assert sorted(p.name for p in tmp_path.glob("*.wav")) == ["a.wav", "c.wav"]
+
+
+def test_a_killed_group_ffmpeg_is_transient_and_leaves_nothing(clips, tmp_path):
+    killer = fake_binary(tmp_path / "bin", "ffmpeg", "kill -KILL $$")
+    jobs = [(clips[n], tmp_path / "out" / f"{n}.wav") for n in ("good", "odd_name")]
+    with pytest.raises(TransientError, match="killed by SIGKILL"):
+        extract_audio_many(jobs, ffmpeg_bin=str(killer))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def write_wav(path: Path, x: np.ndarray, rate: int = 16000) -> Path:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -313,20 +353,22 @@ def test_a_failure_that_heals_leaves_the_failures_table(clips, tmp_path):
 
 
 def test_a_transient_error_is_raised_after_saving_the_done_rows(clips, tmp_path, monkeypatch):
-    real = media.extract_audio
+    real = media.audio_input
 
-    def flaky(video, *args, **kwargs):
+    def flaky(video):
         if "clip 01" in Path(video).name:
             raise OSError(errno.EIO, "Input/output error", str(video))
-        return real(video, *args, **kwargs)
+        return real(video)
 
-    monkeypatch.setattr(media, "extract_audio", flaky)
+    monkeypatch.setattr(media, "audio_input", flaky)
     store = Store(tmp_path / "data")
     with pytest.raises(OSError, match="Input/output error"):
         extract_audio_shard(manifest(clips, SHARD), store)
-    # good (done) and video_only/zero_byte (failed) came before the I/O error: all kept.
-    assert list(store.read(tables.AUDIO).video_id) == ["sample_00000000_good"]
-    assert len(store.read(tables.FAILURES)) == 2
+    # The I/O fault fails its own video only: every other video's row or failure row is kept,
+    # those split in the same ffmpeg process as the faulty one included.
+    done = set(store.read(tables.AUDIO).video_id)
+    assert done == {"sample_00000000_good", "sample_00000005_symlink"}
+    assert len(store.read(tables.FAILURES)) == 4
 
 
 def test_demo_corpus_speech_is_split_and_detected(small_corpus, tmp_path):

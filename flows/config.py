@@ -83,7 +83,9 @@ class FaceSettings(_Section):
     # the run says so once and the extractor id records the backend used. None: an error.
     fallback: Literal["dlib", "opencv"] | None = None
     detect_every: int = Field(1, ge=1)  # dlib: detect on every k-th sampled frame, track between
-    decode_threads: int = Field(0, ge=0)  # PyAV decoder threads per video; 0: FFmpeg's choice
+    # PyAV decoder threads per video; 0: automatic (each faces worker process its share of the
+    # cores, FFmpeg's choice in-process).
+    decode_threads: int = Field(0, ge=0)
     # Which faces become the visual features: the largest of each frame, or the speaking track
     # (the face whose mouth follows the speech; docs/faces.md).
     select: Literal["largest", "speaking"] = "largest"

@@ -17,7 +17,7 @@ from models.settings import available_cpus
 from tasks import video_pool
 from tasks.errors import TransientError
 from tasks.face_crops import load_crops
-from tasks.faces import FaceSettings, _cropper, crop_faces_shard, faces_stage
+from tasks.faces import FaceSettings, _cropper, crop_faces_shard, faces_stage, for_workers
 from tasks.stage import Stage, run_stage
 from tests.tasks import badmedia
 
@@ -137,3 +137,13 @@ def test_the_process_count_defaults_to_the_cores_and_to_none_in_a_daemon(monkeyp
     assert video_pool.resolve_processes(None) == 0  # a Dask worker may not start processes
     with pytest.raises(ValueError, match="processes must be >= 0"):
         FaceSettings(processes=-1)
+
+
+def test_workers_decode_on_their_share_of_the_cores_unless_told(monkeypatch):
+    monkeypatch.setattr("tasks.faces.available_cpus", lambda: 16)
+    auto = FaceSettings()
+    assert for_workers(auto, 16).decode_threads == 1  # a worker per core: no decoder threads
+    assert for_workers(auto, 4).decode_threads == 4
+    assert for_workers(auto, 0).decode_threads == 0  # in-process: FFmpeg's choice
+    assert for_workers(FaceSettings(decode_threads=3), 16).decode_threads == 3  # as set
+    assert for_workers(auto, 16).extractor_id == auto.extractor_id  # the same crops

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,22 @@ def load_tracks(path: str | os.PathLike[str]) -> FaceTracks:
             select_score=float(z["select_score"]),
             select_reason=str(z["select_reason"]),
         )
+
+
+# Deflate level of the crops archive. Face crops deflate to ~0.75-0.85 of their size at any
+# level (three real clips: 0.74-0.81 at level 1, 0.76-0.82 at 6), and level 1 takes ~25 % less
+# time (0.73-0.94 ms per 112 px crop against 0.98-1.14 ms, ~10 % of the faces stage at 6).
+ZIP_LEVEL = 1
+
+
+def savez(f: Any, **arrays: np.ndarray) -> None:
+    """np.savez_compressed at ZIP_LEVEL into the open file `f`: the same .npz np.load reads."""
+    with zipfile.ZipFile(
+        f, "w", zipfile.ZIP_DEFLATED, allowZip64=True, compresslevel=ZIP_LEVEL
+    ) as z:
+        for key, value in arrays.items():
+            with z.open(f"{key}.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.asanyarray(value), allow_pickle=False)
 
 
 class CropWriter:
@@ -227,8 +244,7 @@ class CropWriter:
             atomic_path(self.out) as tmp,
             open(tmp, "wb") as f,
         ):
-            # A file object, not a name: np.savez would append ".npz" to the temporary name.
-            np.savez_compressed(f, crops=mine, other_crops=others, **arrays, **per_video)
+            savez(f, crops=mine, other_crops=others, **arrays, **per_video)
         del crops
         self.close()
         return self.out

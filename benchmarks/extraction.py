@@ -28,7 +28,10 @@ FFmpeg children included (the Prefect server's apart):
 By default every video is transcribed by the ASR model (`extract.prefer_official_transcripts=
 false`) so that all four models run; --official-transcripts keeps the corpus's transcripts
 instead, and then no phase runs ASR. Extra `key=value` arguments are settings overrides.
-Figures depend on what else the machine runs: note the load average beside them.
+Figures depend on what else the machine runs: note the load average beside them. They also
+depend on whether the machine's CPUs are cores of their own: on a 2-vCPU VM whose vCPUs behaved
+as one core's two hardware threads, two processes of scalar Python ran at ~0.6 of their speed
+alone (matrix products at ~0.97), so the faces (dlib) gain ~1.2x from their second worker there.
 """
 
 from __future__ import annotations

@@ -98,7 +98,8 @@ def fold_assignment(store: Store, n_splits: int | None = None, seed: int | None 
     asked for, else the data root's saved settings) computed with the same function over the
     rows a run would train on: the labelled videos (of the manifest, or imported without their
     files: tasks/quality.py current_videos), sorted by id, that have at least one modality in the
-    newest feature table of each modality (a run's quality filters, when set, may drop more).
+    table a run trains on per modality (train.feature_tables of the saved settings, else the
+    newest; a run's quality filters, when set, may drop more).
     Raises ValueError when there are too few labelled videos for the folds."""
     latest = _parse(store.read_text(LATEST_FOLDS))
     if latest is not None and n_splits in (None, latest.n_splits) and seed in (None, latest.seed):
@@ -126,12 +127,10 @@ def fold_assignment(store: Store, n_splits: int | None = None, seed: int | None 
 _SAVED_SETTINGS = ("runs/latest-train-settings.yaml", "runs/extract-settings.yaml")
 
 
-def _saved_fold_settings(store: Store) -> tuple[int, int]:
-    """The n_splits and seed a run on this data root would use: its saved settings, else the
-    defaults."""
+def _saved_train(store: Store) -> dict:
+    """The train section a run on this data root would use: its saved settings' (the latest
+    run's, else the extraction's), else empty (the defaults)."""
     import yaml
-
-    from models.settings import default
 
     for name in _SAVED_SETTINGS:
         try:
@@ -139,20 +138,38 @@ def _saved_fold_settings(store: Store) -> tuple[int, int]:
         except (OSError, yaml.YAMLError, AttributeError):
             continue
         if "n_splits" in train and "seed" in train:
-            return int(train["n_splits"]), int(train["seed"])
+            return train
+    return {}
+
+
+def _saved_fold_settings(store: Store) -> tuple[int, int]:
+    """The n_splits and seed a run on this data root would use: its saved settings, else the
+    defaults."""
+    from models.settings import default
+
+    train = _saved_train(store)
+    if train:
+        return int(train["n_splits"]), int(train["seed"])
     return default("n_splits"), default("seed")
 
 
 def _videos_with_features(store: Store) -> set[str]:
-    """The videos a run on the newest table of each modality trains on (current_videos: the
-    manifest's current bytes and the feature-only ids) that have a row in one of those tables."""
-    from tasks.quality import current_videos, newest_feature_tables
+    """The videos a run trains on (current_videos: the manifest's current bytes and the
+    feature-only ids) that have a row in one of its tables: per modality the table the saved
+    settings' train.feature_tables names (flows/plan.py training_tables), else the newest."""
+    from tasks.quality import current_videos, find_feature_tables, newest_feature_tables
 
-    newest = newest_feature_tables(store)
-    videos = current_videos(store, newest.values())
+    chosen = newest_feature_tables(store)
+    named = _saved_train(store).get("feature_tables") or {}
+    if named:
+        stored = find_feature_tables(store)[0]
+        for m, extractor_id in named.items():
+            match = [t.ref for t in stored if t.modality == m and t.extractor_id == extractor_id]
+            chosen.update({m: match[0]} if match else {})
+    videos = current_videos(store, chosen.values())
     current = set(zip(videos.video_id, videos.sha256, strict=True))
     found: set[str] = set()
-    for ref in newest.values():
+    for ref in chosen.values():
         keys = store.read(ref, columns=["video_id", "sha256"])
         found |= {v for v, s in zip(keys.video_id, keys.sha256, strict=True) if (v, s) in current}
     return found

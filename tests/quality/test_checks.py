@@ -172,6 +172,27 @@ def test_folds_are_the_ones_training_makes(tmp_path):
     assert "training run abc123" in f.markdown()
 
 
+def test_the_fold_preview_uses_the_tables_the_saved_settings_train_on(tmp_path):
+    """A labelled video whose only features are in a newer visual table is in the preview's
+    folds by default, and not when the saved settings train on the older table."""
+    import yaml
+
+    from tasks.folds import fold_assignment
+
+    store, ids, x = make_root(tmp_path / "root", n_labelled=24)
+    new = "sample_00000100"
+    store.upsert(tables.MANIFEST, manifest_rows([new], ["labeled"]))
+    labels = pd.DataFrame({"video_id": [new], "label": ["sad"], "source": "x.csv"})
+    store.upsert(tables.LABELS, labels)
+    rows = feature_rows([*ids, new], np.vstack([x, x[:1]]), "vis-new", minute=5)
+    store.upsert(tables.features("visual", "vis-new", 16), rows)
+    assert new in fold_assignment(store, 3, 0).folds  # the newest table has it
+    train = {"n_splits": 3, "seed": 0, "feature_tables": {"visual": "vis-a"}}
+    store.write_text("runs/extract-settings.yaml", yaml.safe_dump({"train": train}))
+    preview = fold_assignment(store)
+    assert new not in preview.folds and len(preview.folds) == 24
+
+
 def test_drift_and_not_comparable(tmp_path):
     store, ids, x = make_root(tmp_path / "root", dim=16)
     shifted = x + 2.0  # a re-extraction whose features moved by about two SDs

@@ -117,7 +117,8 @@ def _check_full_method(settings) -> None:
         raise SettingsError(
             f"ablate runs the full method and switches one part off per system itself, but the "
             f"settings already switch off {', '.join(off)}; drop that override (or MERFLOW_ "
-            "variable) and run `merflow ablate` again"
+            "variable) and run ablate again (`merflow ablate`, or the ablate deployment's Run "
+            "in the UI)"
         )
 
 
@@ -153,7 +154,8 @@ def _train(todo: list[Run], settings, parallel: int | None, common: dict) -> dic
     if failed:
         raise RuntimeError(
             f"{len(failed)} of {len(todo)} train runs failed ({'; '.join(failed)}); run "
-            "`merflow ablate` again: finished runs are reused"
+            "ablate again (`merflow ablate`, or the ablate deployment's Run in the UI): "
+            "finished runs are reused"
         )
     return reports
 

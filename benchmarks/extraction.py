@@ -72,14 +72,23 @@ def own_cpu_seconds() -> float:
     return tree_cpu_seconds(os.getpid()) or 0.0
 
 
+def process_tree(pid: int) -> list[Any] | None:
+    """A process and its children (psutil), None when it is gone."""
+    import psutil
+
+    try:
+        return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return None
+
+
 def tree_cpu_seconds(pid: int) -> float | None:
     """CPU seconds a process and its children (live and waited-for) have used so far, None when
     unreadable."""
     import psutil
 
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
+    procs = process_tree(pid)
+    if procs is None:
         return None
     total = 0.0
     for proc in procs:
@@ -386,14 +395,8 @@ def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
 # -- driver ------------------------------------------------------------------------------------
 def server_peak_mib(pid: int) -> float | None:
     """Sum of the peak RSS (VmHWM) of the Prefect server's processes, None when unreadable."""
-    import psutil
-
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return None
     total = 0
-    for p in procs:
+    for p in process_tree(pid) or []:
         try:
             status = Path(f"/proc/{p.pid}/status").read_text()
         except OSError:

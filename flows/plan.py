@@ -28,7 +28,7 @@ from tasks.embed import (
 )
 from tasks.faces import FaceSettings, faces_stage
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, audio_stage
-from tasks.quality import find_feature_tables
+from tasks.quality import find_feature_tables, named_feature_tables
 from tasks.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -252,17 +252,15 @@ def training_tables(
     is stored_plan (no model built) and its tables must be in the stores; with every modality
     named, no plan is made at all."""
     named = settings.train.feature_tables
-    stored = find_feature_tables(store)[0] if named else []
-    chosen: dict[str, TableRef] = {}
-    for m in (m for m in MODALITIES if m in named):
-        found = [t for t in stored if t.modality == m and t.extractor_id == named[m]]
-        if not found:
-            raise LookupError(
-                f"train.feature_tables names the {m} table {named[m]!r}, which the stores under "
-                f"{store.url} do not hold ({_stored_listing(store, m)}); import one with "
-                f"`merflow import-features {m} NAME SOURCE` (table imported-NAME)"
-            )
-        chosen[m] = found[0].ref
+    chosen = named_feature_tables(store, named)
+    missing = [m for m in MODALITIES if m in named and m not in chosen]
+    if missing:
+        m = missing[0]
+        raise LookupError(
+            f"train.feature_tables names the {m} table {named[m]!r}, which the stores under "
+            f"{store.url} do not hold ({_stored_listing(store, m)}); import one with "
+            f"`merflow import-features {m} NAME SOURCE` (table imported-NAME)"
+        )
     rest = [m for m in MODALITIES if m not in chosen]
     if not rest:
         return chosen

@@ -371,10 +371,15 @@ def faces_stage(settings: FaceSettings | None = None) -> Stage:
     `settings.processes` worker processes (one at a time in this process with 0)."""
     settings = settings or FaceSettings()
     processes = resolve_processes(settings.processes)
-    setup = functools.partial(_cropper, for_workers(settings, processes))
+    setup = _setup(settings, processes)
     return artifact_stage(
         FACES_STAGE, tables.FACES, settings.extractor_id, ".npz", setup, processes
     )
+
+
+def _setup(settings: FaceSettings, processes: int) -> Callable[[], Any]:
+    """The stage's setup, as the pool keys it (faces_stage and start_workers give the same)."""
+    return functools.partial(_cropper, for_workers(settings, processes))
 
 
 def start_workers(settings: FaceSettings) -> int:
@@ -382,8 +387,7 @@ def start_workers(settings: FaceSettings) -> int:
     after its first shard (a benchmark's model load); returns how many there are."""
     processes = resolve_processes(settings.processes)
     if processes:
-        setup = functools.partial(_cropper, for_workers(settings, processes))
-        video_pool.pool(processes).warm(setup)
+        video_pool.pool(processes).warm(_setup(settings, processes))
     return processes
 
 

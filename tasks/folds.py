@@ -157,15 +157,10 @@ def _videos_with_features(store: Store) -> set[str]:
     """The videos a run trains on (current_videos: the manifest's current bytes and the
     feature-only ids) that have a row in one of its tables: per modality the table the saved
     settings' train.feature_tables names (flows/plan.py training_tables), else the newest."""
-    from tasks.quality import current_videos, find_feature_tables, newest_feature_tables
+    from tasks.quality import current_videos, named_feature_tables, newest_feature_tables
 
-    chosen = newest_feature_tables(store)
     named = _saved_train(store).get("feature_tables") or {}
-    if named:
-        stored = find_feature_tables(store)[0]
-        for m, extractor_id in named.items():
-            match = [t.ref for t in stored if t.modality == m and t.extractor_id == extractor_id]
-            chosen.update({m: match[0]} if match else {})
+    chosen = {**newest_feature_tables(store), **named_feature_tables(store, named)}
     videos = current_videos(store, chosen.values())
     current = set(zip(videos.video_id, videos.sha256, strict=True))
     found: set[str] = set()

@@ -465,6 +465,15 @@ def newest_first(store: Store, found: list[FeatureTable]) -> dict[str, list[Feat
     return by_modality
 
 
+def named_feature_tables(store: Store, named: dict[str, str]) -> dict[str, TableRef]:
+    """The stored table of each modality `named` gives an extractor id for (the setting
+    train.feature_tables); a modality whose table the stores lack is left out."""
+    if not named:
+        return {}
+    found = {(t.modality, t.extractor_id): t.ref for t in find_feature_tables(store)[0]}
+    return {m: found[(m, named[m])] for m in MODALITIES if (m, named.get(m)) in found}
+
+
 def newest_feature_tables(store: Store) -> dict[str, TableRef]:
     """The most recently written feature table of each modality that has one."""
     found, _ = find_feature_tables(store)

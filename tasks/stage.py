@@ -178,15 +178,20 @@ def artifact_stage(
             out = out_path(video)
             return row(store, video, out, make(Path(video.path), out))
 
+        def finish(items: list[Item], outs: list[Path], made: list[Any]) -> list[Result]:
+            # Per video: its row, or the error that fails it (a bad input's failure row, or
+            # another, raised after the commit).
+            return [
+                r if isinstance(r, Exception) else row(store, video, out, r)
+                for (video, _), out, r in zip(items, outs, made, strict=True)
+            ]
+
         if together > 1:
 
             def grouped(items: list[Item]) -> list[Result]:
                 outs = [out_path(video) for video, _ in items]
-                made = make([(Path(v.path), out) for (v, _), out in zip(items, outs, strict=True)])
-                return [
-                    r if isinstance(r, Exception) else row(store, video, out, r)
-                    for (video, _), out, r in zip(items, outs, made, strict=True)
-                ]
+                jobs = [(Path(v.path), out) for (v, _), out in zip(items, outs, strict=True)]
+                return finish(items, outs, make(jobs))
 
             return grouped
         if processes < 1:
@@ -201,13 +206,7 @@ def artifact_stage(
                 workers.submit(setup, Path(video.path), out)
                 for (video, _), out in zip(items, outs, strict=True)
             ]
-            done: list[Result] = []
-            for (video, _), out, future in zip(items, outs, futures, strict=True):
-                try:
-                    done.append(row(store, video, out, future.result()))
-                except Exception as e:  # a bad input's failure row, or raised after the commit
-                    done.append(e)
-            return done
+            return finish(items, outs, [f.exception() or f.result() for f in futures])
 
         return in_workers
 

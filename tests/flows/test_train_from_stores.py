@@ -6,6 +6,7 @@ with no videos at all, the features imported --without-videos."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -62,6 +63,18 @@ def _merflow(*args: str) -> str:
     return result.output
 
 
+def _train_on(root, labels, table: str) -> tuple[str, Path, dict]:
+    """`merflow train` from the stores alone on the table `table` of every modality: what it
+    said, its report folder and its report."""
+    chosen = "{" + ", ".join(f"{m}: {table}" for m in DIMS) + "}"
+    said = _merflow(
+        "train", "--data-root", str(root), "--labels", str(labels),
+        f"train.feature_tables={chosen}", *FAST,
+    )  # fmt: skip
+    report_dir = next((root / "runs").glob("train-*/report"))
+    return said, report_dir, json.loads((report_dir / "report.json").read_text())
+
+
 def test_train_on_imported_mertools_features_without_a_corpus_folder(prefect_server, tmp_path):
     from tasks.demo_corpus import make_demo_corpus
 
@@ -82,13 +95,7 @@ def test_train_on_imported_mertools_features_without_a_corpus_folder(prefect_ser
         )  # fmt: skip
         assert f"features/{modality}/imported-mertools: 48 rows written" in said
 
-    chosen = "{visual: imported-mertools, acoustic: imported-mertools, text: imported-mertools}"
-    said = _merflow(
-        "train", "--data-root", str(root), "--labels", str(corpus / "label-disdim.csv"),
-        f"train.feature_tables={chosen}", *FAST,
-    )  # fmt: skip
-    report_dir = next((root / "runs").glob("train-*/report"))
-    report = json.loads((report_dir / "report.json").read_text())
+    said, report_dir, report = _train_on(root, corpus / "label-disdim.csv", "imported-mertools")
     assert report["extractor_ids"] == dict.fromkeys(DIMS, "imported-mertools")
     assert report["n_labelled"] == 36 and str(report_dir) in said
     assert report["mean_waf"] > 0.6, report["fold_waf"]  # chance is ~0.2
@@ -124,13 +131,7 @@ def test_train_on_features_without_any_video(prefect_server, tmp_path):
         assert "imported without videos (feature-only, sha256 no-video): 48" in said
     assert not Store(root).exists(tables.MANIFEST)
 
-    chosen = "{visual: imported-mer2024, acoustic: imported-mer2024, text: imported-mer2024}"
-    said = _merflow(
-        "train", "--data-root", str(root), "--labels", str(tmp_path / "label-disdim.csv"),
-        f"train.feature_tables={chosen}", *FAST,
-    )  # fmt: skip
-    report_dir = next((root / "runs").glob("train-*/report"))
-    report = json.loads((report_dir / "report.json").read_text())
+    said, report_dir, report = _train_on(root, tmp_path / "label-disdim.csv", "imported-mer2024")
     assert str(report_dir) in said
     assert (report["n_labelled"], report["n_unlabelled"]) == (36, 12)
     assert report["mean_waf"] > 0.5, report["fold_waf"]  # chance is ~0.17

@@ -93,6 +93,10 @@ class FaceSettings(_Section):
     # running the model stages; None: one per core of the worker; 0: in the stage's own process.
     # Inside a Dask worker (a daemonic process) always 0. Never part of the extractor id.
     processes: int | None = Field(None, ge=0)
+    # OpenFace's crops: "merflow" (-nomask -nobadaligned: unmasked, failed frames dropped) or
+    # "mertools", the challenge baseline's OpenFace defaults (the background masked black,
+    # failed frames kept as black crops that enter the visual mean). Other backends: merflow.
+    recipe: Literal["merflow", "mertools"] = "merflow"
 
 
 class ModelSettings(_Section):
@@ -112,6 +116,12 @@ class ModelSettings(_Section):
     visual_batch: int = Field(64, gt=0)
     audio_batch_seconds: float = Field(120.0, gt=0)
     audio_chunk_seconds: float = Field(10.0, gt=0)  # HuBERT's chunks; other than 10: a new id
+    # Per modality, how a feature is computed from its model: "merflow" (padding left out, the
+    # mean of the last layers, the device's fast dtype) or "mertools", the challenge baseline's
+    # own recipe (docs/method.md §2). "mertools" keys a new extractor id; the ASR has none.
+    visual_recipe: Literal["merflow", "mertools"] = "merflow"
+    acoustic_recipe: Literal["merflow", "mertools"] = "merflow"
+    text_recipe: Literal["merflow", "mertools"] = "merflow"
     text_batch_tokens: int = Field(4096, gt=0)
 
     @model_validator(mode="after")

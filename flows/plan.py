@@ -133,6 +133,7 @@ def model_choices(
         "visual": ModelChoice(
             m.visual,
             batch=m.visual_batch,
+            recipe=m.visual_recipe,
             frames="visual" in settings.extract.frame_features,
             **common,
         ),
@@ -140,12 +141,15 @@ def model_choices(
             m.acoustic,
             batch=m.audio_batch_seconds * model_rate,
             chunk_seconds=m.audio_chunk_seconds,
+            recipe=m.acoustic_recipe,
             frames="acoustic" in settings.extract.frame_features,
             frame_rate=settings.extract.acoustic_frame_rate,
             **common,
         ),
         "asr": ModelChoice(m.asr, **common),
-        "text": ModelChoice(m.text, batch=m.text_batch_tokens, **common),
+        "text": ModelChoice(
+            m.text, batch=m.text_batch_tokens, recipe=m.text_recipe, **common
+        ),
     }
 
 
@@ -171,6 +175,7 @@ def face_settings(settings: Settings) -> FaceSettings:
         decode_threads=f.decode_threads,
         select=f.select,
         processes=f.processes,
+        recipe=f.recipe,
     )
 
 

@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 KINDS: tuple[str, ...] = ("visual", "acoustic", "asr", "text")
 LOADERS: tuple[str, ...] = ("open_clip", "hf-hubert", "sherpa-wenet-ctc", "hf-causal-lm")
 DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+# How a feature is computed from the model: merflow's own recipe, or the challenge baseline's
+# (MERTools' extraction scripts: layers, reduction, chunking, preprocessing, precision), which
+# docs/method.md §2 compares line by line.
+RECIPES: tuple[str, ...] = ("merflow", "mertools")
+DEFAULT_RECIPE = "merflow"
 
 # Written by models.tiny into every tiny checkpoint folder; its seed is part of the checkpoint
 # revision, so tiny models built with another seed get another extractor_id.
@@ -102,6 +107,7 @@ class ExtractorSpec:
     dtype: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU
     trust_remote_code: bool = False
     tiny: bool = False
+    recipe: str = DEFAULT_RECIPE  # one of RECIPES; keys the id only when not the default
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -114,6 +120,10 @@ class ExtractorSpec:
         if self.loader not in LOADERS:
             raise ValueError(
                 f"extractor {self.name}: loader {self.loader!r} is not one of {LOADERS}"
+            )
+        if self.recipe not in RECIPES:
+            raise ValueError(
+                f"extractor {self.name}: recipe {self.recipe!r} is not one of {RECIPES}"
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"extractor {self.name}: dtype {self.dtype!r} is not one of {DTYPES}")
@@ -318,6 +328,8 @@ def id_settings(spec: ExtractorSpec, **settings: Any) -> dict[str, Any]:
         f.name: _jsonable(f.name, getattr(spec, f.name))
         for f in dataclasses.fields(spec)
         if f.name not in _ID_EXEMPT_FIELDS
+        # merflow's own recipe keeps the ids features had before recipes were selectable.
+        and not (f.name == "recipe" and getattr(spec, f.name) == DEFAULT_RECIPE)
     }
     extra: dict[str, Any] = {}
     for key, value in settings.items():

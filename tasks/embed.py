@@ -66,6 +66,7 @@ class ModelChoice:
     trust_remote_code: bool | None = None  # None: what the spec says
     batch: float | None = None  # crops, audio samples or tokens per forward; None: default
     chunk_seconds: float | None = None  # audio models: chunk length; None: the spec's
+    recipe: str | None = None  # "merflow" or "mertools" (models.registry.RECIPES); None: spec's
     gpu_slots: int = 1  # shards sharing one GPU of a machine (extract.gpu_concurrency)
     threads: int | None = None  # torch intra-op (and ASR) threads; None: compute_threads()
     # Frame-level features beside the utterance ones (visual: one row per face crop; acoustic:
@@ -75,10 +76,12 @@ class ModelChoice:
 
     @property
     def spec(self) -> ExtractorSpec:
-        """The registry spec, with this choice's chunk length (which then keys the id)."""
+        """The registry spec, with this choice's chunk length and recipe (which then key the id)."""
         spec = get_spec(self.spec_name)
         if self.chunk_seconds is not None and self.chunk_seconds != spec.chunk_seconds:
             spec = dataclasses.replace(spec, chunk_seconds=float(self.chunk_seconds))
+        if self.recipe is not None and self.recipe != spec.recipe:
+            spec = dataclasses.replace(spec, recipe=self.recipe)
         return spec
 
     def model_path(self) -> Path:

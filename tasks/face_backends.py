@@ -308,13 +308,15 @@ def load_backend(
     openface_bin: str | None = None,
     detect_every: int = 1,
     mouth: bool = False,
+    recipe: str = "merflow",
 ) -> FaceBackend:
     """The named backend, built once per process and reused (models stay loaded).
     `detect_every` (dlib): detect on every k-th sampled frame, track between; `mouth` (dlib,
-    opencv): fit dlib's 68 landmarks too (OpenFace always gives 68)."""
+    opencv): fit dlib's 68 landmarks too (OpenFace always gives 68); `recipe` (openface):
+    "mertools" runs OpenFace as the challenge baseline does (masked, failed frames kept)."""
     # Always positional: lru_cache would cache f("dlib") and f("dlib", 640, ...) separately.
     return _load_backend(
-        name, int(detect_max_side), float(padding), openface_bin, detect_every, bool(mouth)
+        name, int(detect_max_side), float(padding), openface_bin, detect_every, bool(mouth), recipe
     )
 
 
@@ -326,11 +328,12 @@ def _load_backend(
     openface_bin: str | None,
     detect_every: int,
     mouth: bool,
+    recipe: str = "merflow",
 ) -> FaceBackend:
     if name == "dlib":
         return DlibBackend(detect_max_side, padding, detect_every, mouth)
     if name == "opencv":
         return OpenCVBackend(detect_max_side, padding, mouth)
     if name == "openface":
-        return OpenFaceBackend(openface_bin)
+        return OpenFaceBackend(openface_bin, recipe=recipe)
     raise ValueError(f"unknown face backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -34,7 +34,9 @@ class OpenFaceBackend:
 
     name = "openface"
 
-    def __init__(self, binary: str | None = None, timeout_per_frame: float = 2.0):
+    def __init__(
+        self, binary: str | None = None, timeout_per_frame: float = 2.0, recipe: str = "merflow"
+    ):
         configured = binary or os.environ.get(OPENFACE_ENV) or None
         resolved = shutil.which(configured) if configured else shutil.which("FeatureExtraction")
         if resolved is None:
@@ -48,6 +50,7 @@ class OpenFaceBackend:
             )
         self.binary = resolved
         self.timeout_per_frame = timeout_per_frame
+        self.recipe = recipe
 
     def command(self, video: Path, out_dir: Path, size: int) -> list[str]:
         """The FeatureExtraction command line that aligns `video`'s faces into `out_dir`."""

@@ -88,6 +88,7 @@ def _id_settings(
     padding: float,
     detect_every: int = 1,
     select: str = "largest",
+    recipe: str = "merflow",
 ) -> dict[str, Any]:
     # Detection on every frame and the largest face keep their keys out, so ids from before
     # landmark tracking and face tracks existed hold (their crops are the same).
@@ -95,7 +96,10 @@ def _id_settings(
     chosen = {"select": select} if select != "largest" else {}
     if select == "speaking":
         chosen["speaking_rule"] = SPEAKING_RULE_VERSION
+    # The baseline's OpenFace crops (masked, failed frames kept); other backends have one recipe.
+    baseline = {"recipe": recipe} if recipe != "merflow" and backend == "openface" else {}
     return {
+        **baseline,
         **tracked,
         **chosen,
         "backend": backend,
@@ -118,10 +122,11 @@ def faces_extractor_id(
     padding: float = DEFAULT_PADDING,
     detect_every: int = 1,
     select: str = "largest",
+    recipe: str = "merflow",
 ) -> str:
     """A readable name plus a short hash of all output-changing settings: `faces-dlib-112-all-…`."""
     settings = _id_settings(
-        backend, size, fps, max_frames, detect_max_side, padding, detect_every, select
+        backend, size, fps, max_frames, detect_max_side, padding, detect_every, select, recipe
     )
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"faces-{backend}-{size}-{_rate_name(fps, max_frames)}-{digest}"
@@ -148,8 +153,13 @@ class FaceSettings:
     # Worker processes that crop a shard's videos side by side, off the GIL of the process that
     # runs the model stages (tasks/video_pool.py); None: every core, 0: in this process.
     processes: int | None = None
+    # OpenFace only: "mertools" runs it with its defaults as the challenge baseline does (the
+    # background masked, failed frames kept as black crops); "merflow": unmasked, failed dropped.
+    recipe: str = "merflow"
 
     def __post_init__(self) -> None:
+        if self.recipe not in ("merflow", "mertools"):
+            raise ValueError(f"unknown faces recipe {self.recipe!r}; choose merflow or mertools")
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"unknown face backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
@@ -194,6 +204,7 @@ class FaceSettings:
             self.padding,
             self.detect_every,
             self.select,
+            self.recipe,
         )
 
     @property
@@ -224,6 +235,7 @@ class FaceSettings:
             self.openface_bin,
             self.detect_every,
             mouth=self.select == "speaking",
+            recipe=self.recipe,
         )
 
 

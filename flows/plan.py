@@ -147,9 +147,7 @@ def model_choices(
             **common,
         ),
         "asr": ModelChoice(m.asr, **common),
-        "text": ModelChoice(
-            m.text, batch=m.text_batch_tokens, recipe=m.text_recipe, **common
-        ),
+        "text": ModelChoice(m.text, batch=m.text_batch_tokens, recipe=m.text_recipe, **common),
     }
 
 

@@ -1,9 +1,14 @@
 """HuBERT utterance features: last-layer mean over time, in chunks, padding excluded.
 
 The challenge baseline runs HuBERT in 10 s chunks and averages the zero padding of the last
-chunk into the feature. Here every chunk carries an attention mask, frames computed from
-padding are dropped, and a clip's feature is the mean over all its valid frames, so a clip
-embedded alone equals the same clip embedded in a batch with longer ones.
+chunk into the feature. Here (the `merflow` recipe) every chunk carries an attention mask, frames
+computed from padding are dropped, and a clip's feature is the mean over all its valid frames, so
+a clip embedded alone equals the same clip embedded in a batch with longer ones.
+
+The `mertools` recipe is the baseline's own: the whole clip normalised, cut into fixed chunks, the
+last zero-padded, no attention mask, the sum of the last 4 states, the mean over every frame (the
+padding's included), fp32. Both take the final LayerNorm's output as the last state, as the
+baseline's transformers 4.x returned it (models.extractors.final_hidden_states).
 """
 
 from __future__ import annotations
@@ -20,7 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.extractors import Extractor, masked_sum, mean_of_last_layers, pack_batches
+from models.extractors import (
+    Extractor,
+    final_hidden_states,
+    masked_sum,
+    mean_of_last_layers,
+    pack_batches,
+    sum_of_last_layers,
+)
 from models.registry import CheckpointMismatchError, ExtractorInputError, ExtractorSpec
 
 logger = logging.getLogger(__name__)
@@ -79,20 +91,33 @@ class AcousticEncoder(Extractor):
         self._kernels = tuple(config.conv_kernel)
         self._strides = tuple(config.conv_stride)
         self.min_samples = receptive_field(self._kernels, self._strides)
-        # At least two frames' worth, so that equal chunks of a split clip each make a frame.
-        self.chunk_samples = max(
-            2 * self.min_samples + 2, round(spec.chunk_seconds * spec.sample_rate)
-        )
+        self._fixed_chunks = spec.recipe == "mertools"
+        if self._fixed_chunks and dtype != torch.float32:
+            raise ValueError(
+                f"extractor {spec.name} with the mertools recipe runs in fp32, as the challenge "
+                f"baseline did, not {dtype}; load it through models.extractors.load_extractor"
+            )
+        if self._fixed_chunks:
+            self.chunk_samples = round(spec.chunk_seconds * spec.sample_rate)
+        else:
+            # At least two frames' worth, so that equal chunks of a split clip each make a frame.
+            self.chunk_samples = max(
+                2 * self.min_samples + 2, round(spec.chunk_seconds * spec.sample_rate)
+            )
         # With group norm the first conv normalises over time, so zero padding would leak
         # into every frame: such models get one chunk per forward pass.
         self._one_chunk_per_batch = getattr(config, "feat_extract_norm", "layer") != "layer"
 
     def chunk_bounds(self, n_samples: int) -> list[tuple[int, int]]:
-        """(start, end) of the equal chunks, each at most chunk_seconds long, covering a clip.
+        """(start, end) of the chunks, each at most chunk_seconds long, covering a clip.
 
-        Equal chunks rather than fixed ones with a remainder: no tail too short to make a frame,
-        and less padding when chunks are batched.
+        merflow: equal chunks rather than fixed ones with a remainder: no tail too short to make
+        a frame, and less padding when chunks are batched. mertools: the baseline's fixed chunks,
+        the last one the remainder (zero-padded to a full chunk when the clip is cut at all).
         """
+        if self._fixed_chunks:
+            step = self.chunk_samples
+            return [(s, min(s + step, n_samples)) for s in range(0, max(n_samples, 1), step)]
         count = max(1, math.ceil(n_samples / self.chunk_samples))
         edges = [round(i * n_samples / count) for i in range(count + 1)]
         return list(itertools.pairwise(edges))
@@ -151,6 +176,8 @@ class AcousticEncoder(Extractor):
         self, waveforms: Sequence[np.ndarray], max_batch_samples: int | None, pool: int | None
     ) -> tuple[np.ndarray, list[FrameWindows]]:
         clips = [self._prepare(i, w) for i, w in enumerate(waveforms)]
+        if self._fixed_chunks:
+            return self._encode_fixed(clips, max_batch_samples, pool)
         chunks = [
             (clip, start, end)
             for clip, samples in enumerate(clips)
@@ -176,7 +203,7 @@ class AcousticEncoder(Extractor):
                 attention_mask=mask.to(self.device),
                 output_hidden_states=True,
             )
-            states = mean_of_last_layers(out.hidden_states, self.spec.layers)  # (B, T, D)
+            states = mean_of_last_layers(final_hidden_states(out), self.spec.layers)  # (B, T, D)
             frames = torch.tensor(
                 [
                     conv_output_length(end - start, self._kernels, self._strides)
@@ -210,6 +237,40 @@ class AcousticEncoder(Extractor):
             )
             for idx in per_clip
         ]
+        return utterances, windows
+
+    def _encode_fixed(
+        self, clips: list[np.ndarray], max_batch_samples: int | None, pool: int | None
+    ) -> tuple[np.ndarray, list[FrameWindows]]:
+        """The mertools recipe: per clip, fixed chunks, no mask, every frame averaged."""
+        size, hop, rate = self.chunk_samples, math.prod(self._strides), self.spec.sample_rate
+        budget = max_batch_samples or self.max_batch_samples
+        utterances = np.zeros((len(clips), self.output_dim), dtype=np.float32)
+        windows: list[FrameWindows] = []
+        for index, values in enumerate(clips):
+            if len(values) <= size:
+                rows = torch.from_numpy(values)[None]  # (1, n): a short clip runs unpadded
+            else:
+                padded = np.zeros(math.ceil(len(values) / size) * size, dtype=np.float32)
+                padded[: len(values)] = values
+                rows = torch.from_numpy(padded).view(-1, size)  # (B, size), last zero-padded
+            # Equal-length rows without a mask do not interact, so the baseline's one batch per
+            # clip may run in smaller groups to bound memory; the frames are the same.
+            per_pass = max(1, budget // rows.shape[1])
+            parts = []
+            for group in torch.split(rows, per_pass):
+                out = self.model(group.to(self.device, self.dtype), output_hidden_states=True)
+                parts.append(sum_of_last_layers(final_hidden_states(out), self.spec.layers))
+            states = torch.cat(parts)  # (B, T, D)
+            frames = states.reshape(-1, states.shape[-1]).double().cpu().numpy()  # (B*T, D)
+            utterances[index] = frames.mean(axis=0)
+            if pool is not None:
+                # Padding frames keep their place in time, past the clip's end, as in the
+                # baseline's frame-level output.
+                starts = size * np.arange(states.shape[0])[:, None] + hop * np.arange(
+                    states.shape[1]
+                )
+                windows.append(_pool_windows(frames, starts.ravel() / rate, pool))
         return utterances, windows
 
 

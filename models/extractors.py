@@ -79,9 +79,15 @@ def effective_dtype(
     """The dtype the spec will compute in: the request, else the spec's policy.
 
     ONNX exports (the ASR models) run as exported, so a requested dtype does not apply to them.
+    The `mertools` recipe computes in the challenge baseline's precision whatever is asked: HuBERT
+    in fp32 even on a GPU, the LLM in fp16 on a GPU and fp32 on the CPU.
     """
     if spec.loader == "sherpa-wenet-ctc":
         return resolve_dtype(spec.dtype, device)
+    if spec.recipe == "mertools" and spec.loader == "hf-hubert":
+        return torch.float32
+    if spec.recipe == "mertools" and spec.loader == "hf-causal-lm":
+        return torch.float16 if device.type == "cuda" else torch.float32
     return resolve_dtype(dtype if dtype is not None else spec.dtype, device)
 
 
@@ -158,14 +164,43 @@ def pack_batches(
     return batches
 
 
-def mean_of_last_layers(hidden_states: Sequence[torch.Tensor], layers: int) -> torch.Tensor:
-    """Mean of the last `layers` hidden states in float32, (B, T, D).
+def final_hidden_states(output: Any) -> tuple[torch.Tensor, ...]:
+    """A model output's hidden states with the model's final output as the last entry.
 
-    `hidden_states` holds the embedding output plus one entry per layer, so a model with fewer
-    than `layers` - 1 layers averages all it has (a 2-layer tiny model: 3 states).
+    transformers 4.x returned `last_hidden_state` (after the encoder's final LayerNorm, where it
+    has one) as `hidden_states[-1]`; transformers 5 returns the last layer's raw output there for
+    a stable-layer-norm HuBERT (`do_stable_layer_norm`, as chinese-hubert-large), while its LLMs
+    still tie the two. The challenge baseline averaged the normalised state, so it is put back;
+    where the two are equal (post-norm models, LLMs) this changes nothing.
     """
-    used = hidden_states[-min(layers, len(hidden_states)) :]
-    return torch.stack([h.float() for h in used]).mean(dim=0)
+    states = tuple(output.hidden_states)
+    last = getattr(output, "last_hidden_state", None)
+    if last is None or last is states[-1]:
+        return states
+    return (*states[:-1], last)
+
+
+def _last_layers(hidden_states: Sequence[torch.Tensor], layers: int) -> list[torch.Tensor]:
+    """The last `layers` hidden states; a model with fewer layers gives all it has.
+
+    `hidden_states` holds the embedding output plus one entry per layer, so a 2-layer tiny model
+    has 3 states (the baseline's fixed indices -4..-1 would fail on it).
+    """
+    return list(hidden_states[-min(layers, len(hidden_states)) :])
+
+
+def mean_of_last_layers(hidden_states: Sequence[torch.Tensor], layers: int) -> torch.Tensor:
+    """Mean of the last `layers` hidden states in float32, (B, T, D)."""
+    return torch.stack([h.float() for h in _last_layers(hidden_states, layers)]).mean(dim=0)
+
+
+def sum_of_last_layers(hidden_states: Sequence[torch.Tensor], layers: int) -> torch.Tensor:
+    """Sum of the last `layers` hidden states, (B, T, D), in float32.
+
+    The challenge baseline's reduction (4x the mean). It sums in the model's own dtype, as the
+    baseline did (an fp16 LLM's states are summed in fp16), and only then widens.
+    """
+    return torch.stack(_last_layers(hidden_states, layers)).sum(dim=0).float()
 
 
 def masked_sum(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,6 +56,12 @@ _ID_EXEMPT_FIELDS: frozenset[str] = frozenset(
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
+# Bumped when a loader's code changes the features it computes for the same spec and settings,
+# so that stored rows of the old code are not mistaken for new ones; a loader absent here keeps
+# the ids it always had. hf-hubert 2: HuBERT's last averaged state is the one after the final
+# LayerNorm (transformers 5 stopped returning it as hidden_states[-1]; 4.x and the baseline).
+FEATURE_VERSIONS: dict[str, int] = {"hf-hubert": 2}
+
 
 class UnknownExtractorError(ValueError):
     """A spec name that the registry does not know."""
@@ -331,6 +337,8 @@ def id_settings(spec: ExtractorSpec, **settings: Any) -> dict[str, Any]:
         # merflow's own recipe keeps the ids features had before recipes were selectable.
         and not (f.name == "recipe" and getattr(spec, f.name) == DEFAULT_RECIPE)
     }
+    if spec.loader in FEATURE_VERSIONS:
+        fields["feature_version"] = FEATURE_VERSIONS[spec.loader]
     extra: dict[str, Any] = {}
     for key, value in settings.items():
         if key in NON_OUTPUT_SETTINGS or value is None:

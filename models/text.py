@@ -3,6 +3,11 @@
 Special tokens (BOS/EOS/pad) feed the model but are left out of the average; sequences are
 right-padded so that, under causal attention, a text's states do not depend on what else is
 in the batch. Empty text has no feature (None, a missing modality), never a zero vector.
+
+The `mertools` recipe is the challenge baseline's: one text per forward (no padding, no
+truncation), the tokens kept those that a probe sentence shows to be text (`probe_span`), the
+sum of the last 4 states, fp16 on a GPU. It too gives None, not the baseline's zero vector, for
+an empty text.
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.extractors import Extractor, masked_sum, mean_of_last_layers, pack_batches
+from models.extractors import (
+    Extractor,
+    final_hidden_states,
+    masked_sum,
+    mean_of_last_layers,
+    pack_batches,
+    sum_of_last_layers,
+)
 from models.registry import (
     CheckpointMismatchError,
     ExtractorInputError,
@@ -26,6 +38,37 @@ from models.registry import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The baseline's probe: a sentence without spaces whose decoded tokens show where text begins.
+PROBE_SENTENCE = "今天天气真好"
+
+
+def probe_span(tokenizer: Any) -> tuple[int, int | None]:
+    """(start, end) slicing a tokenized text's own tokens out of `tokenizer(text)`'s ids.
+
+    The challenge baseline's rule: start is the first of 0, 1, 2 from which the probe's ids decode
+    (spaces removed) to text beginning with the probe; end is None when they decode to exactly
+    the probe, else -1 or -2, whichever cuts the trailing special tokens off.
+    """
+    ids = list(tokenizer(PROBE_SENTENCE)["input_ids"])
+
+    def decoded(part: list[int]) -> str:
+        return str(tokenizer.decode(part)).replace(" ", "")
+
+    for start in range(3):
+        text = decoded(ids[start:])
+        if text == PROBE_SENTENCE:
+            return start, None
+        if text.startswith(PROBE_SENTENCE):
+            for end in (-1, -2):
+                if decoded(ids[start:end]) == PROBE_SENTENCE:
+                    return start, end
+            break
+    raise CheckpointMismatchError(
+        f"the tokenizer's ids for the probe {PROBE_SENTENCE!r} ({ids}) decode to no slice equal to "
+        "it, so the mertools recipe cannot tell text tokens from special ones; use the merflow "
+        "recipe for this model"
+    )
 
 
 class TextEncoder(Extractor):
@@ -55,6 +98,16 @@ class TextEncoder(Extractor):
         # Padding is masked out, so any id will do where the tokenizer defines no pad token.
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
+        self.one_by_one = spec.recipe == "mertools"
+        if self.one_by_one:
+            wanted = torch.float16 if device.type == "cuda" else torch.float32
+            if dtype != wanted:
+                raise ValueError(
+                    f"extractor {spec.name} with the mertools recipe runs in {wanted} on "
+                    f"{device.type}, as the challenge baseline did, not {dtype}; load it through "
+                    "models.extractors.load_extractor"
+                )
+            self.span = probe_span(tokenizer)
 
     def tokenize(self, index: int, text: str) -> tuple[list[int], list[bool]] | None:
         """Token ids and which of them count (not special) for one text; None when none do."""
@@ -62,6 +115,8 @@ class TextEncoder(Extractor):
             raise ExtractorInputError(
                 f"text {index} is {type(text).__name__}, expected str (use '' for no text)"
             )
+        if self.one_by_one:
+            return self._tokenize_as_baseline(text)
         if not text.strip():
             return None
         encoded = self.tokenizer(
@@ -75,6 +130,16 @@ class TextEncoder(Extractor):
         keep = [not special for special in encoded["special_tokens_mask"]]
         return (ids, keep) if any(keep) else None
 
+    def _tokenize_as_baseline(self, text: str) -> tuple[list[int], list[bool]] | None:
+        """The baseline's tokens: all special tokens the tokenizer adds, no truncation; those in
+        the probe's span count. Only the empty string is no text (whitespace is embedded)."""
+        if not text:
+            return None
+        ids = list(self.tokenizer(text)["input_ids"])
+        kept = set(range(len(ids))[slice(*self.span)])
+        keep = [i in kept for i in range(len(ids))]
+        return (ids, keep) if kept else None
+
     @torch.inference_mode()
     def embed(
         self, texts: Sequence[str], max_batch_tokens: int | None = None
@@ -82,6 +147,11 @@ class TextEncoder(Extractor):
         """One float32 (output_dim,) vector per text, None where the text is empty."""
         tokenized = [self.tokenize(i, text) for i, text in enumerate(texts)]
         results: list[np.ndarray | None] = [None] * len(texts)
+        if self.one_by_one:
+            for i, item in enumerate(tokenized):
+                if item is not None:
+                    results[i] = self._embed_alone(*item)
+            return results
         todo = [i for i, item in enumerate(tokenized) if item is not None]
         budget = max_batch_tokens or self.max_batch_tokens
         lengths = [len(tokenized[i][0]) for i in todo]  # type: ignore[index]
@@ -102,12 +172,25 @@ class TextEncoder(Extractor):
                 output_hidden_states=True,
                 use_cache=False,
             )
-            states = mean_of_last_layers(out.hidden_states, self.spec.layers)  # (B, T, D)
+            states = mean_of_last_layers(final_hidden_states(out), self.spec.layers)  # (B, T, D)
             total, count = masked_sum(states, keep.to(states.device))
             pooled = (total / count.unsqueeze(1)).cpu().numpy().astype(np.float32)
             for row, i in enumerate(members):
                 results[i] = pooled[row]
         return results
+
+    def _embed_alone(self, ids: list[int], keep: list[bool]) -> np.ndarray:
+        """The mertools recipe for one text: its own forward, sum of the last states, the mean
+        over the kept tokens."""
+        out = self.model(
+            input_ids=torch.tensor([ids], device=self.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        states = sum_of_last_layers(final_hidden_states(out), self.spec.layers)[0]  # (T, D)
+        kept = states[torch.tensor(keep, device=states.device)]
+        return kept.mean(dim=0).cpu().numpy().astype(np.float32)
 
 
 def _model_class(config: dict[str, Any]) -> tuple[Any, bool]:

@@ -24,6 +24,7 @@ from models.asr import AsrModel, Transcript
 from models.extractors import (
     Extractor,
     clear_extractor_cache,
+    effective_dtype,
     load_extractor,
     pack_batches,
     planned_extractor_id,
@@ -34,6 +35,8 @@ from models.registry import (
     ModelNotFoundError,
     RemoteCodeRefusedError,
     get_spec,
+    id_settings,
+    list_specs,
     resolve_model_path,
 )
 from models.text import TextEncoder
@@ -161,6 +164,42 @@ def test_asr_id_ignores_a_requested_dtype(tiny_dir: Path, asr) -> None:
     assert _load(tiny_dir, "tiny-wenet-ctc", num_threads=1, dtype="bf16") is asr
 
 
+def test_mertools_recipe_puts_the_baselines_precision_in_the_id(tiny_dir: Path) -> None:
+    def planned(name: str, recipe: str, device: str, dtype: str | None = None) -> str:
+        spec = dataclasses.replace(get_spec(name), recipe=recipe)
+        return planned_extractor_id(spec, tiny_dir / name, device, dtype)
+
+    # HuBERT in fp32 even on a GPU; the LLM in fp16 on a GPU, fp32 on the CPU; asked or not.
+    assert planned("tiny-hubert", "mertools", "cuda") == planned("tiny-hubert", "mertools", "cpu")
+    assert planned("tiny-hubert", "mertools", "cpu", "bf16") == planned(
+        "tiny-hubert", "mertools", "cpu", "fp32"
+    )
+    assert planned("tiny-llama", "mertools", "cuda", "bf16") == planned(
+        "tiny-llama", "mertools", "cuda", "fp32"
+    )
+    assert planned("tiny-llama", "mertools", "cpu", "bf16") == planned(
+        "tiny-llama", "mertools", "cpu", "fp32"
+    )
+    text = dataclasses.replace(get_spec("tiny-llama"), recipe="mertools")
+    assert effective_dtype(text, "bf16", torch.device("cuda")) == torch.float16
+    assert effective_dtype(text, "bf16", torch.device("cpu")) == torch.float32
+    assert planned("tiny-hubert", "mertools", "cpu") != planned("tiny-hubert", "merflow", "cpu")
+    loaded = _load(tiny_dir, "tiny-hubert", dtype="bf16")
+    spec = dataclasses.replace(get_spec("tiny-hubert"), recipe="mertools")
+    with pytest.raises(ValueError, match="mertools recipe runs in fp32"):
+        AcousticEncoder(
+            spec, loaded.model, loaded.feature_extractor, device=loaded.device, dtype=loaded.dtype
+        )
+
+
+def test_only_hubert_ids_carry_the_feature_version() -> None:
+    """HuBERT's features changed (the post-LayerNorm last state): its ids did; no other did."""
+    for name in list_specs():
+        spec = get_spec(name)
+        versioned = "feature_version" in id_settings(spec)["spec"]
+        assert versioned == (spec.loader == "hf-hubert"), name
+
+
 def test_loading_a_missing_folder_names_it(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match=str(tmp_path / "nowhere")):
         load_extractor(get_spec("tiny-hubert"), tmp_path / "nowhere", "cpu")
@@ -245,7 +284,10 @@ def _reference_embedding(encoder: AcousticEncoder, wave: np.ndarray, pad_to: int
         chunk[: end - start] = values[start:end]
         with torch.inference_mode():
             out = encoder.model(torch.from_numpy(chunk)[None], output_hidden_states=True)
-        states = torch.stack(out.hidden_states).mean(0)[0].numpy()  # all 3 states of 2 layers
+        # All 3 states of 2 layers, the last one after the final LayerNorm (as transformers 4.x
+        # returned it; 5 returns the raw last layer for this stable-layer-norm model).
+        used = (*out.hidden_states[:-1], out.last_hidden_state)
+        states = torch.stack(used).mean(0)[0].numpy()
         valid = conv_output_length(len(chunk) if pad_to else end - start, kernels, strides)
         total += states[:valid].sum(0)
         frames += valid
@@ -287,6 +329,29 @@ def test_long_audio_runs_in_chunks(acoustic) -> None:
     assert not np.allclose(whole.embed([wave])[0], chunked, atol=1e-5)
     # The batch budget changes speed only, never the feature.
     np.testing.assert_allclose(acoustic.embed([wave], max_batch_samples=1)[0], chunked, atol=1e-5)
+
+
+def test_mertools_acoustic_cuts_fixed_chunks_and_averages_their_padding(acoustic) -> None:
+    spec = dataclasses.replace(acoustic.spec, recipe="mertools")
+    fixed = AcousticEncoder(
+        spec,
+        acoustic.model,
+        acoustic.feature_extractor,
+        device=acoustic.device,
+        dtype=torch.float32,
+    )
+    assert fixed.chunk_bounds(25 * 16_000) == [(0, 160_000), (160_000, 320_000), (320_000, 400_000)]
+    assert fixed.chunk_bounds(10 * 16_000) == [(0, 160_000)]
+    wave = _wave(12.0, seed=9)
+    one_pass = fixed.embed([wave])[0]
+    np.testing.assert_allclose(fixed.embed([wave], max_batch_samples=1)[0], one_pass, rtol=1e-5)
+    # Frames: every one, the padding's included, pooled to windows that average to the clip's.
+    utterance, windows = fixed.embed_frames([wave], rate=10.0)
+    assert windows[0].n_frames.sum() == 2 * conv_output_length(
+        160_000, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)
+    )
+    pooled = (windows[0].vectors * windows[0].n_frames[:, None]).sum(0) / windows[0].n_frames.sum()
+    np.testing.assert_allclose(pooled, utterance[0], rtol=1e-5, atol=1e-6)
 
 
 def test_acoustic_is_deterministic(acoustic) -> None:

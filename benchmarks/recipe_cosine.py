@@ -1,7 +1,8 @@
 """How far merflow's default features are from the challenge baseline's recipe, per modality.
 
     .venv/bin/python benchmarks/recipe_cosine.py                       # tiny models, CPU
-    .venv/bin/python benchmarks/recipe_cosine.py --models-dir /models --modalities acoustic
+    .venv/bin/python benchmarks/recipe_cosine.py --default-dtype bf16   # merflow as on a GPU
+    .venv/bin/python benchmarks/recipe_cosine.py --paper --models-dir /models --device cuda
 
 For each modality: the cosine between each input's feature under the default (`merflow`) recipe
 and under the `mertools` recipe (the baseline's: docs/method.md §2), the same weights and inputs,
@@ -86,18 +87,18 @@ def raw_last_state(module: str) -> Iterator[None]:
         mod.final_hidden_states = fixed
 
 
-def _encoders(models_dir: Path, name: str, device: str):
-    """The default and the mertools encoder of one spec."""
+def _encoders(models_dir: Path, name: str, device: str, dtype: str | None):
+    """The default (in `dtype`, None: its policy) and the mertools encoder of one spec."""
     spec = get_spec(name)
     path = resolve_model_path(spec, models_dir)
-    default = load_extractor(spec, path, device)
+    default = load_extractor(spec, path, device, dtype)
     mertools = load_extractor(dataclasses.replace(spec, recipe="mertools"), path, device)
     return default, mertools
 
 
-def acoustic(models_dir: Path, name: str, device: str) -> Rows:
+def acoustic(models_dir: Path, name: str, device: str, dtype: str | None) -> Rows:
     """HuBERT: default before/after vs mertools, per clip."""
-    default, mertools = _encoders(models_dir, name, device)
+    default, mertools = _encoders(models_dir, name, device, dtype)
     rows = []
     for label, wave in speech_clips():
         reference = mertools.embed([wave])[0]
@@ -108,9 +109,9 @@ def acoustic(models_dir: Path, name: str, device: str) -> Rows:
     return rows
 
 
-def text(models_dir: Path, name: str, device: str) -> Rows:
+def text(models_dir: Path, name: str, device: str, dtype: str | None) -> Rows:
     """LLM: default before/after vs mertools, per sentence."""
-    default, mertools = _encoders(models_dir, name, device)
+    default, mertools = _encoders(models_dir, name, device, dtype)
     rows = []
     for sentence in (*CORPUS[:4], *EXTRA_TEXTS):
         reference = mertools.embed([sentence])[0]
@@ -122,7 +123,7 @@ def text(models_dir: Path, name: str, device: str) -> Rows:
 
 
 # modality -> (figures, the tiny spec, the paper spec)
-MODALITIES: dict[str, tuple[Callable[[Path, str, str], Rows], str, str]] = {
+MODALITIES: dict[str, tuple[Callable[[Path, str, str, str | None], Rows], str, str]] = {
     "acoustic": (acoustic, "tiny-hubert", "chinese-hubert-large"),
     "text": (text, "tiny-llama", "baichuan2-13b-base"),
 }
@@ -134,6 +135,9 @@ def main() -> None:
     parser.add_argument("--paper", action="store_true", help="the paper specs (needs --models-dir)")
     parser.add_argument("--modalities", default=",".join(MODALITIES))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--default-dtype", help="the default recipe's dtype (bf16: as on a GPU); mertools' is fixed"
+    )
     parser.add_argument("--seed", type=int, default=0, help="tiny models' seed")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -145,13 +149,13 @@ def main() -> None:
         for modality in args.modalities.split(","):
             figures, tiny, paper = MODALITIES[modality]
             name = paper if args.paper else tiny
-            rows = figures(models_dir, name, args.device)
-            print(f"\n{modality} ({name}): cosine(default, mertools)   before   after")
+            rows = figures(models_dir, name, args.device, args.default_dtype)
+            print(f"\n{modality} ({name}): cosine(default, mertools)  before   after  (1 - after)")
             for label, before, after in rows:
-                print(f"  {label:<40} {before:.6f} {after:.6f}")
+                print(f"  {label:<40} {before:.6f} {after:.6f} ({1 - after:.1e})")
             b, a = np.array([r[1] for r in rows]), np.array([r[2] for r in rows])
-            print(f"  {'mean':<40} {b.mean():.6f} {a.mean():.6f}")
-            print(f"  {'min':<40} {b.min():.6f} {a.min():.6f}")
+            print(f"  {'mean':<40} {b.mean():.6f} {a.mean():.6f} ({1 - a.mean():.1e})")
+            print(f"  {'min':<40} {b.min():.6f} {a.min():.6f} ({1 - a.min():.1e})")
             clear_extractor_cache()
 
 

@@ -59,7 +59,8 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 # Bumped when a loader's code changes the features it computes for the same spec and settings,
 # so that stored rows of the old code are not mistaken for new ones; a loader absent here keeps
 # the ids it always had. hf-hubert 2: HuBERT's last averaged state is the one after the final
-# LayerNorm (transformers 5 stopped returning it as hidden_states[-1]; 4.x and the baseline).
+# LayerNorm, as transformers 4.x returned it and the baseline averaged it (transformers 5 returns
+# the raw last layer as hidden_states[-1] for stable-layer-norm models).
 FEATURE_VERSIONS: dict[str, int] = {"hf-hubert": 2}
 
 

@@ -40,6 +40,8 @@ class OpenFaceBackend:
     frame rarely has more than one.
     """
 
+    name = "openface"
+
     def __init__(
         self, binary: str | None = None, timeout_per_frame: float = 2.0, recipe: str = "merflow"
     ):

@@ -23,13 +23,21 @@ from tasks.media import UnreadableMediaError
 
 # -- OpenFace ------------------------------------------------------------------------------------
 OPENFACE_ENV = "MERFLOW_OPENFACE_BIN"
+MERTOOLS = "mertools"
+# The aligned images' format per recipe: merflow asks for png, the baseline kept OpenFace's bmp
+# (both lossless: the same pixels).
+ALIGNED_FORMAT = {"merflow": "png", MERTOOLS: "bmp"}
 
 
 class OpenFaceBackend:
-    """OpenFace 2's `FeatureExtraction`: similarity-aligned faces, masks off, bad frames dropped.
+    """OpenFace 2's `FeatureExtraction`, run as a recipe says: merflow's (similarity-aligned
+    faces at `size`, unmasked, badly aligned and failed frames dropped) or "mertools", the
+    challenge baseline's (OpenFace's defaults: 112 px at scale 0.7, the background masked black,
+    every frame kept, a failed one as the black crop OpenFace writes for it).
 
     Confidence is OpenFace's landmark-tracking confidence in [0, 1]; landmarks: its 68 2-D
-    points. FeatureExtraction follows one face, so a frame rarely has more than one.
+    points (none, and a NaN box, for a failed frame). FeatureExtraction follows one face, so a
+    frame rarely has more than one.
     """
 
     name = "openface"
@@ -37,6 +45,10 @@ class OpenFaceBackend:
     def __init__(
         self, binary: str | None = None, timeout_per_frame: float = 2.0, recipe: str = "merflow"
     ):
+        if recipe not in ALIGNED_FORMAT:
+            raise ValueError(
+                f"unknown OpenFace recipe {recipe!r}; choose one of {', '.join(ALIGNED_FORMAT)}"
+            )
         configured = binary or os.environ.get(OPENFACE_ENV) or None
         resolved = shutil.which(configured) if configured else shutil.which("FeatureExtraction")
         if resolved is None:
@@ -54,6 +66,15 @@ class OpenFaceBackend:
 
     def command(self, video: Path, out_dir: Path, size: int) -> list[str]:
         """The FeatureExtraction command line that aligns `video`'s faces into `out_dir`."""
+        if self.recipe == MERTOOLS:
+            # The baseline's `-f video -out_dir dir` with OpenFace's alignment defaults (112 px,
+            # scale 0.7, masked, .bmp, an image for every frame). `size` is not passed: the
+            # face's size in pixels is set by the scale, so -simsize would only widen the canvas
+            # around it; the reader resizes to `size`. Asking for some outputs instead of all
+            # (the baseline's) changes what is written, not the crops; -q: no windows.
+            return [
+                self.binary, "-f", str(video), "-out_dir", str(out_dir), "-simalign", "-2Dfp", "-q",
+            ]  # fmt: skip
         return [
             self.binary, "-f", str(video), "-out_dir", str(out_dir),
             "-simalign", "-simsize", str(size), "-nomask", "-format_aligned", "png",
@@ -87,7 +108,7 @@ class OpenFaceBackend:
                     f"OpenFace FeatureExtraction failed on {video} (exit {proc.returncode}): "
                     f"{tail}; check the file plays, or try backend=dlib"
                 )
-            yield from parse_openface_output(out_dir, link.stem, sampler, size, video)
+            yield from parse_openface_output(out_dir, link.stem, sampler, size, video, self.recipe)
 
 
 def sampler_frames_hint(video: Path) -> int:
@@ -100,10 +121,17 @@ def sampler_frames_hint(video: Path) -> int:
 
 
 def parse_openface_output(
-    out_dir: Path, stem: str, sampler: FrameSampler, size: int, video: Path | None = None
+    out_dir: Path,
+    stem: str,
+    sampler: FrameSampler,
+    size: int,
+    video: Path | None = None,
+    recipe: str = "merflow",
 ) -> Iterator[Face]:
-    """Faces from FeatureExtraction's `<stem>.csv` and `<stem>_aligned/frame_det_*.png`, the
-    largest (by landmark extent) of each frame first."""
+    """Faces from FeatureExtraction's `<stem>.csv` and `<stem>_aligned/frame_det_*`, the
+    largest (by landmark extent) of each frame first. merflow: tracked faces only; mertools:
+    failed frames too, as the crops OpenFace wrote for them (black), as the baseline reads
+    every image of the folder."""
     table = out_dir / f"{stem}.csv"
     if not table.is_file():
         raise UnreadableMediaError(
@@ -116,6 +144,8 @@ def parse_openface_output(
     for row in rows:
         by_frame.setdefault(int(float(row["frame"])), []).append(row)
     aligned = out_dir / f"{stem}_aligned"
+    suffix = ALIGNED_FORMAT[recipe]
+    keep_failed = recipe == MERTOOLS
     sampler.plan(len(by_frame), None)
     for frame in sorted(by_frame):
         candidates = by_frame[frame]
@@ -124,29 +154,51 @@ def parse_openface_output(
             continue
         # OpenFace numbers frames from 1; merflow's frame_idx counts from 0 like the decoder.
         sampler.times[frame - 1] = t
-        good = [r for r in candidates if int(float(r.get("success", "1"))) == 1]
-        good.sort(key=lambda r: -_landmark_area(_landmark_box(r)))  # stable: max()'s pick first
-        for rank, row in enumerate(good):
+        kept = [r for r in candidates if keep_failed or _tracked(r)]
+        kept.sort(key=lambda r: -_area(r))  # stable: max()'s pick first; failed rows last
+        for rank, row in enumerate(kept):
             face_id = int(float(row.get("face_id", "0") or 0))
-            image = aligned / f"frame_det_{face_id:02d}_{frame:06d}.png"
-            if not image.is_file():
+            image = aligned / f"frame_det_{face_id:02d}_{frame:06d}.{suffix}"
+            tracked = _tracked(row)
+            if image.is_file():
+                crop = _read_aligned(image, size)
+            elif not tracked:
+                # OpenFace's defaults write a black image for a failed frame; one it did not
+                # write is that same black crop (the baseline's mean counts every frame).
+                crop = np.zeros((size, size, 3), np.uint8)
+            else:
                 # -nobadaligned: no image for a face OpenFace judged badly aligned (its rank
                 # stays taken, so another face never stands in for the largest).
                 continue
-            bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise UnreadableMediaError(f"OpenFace's aligned image {image} is unreadable")
-            crop = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            if crop.shape[:2] != (size, size):
-                crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
             yield Face(
                 frame - 1,
                 crop,
-                _landmark_box(row),
+                _landmark_box(row) if tracked else (math.nan,) * 4,
                 float(row.get("confidence", "nan")),
                 rank,
-                _landmarks(row),
+                _landmarks(row) if tracked else None,
             )
+
+
+def _tracked(row: dict[str, str]) -> bool:
+    """Whether OpenFace tracked the face of this row (its `success` column)."""
+    return int(float(row.get("success", "1"))) == 1
+
+
+def _area(row: dict[str, str]) -> float:
+    """A row's landmark extent; 0 for a failed frame, whose landmarks locate no face."""
+    return _landmark_area(_landmark_box(row)) if _tracked(row) else 0.0
+
+
+def _read_aligned(image: Path, size: int) -> np.ndarray:
+    """An aligned image OpenFace wrote (BGR), as a `size` x `size` RGB crop."""
+    bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise UnreadableMediaError(f"OpenFace's aligned image {image} is unreadable")
+    crop = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if crop.shape[:2] != (size, size):
+        crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+    return crop
 
 
 def _landmark_box(row: dict[str, str]) -> tuple[float, float, float, float]:

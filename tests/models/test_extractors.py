@@ -269,6 +269,28 @@ def test_visual_refuses_bad_crops_by_index(visual) -> None:
         visual.embed([good[..., 0]])
 
 
+def test_visual_recipe_keys_the_id_only_when_not_merflows(tiny_dir: Path, visual) -> None:
+    # merflow's recipe keeps today's ids (pinned); the baseline's recipe keys new ones.
+    real = get_spec("clip-vit-large-patch14")
+    where = Path("/models") / real.name
+    assert planned_extractor_id(real, where, "cpu") == "clip-vit-large-patch14-c236a851"
+    assert planned_extractor_id(real, where, "cuda") == "clip-vit-large-patch14-5a2e57cc"
+    assert visual.extractor_id() == "tiny-clip-vit-944f2483"
+    mertools = dataclasses.replace(visual.spec, recipe="mertools")
+    baseline = load_extractor(mertools, tiny_dir / mertools.name, "cpu")
+    assert baseline.extractor_id() != visual.extractor_id()
+    assert baseline.extractor_id().startswith("tiny-clip-vit-")
+
+
+def test_visual_recipes_agree_on_the_cpu(tiny_dir: Path, visual) -> None:
+    # open_clip's preprocessing is the baseline's PIL-bicubic one to the bit, and the CPU runs
+    # fp32 either way: on a CPU the two recipes differ only in how OpenFace crops are read.
+    mertools = dataclasses.replace(visual.spec, recipe="mertools")
+    baseline = load_extractor(mertools, tiny_dir / mertools.name, "cpu")
+    crops = [*_crops(4), np.zeros((112, 112, 3), np.uint8)]
+    np.testing.assert_allclose(baseline.embed(crops), visual.embed(crops), rtol=1e-6, atol=1e-7)
+
+
 # Acoustic
 
 

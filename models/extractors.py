@@ -79,12 +79,12 @@ def effective_dtype(
     """The dtype the spec will compute in: the request, else the spec's policy.
 
     ONNX exports (the ASR models) run as exported, so a requested dtype does not apply to them.
-    The `mertools` recipe computes in the challenge baseline's precision whatever is asked: HuBERT
-    in fp32 even on a GPU, the LLM in fp16 on a GPU and fp32 on the CPU.
+    The `mertools` recipe computes in the challenge baseline's precision whatever is asked: CLIP
+    and HuBERT in fp32 even on a GPU, the LLM in fp16 on a GPU and fp32 on the CPU.
     """
     if spec.loader == "sherpa-wenet-ctc":
         return resolve_dtype(spec.dtype, device)
-    if spec.recipe == "mertools" and spec.loader == "hf-hubert":
+    if spec.recipe == "mertools" and spec.loader in ("hf-hubert", "open_clip"):
         return torch.float32
     if spec.recipe == "mertools" and spec.loader == "hf-causal-lm":
         return torch.float16 if device.type == "cuda" else torch.float32

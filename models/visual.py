@@ -159,7 +159,7 @@ def load_visual(
         raise RecipeDtypeError(
             f"extractor {spec.name} with recipe mertools computes in fp32 as the challenge "
             f"baseline did, but {dtype_name(dtype)} was asked for; set models.dtype=float32 "
-            "(or auto on a CPU), or use models.visual_recipe=merflow"
+            "(models.extractors.effective_dtype does), or use models.visual_recipe=merflow"
         )
     precision = _PRECISION[dtype_name(dtype)]
     quick_gelu = _quick_gelu(spec, model_path)

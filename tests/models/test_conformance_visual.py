@@ -174,11 +174,16 @@ def test_a_preprocessor_config_for_another_size_is_refused(tiny_models, tmp_path
 
 def test_mertools_computes_in_fp32_only(tiny_models):
     spec = dataclasses.replace(get_spec("tiny-clip-vit"), recipe="mertools")
-    with pytest.raises(RecipeDtypeError, match=r"recipe mertools computes in fp32.*bf16"):
-        load_extractor(spec, tiny_models / spec.name, "cpu", dtype="bf16")
-    encoder = load_extractor(spec, tiny_models / spec.name, "cpu")
+    # Asked for bf16 (as auto is on a GPU), the recipe still computes, and is keyed, in fp32.
+    encoder = load_extractor(spec, tiny_models / spec.name, "cpu", dtype="bf16")
     assert encoder.dtype_name == "fp32"
     assert encoder.extractor_id() == planned_extractor_id(spec, tiny_models / spec.name, "cpu")
+    assert planned_extractor_id(spec, tiny_models / spec.name, "cuda") == encoder.extractor_id()
+    # The loader itself refuses any other dtype, so no stored id can name the wrong one.
+    from models.visual import load_visual
+
+    with pytest.raises(RecipeDtypeError, match=r"recipe mertools computes in fp32.*bf16"):
+        load_visual(spec, tiny_models / spec.name, torch.device("cpu"), torch.bfloat16)
 
 
 def test_a_quickgelu_architecture_gets_quickgelu_without_its_config_flag(

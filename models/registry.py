@@ -266,6 +266,23 @@ _ALL_SPECS: tuple[ExtractorSpec, ...] = (
 
 SPECS: dict[str, ExtractorSpec] = {spec.name: spec for spec in _ALL_SPECS}
 
+# How the mertools recipe pools, per loader (docs/method.md §2); merflow's is each spec's own.
+_MERTOOLS_POOLING = {
+    "open_clip": "projected CLIP image embedding per crop after transformers' CLIP preprocessing, "
+    "fp32; mean over every crop given (the challenge baseline's)",
+    "hf-hubert": "sum of the last 4 hidden states over fixed 10 s chunks, the last zero-padded, "
+    "no mask; mean over every frame, padding included; fp32 (the challenge baseline's)",
+    "hf-causal-lm": "sum of the last 4 hidden states of one text a forward, then mean over the "
+    "tokens the baseline's probe keeps (the challenge baseline's)",
+}
+
+
+def pooling_of(spec: ExtractorSpec) -> str:
+    """How `spec`'s recipe turns hidden states into one vector, in words (for provenance)."""
+    if spec.recipe == "mertools" and spec.loader in _MERTOOLS_POOLING:
+        return _MERTOOLS_POOLING[spec.loader]
+    return spec.pooling
+
 
 def list_specs() -> list[str]:
     """Names of all registered extractor specs, sorted."""

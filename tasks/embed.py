@@ -25,7 +25,13 @@ from prefect import task
 from data_contracts import tables
 from data_contracts.store import Store
 from models.extractors import load_extractor, planned_extractor_id, quiet_progress_bars
-from models.registry import ExtractorSpec, get_spec, id_settings, resolve_model_path
+from models.registry import (
+    ExtractorSpec,
+    get_spec,
+    id_settings,
+    pooling_of,
+    resolve_model_path,
+)
 from models.settings import available_cpus
 from tasks.code_version import code_version
 from tasks.face_crops import FaceCrops, load_crops
@@ -148,7 +154,8 @@ def _provenance(extractor: Any, upstream_id: str, extractor_id: str, inputs: dic
             "dtype": extractor.dtype_name,
             "device": str(extractor.device),
             "layers": spec.layers,
-            "pooling": spec.pooling,
+            "pooling": pooling_of(spec),
+            "recipe": spec.recipe,
             "upstream": upstream_id,
             "extractor_id": extractor_id,
             # The same hash as extractor_id's suffix, over the settings recorded beside it.

@@ -160,6 +160,14 @@ class FaceSettings:
     def __post_init__(self) -> None:
         if self.recipe not in ("merflow", "mertools"):
             raise ValueError(f"unknown faces recipe {self.recipe!r}; choose merflow or mertools")
+        if self.recipe == "mertools" and self.backend == "openface" and self.select != "largest":
+            # A failed frame (kept black, no box) would start a track of its own and be dropped
+            # by the speaking-face rule, undoing the recipe; OpenFace follows one face anyway.
+            raise ValueError(
+                f"faces.recipe=mertools keeps OpenFace's one face in every frame, failed ones "
+                f"included, as the challenge baseline did; it needs faces.select=largest, not "
+                f"{self.select!r} (or use faces.recipe=merflow)"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"unknown face backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
@@ -212,13 +220,22 @@ class FaceSettings:
         """The extractor id of these settings (keys the faces table and the artifact folder)."""
         return faces_extractor_id(*self._id_args)
 
+    @property
+    def thresholds(self) -> dict[str, Any]:
+        """The backend's thresholds as these settings run it (OpenFace's mertools recipe keeps
+        the frames it aligned badly, and masks the background)."""
+        if self.backend == "openface" and self.recipe == "mertools":
+            return {"nobadaligned": False, "mask": True}
+        return dict(THRESHOLDS[self.backend])
+
     def provenance(self) -> dict[str, Any]:
         """What the visual features computed from these crops record about them."""
         return {
             "faces_extractor_id": self.extractor_id,
             "faces_settings": _id_settings(*self._id_args),
             "face_backend": self.backend,
-            "face_thresholds": THRESHOLDS[self.backend],
+            "face_thresholds": self.thresholds,
+            "faces_recipe": self.recipe if self.backend == "openface" else "merflow",
             "face_select": self.select,
             "crop_size": self.size,
             "frame_rate": self.fps,

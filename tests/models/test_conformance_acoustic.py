@@ -8,6 +8,7 @@ with 5 layers (6 hidden states) so that the baseline's fixed indices -4..-1 pick
 
 from __future__ import annotations
 
+import json
 import math
 import wave
 from pathlib import Path
@@ -94,6 +95,8 @@ def _stored(models_dir: Path, videos: pd.DataFrame, root: Path, recipe: str):
     features = store.read(plan.stage("acoustic").table).set_index("video_id")
     wavs = store.read(plan.stage("audio").table).set_index("video_id")
     vectors = {v: np.asarray(features.loc[v].embedding) for v in videos.video_id}
+    for v in videos.video_id:  # each row says which recipe made it
+        assert json.loads(features.loc[v].provenance)["recipe"] == recipe
     paths = {v: store.local_file(wavs.loc[v].path) for v in videos.video_id}
     return vectors, paths, plan.stage("acoustic").extractor_id
 

@@ -179,3 +179,16 @@ def test_only_openface_mertools_keys_a_new_faces_id():
     mertools = FaceSettings(backend="openface", recipe="mertools").extractor_id
     assert mertools.startswith("faces-openface-112-all-")
     assert mertools != FaceSettings(backend="openface").extractor_id
+
+
+def test_mertools_faces_need_the_largest_face():
+    """The speaking-face rule would drop the black crops of failed frames (no box, no track)."""
+    from tasks.faces import FaceSettings
+
+    with pytest.raises(ValueError, match=r"faces.recipe=mertools .* faces.select=largest"):
+        FaceSettings(backend="openface", recipe="mertools", select="speaking")
+    settings = FaceSettings(backend="openface", recipe="mertools")
+    assert settings.provenance()["face_thresholds"] == {"nobadaligned": False, "mask": True}
+    # Other backends have one recipe: the setting changes neither their crops nor their id.
+    dlib = FaceSettings(backend="dlib", recipe="mertools", select="speaking")
+    assert dlib.extractor_id == FaceSettings(backend="dlib", select="speaking").extractor_id

@@ -301,6 +301,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         style = "--" if key in ("prior", "logreg", "F") else "-"
         ax.plot(sizes, ys, style, marker="o", label=label)
     ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes], minor=False)
+    ax.minorticks_off()
     ax.set_xlabel("labelled clips (MER2024 class mix)")
     ax.set_ylabel("WAF % (mean over folds and seeds)")
     ax.set_title(f"learning curves ({result['unlabelled_ratio']:g}x unlabelled)")
@@ -339,6 +341,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.plot(sizes, acc, marker="o", label="pseudo-label accuracy %")
     ax.plot(sizes, cnt, marker="s", label="pseudo-labelled share of the pool %")
     ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes], minor=False)
+    ax.minorticks_off()
     ax.set_xlabel("labelled clips")
     ax.set_title("pseudo labels vs the generator's truth")
     ax.grid(alpha=0.3)
@@ -346,6 +350,46 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    """Print the tables and write curves.md and curves.png from a result (curves.json)."""
+    runs, lam0 = result["runs"], result["lambda_main"]
+    done = {r["n"] for r in runs}  # a stopped run's JSON holds the sizes it finished
+    sizes = [n for n in result["sizes"] if n in done]
+    result = {
+        **result,
+        "sizes": sizes,
+        "lambda_sizes": [n for n in result["lambda_sizes"] if n in done],
+    }
+    n_seeds = len({r["seed"] for r in runs})
+    lines = [
+        f"WAF % (mean over {result['args']['folds']} folds x {n_seeds} seed(s)), "
+        f"lambda_con {lam0:g}"
+    ]
+    lines += table(runs, sizes, lam0)
+    for n in result["lambda_sizes"]:
+        lines += [
+            "",
+            f"lambda_con at n={n}: WAF %",
+            "| lambda_con | full | step 1 | F | step 2 - step 1 |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for lam in sorted({r["lambda_con"] for r in runs if r["n"] == n}, reverse=True):
+            rs = [r for r in runs if r["n"] == n and r["lambda_con"] == lam]
+            f, s1 = np.mean([mean(r, "full") for r in rs]), np.mean([mean(r, "step1") for r in rs])
+            fF = np.mean([mean(r, "F") for r in rs])
+            lines.append(
+                f"| {lam:g} | {100 * f:.1f} | {100 * s1:.1f} | {100 * fF:.1f} | "
+                f"{100 * (f - s1):+.1f} |"
+            )
+    lines += ["", "Pseudo labels per fold (mean) per class (their accuracy vs the truth)"]
+    lines += pseudo_table(runs)
+    text = "\n".join(lines)
+    print(text)
+    (out / "curves.md").write_text(text + "\n")
+    plot(result, out / "curves.png")
+    say(f"wrote {out / 'curves.md'}, {out / 'curves.png'}")
 
 
 def main() -> None:
@@ -368,7 +412,12 @@ def main() -> None:
     p.add_argument("--epochs-log", action="store_true", help="print every epoch's line")
     p.add_argument("--keep", action="store_true", help="keep the run folders")
     p.add_argument("--out", required=True, help="folder for curves.json and curves.png")
+    p.add_argument("--from-json", default="", help="only print and plot this curves.json")
     args = p.parse_args()
+    if args.from_json:  # e.g. a run stopped after some sizes: its JSON holds those
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_outputs(json.loads(Path(args.from_json).read_text()), Path(args.out))
+        return
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
     if args.epochs_log:
@@ -421,34 +470,7 @@ def main() -> None:
             }
             (out / "curves.json").write_text(json.dumps(result, indent=1, default=str))
     shutil.rmtree(work, ignore_errors=True)
-    lines = [
-        f"WAF % (mean over {args.folds} folds x {len(seeds)} seed(s)), lambda_con {lambdas[0]:g}"
-    ]
-    lines += table(runs, sizes, lambdas[0])
-    for n in lambda_sizes:
-        lines += [
-            "",
-            f"lambda_con at n={n}: WAF %",
-            "| lambda_con | full | step 1 | F | step 2 - step 1 |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for lam in lambdas:
-            rs = [r for r in runs if r["n"] == n and r["lambda_con"] == lam]
-            if not rs:
-                continue
-            f, s1 = np.mean([mean(r, "full") for r in rs]), np.mean([mean(r, "step1") for r in rs])
-            fF = np.mean([mean(r, "F") for r in rs])
-            lines.append(
-                f"| {lam:g} | {100 * f:.1f} | {100 * s1:.1f} | {100 * fF:.1f} | "
-                f"{100 * (f - s1):+.1f} |"
-            )
-    lines += ["", "Pseudo labels per fold (mean) per class (their accuracy vs the truth)"]
-    lines += pseudo_table(runs)
-    text = "\n".join(lines)
-    print(text)
-    (out / "curves.md").write_text(text + "\n")
-    plot(result, out / "curves.png")
-    say(f"wrote {out / 'curves.json'}, {out / 'curves.md'}, {out / 'curves.png'}")
+    write_outputs(result, out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The recipe of docs/method.md on in-memory features: the folds, the model every fold starts
-from (MR-CCL pretrained on all videos), and one fold (step 1, baseline, pseudo labels, step 2).
+from (MR-CCL pretrained on all videos), and one fold (step 1, baselines, pseudo labels, step 2).
 
 Each function is one step of a run; tasks/train.py runs them over a run's frozen inputs and
 writes their outputs, for the flow, torchrun ranks, tests and benchmarks alike.
@@ -180,7 +180,8 @@ def _warn_absent(k: int, train: FeatureSet, cfg: RecipeConfig) -> None:
 
 
 def stage_name(k: int, part: str) -> str:
-    """The name of a stage of fold k (`step1`, `baseline`, `step2`) in epoch reports."""
+    """The name of a stage of fold k (`step1`, `baseline`, `baseline_oversampled`, `step2`) in
+    epoch reports."""
     return f"fold-{k} {part}"
 
 
@@ -283,7 +284,6 @@ class FoldOutcome:
     baseline_val_probs: dict[str, np.ndarray] = field(default_factory=dict)
     # What each stage trained on and how (stage_record), by stage: the recipe as it ran.
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-
     baseline_oversampled_waf: float | None = None  # merflow's report row (baselines())
 
     def summary(self) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """The ablate flow: the paper's Table 1 in one command. The full method, each ablation (no
 contrastive pretraining, no NEE, no pseudo labels, no oversampling) and, from the full method's
-runs, the supervised baseline, over several training seeds; the table goes under the data root
-(runs/ablate-<key>/) and into the UI as artifacts (tasks/ablate_report.py).
+runs, the paper's baseline (no oversampling; it also makes the pseudo labels) and merflow's
+oversampled baseline, over several training seeds; the table goes under the data root
+(runs/ablate-<key>/) and into the UI as artifacts (tasks/ablate_report.py), each row saying
+whether it is run as the paper ran it or is merflow's.
 
 Every run is the train flow itself (flows/train.py), called as the subflow of one task per run:
 nothing here trains. Those tasks are submitted to a task runner the flow opens with `parallel`

@@ -29,8 +29,10 @@ from prefect.context import FlowRunContext
 from prefect.logging.handlers import APILogHandler
 from tqdm.auto import tqdm
 
+from data_contracts.labels import MODALITIES
 from data_contracts.location import normalize_root
 from data_contracts.store import Store
+from data_contracts.tables import TableRef
 from flows.config import load_settings, save_resolved
 from flows.extract import load_labels_task
 from flows.plan import plan_extraction, stored_plan, training_tables
@@ -40,7 +42,13 @@ from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
 from models.settings import available_cpus
 from models.training import EPOCH_RECORD, EpochReport
 from tasks.gpu_slots import gpu_slot
-from tasks.quality import quality_mask, quality_signals, quality_thresholds
+from tasks.quality import (
+    named_feature_tables,
+    quality_mask,
+    quality_signals,
+    quality_thresholds,
+    stored_table_choice,
+)
 from tasks.train import (
     DONE,
     data_fingerprint,
@@ -216,6 +224,51 @@ def _quality_filtered(data, store: Store, settings, corpus: Path | None):
     return dataclasses.replace(data, **parts, dropped=dropped, missing=missing)
 
 
+def _training_tables(
+    settings, store: Store, corpus: Path | None
+) -> tuple[dict[str, TableRef], dict[str, str]]:
+    """The feature table of each modality a run trains on (flows/plan.py training_tables) and a
+    line per modality saying which and why. Without a corpus folder, a modality whose plan table
+    the stores lack, or whose plan cannot be named (a features-only store has no extractor
+    checkpoints, and training needs none), trains on its only, or newest, stored table. Without
+    a corpus folder the plan never downloads a checkpoint: training reads none."""
+    if corpus is None:
+        local = settings.models.model_copy(update={"allow_download": False})
+        settings = settings.model_copy(update={"models": local})
+    named = settings.train.feature_tables
+    why = {m: "named by train.feature_tables" for m in named}
+    try:
+        chosen = training_tables(settings, store, corpus)
+        return chosen, {
+            m: f"{chosen[m].name} ({why.get(m, 'the extraction plan')})" for m in chosen
+        }
+    except LookupError as e:
+        unnamed = set(named) - set(named_feature_tables(store, named))
+        if corpus is not None or unnamed:
+            raise  # with a corpus the plan is made, never guessed; a named table must be there
+        error = e
+    chosen = named_feature_tables(store, named)
+    try:
+        planned = stored_plan(settings, store).feature_tables()
+    except LookupError:  # the plan's model checkpoints are not here: nothing names its tables
+        planned = {}
+    for m in MODALITIES:
+        if m not in chosen and m in planned and store.exists(planned[m]):
+            chosen[m], why[m] = planned[m], "the extraction plan"
+    fallback = stored_table_choice(store, [m for m in MODALITIES if m not in chosen])
+    if set(MODALITIES) - set(chosen) - set(fallback):
+        raise error  # a modality with no table at all: the plan's message says what to do
+    for m, (ref, note) in fallback.items():
+        plan = planned[m].name.rsplit("/", 1)[-1] if m in planned else None
+        absent = (
+            f"the extraction plan's {plan} is not stored"
+            if plan
+            else "the extraction plan's table cannot be named without its model checkpoints"
+        )
+        chosen[m], why[m] = ref, f"{note}; {absent}; train.feature_tables names another"
+    return chosen, {m: f"{chosen[m].name} ({why[m]})" for m in MODALITIES}
+
+
 def training_context(
     data_root: str, profile: str, overrides: list[str], corpus_dir: str | None = None
 ) -> dict:
@@ -227,7 +280,7 @@ def training_context(
     store = Store(data_root)
     corpus = Path(corpus_dir) if corpus_dir else None
     # The chosen tables' names are part of the fingerprint, so another table is another run.
-    feature_tables = training_tables(settings, store, corpus)
+    feature_tables, chosen = _training_tables(settings, store, corpus)
     fingerprint = data_fingerprint(store, feature_tables)
     data = load_training_data(store, feature_tables, settings.train.standardize)
     data = _quality_filtered(data, store, settings, corpus)
@@ -239,6 +292,7 @@ def training_context(
         "recipe": recipe,
         "fingerprint": fingerprint,
         "key": run_key(fingerprint, settings.train, recipe),
+        "feature_tables": chosen,  # a line per modality: its table and why
     }
 
 
@@ -317,6 +371,8 @@ def train_flow(
             len(data.unlabelled),
             data.extractor_ids,
         )
+        for m, line in ctx["feature_tables"].items():
+            logger.info("%s trains on %s", m, line)
         common = {"key": key, "run_dir": str(run_dir), "profile": profile, "overrides": overrides}
         # A step's outputs are the truth: a cache entry whose folder is gone is refreshed.
         names = step_names(settings.train.n_splits)
@@ -328,7 +384,13 @@ def train_flow(
             steps.update(1)
         steps.close()
     report = build_report(
-        run_dir, key, data, settings.train.n_splits, ctx["store"], settings.train.model_dump()
+        run_dir,
+        key,
+        data,
+        settings.train.n_splits,
+        ctx["store"],
+        settings.train.model_dump(),
+        ctx["feature_tables"],
     )
     del data  # unmap the inputs before removing them
     shutil.rmtree(run_dir / INPUTS, ignore_errors=True)  # a rerun freezes them again

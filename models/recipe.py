@@ -1,5 +1,5 @@
 """The recipe of docs/method.md on in-memory features: the folds, the model every fold starts
-from (MR-CCL pretrained on all videos), and one fold (step 1, baseline, pseudo labels, step 2).
+from (MR-CCL pretrained on all videos), and one fold (step 1, baselines, pseudo labels, step 2).
 
 Each function is one step of a run; tasks/train.py runs them over a run's frozen inputs and
 writes their outputs, for the flow, torchrun ranks, tests and benchmarks alike.
@@ -33,6 +33,7 @@ from models.selftrain import (
 )
 from models.settings import TrainSettings, default
 from models.training import (
+    FitResult,
     TrainConfig,
     fine_tune,
     predict,
@@ -44,6 +45,11 @@ from models.training import (
 )
 
 log = logging.getLogger(__name__)
+
+# Bumped when the same settings train differently (tasks/train.py puts it in the run and
+# pretraining keys, so runs of an older recipe are never reused). 2: the paper's Table 1 —
+# the baseline without oversampling, step 2 without pseudo labels, early-stopped pretraining.
+RECIPE_VERSION = 2
 
 
 @dataclass
@@ -60,8 +66,10 @@ class RecipeConfig:
     final_epochs: int = default("final_epochs")
     lr_step2: float = default("lr_step2")
     inner_val_fraction: float = default("inner_val_fraction")
-    use_pseudo_labels: bool = default("use_pseudo_labels")  # False: no baseline, no step 2
+    # False: no baseline and no pseudo labels; step 2 still runs (lr_step2, step-2 targets).
+    use_pseudo_labels: bool = default("use_pseudo_labels")
     use_oversampling: bool = default("use_oversampling")
+    oversampled_baseline: bool = default("oversampled_baseline")  # a report row of merflow's
     oversample_step1: dict[str, int] = field(default_factory=lambda: dict(STEP1_TARGETS))
     oversample_step2: dict[str, int] = field(default_factory=lambda: dict(STEP2_TARGETS))
     thresholds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
@@ -172,7 +180,8 @@ def _warn_absent(k: int, train: FeatureSet, cfg: RecipeConfig) -> None:
 
 
 def stage_name(k: int, part: str) -> str:
-    """The name of a stage of fold k (`step1`, `baseline`, `step2`) in epoch reports."""
+    """The name of a stage of fold k (`step1`, `baseline`, `baseline_oversampled`, `step2`) in
+    epoch reports."""
     return f"fold-{k} {part}"
 
 
@@ -182,12 +191,22 @@ def epoch_plan(cfg: RecipeConfig) -> dict[str, list[tuple[str, int]]]:
     sooner)."""
     plan = {"pretrain": [("pretrain", cfg.pretrain_epochs if cfg.use_pretraining else 0)]}
     for k in range(cfg.n_splits):
-        stages = [(stage_name(k, "step1"), cfg.final_epochs)]
-        if cfg.use_pseudo_labels:
-            stages += [(stage_name(k, "baseline"), cfg.train.max_epochs)]
-            stages += [(stage_name(k, "step2"), cfg.final_epochs)]
-        plan[f"fold-{k}"] = stages
+        parts = [("step1", cfg.final_epochs)]
+        parts += [(b, cfg.train.max_epochs) for b in baselines(cfg)]
+        parts += [("step2", cfg.final_epochs)]
+        plan[f"fold-{k}"] = [(stage_name(k, part), epochs) for part, epochs in parts]
     return plan
+
+
+def baselines(cfg: RecipeConfig) -> list[str]:
+    """The baselines a fold trains: `baseline` (the paper's: labelled fit rows, no oversampling;
+    its votes make the pseudo labels) with pseudo labels, and `baseline_oversampled` (the same
+    on the step-1 oversampled rows, a report row of merflow's) when asked and oversampling is on
+    (without it the two would be one model)."""
+    if not cfg.use_pseudo_labels:
+        return []
+    extra = cfg.oversampled_baseline and cfg.use_oversampling
+    return ["baseline", *(["baseline_oversampled"] if extra else [])]
 
 
 def _fold_cfg(cfg: RecipeConfig, k: int, **changes: Any) -> TrainConfig:
@@ -198,6 +217,16 @@ def _fold_cfg(cfg: RecipeConfig, k: int, **changes: Any) -> TrainConfig:
 # ----------------------------------------------------------------------------- steps
 
 
+def pretraining_held_out(n: int, fraction: float, seed: int) -> np.ndarray | None:
+    """Rows of pretraining's n videos held out to early-stop it on their contrastive loss:
+    `fraction` of them, drawn with `seed`; None when fraction is 0 or either side would hold
+    fewer than two rows (a contrastive term compares rows)."""
+    held = round(fraction * n)
+    if held < 2 or n - held < 2:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=held, replace=False))
+
+
 def pretrain_start(
     labelled: FeatureSet,
     unlabelled: FeatureSet,
@@ -205,7 +234,9 @@ def pretrain_start(
     everything: FeatureSet | None = None,
 ) -> tuple[MRCCL, list[dict[str, float]]]:
     """The model every fold starts from: MR-CCL contrastively pretrained on all videos
-    (labelled ones with their labels hidden), or freshly initialised without pretraining.
+    (labelled ones with their labels hidden; at most pretrain_epochs, early-stopped on the
+    contrastive loss of inner_val_fraction of the videos), or freshly initialised without
+    pretraining.
 
     `everything`, when given, must be those rows (labelled first, labels hidden) already in one
     set, e.g. views of mapped arrays; otherwise the two sets are concatenated (a copy).
@@ -225,8 +256,9 @@ def pretrain_start(
                 f"unlabelled rows with labels hidden; got {len(everything)} rows, "
                 f"{int(everything.labelled.sum())} labelled"
             )
+        held = pretraining_held_out(len(everything), cfg.inner_val_fraction, cfg.train.seed)
         with training_stage("pretrain"):
-            history = pretrain(template, everything, cfg.train, cfg.pretrain_epochs)
+            history = pretrain(template, everything, cfg.train, cfg.pretrain_epochs, held)
     return template.cpu(), history
 
 
@@ -247,22 +279,44 @@ class FoldOutcome:
     pseudo: PseudoLabels
     history: dict[str, Any]
     stop_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    # The baseline's voted probabilities on the validation rows (None without pseudo labels):
-    # its per-class F1 beside the method's (the baseline row of Table 1, flows/ablate.py).
-    baseline_val_probs: np.ndarray | None = None
+    # The baselines' probabilities on the validation rows, by baselines() name (none without
+    # pseudo labels): their per-class F1 beside the method's (Table 1, flows/ablate.py).
+    baseline_val_probs: dict[str, np.ndarray] = field(default_factory=dict)
+    # What each stage trained on and how (stage_record), by stage: the recipe as it ran.
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline_oversampled_waf: float | None = None  # merflow's report row (baselines())
 
     def summary(self) -> dict[str, Any]:
-        """JSON-able scores, pseudo-label counts and curves."""
+        """JSON-able scores, pseudo-label counts, stages and curves."""
         return {
             "k": self.k,
             "val_waf": self.val_waf,
             "step1_waf": self.step1_waf,
             "baseline_waf": self.baseline_waf,
+            "baseline_oversampled_waf": self.baseline_oversampled_waf,
             "reference_waf": self.references,
             "n_early_stopping": len(self.stop_index),
             "pseudo_counts": self.pseudo.counts(),
+            "stages": self.stages,
             "history": self.history,
         }
+
+
+def stage_record(
+    data: FeatureSet, cfg: TrainConfig, fit: FitResult, pseudo: FeatureSet | None = None
+) -> dict[str, Any]:
+    """A stage as it ran: its rows (oversampled copies and rows of the pseudo-labelled videos
+    `pseudo` among them), learning rate, most epochs and the epoch whose weights it kept."""
+    n_pseudo = 0 if pseudo is None else int(np.isin(data.video_ids, pseudo.video_ids).sum())
+    return {
+        "rows": len(data),
+        "copies": len(data) - len(np.unique(data.video_ids)),
+        "pseudo_rows": n_pseudo,
+        "lr": cfg.lr,
+        "max_epochs": cfg.max_epochs,
+        "epochs": len(fit.history),
+        "best_epoch": fit.best_epoch,
+    }
 
 
 def train_fold(
@@ -274,8 +328,9 @@ def train_fold(
     start_state: Mapping[str, torch.Tensor],
     folds: np.ndarray,
 ) -> FoldOutcome:
-    """Fold k: step 1 fine-tune, baseline, pseudo labels by the two-model rule, step 2 with the
-    pseudo-labelled videos (training side only) at the lower learning rate.
+    """Fold k: step 1 fine-tune; the baseline (no oversampling) and pseudo labels by the
+    two-model rule; step 2 with the pseudo-labelled videos (training side only) at the lower
+    learning rate. Without pseudo labels step 2 still runs, on the labelled fit rows alone.
 
     `folds` is the run's fold of each labelled row (assign_folds). The epoch of every stage is
     chosen on early-stopping rows held out of the fold's training rows, never on the
@@ -296,38 +351,42 @@ def train_fold(
     model = MRCCL(cfg.model).to(cfg.train.device)
     model.load_state_dict(dict(start_state))
     _warn_absent(k, train, cfg)
-    fit_set = _oversampled(train, cfg.oversample_step1, cfg, step1.seed)  # step 1 and baseline
+    fit_set = _oversampled(train, cfg.oversample_step1, cfg, step1.seed)
     with training_stage(stage_name(k, "step1")):
         fit1 = fine_tune(model, fit_set, stop, step1)
-    stages: dict[str, Any] = {"step1": fit1.history}
+    history: dict[str, Any] = {"step1": fit1.history}
+    stages = {"step1": stage_record(fit_set, step1, fit1)}
     step1_waf = waf(val.labels, predict(model, val, cfg.train.eval_batch_size)["voted"].argmax(1))
-    baseline_waf, base_val = None, None
+    base_val: dict[str, np.ndarray] = {}
     no_pseudo = np.zeros(0, dtype=np.int64)
     chosen = PseudoLabels(no_pseudo, no_pseudo, np.zeros(0, dtype=np.float32))
-    if cfg.use_pseudo_labels:
-        # Baseline with the same training set, then the two-model pseudo-label rule.
-        torch.manual_seed(step1.seed)
+    # The paper's baseline trains on "existing labeled data": the fit rows as they are.
+    base_rows = {"baseline": train, "baseline_oversampled": fit_set}
+    base_cfg = _fold_cfg(cfg, k)
+    for name in baselines(cfg):
+        torch.manual_seed(step1.seed)  # both baselines start from the same weights
         base = BaselineNet(cfg.baseline)
-        with training_stage(stage_name(k, "baseline")):
-            fitb = train_baseline(base, fit_set, stop, _fold_cfg(cfg, k))
-        base_val = predict(base, val, cfg.train.eval_batch_size)["voted"]
-        baseline_waf = waf(val.labels, base_val.argmax(1))
-        stages["baseline"] = fitb.history
-        if len(unlabelled):
+        with training_stage(stage_name(k, name)):
+            fitb = train_baseline(base, base_rows[name], stop, base_cfg)
+        base_val[name] = predict(base, val, cfg.train.eval_batch_size)["voted"]
+        history[name] = fitb.history
+        stages[name] = stage_record(base_rows[name], base_cfg, fitb)
+        if name == "baseline" and len(unlabelled):
             probs_b = predict(base, unlabelled, cfg.train.eval_batch_size)["voted"]
             probs_m = predict(model, unlabelled, cfg.train.eval_batch_size)["voted"]
             chosen = select_pseudo_labels(probs_b, probs_m, cfg.thresholds, cfg.preferred)
-        # Pseudo-labelled rows join training only; validation stays the labelled fold.
-        pseudo = unlabelled.subset(chosen.indices).with_labels(chosen.labels)
-        step2 = _fold_cfg(cfg, k, max_epochs=cfg.final_epochs, lr=cfg.lr_step2)
-        grown = _oversampled(
-            FeatureSet.concat([train, pseudo]), cfg.oversample_step2, cfg, step2.seed
-        )
-        with training_stage(stage_name(k, "step2")):
-            stages["step2"] = fine_tune(model, grown, stop, step2).history
+    # Pseudo-labelled rows join training only; validation stays the labelled fold.
+    pseudo = unlabelled.subset(chosen.indices).with_labels(chosen.labels)
+    step2 = _fold_cfg(cfg, k, max_epochs=cfg.final_epochs, lr=cfg.lr_step2)
+    grown = _oversampled(FeatureSet.concat([train, pseudo]), cfg.oversample_step2, cfg, step2.seed)
+    with training_stage(stage_name(k, "step2")):
+        fit2 = fine_tune(model, grown, stop, step2)
+    history["step2"] = fit2.history
+    stages["step2"] = stage_record(grown, step2, fit2, pseudo)
     val_probs = predict(model, val, cfg.train.eval_batch_size)
     test_probs = predict(model, test, cfg.train.eval_batch_size)
     val_waf = waf(val.labels, val_probs["voted"].argmax(1))
+    base_waf = {name: waf(val.labels, p.argmax(1)) for name, p in base_val.items()}
     log.info("fold %d: WAF %.4f", k, val_waf)
     return FoldOutcome(
         k=k,
@@ -337,10 +396,12 @@ def train_fold(
         test_probs=test_probs,
         val_waf=val_waf,
         step1_waf=step1_waf,
-        baseline_waf=baseline_waf,
+        baseline_waf=base_waf.get("baseline"),
         references=reference_wafs(labelled.labels[tr], val.labels),
         pseudo=chosen,
-        history=stages,
+        history=history,
         stop_index=tr[stop_rows],
         baseline_val_probs=base_val,
+        stages=stages,
+        baseline_oversampled_waf=base_waf.get("baseline_oversampled"),
     )

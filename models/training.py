@@ -301,16 +301,20 @@ def _train_epoch(
     batch_size: int,
     rng: np.random.Generator,
     w: World,
+    rows: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """One pass over `data` in shuffled batches; returns the row-weighted mean of each stat.
+    """One pass over `data` (its `rows` only, when given) in shuffled batches; returns the
+    row-weighted mean of each stat.
 
     Every rank draws the same order (same rng seed), so a global batch holds the same rows as
     in a single-process run; each rank forwards its share of it.
     """
     step.train()
-    n, device = len(data.labels), data.labels.device
+    n = len(data.labels) if rows is None else len(rows)
+    device = data.labels.device
     sums: dict[str, float] = {}
     for idx in _batches(n, batch_size, rng):
+        idx = idx if rows is None else rows[idx]
         whole_index = as_index_tensor(idx, device)
         if w.distributed:
             mine, sizes = shard_batch(idx, w)
@@ -336,8 +340,16 @@ class _Loop:
     """What every training stage sets up: this rank's seed, the batch order shared by all ranks,
     the data on the device, the (DDP-wrapped) step and the optimiser."""
 
-    def __init__(self, model: nn.Module, data: FeatureSet, cfg: TrainConfig, loss_fn: LossFn):
+    def __init__(
+        self,
+        model: nn.Module,
+        data: FeatureSet,
+        cfg: TrainConfig,
+        loss_fn: LossFn,
+        rows: np.ndarray | None = None,
+    ):
         self.world = world()
+        self.rows = rows  # the rows trained on (None: all); the others stay on the device too
         _seed_rank(cfg.seed, self.world)
         self.rng = np.random.default_rng(cfg.seed)  # the same on every rank: one batch order
         self.batch_size = cfg.batch_size
@@ -348,21 +360,72 @@ class _Loop:
 
     def epoch(self) -> dict[str, float]:
         return _train_epoch(
-            self.step, self.tensors, self.optimizer, self.batch_size, self.rng, self.world
+            self.step,
+            self.tensors,
+            self.optimizer,
+            self.batch_size,
+            self.rng,
+            self.world,
+            self.rows,
         )
 
 
+@torch.no_grad()
+def _held_out_loss(model: MRCCL, loop: _Loop, held: np.ndarray, seed: int) -> float:
+    """Pretraining's loss on the rows `held` (eval mode, batches in row order, the NEE noise
+    drawn from `seed`): the same rows and noise every epoch, so epochs compare, and on every
+    rank, so all ranks stop at the same epoch."""
+    model.eval()
+    device = loop.tensors.labels.device
+    devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+    total = 0.0
+    with torch.random.fork_rng(devices=devices):  # training's random stream is left as it was
+        torch.manual_seed(seed)
+        for idx in _batches(len(held), loop.batch_size, None):
+            batch = take(loop.tensors, as_index_tensor(held[idx], device))
+            loss, _ = pretrain_loss(model, batch, batch)
+            total += loss.item() * len(idx)
+    return total / len(held)
+
+
 def pretrain(
-    model: MRCCL, data: FeatureSet, cfg: TrainConfig, epochs: int
+    model: MRCCL,
+    data: FeatureSet,
+    cfg: TrainConfig,
+    epochs: int,
+    held_out: np.ndarray | None = None,
 ) -> list[dict[str, float]]:
-    """Contrastive pretraining (L_intra + L_imc) on every row, labels unused; per-epoch stats."""
-    loop = _Loop(model, data, cfg, pretrain_loss)
-    history = []
+    """Contrastive pretraining (L_intra + L_imc), labels unused, for at most `epochs`; per-epoch
+    stats. With `held_out` rows of `data`: trains on the others, stops after cfg.patience epochs
+    without a lower loss on the held-out rows and ends with the best state (docs/method.md §7);
+    without: every epoch on every row, the last state kept."""
+    held = None if held_out is None else np.sort(np.asarray(held_out, dtype=np.int64))
+    fit = None if held is None else np.setdiff1d(np.arange(len(data)), held)
+    if held is not None and (len(held) < 2 or len(fit) < 2):
+        raise ValueError(
+            f"pretraining's held-out rows ({len(held)}) and training rows ({len(fit)}) need two "
+            "rows each (a contrastive term compares rows); hold out fewer or none"
+        )
+    loop = _Loop(model, data, cfg, pretrain_loss, rows=fit)
+    history: list[dict[str, float]] = []
+    best_loss, best_state, stale = float("inf"), None, 0
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         stats = loop.epoch()
+        if held is not None:
+            stats["val_loss"] = _held_out_loss(model, loop, held, cfg.seed)
         history.append({"epoch": epoch, **stats})
         _report("pretrain", epoch, epochs, stats, started)
+        if held is None:
+            continue
+        if stats["val_loss"] < best_loss:
+            best_loss, best_state, stale = stats["val_loss"], _state_copy(model), 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return history
 
 

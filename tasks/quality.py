@@ -478,3 +478,20 @@ def newest_feature_tables(store: Store) -> dict[str, TableRef]:
     """The most recently written feature table of each modality that has one."""
     found, _ = find_feature_tables(store)
     return {m: fts[0].ref for m, fts in newest_first(store, found).items()}
+
+
+def stored_table_choice(store: Store, modalities: Iterable[str]) -> dict[str, tuple[TableRef, str]]:
+    """For each of `modalities` the stores hold a feature table of: that table when it is the
+    only one, else the most recently written, with a note saying which it is (training's
+    fallback when the extraction plan's table is absent, e.g. a features-only store)."""
+    found, _ = find_feature_tables(store)
+    wanted = set(modalities)
+    chosen = {}
+    for m, fts in newest_first(store, [t for t in found if t.modality in wanted]).items():
+        if len(fts) == 1:
+            note = f"the only stored {m} table"
+        else:
+            others = ", ".join(t.extractor_id for t in fts[1:])
+            note = f"the newest of {len(fts)} stored {m} tables (also {others})"
+        chosen[m] = (fts[0].ref, note)
+    return chosen

@@ -35,6 +35,7 @@ from data_contracts.tables import TableRef
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.distributed import World, barrier, gather_rows, world
 from models.recipe import (
+    RECIPE_VERSION,
     FoldOutcome,
     RecipeConfig,
     pretrain_start,
@@ -63,12 +64,13 @@ def data_fingerprint(store: Store, feature_tables: dict[str, TableRef]) -> str:
 
 
 def run_key(fingerprint: str, ts: TrainSettings, recipe: RecipeConfig) -> str:
-    """A training run's identity: its data and every setting of its recipe. Standardisation and
-    quality filters change the inputs, so every train setting is part of it; how many
-    processes train is not (LAUNCH_SETTINGS)."""
+    """A training run's identity: its data, the recipe's version (RECIPE_VERSION) and every
+    setting of its recipe. Standardisation and quality filters change the inputs, so every train
+    setting is part of it; how many processes train is not (LAUNCH_SETTINGS)."""
     text = json.dumps(
         {
             "data": fingerprint,
+            "recipe_version": RECIPE_VERSION,
             "settings": ts.model_dump(mode="json", exclude=set(LAUNCH_SETTINGS)),
             "recipe": asdict(recipe),
         },
@@ -126,9 +128,9 @@ def _mark_done(folder: Path, info: dict) -> None:
 
 
 # The recipe's loop settings that pretraining reads (models/training.py pretrain and _Loop), and
-# the device; the early-stopping and fine-tuning ones (max_epochs, patience, lambda_con) it
-# does not.
-_PRETRAIN_LOOP = ("lr", "batch_size", "weight_decay", "seed")
+# the device; the fine-tuning ones (max_epochs, lambda_con) it does not. Its epochs, held-out
+# share and patience are the recipe's (pretrain_key).
+_PRETRAIN_LOOP = ("lr", "batch_size", "weight_decay", "seed", "patience")
 LOCK_POLL_S = 0.5  # how often a run waiting for another's pretraining looks again
 
 
@@ -150,6 +152,8 @@ def pretrain_key(data: TrainingData, recipe: RecipeConfig) -> str:
         # The kind of device, not which one: the ranks of a torchrun step each have their own.
         | {"device": str(recipe.train.device).split(":")[0]},
         "epochs": recipe.pretrain_epochs,
+        "held_out": recipe.inner_val_fraction,  # the rows that early-stop it
+        "recipe_version": RECIPE_VERSION,
     }
     h.update(json.dumps(head, sort_keys=True, default=str).encode())
     for fs in parts:
@@ -299,8 +303,7 @@ def _save_fold(folder: Path, outcome: FoldOutcome, data: TrainingData) -> None:
         "pseudo_confidence": outcome.pseudo.confidences,
         "stop_index": outcome.stop_index,
     }
-    if outcome.baseline_val_probs is not None:
-        arrays["val_baseline"] = outcome.baseline_val_probs
+    arrays |= {f"val_{name}": p for name, p in outcome.baseline_val_probs.items()}
     with atomic_path(folder / "outputs.npz") as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     _mark_done(folder, {**outcome.summary(), "world_size": world().size})

@@ -36,7 +36,10 @@ from tasks.train import load_fold
 from tasks.train_data import TrainingData
 
 PROB_KEYS = (*CLASSIFIERS, "voted")
-STAGES = ("step1", "baseline", "step2")  # a fold's stages, in the order they train
+# A fold's stages, in the order they train (models/recipe.py train_fold).
+STAGES = ("step1", "baseline", "baseline_oversampled", "step2")
+BASELINES = ("baseline", "baseline_oversampled")  # models/recipe.py baselines()
+MODALITY_OF_CLASSIFIER = {c: m for m, c in CLASSIFIER_OF_MODALITY.items()}
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -77,7 +80,7 @@ def _plot_confusion(cm: np.ndarray, path: Path, title: str) -> Path:
 
 
 def _plot_curves(folds: list[dict], pretrain: list[dict], path: Path) -> Path:
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), dpi=100)
+    fig, axes = plt.subplots(1, 1 + len(STAGES), figsize=(20, 3.6), dpi=100)
     # Markers: a stage that trained one epoch still shows (as a point).
     style = {"marker": "o", "markersize": 3, "linewidth": 1.2}
     panels = [(axes[0], "pretraining loss (L_intra + L_imc)", [(None, pretrain, "loss")])]
@@ -129,6 +132,7 @@ def fold_rows(run_dir: Path, n_splits: int) -> list[dict[str, Any]]:
                 "full method": percent(f["val_waf"]),
                 "step 1": percent(f["step1_waf"]),
                 "baseline": percent(f.get("baseline_waf")),
+                "baseline + oversampling": percent(f.get("baseline_oversampled_waf")),
                 "majority class": percent(refs.get("majority")),
                 "class mix": percent(refs.get("class_prior")),
                 "pseudo labels": sum((f.get("pseudo_counts") or {}).values()),
@@ -145,14 +149,20 @@ def build_report(
     n_splits: int,
     store: Store | None,
     settings: dict[str, Any],
+    feature_tables: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Aggregate the finished folds into the report files, the predictions and pseudo-label
-    tables (when a store is given), and the submission CSV; returns the report as a dict."""
+    tables (when a store is given), and the submission CSV; returns the report as a dict.
+    `feature_tables`: a line per modality saying which table training read (shown first)."""
     lab, unl = data.labelled, data.unlabelled
     n_lab, n_unl = len(lab), len(unl)
     oof = {k: np.zeros((n_lab, NUM_CLASSES), np.float32) for k in PROB_KEYS}
     fold_of = np.full(n_lab, -1, np.int32)
-    oof_baseline: np.ndarray | None = np.zeros((n_lab, NUM_CLASSES), np.float32)
+    # Each baseline's out-of-fold probabilities, while every fold has them (runs without
+    # pseudo labels train none, nor did runs before they were saved).
+    oof_base: dict[str, np.ndarray | None] = {
+        b: np.zeros((n_lab, NUM_CLASSES), np.float32) for b in BASELINES
+    }
     test_per_fold: list[dict[str, np.ndarray]] = []
     folds: list[dict] = []
     pseudo_rows: list[dict] = []
@@ -164,10 +174,11 @@ def build_report(
         fold_of[idx] = k
         for key in PROB_KEYS:
             oof[key][idx] = arrays[f"val_{key}"]
-        if oof_baseline is not None and "val_baseline" in arrays:
-            oof_baseline[idx] = arrays["val_baseline"]
-        else:  # runs without pseudo labels train no baseline (nor did runs before it was saved)
-            oof_baseline = None
+        for b, probs in oof_base.items():
+            if probs is not None and f"val_{b}" in arrays:
+                probs[idx] = arrays[f"val_{b}"]
+            else:
+                oof_base[b] = None
         test_per_fold.append({key: arrays[f"test_{key}"] for key in PROB_KEYS})
         for i, c, p in zip(
             arrays["pseudo_index"], arrays["pseudo_label"], arrays["pseudo_confidence"], strict=True
@@ -186,10 +197,12 @@ def build_report(
     pred = oof["voted"].argmax(1)
     cm = confusion_matrix(lab.labels, pred, labels=list(range(NUM_CLASSES)))
     fold_waf = [f["val_waf"] for f in folds]
-    baseline_waf = [f["baseline_waf"] for f in folds if f.get("baseline_waf") is not None]
+    base_waf = {
+        b: [f[f"{b}_waf"] for f in folds if f.get(f"{b}_waf") is not None] for b in BASELINES
+    }
     step1_waf = [f["step1_waf"] for f in folds]
     pseudo_counts = [f["pseudo_counts"] for f in folds]
-    rows = _rows(folds, lab.labels, oof, fold_of)
+    rows = _rows(folds, lab, oof, fold_of)
     pretrain = []
     pre_done = run_dir / "pretrain" / "done.json"
     if pre_done.is_file():
@@ -205,13 +218,25 @@ def build_report(
         "mean_waf": float(np.mean(fold_waf)),
         "oof_waf": waf(lab.labels, pred),
         "step1_mean_waf": float(np.mean(step1_waf)),
-        "baseline_mean_waf": float(np.mean(baseline_waf)) if baseline_waf else None,
-        "per_classifier_oof_waf": {c: waf(lab.labels, oof[c].argmax(1)) for c in CLASSIFIERS},
+        **{
+            f"{b}_mean_waf": float(np.mean(w)) if len(w) == n_splits else None
+            for b, w in base_waf.items()
+        },
+        # A, V and T on the videos that have their modality (the others hold a placeholder).
+        "per_classifier_oof_waf": {
+            c: waf(lab.labels[has], oof[c][has].argmax(1))
+            for c in CLASSIFIERS
+            for has in [_has_input(lab, c)]
+            if has.any()
+        },
         "rows": rows,
         "per_class_f1": per_class_f1(lab.labels, pred),
-        "baseline_per_class_f1": (
-            None if oof_baseline is None else per_class_f1(lab.labels, oof_baseline.argmax(1))
-        ),
+        **{
+            f"{b}_per_class_f1": None if p is None else per_class_f1(lab.labels, p.argmax(1))
+            for b, p in oof_base.items()
+        },
+        # What training read: each modality's table, and how it was chosen when not named.
+        "feature_tables": dict(feature_tables or {}),
         "confusion": cm.tolist(),
         "pseudo_counts": pseudo_counts,
         "classes": list(CLASSES),
@@ -234,39 +259,58 @@ def build_report(
     return report
 
 
-# What each row of the report is, in the order shown; `None` rows exist only with pseudo labels.
+# What each row of the report is, in the order shown; the baselines exist only with pseudo
+# labels (models/recipe.py baselines()).
 ROW_NAMES = {
     "majority": "reference: majority class",
     "class_prior": "reference: guess by class mix",
-    "A": "MR-CCL audio classifier A",
-    "V": "MR-CCL visual classifier V",
-    "T": "MR-CCL text classifier T",
+    "A": "MR-CCL audio classifier A (videos with audio)",
+    "V": "MR-CCL visual classifier V (videos with a face)",
+    "T": "MR-CCL text classifier T (videos with text)",
     "F": "MR-CCL fused classifier F",
-    "baseline": "baseline (merflow inputs)",
+    "baseline": "baseline, no oversampling (the paper's; merflow inputs)",
+    "baseline_oversampled": "baseline + step-1 oversampling (merflow's row)",
     "step1": "MR-CCL step 1, voted",
     "voted": "full method (voted)",
 }
 
 
-def _rows(folds: list[dict], labels: np.ndarray, oof: dict, fold_of: np.ndarray) -> dict:
+def _has_input(data: FeatureSet, classifier: str) -> np.ndarray:
+    """Rows where `classifier` has its input: its modality (A, V, T), any modality (F)."""
+    if classifier in MODALITY_OF_CLASSIFIER:
+        return np.asarray(data.present[MODALITY_OF_CLASSIFIER[classifier]], bool)
+    return np.ones(len(data), bool)
+
+
+def _rows(folds: list[dict], lab: FeatureSet, oof: dict, fold_of: np.ndarray) -> dict:
     """WAF per fold of every row of ROW_NAMES (absent rows left out), measured on each fold's
-    validation rows; A, V, T and F are the final model's classifiers."""
+    validation rows; A, V, T and F are the final model's classifiers, A, V and T scored on the
+    rows that have their modality only (a missing one is a zero placeholder they never learnt
+    from; NaN for a fold without any). Means are over the folds that have a score."""
     per_fold: dict[str, list[float]] = {}
+    labels = lab.labels
     for f in folds:
         k, val = f["k"], fold_of == f["k"]
         scores = dict(f.get("reference_waf") or {})
-        scores |= {c: waf(labels[val], oof[c][val].argmax(1)) for c in CLASSIFIERS}
-        if f.get("baseline_waf") is not None:
-            scores["baseline"] = f["baseline_waf"]
+        for c in CLASSIFIERS:
+            rows = val & _has_input(lab, c)
+            scores[c] = waf(labels[rows], oof[c][rows].argmax(1)) if rows.any() else float("nan")
+        scores |= {b: f[f"{b}_waf"] for b in BASELINES if f.get(f"{b}_waf") is not None}
         scores["step1"] = f["step1_waf"]
         scores["voted"] = f["val_waf"]
         for name, score in scores.items():
             per_fold.setdefault(name, [float("nan")] * len(folds))[k] = float(score)
     return {
-        name: {"folds": per_fold[name], "mean": float(np.mean(per_fold[name]))}
+        name: {"folds": per_fold[name], "mean": _nanmean(per_fold[name])}
         for name in ROW_NAMES
         if name in per_fold
     }
+
+
+def _nanmean(values: list[float]) -> float:
+    """Mean over the folds that have a score (NaN when none has)."""
+    x = np.asarray(values, float)
+    return float(x[~np.isnan(x)].mean()) if (~np.isnan(x)).any() else float("nan")
 
 
 def settings_preferred(settings: dict[str, Any], c: int) -> str:
@@ -331,6 +375,8 @@ def report_markdown(r: dict[str, Any]) -> str:
         f"{r['n_labelled']} labelled, {r['n_unlabelled']} unlabelled videos; "
         f"missing modalities {r['missing_modalities']}",
         "",
+        *[f"- {m}: {line}" for m, line in (r.get("feature_tables") or {}).items()],
+        *([""] if r.get("feature_tables") else []),
         "WAF (%) on each fold's validation videos, which no training choice saw (the epoch of "
         "every stage is chosen on rows held out of the fold's training rows).",
         "",
@@ -340,8 +386,8 @@ def report_markdown(r: dict[str, Any]) -> str:
     lines.append("|---|---:|" + "---:|" * len(folds))
     for name, row in r["rows"].items():
         label = ROW_NAMES[name]
-        cells = " | ".join(f"{100 * w:.2f}" for w in row["folds"])
-        mean = f"{100 * row['mean']:.2f}"
+        cells = " | ".join("–" if np.isnan(w) else f"{100 * w:.2f}" for w in row["folds"])
+        mean = "–" if np.isnan(row["mean"]) else f"{100 * row['mean']:.2f}"
         if name == "voted":
             label, mean = f"**{label}**", f"**{mean}**"
         lines.append(f"| {label} | {mean} | {cells} |")

@@ -1,4 +1,4 @@
-"""`merflow ablate` on the demo corpus: Table 1's six rows over two seeds from separate train
+"""`merflow ablate` on the demo corpus: Table 1's rows over two seeds from separate train
 flow runs side by side, one pretraining per pretraining key, and a second invocation that
 trains nothing; and the pretraining step those runs share, raced by two runs at once."""
 
@@ -16,7 +16,7 @@ from data_contracts.labels import MODALITIES
 from flows.ablate import ablate_flow
 from flows.extract import extract_flow
 from models.training import EPOCH_RECORD
-from tasks.ablate_report import BASELINE, SYSTEMS
+from tasks.ablate_report import BASELINE, BASELINE_OVERSAMPLED, SYSTEMS
 from tasks.train import pretrain_step
 from tasks.train_data import TrainingData
 from tests.models.synthetic import make_featureset
@@ -56,7 +56,7 @@ def _ablate(extracted):
 
 
 def _epochs(caplog) -> dict[str, int]:
-    """Epochs trained per stage kind (pretrain, step1, baseline, step2) while capturing."""
+    """Epochs trained per stage kind (pretrain, step1, baseline, ..., step2) while capturing."""
     counts: dict[str, int] = {}
     for record in caplog.records:
         if (report := getattr(record, EPOCH_RECORD, None)) is not None:
@@ -121,7 +121,9 @@ def test_table_1_shares_pretraining_and_a_second_invocation_trains_nothing(extra
     root = extracted[1]
 
     rows = {r["name"]: r for r in table["rows"]}
-    assert list(rows) == [*(s.name for s in SYSTEMS), BASELINE.name]
+    baselines = (BASELINE.name, BASELINE_OVERSAMPLED.name)
+    assert list(rows) == [*(s.name for s in SYSTEMS), *baselines]
+    assert [r["follows"] for r in rows.values()] == ["paper"] * 6 + ["merflow"]
     assert table["seeds"] == [0, 1]
     for name, row in rows.items():
         assert len(row["waf"]) == 2 and all(0 <= w <= 100 for w in row["waf"]), row
@@ -130,7 +132,8 @@ def test_table_1_shares_pretraining_and_a_second_invocation_trains_nothing(extra
         assert row["delta"] == pytest.approx(row["mean"] - rows["full"]["mean"], abs=0.02)
         assert set(row["per_class_f1"]) == set(table["classes"]), name
     assert rows["baseline"]["run_keys"] == rows["full"]["run_keys"]
-    keys = [k for name, r in rows.items() if name != "baseline" for k in r["run_keys"]]
+    assert rows["baseline_oversampled"]["run_keys"] == rows["full"]["run_keys"]
+    keys = [k for name, r in rows.items() if name not in baselines for k in r["run_keys"]]
     assert len(set(keys)) == 10  # five systems, two seeds: ten separate runs
 
     # One pretraining per pretraining key: the full method's serves w/o pseudo labels and w/o
@@ -155,6 +158,12 @@ def test_table_1_shares_pretraining_and_a_second_invocation_trains_nothing(extra
     assert len(list((root / "runs").glob("pretrain-*"))) == 4  # 2 keys x 2 seeds
     epochs = _epochs(caplog)
     assert epochs["pretrain"] == 4, epochs  # 1 epoch per key, not 1 per run (8)
+    # 2 epochs a stage, 2 folds a run (the demo trains fixed epochs). Steps 1 and 2: all ten
+    # runs, w/o pseudo labels too; the paper's baseline: the eight with pseudo labels; merflow's
+    # oversampled one: those with oversampling as well (full, w/o pretraining, w/o NEE).
+    assert epochs == {
+        "pretrain": 4, "step1": 40, "baseline": 32, "baseline_oversampled": 24, "step2": 40
+    }  # fmt: skip
 
     out = Path(table["report_dir"])
     assert out == root / "runs" / f"ablate-{table['key']}"

@@ -141,3 +141,66 @@ def test_train_on_features_without_any_video(prefect_server, tmp_path):
     assert (expected == submission.discrete.to_numpy()).mean() > 0.5
     assert not Store(root).exists(tables.MANIFEST)  # nothing invented for the videos
     assert not (root / "models").exists() and not (root / "artifacts").exists()
+
+
+def test_the_paper_profile_trains_on_imported_features_without_naming_them(
+    prefect_server, tmp_path
+):
+    """A features-only store (MER2024's features imported --without-videos, no extraction
+    checkpoint anywhere) trains with `--profile paper` and no train.feature_tables: each
+    modality's only stored table is used, and the output says so, one line per modality."""
+    rng = np.random.default_rng(4)
+    classes = np.array(list(CLASS_INDEX))
+    names = [f"sample_{i:05d}" for i in range(48)]
+    truth = pd.DataFrame({"name": names, "discrete": rng.permutation(classes[np.arange(48) % 6])})
+    truth.iloc[:36].to_csv(tmp_path / "label-disdim.csv", index=False)
+    _features(truth, tmp_path / "mer2024", seed=2, text_npy=True)
+    root = tmp_path / "root"
+    for modality in DIMS:
+        _merflow(
+            "import-features", modality, "mer2024", str(tmp_path / "mer2024" / modality),
+            "--data-root", str(root), "--without-videos",
+        )  # fmt: skip
+    small = [
+        "train.n_splits=2", "train.hidden=16", "train.batch_size=16", "train.max_epochs=2",
+        "train.final_epochs=2", "train.pretrain_epochs=2", "train.threads=1", "train.device=cpu",
+        "train.oversample_step1={sad: 8, worried: 8, surprise: 8}",
+        "train.oversample_step2={sad: 10, worried: 10, surprise: 10}",
+    ]  # fmt: skip
+    said = _merflow(
+        "train", "--profile", "paper", "--data-root", str(root),
+        "--labels", str(tmp_path / "label-disdim.csv"), *small,
+    )  # fmt: skip
+    for m in DIMS:
+        line = f"- {m}: features/{m}/imported-mer2024 (the only stored {m} table; "
+        assert line in said, said
+    report_dir = next((root / "runs").glob("train-*/report"))
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["extractor_ids"] == dict.fromkeys(DIMS, "imported-mer2024")
+    assert (report["n_labelled"], report["n_unlabelled"]) == (36, 12)
+    assert set(report["feature_tables"]) == set(DIMS)
+    # No extraction checkpoint was looked up to be built, nor anything extracted.
+    assert not (root / "models").exists() and not (root / "artifacts").exists()
+
+
+def test_without_a_plan_table_each_modality_falls_back_to_its_only_or_newest_table(tmp_path):
+    """What training falls back on (tasks/quality.py stored_table_choice): a modality's only
+    stored table, or the newest of several, said so."""
+    import time
+
+    from tasks.import_features import import_features
+    from tasks.quality import stored_table_choice
+
+    names = [f"sample_{i:05d}" for i in range(12)]
+    truth = pd.DataFrame({"name": names, "discrete": list(CLASS_INDEX) * 2})
+    _features(truth, tmp_path / "mer2024", text_npy=True)
+    store = Store(tmp_path / "root")
+    import_features(store, "visual", "older", tmp_path / "mer2024" / "visual", True)
+    time.sleep(1.1)  # a later created_at
+    for m in DIMS:
+        import_features(store, m, "mer2024", tmp_path / "mer2024" / m, True)
+    chosen = stored_table_choice(store, ["visual", "acoustic"])
+    assert set(chosen) == {"visual", "acoustic"}
+    assert chosen["visual"][0].name == "features/visual/imported-mer2024"
+    assert chosen["visual"][1] == "the newest of 2 stored visual tables (also imported-older)"
+    assert chosen["acoustic"][1] == "the only stored acoustic table"

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from models import training
 from models.baseline import BaselineConfig, BaselineNet
 from models.mrccl import MRCCL, mrccl_config
-from models.recipe import RecipeConfig, early_stopping_split
+from models.recipe import RecipeConfig, early_stopping_split, pretraining_held_out
 from models.training import (
     TrainConfig,
     fine_tune,
@@ -79,6 +80,37 @@ def test_pretraining_lowers_the_contrastive_loss() -> None:
     history = pretrain(tiny_mrccl(), make_featureset(128, seed=4, labelled=False), FAST, epochs=6)
     assert history[-1]["loss"] < history[0]["loss"]
     assert {"l_intra", "l_imc"} <= set(history[0])
+
+
+def test_pretraining_stops_on_the_held_out_loss_and_keeps_the_best_state() -> None:
+    """Early stopping of pretraining (docs/method.md §7): the held-out rows' contrastive loss
+    chooses the epoch; patience epochs without a lower one end it; the best state stays."""
+    data = make_featureset(96, seed=4, labelled=False)
+    held = pretraining_held_out(len(data), 0.25, seed=0)
+    assert held is not None and len(held) == 24 and len(np.unique(held)) == 24
+    assert pretraining_held_out(len(data), 0.0, seed=0) is None
+    assert pretraining_held_out(6, 0.1, seed=0) is None  # fewer than two rows to hold out
+    cfg = dataclasses.replace(FAST, lr=3e-2, patience=2)
+    model = tiny_mrccl()
+    history = pretrain(model, data, cfg, epochs=40, held_out=held)
+    losses = [h["val_loss"] for h in history]
+    best = int(np.argmin(losses))
+    assert len(history) < 40, losses  # a learning rate this high stops improving early
+    assert len(history) == best + 1 + cfg.patience
+    loop = training._Loop(model, data, cfg, training.pretrain_loss)
+    assert training._held_out_loss(model, loop, held, cfg.seed) == pytest.approx(losses[best])
+    # The held-out rows are not trained on: the training loss averages the other 72 rows.
+    seen: list[np.ndarray] = []
+    real = training._train_epoch
+
+    def spy(step, data, optimizer, batch_size, rng, w, rows=None):
+        seen.append(rows)
+        return real(step, data, optimizer, batch_size, rng, w, rows)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "_train_epoch", spy)
+        pretrain(tiny_mrccl(), data, cfg, epochs=1, held_out=held)
+    assert len(seen[0]) == 72 and not set(seen[0]) & set(held)
 
 
 def small_recipe(**changes: object) -> RecipeConfig:

@@ -9,21 +9,35 @@ import numpy as np
 import pytest
 
 from data_contracts.labels import CLASSES
-from tasks.ablate_report import BASELINE, SYSTEMS, build_table, table_markdown, write_table
+from tasks.ablate_report import (
+    BASELINE,
+    BASELINE_OVERSAMPLED,
+    SYSTEMS,
+    build_table,
+    table_markdown,
+    table_rows,
+    write_table,
+)
 
 SEEDS = [0, 1, 2]
 
 
 def report(run_id: str, waf: float, baseline: float | None = None, f1: float = 0.5) -> dict:
-    """A train report as tasks/train_report.py writes it (the fields Table 1 reads)."""
+    """A train report as tasks/train_report.py writes it (the fields Table 1 reads); the
+    oversampled baseline scores 0.05 above the paper's."""
     per_class = {c: f1 + i / 100 for i, c in enumerate(CLASSES)}
+    oversampled = None if baseline is None else baseline + 0.05
     return {
         "run_id": run_id,
         "mean_waf": waf,
         "fold_waf": [waf - 0.01, waf + 0.01],
         "baseline_mean_waf": baseline,
+        "baseline_oversampled_mean_waf": oversampled,
         "per_class_f1": per_class,
         "baseline_per_class_f1": None if baseline is None else {c: 0.25 for c in CLASSES},
+        "baseline_oversampled_per_class_f1": None
+        if baseline is None
+        else dict.fromkeys(CLASSES, 0.3),
         "n_labelled": 36,
         "n_unlabelled": 12,
         "rows": {"majority": {"mean": 0.1}, "class_prior": {"mean": 0.2}},
@@ -51,7 +65,7 @@ def reports() -> dict[str, list[dict]]:
 def test_rows_are_mean_and_std_over_seeds_beside_the_paper():
     table = build_table(reports(), SEEDS)
     rows = {r["name"]: r for r in table["rows"]}
-    assert list(rows) == [*(s.name for s in SYSTEMS), BASELINE.name]
+    assert list(rows) == [*(s.name for s in SYSTEMS), BASELINE.name, BASELINE_OVERSAMPLED.name]
     full, nopl, base = rows["full"], rows["no_pseudo_labels"], rows["baseline"]
     assert full["waf"] == [80.0, 82.0, 84.0]
     assert full["mean"] == pytest.approx(82.0) and full["std"] == pytest.approx(2.0)  # ddof=1
@@ -67,6 +81,21 @@ def test_rows_are_mean_and_std_over_seeds_beside_the_paper():
     assert nopl["paper_delta"] == pytest.approx(-6.13)
     assert rows["no_oversampling"]["run_keys"] == [f"no_oversampling-{s}" for s in SEEDS]
     assert table["references"] == {"majority": 10.0, "class_prior": 20.0}
+    # merflow's oversampled baseline: from the full runs too, beside Table 3's 83.03, and said
+    # to be merflow's; every other row is run as the paper ran it.
+    over = rows["baseline_oversampled"]
+    assert over["waf"] == [65.0, 75.0, 85.0] and over["run_keys"] == base["run_keys"]
+    assert (over["paper"], over["paper_source"], over["follows"]) == (83.03, "Table 3", "merflow")
+    assert over["per_class_f1"] == {c: 30.0 for c in CLASSES}
+    assert {r["follows"] for n, r in rows.items() if n != "baseline_oversampled"} == {"paper"}
+    assert base["paper_source"] == "Table 1"
+
+
+def test_the_oversampled_baseline_row_is_left_out_when_a_run_lacks_it():
+    old = reports()
+    old["full"][1]["baseline_oversampled_mean_waf"] = None  # a run from before it existed
+    rows = [r["name"] for r in build_table(old, SEEDS)["rows"]]
+    assert rows == [*(s.name for s in SYSTEMS), BASELINE.name]
 
 
 def test_the_key_names_the_runs_and_a_missing_seed_is_refused():
@@ -88,8 +117,15 @@ def test_markdown_json_and_png_are_written(tmp_path):
     assert files["table1.png"].read_bytes()[:4] == b"\x89PNG"
     md = files["table1.md"].read_text()
     assert md == table_markdown(table)
-    assert "| **full method** | 82.00 ± 2.00 | — | 86.53 | — |" in md
-    assert "| w/o pseudo labels | 72.00 ± 2.00 | -10.00 | 80.40 | -6.13 |" in md
+    assert "| **full method** | paper (Table 1) | 82.00 ± 2.00 | — | 86.53 | — |" in md
+    assert "| w/o pseudo labels | paper (Table 1) | 72.00 ± 2.00 | -10.00 | 80.40 | -6.13 |" in md
+    assert "| baseline (no oversampling) | paper (Table 1) | 70.00 ± 10.00 | -12.00 | 79.31 |" in md
+    assert (
+        "| baseline + oversampling | merflow's (Table 3) | 75.00 ± 10.00 | -7.00 | 83.03 | -3.50 |"
+        in md
+    )
     assert "`no_nee-0`, `no_nee-1`, `no_nee-2`" in md
-    f1_lines = [line for line in md.splitlines() if line.startswith("| baseline")]
+    f1_lines = [line for line in md.splitlines() if line.startswith("| baseline (no")]
     assert len(f1_lines) == 2 and np.isclose(float(f1_lines[1].split("|")[2]), 25.0)
+    artifact = {r["system"]: r["row"] for r in table_rows(table)}
+    assert artifact["baseline + oversampling"] == "merflow's (Table 3)"

@@ -3,6 +3,7 @@ same functions the train flow and torchrun ranks run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -58,9 +59,8 @@ def test_a_run_keeps_pseudo_labels_and_early_stopping_rows_out_of_validation(
     assert sum(report["pseudo_counts"][0].values()) > 0
     assert len(report["fold_waf"]) == 2 and np.array(report["confusion"]).sum() == 60
     rows = report["rows"]
-    assert {"majority", "class_prior", "A", "V", "T", "F", "baseline", "step1", "voted"} <= set(
-        rows
-    )
+    assert {"majority", "class_prior", "A", "V", "T", "F", "step1", "voted"} <= set(rows)
+    assert {"baseline", "baseline_oversampled"} <= set(rows)
     assert rows["voted"]["folds"] == report["fold_waf"]
     _, arrays = load_fold(tmp_path / "a" / "fold-0")
     assert arrays["test_voted"].shape == (90, 6)
@@ -94,6 +94,9 @@ def test_each_ablation_is_a_switch(tmp_path, switch: dict) -> None:
     pseudo = sum(sum(counts.values()) for counts in report["pseudo_counts"])
     assert (pseudo == 0) == ("use_pseudo_labels" in switch)
     assert ("baseline" in report["rows"]) == ("use_pseudo_labels" not in switch)
+    # No oversampling: merflow's oversampled baseline would be the paper's, so it is not trained.
+    twice = not {"use_pseudo_labels", "use_oversampling"} & set(switch)
+    assert ("baseline_oversampled" in report["rows"]) == twice
     pretrain = json.loads((tmp_path / "pretrain" / "done.json").read_text())
     assert (not pretrain["history"]) == ("use_pretraining" in switch)
 
@@ -135,3 +138,104 @@ def test_shuffled_labels_report_chance_not_an_optimistic_figure(tmp_path) -> Non
         report = train_in_process(tmp_path / str(seed), _data(noise, empty), recipe)
         gaps.append(report["mean_waf"] - report["rows"]["class_prior"]["mean"])
     assert np.mean(gaps) < 0.05, gaps
+
+
+def _stage_sets(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """What the recipe's stages train on: (training set, config) of each fine_tune and
+    train_baseline call, in order."""
+    seen: dict[str, list] = {"fine_tune": [], "train_baseline": []}
+    for name in seen:
+        real = getattr(recipe_module, name)
+
+        def spy(model, train, stop, cfg, real=real, name=name):
+            seen[name].append((train, cfg))
+            return real(model, train, stop, cfg)
+
+        monkeypatch.setattr(recipe_module, name, spy)
+    return seen
+
+
+def _counts(fs: FeatureSet) -> np.ndarray:
+    return np.bincount(fs.labels, minlength=6)
+
+
+def test_without_pseudo_labels_step_2_still_runs_at_its_rate_and_targets(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paper's "w/o pseudo labels" keeps the rest of the recipe: step 2 continues from
+    step 1 at lr_step2 on the labelled fit rows oversampled to the step-2 targets."""
+    labelled = make_featureset(48, seed=7)
+    unlabelled = make_featureset(30, seed=8, labelled=False)
+    recipe = small_recipe(use_pseudo_labels=False)
+    seen = _stage_sets(monkeypatch)
+    train_in_process(tmp_path, _data(labelled, unlabelled), recipe)
+    assert not seen["train_baseline"]  # no baseline: nothing to make pseudo labels with
+    assert len(seen["fine_tune"]) == 4  # 2 folds x (step 1, step 2)
+    for k in range(2):
+        (step1, cfg1), (step2, cfg2) = seen["fine_tune"][2 * k : 2 * k + 2]
+        assert (cfg1.lr, cfg2.lr) == (recipe.train.lr, recipe.lr_step2)
+        assert set(step2.video_ids) == set(step1.video_ids)  # the same videos, no pseudo rows
+        assert list(_counts(step1)[3:]) == [34, 34, 34] and list(_counts(step2)[3:]) == [40] * 3
+        summary, _ = load_fold(tmp_path / f"fold-{k}")
+        stages = summary["stages"]
+        assert set(stages) == {"step1", "step2"} and "step2" in summary["history"]
+        assert stages["step2"]["lr"] == recipe.lr_step2 and stages["step2"]["pseudo_rows"] == 0
+        assert stages["step2"]["rows"] == len(step2) and stages["step2"]["copies"] > 0
+        assert sum(summary["pseudo_counts"].values()) == 0
+
+
+def test_the_papers_baseline_sees_no_oversampled_rows(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paper's baseline (Table 1's 79.31 is Table 3's row without oversampling) trains on
+    the fold's labelled fit rows as they are; merflow's oversampled one on step 1's rows."""
+    labelled = make_featureset(60, seed=5, missing=0.1)
+    unlabelled = make_featureset(90, seed=6, labelled=False, missing=0.1)
+    seen = _stage_sets(monkeypatch)
+    report = train_in_process(tmp_path, _data(labelled, unlabelled), small_recipe())
+    assert len(seen["train_baseline"]) == 2 * 2  # 2 folds x (paper's, oversampled)
+    for k in range(2):
+        (paper, _), (oversampled, _) = seen["train_baseline"][2 * k : 2 * k + 2]
+        step1, _ = seen["fine_tune"][2 * k]
+        assert len(np.unique(paper.video_ids)) == len(paper)  # not one copy
+        assert set(paper.video_ids) == set(step1.video_ids)  # the same videos, each once
+        assert oversampled.video_ids.tolist() == step1.video_ids.tolist()
+        summary, arrays = load_fold(tmp_path / f"fold-{k}")
+        stages = summary["stages"]
+        assert stages["baseline"]["copies"] == 0 and stages["baseline_oversampled"]["copies"] > 0
+        # Step 2: the pseudo-labelled videos (with their oversampled copies) at lr_step2.
+        step2, cfg2 = seen["fine_tune"][2 * k + 1]
+        pseudo_ids = unlabelled.video_ids[arrays["pseudo_index"]]
+        assert stages["step2"]["pseudo_rows"] == np.isin(step2.video_ids, pseudo_ids).sum()
+        assert stages["step2"]["lr"] == cfg2.lr == small_recipe().lr_step2
+    assert sum(sum(c.values()) for c in report["pseudo_counts"]) > 0
+    assert report["baseline_mean_waf"] is not None
+    assert report["baseline_oversampled_mean_waf"] is not None
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "baseline, no oversampling (the paper's" in md and "(merflow's row)" in md
+
+
+def test_a_changed_recipe_changes_the_run_and_pretraining_keys(monkeypatch) -> None:
+    """Old finished runs are never reused for a recipe that trains differently: the recipe's
+    version is in both keys; pretraining's key follows what pretraining reads and nothing else."""
+    from models.settings import TrainSettings
+    from tasks import train as train_module
+
+    data = _data(make_featureset(24, seed=1), make_featureset(12, seed=2, labelled=False))
+    ts = TrainSettings()
+    recipe = small_recipe()
+    run, pre = train_module.run_key("data", ts, recipe), train_module.pretrain_key(data, recipe)
+    monkeypatch.setattr(train_module, "RECIPE_VERSION", 1)
+    assert train_module.run_key("data", ts, recipe) != run
+    assert train_module.pretrain_key(data, recipe) != pre
+    monkeypatch.undo()
+    for changed in (
+        small_recipe(inner_val_fraction=0.3),  # the held-out rows that early-stop it
+        small_recipe(pretrain_epochs=5),
+        small_recipe(train=dataclasses.replace(recipe.train, patience=2)),
+    ):
+        assert train_module.pretrain_key(data, changed) != pre
+    for same in (small_recipe(use_pseudo_labels=False), small_recipe(oversampled_baseline=False)):
+        assert train_module.pretrain_key(data, same) == pre
+    assert train_module.run_key("data", ts.model_copy(update={"oversampled_baseline": False}),
+                                recipe) != run  # fmt: skip

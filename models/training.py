@@ -191,6 +191,30 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class _EarlyStop:
+    """Patience on a held-out score: keeps the best epoch's weights, says when to stop, and
+    puts the best weights back at the end (docs/method.md §7). `higher`: a higher score is
+    better (WAF); else lower (a loss)."""
+
+    def __init__(self, patience: int, higher: bool) -> None:
+        self.patience, self.higher = patience, higher
+        self.best = -float("inf") if higher else float("inf")
+        self.best_epoch, self.state, self.stale = 0, None, 0
+
+    def should_stop(self, model: nn.Module, epoch: int, score: float) -> bool:
+        """Record `score` of `epoch`; True once `patience` epochs in a row did no better."""
+        if score > self.best if self.higher else score < self.best:
+            self.best, self.best_epoch, self.state, self.stale = score, epoch, _state_copy(model), 0
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the best epoch's weights (nothing when no score was recorded)."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
 # ----------------------------------------------------------------------------- losses per stage
 
 # A loss sees this rank's rows (`local`: features for the forward), the whole global batch's
@@ -408,7 +432,7 @@ def pretrain(
         )
     loop = _Loop(model, data, cfg, pretrain_loss, rows=fit)
     history: list[dict[str, float]] = []
-    best_loss, best_state, stale = float("inf"), None, 0
+    early = _EarlyStop(cfg.patience, higher=False)
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         stats = loop.epoch()
@@ -416,16 +440,9 @@ def pretrain(
             stats["val_loss"] = _held_out_loss(model, loop, held, cfg.seed)
         history.append({"epoch": epoch, **stats})
         _report("pretrain", epoch, epochs, stats, started)
-        if held is None:
-            continue
-        if stats["val_loss"] < best_loss:
-            best_loss, best_state, stale = stats["val_loss"], _state_copy(model), 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+        if held is not None and early.should_stop(model, epoch, stats["val_loss"]):
+            break
+    early.restore(model)
     return history
 
 
@@ -459,7 +476,7 @@ def _fit(
             raise ValueError(f"the {name} set must be non-empty and fully labelled")
     loop = _Loop(model, train, cfg, loss_fn)
     history: list[dict[str, float]] = []
-    best_waf, best_epoch, best_state, stale = -1.0, 0, None, 0
+    early = _EarlyStop(cfg.patience, higher=True)
     for epoch in range(1, cfg.max_epochs + 1):
         started = time.perf_counter()
         stats = loop.epoch()
@@ -474,17 +491,12 @@ def _fit(
         scores = {k: v for k, v in row.items() if k != "epoch"}
         _report(stage_name, epoch, cfg.max_epochs, scores, started)
         if stop is None:
-            best_epoch = epoch
+            early.best_epoch = epoch  # no epoch choice: the last one is kept
             continue
-        if row["val_waf"] > best_waf:
-            best_waf, best_epoch, best_state, stale = row["val_waf"], epoch, _state_copy(model), 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return FitResult(history, best_epoch, best_waf if stop is not None else None)
+        if early.should_stop(model, epoch, row["val_waf"]):
+            break
+    early.restore(model)
+    return FitResult(history, early.best_epoch, early.best if stop is not None else None)
 
 
 def fine_tune(

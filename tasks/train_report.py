@@ -367,6 +367,13 @@ def _write_predictions(store, run_id, lab, unl, oof, test, fold_of) -> None:
     store.upsert(tables.PREDICTIONS, pd.concat([cv, unl_rows], ignore_index=True))
 
 
+def _epoch_choice(settings: dict[str, Any]) -> str:
+    """How the stages' epochs were chosen, in words, for the report's WAF table."""
+    if settings.get("inner_val_fraction", 0.15):
+        return "(the epoch of every stage is chosen on rows held out of the fold's training rows)"
+    return "(every stage trains its full number of epochs: no early stopping)"
+
+
 def report_markdown(r: dict[str, Any]) -> str:
     """The report as Markdown (a Prefect artifact and report.md)."""
     lines = [
@@ -377,8 +384,9 @@ def report_markdown(r: dict[str, Any]) -> str:
         "",
         *[f"- {m}: {line}" for m, line in (r.get("feature_tables") or {}).items()],
         *([""] if r.get("feature_tables") else []),
-        "WAF (%) on each fold's validation videos, which no training choice saw (the epoch of "
-        "every stage is chosen on rows held out of the fold's training rows).",
+        "WAF (%) on each fold's validation videos, which no training choice saw "
+        + _epoch_choice(r.get("settings") or {})
+        + ".",
         "",
     ]
     folds = range(len(r["fold_waf"]))

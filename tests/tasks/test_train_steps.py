@@ -17,6 +17,7 @@ from models.mrccl import mrccl_config
 from tasks.folds import read_run_folds
 from tasks.train import load_fold, train_in_process
 from tasks.train_data import TrainingData
+from tasks.train_report import report_markdown
 from tests.models.synthetic import DIMS, make_featureset
 from tests.models.test_training import small_recipe
 
@@ -68,6 +69,9 @@ def test_a_run_keeps_pseudo_labels_and_early_stopping_rows_out_of_validation(
     assert not set(arrays["stop_index"]) & set(arrays["val_index"])
     md = (tmp_path / "a" / "report" / "report.md").read_text()
     assert "reference: guess by class mix" in md and "MR-CCL fused classifier F" in md
+    assert "chosen on rows held out" in md  # the report says how epochs were chosen
+    fixed = report_markdown({**report, "settings": {**report["settings"], "inner_val_fraction": 0}})
+    assert "no early stopping" in fixed and "chosen on rows held out" not in fixed
     monkeypatch.undo()
     again = train_in_process(tmp_path / "b", _data(labelled, unlabelled), small_recipe())
     assert again["fold_waf"] == report["fold_waf"]

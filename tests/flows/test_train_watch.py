@@ -24,9 +24,12 @@ TINY_TRAIN = [
     "train.max_epochs=2",
     "train.final_epochs=2",
     "train.pretrain_epochs=1",
+    # The paper's stages only (merflow's oversampled baseline row is another stage of 2 epochs).
+    "train.oversampled_baseline=false",
 ]
 EPOCH_LINE = re.compile(
-    r"^(?P<stage>pretrain|fold-\d+ (?:step1|baseline|step2)): epoch (?P<epoch>\d+)/(?P<of>\d+) "
+    r"^(?P<stage>pretrain|fold-\d+ (?:step1|baseline|baseline_oversampled|step2)): "
+    r"epoch (?P<epoch>\d+)/(?P<of>\d+) "
     r"loss=\d+\.\d{4}.* \(\d+\.\d s\)$"
 )
 

@@ -18,6 +18,7 @@ from data_contracts.store import Store
 from data_contracts.tables import TableRef
 from flows.config import Settings
 from models.registry import get_spec
+from tasks.corrupt import Corruption
 from tasks.embed import (
     ModelChoice,
     acoustic_stage,
@@ -63,6 +64,23 @@ class ExtractionPlan:
     sample_rate: int = DEFAULT_SAMPLE_RATE
     ffmpeg_bin: str | None = None
     ffmpeg_threads: int = 0
+    # Robustness scoring: noise mixed into every wav (tasks/corrupt.py); see corrupted().
+    audio_corruption: Corruption | None = None
+
+    def corrupted(self, c: Corruption) -> ExtractionPlan:
+        """This plan with `c` applied in its raw-video stage (the audio split for noise, the
+        faces for blur, downscaling and dropped frames): every id downstream of it changes, so
+        the corrupted media and features are rows of their own and the clean ones stay."""
+        if c.modality == "video":
+            return dataclasses.replace(self, faces=dataclasses.replace(self.faces, corruption=c))
+        audio_id = audio_extractor_id(self.sample_rate, c)
+        asr_id = self.models["asr"].extractor_id(audio_id)
+        return dataclasses.replace(
+            self,
+            audio_corruption=c,
+            audio_id=audio_id,
+            transcripts_id=transcripts_extractor_id(asr_id, self.official_transcripts),
+        )
 
     @property
     def upstream(self) -> dict[str, str]:
@@ -91,6 +109,7 @@ class ExtractionPlan:
                 "ffmpeg_bin": self.ffmpeg_bin,
                 "sample_rate": rate,
                 "ffmpeg_threads": self.ffmpeg_threads,
+                "corruption": self.audio_corruption,
             },
             "faces": {"settings": self.faces},
             "acoustic": {"model": m["acoustic"], "audio_sample_rate": rate},

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -99,6 +99,9 @@ class FrameSampler:
     fps: float | None = None
     max_frames: int | None = None
     threads: int = 0  # decoder threads; 0: FFmpeg's choice
+    # Applied to each sampled frame before anything sees it (tasks/corrupt.py FrameCorruptor);
+    # None back: the frame is dropped (sampled, but no face can come from it).
+    corrupt: Callable[[np.ndarray], np.ndarray | None] | None = None
     n_decoded: int = 0
     n_sampled: int = 0
     times: dict[int, float] = field(default_factory=dict)  # sampled frame index -> seconds
@@ -159,8 +162,11 @@ class FrameSampler:
                     if self.accept(t):
                         self.times[idx] = t
                         rgb = frame.to_ndarray(format="rgb24")
-                        self.shots.see(idx, rgb)
-                        yield idx, rgb
+                        if self.corrupt is not None:
+                            rgb = self.corrupt(rgb)
+                        if rgb is not None:
+                            self.shots.see(idx, rgb)
+                            yield idx, rgb
                     if self.full:
                         return
                 declared = stream.frames

@@ -34,6 +34,7 @@ from data_contracts import tables
 from data_contracts.store import Store
 from models.settings import available_cpus
 from tasks import video_pool
+from tasks.corrupt import Corruption, FrameCorruptor
 from tasks.errors import BadInputError
 from tasks.face_backends import (
     BACKENDS,
@@ -89,6 +90,7 @@ def _id_settings(
     detect_every: int = 1,
     select: str = "largest",
     recipe: str = "merflow",
+    corruption: Corruption | None = None,
 ) -> dict[str, Any]:
     # Detection on every frame and the largest face keep their keys out, so ids from before
     # landmark tracking and face tracks existed hold (their crops are the same).
@@ -98,8 +100,11 @@ def _id_settings(
         chosen["speaking_rule"] = SPEAKING_RULE_VERSION
     # The baseline's OpenFace crops (masked, failed frames kept); other backends have one recipe.
     baseline = {"recipe": recipe} if recipe != "merflow" and backend == "openface" else {}
+    # Frames corrupted for robustness scoring (tasks/corrupt.py): crops of their own.
+    corrupted = {"corruption": corruption.id} if corruption is not None else {}
     return {
         **baseline,
+        **corrupted,
         **tracked,
         **chosen,
         "backend": backend,
@@ -123,13 +128,25 @@ def faces_extractor_id(
     detect_every: int = 1,
     select: str = "largest",
     recipe: str = "merflow",
+    corruption: Corruption | None = None,
 ) -> str:
-    """A readable name plus a short hash of all output-changing settings: `faces-dlib-112-all-…`."""
+    """A readable name plus a short hash of all output-changing settings: `faces-dlib-112-all-…`
+    (`…+corrupt-blur2-v1` for frames corrupted for robustness scoring)."""
     settings = _id_settings(
-        backend, size, fps, max_frames, detect_max_side, padding, detect_every, select, recipe
+        backend,
+        size,
+        fps,
+        max_frames,
+        detect_max_side,
+        padding,
+        detect_every,
+        select,
+        recipe,
+        corruption,
     )
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return f"faces-{backend}-{size}-{_rate_name(fps, max_frames)}-{digest}"
+    name = f"faces-{backend}-{size}-{_rate_name(fps, max_frames)}-{digest}"
+    return name + (f"+{corruption.id}" if corruption is not None else "")
 
 
 @dataclass(frozen=True)
@@ -156,8 +173,19 @@ class FaceSettings:
     # OpenFace only: "mertools" runs it with its defaults as the challenge baseline does (the
     # background masked, failed frames kept as black crops); "merflow": unmasked, failed dropped.
     recipe: str = "merflow"
+    # Robustness scoring: each decoded frame blurred, downscaled or dropped before the backend
+    # sees it (tasks/corrupt.py); None for the clean crops.
+    corruption: Corruption | None = None
 
     def __post_init__(self) -> None:
+        if self.corruption is not None and self.corruption.modality != "video":
+            raise ValueError(f"faces take video corruptions, not {self.corruption.name}")
+        if self.corruption is not None and self.backend == "openface":
+            raise ValueError(
+                f"{self.corruption.name} corrupts the frames merflow decodes, and OpenFace decodes "
+                "the video itself; score robustness of video corruptions on a run whose faces came "
+                "from faces.backend=dlib or opencv, or give audio levels only"
+            )
         if self.recipe not in ("merflow", "mertools"):
             raise ValueError(f"unknown faces recipe {self.recipe!r}; choose merflow or mertools")
         if self.recipe == "mertools" and self.backend == "openface" and self.select != "largest":
@@ -213,6 +241,7 @@ class FaceSettings:
             self.detect_every,
             self.select,
             self.recipe,
+            self.corruption,
         )
 
     @property
@@ -321,7 +350,10 @@ def crop_faces(
             f"{video} has no video stream (audio only?); its visual features will be marked missing"
         )
     backend = backend or settings.load()
-    sampler = FrameSampler(settings.fps, settings.max_frames, threads=settings.decode_threads)
+    corrupt = None if settings.corruption is None else FrameCorruptor(settings.corruption, out.stem)
+    sampler = FrameSampler(
+        settings.fps, settings.max_frames, threads=settings.decode_threads, corrupt=corrupt
+    )
     with CropWriter(out, settings.size) as writer:
         for face in backend.faces(video, sampler, settings.size):
             writer.add(face)

@@ -27,6 +27,7 @@ import pandas as pd
 from data_contracts import tables
 from data_contracts.atomic import atomic_path
 from data_contracts.store import Store, store_write_error
+from tasks.corrupt import Corruption, add_noise
 from tasks.errors import BadInputError, TransientError
 from tasks.shard import ShardReport
 from tasks.stage import Stage, artifact_stage, run_stage
@@ -188,12 +189,15 @@ def probe(path: str | os.PathLike[str]) -> MediaInfo:
 
 
 # -- audio split ---------------------------------------------------------------------------------
-def audio_extractor_id(sample_rate: int = DEFAULT_SAMPLE_RATE) -> str:
-    """The extractor id of the audio split, e.g. `ffmpeg-16k-mono-s16`."""
+def audio_extractor_id(
+    sample_rate: int = DEFAULT_SAMPLE_RATE, corruption: Corruption | None = None
+) -> str:
+    """The extractor id of the audio split, e.g. `ffmpeg-16k-mono-s16`; with a corruption
+    (noise mixed in for robustness scoring) `ffmpeg-16k-mono-s16+corrupt-noise10-v1`."""
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
     rate = f"{sample_rate // 1000}k" if sample_rate % 1000 == 0 else f"{sample_rate}hz"
-    return f"ffmpeg-{rate}-mono-s16"
+    return f"ffmpeg-{rate}-mono-s16" + (f"+{corruption.id}" if corruption else "")
 
 
 @dataclass(frozen=True)
@@ -485,19 +489,46 @@ def speech_ratio(
 
 # -- the stage ----------------------------------------------------------------------------------
 def audio_stage(
-    ffmpeg_bin: str | None = None, sample_rate: int = DEFAULT_SAMPLE_RATE, ffmpeg_threads: int = 0
+    ffmpeg_bin: str | None = None,
+    sample_rate: int = DEFAULT_SAMPLE_RATE,
+    ffmpeg_threads: int = 0,
+    corruption: Corruption | None = None,
 ) -> Stage:
     """The audio split as a stage: AUDIO_GROUP videos per ffmpeg process, ffmpeg looked up
-    once per shard."""
+    once per shard. With an audio `corruption` each wav gets its noise before it is stored
+    (tasks/corrupt.py), under the corruption's own extractor id."""
+    if corruption is not None and corruption.modality != "audio":
+        raise ValueError(f"the audio stage takes audio corruptions, not {corruption.name}")
 
     def setup() -> Any:
         exe = find_ffmpeg(ffmpeg_bin)  # a configuration error stops the shard at once
-        return lambda jobs: extract_audio_many(jobs, exe, sample_rate, ffmpeg_threads)
 
-    extractor_id = audio_extractor_id(sample_rate)
+        def split(jobs: list[tuple[Path, Path]]) -> list[AudioResult | Exception]:
+            results = extract_audio_many(jobs, exe, sample_rate, ffmpeg_threads)
+            if corruption is None:
+                return results
+            return [r if isinstance(r, Exception) else _noisy(r, corruption) for r in results]
+
+        return split
+
+    extractor_id = audio_extractor_id(sample_rate, corruption)
     return artifact_stage(
         AUDIO_STAGE, tables.AUDIO, extractor_id, ".wav", setup, together=AUDIO_GROUP
     )
+
+
+def _noisy(result: AudioResult, c: Corruption) -> AudioResult:
+    """A split wav rewritten with `c`'s noise, drawn from a generator seeded by the artifact's
+    name (the video's id and bytes' hash): the same noise on every rerun."""
+    x, rate = load_wav(result.path)
+    mixed = add_noise(x, c, c.rng(result.path.stem))
+    with atomic_path(result.path) as tmp:
+        with wave.open(str(tmp), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            w.writeframes((np.clip(mixed, -1, 1) * 32767).round().astype("<i2").tobytes())
+        return replace(result, speech_ratio=speech_ratio(tmp))
 
 
 def extract_audio_shard(

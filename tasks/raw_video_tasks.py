@@ -10,6 +10,7 @@ import pandas as pd
 from prefect import task
 
 from data_contracts.store import Store
+from tasks.corrupt import Corruption
 from tasks.faces import FaceSettings, crop_faces_shard, faces_stage
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_stage
 from tasks.shard import ShardReport
@@ -23,9 +24,11 @@ def extract_audio_task(
     ffmpeg_bin: str | None = None,
     sample_rate: int = DEFAULT_SAMPLE_RATE,
     ffmpeg_threads: int = 0,
+    corruption: Corruption | None = None,
 ) -> ShardReport:
-    """Prefect task: split the audio of one shard into the store under `data_root`."""
-    stage = audio_stage(ffmpeg_bin, sample_rate, ffmpeg_threads)
+    """Prefect task: split the audio of one shard into the store under `data_root` (with a
+    corruption: noise mixed in, under the corruption's extractor id)."""
+    stage = audio_stage(ffmpeg_bin, sample_rate, ffmpeg_threads, corruption)
     return run_stage(stage, videos, Store(data_root))
 
 

@@ -1,0 +1,137 @@
+"""Corruption stages for robustness scoring (tasks/corrupt.py): noise is mixed at the SNR asked
+(measured back on the stored wav), blur is measurable in the stored crops, each level is rows
+of its own (the clean ones untouched) and a rerun computes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_contracts import tables
+from data_contracts.store import Store
+from tasks.corrupt import (
+    Corruption,
+    CorruptionError,
+    FrameCorruptor,
+    add_noise,
+    measured_snr,
+    parse_levels,
+    sharpness,
+)
+from tasks.face_crops import load_crops
+from tasks.faces import FaceSettings, faces_stage
+from tasks.media import audio_extractor_id, audio_stage, load_wav
+from tasks.stage import run_stage
+
+
+@pytest.fixture(scope="module")
+def clips(small_corpus) -> pd.DataFrame:
+    """Three labelled demo clips (speech and a face) as manifest-like rows."""
+    from tasks.scan import sha256_file
+
+    paths = sorted((small_corpus / "video-labeled").glob("*.mp4"))[:3]
+    return pd.DataFrame(
+        {
+            "video_id": [p.stem for p in paths],
+            "sha256": [sha256_file(p) for p in paths],
+            "path": [str(p) for p in paths],
+        }
+    )
+
+
+def test_levels_parse_with_their_kind_carried_and_bad_ones_refused():
+    got = parse_levels(["noise:20,10", "blur:2", "noise:0", "down:4,2", "drop:25"])
+    assert [c.name for c in got] == [
+        "blur:2", "down:2", "down:4", "drop:25", "noise:20", "noise:10", "noise:0",
+    ]  # fmt: skip
+    assert Corruption("noise", 10).id == "corrupt-noise10-v1"
+    for bad, says in [
+        ("noise", "KIND:LEVEL"),
+        ("hiss:10", "unknown corruption"),
+        ("blur:0", "out of range"),
+        ("noise:ten", "KIND:LEVEL"),
+    ]:
+        with pytest.raises(CorruptionError, match=says):
+            parse_levels([bad])
+
+
+def test_noise_has_the_snr_asked_for_even_when_the_mix_is_scaled_to_fit():
+    t = np.arange(16000) / 16000
+    speechy = (0.9 * np.sin(2 * np.pi * 220 * t) * (t % 0.25 < 0.15)).astype(np.float32)
+    for kind in ("noise", "pink"):
+        for snr in (20.0, 10.0, 5.0, 0.0, -5.0):
+            c = Corruption(kind, snr)
+            mixed = add_noise(speechy, c, c.rng("clip-abc"))
+            assert np.abs(mixed).max() <= 1.0  # loud clip + noise: scaled down, not clipped
+            assert measured_snr(speechy, mixed) == pytest.approx(snr, abs=0.05)
+    assert not add_noise(np.zeros(100, np.float32), Corruption("noise", 0), c.rng("x")).any()
+
+
+def test_the_audio_stage_stores_noisy_wavs_at_the_snr_beside_the_clean_ones(clips, tmp_path):
+    store = Store(tmp_path / "root")
+    assert run_stage(audio_stage(), clips, store).processed == 3
+    clean = store.read(tables.AUDIO)
+    noisy_ids = {}
+    for snr in (20.0, 5.0, 0.0):
+        c = Corruption("noise", snr)
+        stage = audio_stage(corruption=c)
+        assert stage.extractor_id == audio_extractor_id(16000, c) != audio_extractor_id(16000)
+        assert run_stage(stage, clips, store).processed == 3
+        assert run_stage(stage, clips, store).processed == 0  # a rerun computes nothing
+        rows = store.read(tables.AUDIO)
+        rows = rows[rows.extractor_id == stage.extractor_id].set_index("video_id")
+        noisy_ids[snr] = stage.extractor_id
+        for r in clean.itertuples():
+            x, _ = load_wav(store.local_file(r.path))
+            y, rate = load_wav(store.local_file(rows.loc[r.video_id, "path"]))
+            assert rate == 16000 and len(y) == len(x)
+            # measured on the stored 16-bit wav, quantisation included
+            assert measured_snr(x, y) == pytest.approx(snr, abs=0.5)
+        assert (rows.speech_ratio.notna()).all()
+    after = store.read(tables.AUDIO)
+    kept = after[after.extractor_id == audio_extractor_id(16000)]
+    pd.testing.assert_frame_equal(kept.reset_index(drop=True), clean.reset_index(drop=True))
+    assert len(set(noisy_ids.values())) == 3
+
+
+def test_the_noise_is_the_same_on_every_rerun(clips, tmp_path):
+    c = Corruption("noise", 5)
+    waves = []
+    for i in range(2):
+        store = Store(tmp_path / f"root{i}")
+        run_stage(audio_stage(corruption=c), clips.iloc[:1], store)
+        row = store.read(tables.AUDIO).iloc[0]
+        waves.append(load_wav(store.local_file(row.path))[0])
+    np.testing.assert_array_equal(*waves)
+
+
+def test_blurred_frames_give_blurrier_crops_of_their_own(clips, tmp_path):
+    store = Store(tmp_path / "root")
+    base = FaceSettings(backend="dlib", size=64, fps=4, processes=0)
+    sharp = {}
+    for c in (None, Corruption("blur", 1), Corruption("blur", 3), Corruption("down", 4)):
+        settings = FaceSettings(**{**base.__dict__, "corruption": c})
+        stage = faces_stage(settings)
+        report = run_stage(stage, clips, store)
+        assert report.processed + report.failed == 3
+        rows = store.read(tables.FACES)
+        rows = rows[rows.extractor_id == settings.extractor_id]
+        crops = [load_crops(store.local_file(p)).crops for p in rows.path]
+        sharp[c.name if c else "clean"] = sharpness(np.concatenate(crops))
+    assert sharp["blur:3"] < sharp["blur:1"] < sharp["clean"]
+    assert sharp["down:4"] < sharp["clean"]
+
+
+def test_dropped_frames_are_a_share_of_the_sampled_ones():
+    drop = FrameCorruptor(Corruption("drop", 30), "clip-abc")
+    frame = np.zeros((8, 8, 3), np.uint8)
+    kept = sum(drop(frame) is not None for _ in range(2000))
+    assert kept / 2000 == pytest.approx(0.7, abs=0.04)
+
+
+def test_openface_frames_cannot_be_corrupted_and_say_why():
+    with pytest.raises(ValueError, match="OpenFace decodes the video itself"):
+        FaceSettings(backend="openface", corruption=Corruption("blur", 2))
+    with pytest.raises(ValueError, match="video corruptions"):
+        FaceSettings(corruption=Corruption("noise", 2))

@@ -514,6 +514,9 @@ def _mount_subcommands() -> None:
     from flows.ablate_cli import register as register_ablate
 
     register_ablate(app)
+    from flows.robustness_cli import register as register_robustness
+
+    register_robustness(app)
 
 
 _mount_subcommands()

@@ -112,8 +112,17 @@ class ExtractionPlan:
                 "corruption": self.audio_corruption,
             },
             "faces": {"settings": self.faces},
-            "acoustic": {"model": m["acoustic"], "audio_sample_rate": rate},
-            "transcribe": {"model": m["asr"], "audio_sample_rate": rate, "official": official},
+            "acoustic": {
+                "model": m["acoustic"],
+                "audio_sample_rate": rate,
+                "audio_corruption": self.audio_corruption,
+            },
+            "transcribe": {
+                "model": m["asr"],
+                "audio_sample_rate": rate,
+                "official": official,
+                "audio_corruption": self.audio_corruption,
+            },
             "text": {"model": m["text"], "transcripts_extractor_id": self.transcripts_id},
             "visual": {"model": m["visual"], "faces": self.faces},
         }[stage]

@@ -66,7 +66,7 @@ def label_task(
         return label_videos(Store(data_root), run, plan, videos)
 
 
-def _extract(
+def extract_videos(
     plan: ExtractionPlan, videos: pd.DataFrame, root: str, settings: Settings
 ) -> dict[str, int]:
     """The extract flow's stage tasks (flows/extract.py) on the shards of `videos` that some
@@ -130,7 +130,7 @@ def predict_flow(
     report, manifest = scan_task(dirs, str(root), settings.corpus.video_extensions)
     logger.info("scan: %s", report.summary())
     videos = manifest[manifest.has_video | manifest.has_audio]
-    computed = _extract(plan, videos, str(root), settings)
+    computed = extract_videos(plan, videos, str(root), settings)
     logger.info("extracted %s", computed)
     table = label_task(trained, plan, manifest[["video_id", "sha256"]], str(root), settings)
     out = _finish(table, trained, Store(root), manifest, "predictions")

@@ -34,6 +34,7 @@ from models.registry import (
 )
 from models.settings import available_cpus
 from tasks.code_version import code_version
+from tasks.corrupt import Corruption
 from tasks.face_crops import FaceCrops, load_crops
 from tasks.faces import FaceSettings
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, read_wav
@@ -292,13 +293,14 @@ def visual_stage(model: ModelChoice, faces: FaceSettings) -> Stage:
 
 
 # -- audio models --------------------------------------------------------------------------------
-def _audio_input(spec: ExtractorSpec, audio_sample_rate: int):
-    """The upstream of a speech model and the loader giving its wav at the model's rate."""
+def _audio_input(spec: ExtractorSpec, audio_sample_rate: int, corruption: Corruption | None):
+    """The upstream of a speech model and the loader giving its wav at the model's rate
+    (`corruption`: the noisy split of robustness scoring, tasks/corrupt.py)."""
 
     def load(store: Store, video: Any, row: Any) -> np.ndarray:
         return read_wav(_artifact(store, row, video, "audio"), spec.sample_rate)
 
-    up = Upstream("audio", tables.AUDIO, audio_extractor_id(audio_sample_rate))
+    up = Upstream("audio", tables.AUDIO, audio_extractor_id(audio_sample_rate, corruption))
     inputs = {
         "sample_rate": spec.sample_rate,
         "audio_sample_rate": audio_sample_rate,  # of the split; resampled to sample_rate
@@ -307,9 +309,13 @@ def _audio_input(spec: ExtractorSpec, audio_sample_rate: int):
     return up, load, inputs
 
 
-def acoustic_stage(model: ModelChoice, audio_sample_rate: int = DEFAULT_SAMPLE_RATE) -> Stage:
+def acoustic_stage(
+    model: ModelChoice,
+    audio_sample_rate: int = DEFAULT_SAMPLE_RATE,
+    audio_corruption: Corruption | None = None,
+) -> Stage:
     """HuBERT features: mean of the last 4 layers, mean over time (padding excluded)."""
-    up, load, inputs = _audio_input(model.spec, audio_sample_rate)
+    up, load, inputs = _audio_input(model.spec, audio_sample_rate, audio_corruption)
 
     def embed(encoder: Any, items: list[Item]) -> list:
         out: list = [None] * len(items)
@@ -348,13 +354,14 @@ def transcribe_stage(
     model: ModelChoice,
     audio_sample_rate: int = DEFAULT_SAMPLE_RATE,
     official: dict[str, str] | None = None,
+    audio_corruption: Corruption | None = None,
 ) -> Stage:
     """A transcript per video: the official one where the corpus ships it, else WeNet ASR.
 
     `official` None: ASR for every video; a dict (maybe empty): official transcripts take
     precedence, which marks the extractor id.
     """
-    up, wav, _ = _audio_input(model.spec, audio_sample_rate)
+    up, wav, _ = _audio_input(model.spec, audio_sample_rate, audio_corruption)
     texts = official or {}
     ext_id = transcripts_extractor_id(model.extractor_id(up.extractor_id), official is not None)
     up = dataclasses.replace(up, optional_for=frozenset(texts))
@@ -437,9 +444,11 @@ def embed_acoustic_task(
     data_root: str,
     model: ModelChoice,
     audio_sample_rate: int = DEFAULT_SAMPLE_RATE,
+    audio_corruption: Corruption | None = None,
 ) -> ShardReport:
     """Prefect task: HuBERT features of one shard."""
-    return run_stage(acoustic_stage(model, audio_sample_rate), videos, Store(data_root))
+    stage = acoustic_stage(model, audio_sample_rate, audio_corruption)
+    return run_stage(stage, videos, Store(data_root))
 
 
 @task(name="transcribe", **task_options(transcribe_stage, gpu=True))
@@ -449,9 +458,10 @@ def transcribe_task(
     model: ModelChoice,
     audio_sample_rate: int = DEFAULT_SAMPLE_RATE,
     official: dict[str, str] | None = None,
+    audio_corruption: Corruption | None = None,
 ) -> ShardReport:
     """Prefect task: transcripts of one shard (official where shipped, else ASR)."""
-    stage = transcribe_stage(model, audio_sample_rate, official)
+    stage = transcribe_stage(model, audio_sample_rate, official, audio_corruption)
     return run_stage(stage, videos, Store(data_root))
 
 

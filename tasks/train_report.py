@@ -226,7 +226,7 @@ def build_report(
         "per_classifier_oof_waf": {
             c: waf(lab.labels[has], oof[c][has].argmax(1))
             for c in CLASSIFIERS
-            for has in [_has_input(lab, c)]
+            for has in [has_input(lab, c)]
             if has.any()
         },
         "rows": rows,
@@ -275,7 +275,7 @@ ROW_NAMES = {
 }
 
 
-def _has_input(data: FeatureSet, classifier: str) -> np.ndarray:
+def has_input(data: FeatureSet, classifier: str) -> np.ndarray:
     """Rows where `classifier` has its input: its modality (A, V, T), any modality (F)."""
     if classifier in MODALITY_OF_CLASSIFIER:
         return np.asarray(data.present[MODALITY_OF_CLASSIFIER[classifier]], bool)
@@ -293,7 +293,7 @@ def _rows(folds: list[dict], lab: FeatureSet, oof: dict, fold_of: np.ndarray) ->
         k, val = f["k"], fold_of == f["k"]
         scores = dict(f.get("reference_waf") or {})
         for c in CLASSIFIERS:
-            rows = val & _has_input(lab, c)
+            rows = val & has_input(lab, c)
             scores[c] = waf(labels[rows], oof[c][rows].argmax(1)) if rows.any() else float("nan")
         scores |= {b: f[f"{b}_waf"] for b in BASELINES if f.get(f"{b}_waf") is not None}
         scores["step1"] = f["step1_waf"]

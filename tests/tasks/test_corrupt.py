@@ -135,3 +135,29 @@ def test_openface_frames_cannot_be_corrupted_and_say_why():
         FaceSettings(backend="openface", corruption=Corruption("blur", 2))
     with pytest.raises(ValueError, match="video corruptions"):
         FaceSettings(corruption=Corruption("noise", 2))
+
+
+def test_a_corrupted_plan_feeds_its_stages_the_corrupted_inputs(tiny_models, tmp_path):
+    """Every stage downstream of a corrupted raw-video stage reads the corrupted rows and writes
+    under the ids the plan's feature tables name; the others stay the clean plan's."""
+    from flows.config import load_settings
+    from flows.plan import STAGES, UPSTREAM, plan_extraction
+
+    settings = load_settings(
+        "demo", [f"models.models_dir={tiny_models}", "models.build_tiny=false"]
+    )
+    clean = plan_extraction(settings, tmp_path, None, official=False)
+    for c, touched in [
+        (Corruption("noise", 5), {"audio", "acoustic", "transcribe", "text"}),
+        (Corruption("blur", 2), {"faces", "visual"}),
+    ]:
+        plan = clean.corrupted(c)
+        stages = {s: plan.stage(s) for s in STAGES}
+        for s in STAGES:
+            changed = stages[s].extractor_id != clean.stage(s).extractor_id
+            assert changed == (s in touched), s
+            if s in UPSTREAM:
+                assert stages[s].upstream.extractor_id == stages[UPSTREAM[s]].extractor_id, s
+        tables_ = plan.feature_tables()
+        for m, s in [("visual", "visual"), ("acoustic", "acoustic"), ("text", "text")]:
+            assert tables_[m].name.endswith(stages[s].extractor_id)

@@ -19,12 +19,31 @@ def ablate_cmd(
         int | None,
         typer.Option(help="train runs at once (default: half the cores)", min=1),
     ] = None,
+    robustness: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--robustness",
+            metavar="LEVELS",
+            help="also score every run on corrupted copies of its validation videos at these "
+            "levels (KIND:LEVEL, e.g. noise:20,10,5,0 blur:2; `default` for merflow "
+            "robustness's default levels), the systems side by side",
+            show_default=False,
+        ),
+    ] = None,
     profile: ProfileOpt = "demo",
     data_root: DataRootUrlOpt = None,
     overrides: Overrides = None,
 ) -> None:
     """The paper's Table 1: full method, each ablation and the baseline over seeds (finished
     runs are reused, shared pretraining is trained once)."""
+    from flows.cli_common import UsageProblem
+    from tasks.corrupt import CorruptionError, parse_levels
+
+    if robustness:
+        try:
+            parse_levels(robustness)  # refused before a server starts
+        except CorruptionError as e:
+            raise UsageProblem(str(e)) from e
     from flows.ablate import ablate_flow
     from flows.cli import _run_flow
     from flows.config import load_settings
@@ -41,8 +60,14 @@ def ablate_cmd(
         None,
         seeds=seeds,
         parallel=parallel,
+        robustness=robustness,
     )
     typer.echo(table_markdown(table))
+    if "robustness" in table:
+        from tasks.robustness import comparison_markdown
+
+        typer.echo(comparison_markdown(table["robustness"]))
+        typer.echo(f"robustness: {table['report_dir']} (robustness.md, .png, .json)")
     typer.echo(f"table: {table['report_dir']} (table1.md, table1.png, table1.json)")
 
 

@@ -17,7 +17,8 @@ LevelsOpt = Annotated[
         "--levels",
         help="corruption levels KIND:LEVEL, repeatable or comma-joined: noise:20,10,5,0 (white "
         "noise, dB SNR), pink:10 (pink noise), blur:1,2,4 (Gaussian sigma, px), down:2,4 "
-        "(downscale factor), drop:25 (percent of frames) [default: noise:20,10,5,0 blur:1,2,4]",
+        "(downscale factor), drop:25 (percent of frames); default: noise:20,10,5,0 and "
+        "blur:1,2,4",
         show_default=False,
     ),
 ]

@@ -112,12 +112,16 @@ def parse_level(text: str) -> Corruption:
 
 def parse_levels(texts: Iterable[str]) -> list[Corruption]:
     """Levels from the command line or a deployment's form: each item `KIND:LEVEL` or several
-    levels of one kind `KIND:L1,L2,...`; sorted by kind then severity, duplicates once."""
+    levels of one kind `KIND:L1,L2,...` (`default`: DEFAULT_LEVELS); sorted by kind then
+    severity, duplicates once."""
     out: set[Corruption] = set()
     kind = ""
     for text in texts:
         for item in str(text).replace(" ", ",").split(","):
             if not item:
+                continue
+            if item == "default":
+                out.update(parse_level(d) for d in DEFAULT_LEVELS)
                 continue
             if ":" not in item and kind:  # `noise:20,10`: 10 continues the previous kind
                 item = f"{kind}:{item}"

@@ -246,3 +246,97 @@ def write_report(run: TrainedRun, report: dict[str, Any]) -> Path:
     write_text(out / "robustness.csv", long_table(report).to_csv(index=False))
     plot(report, out / "robustness.png")
     return out
+
+
+# -- several systems (merflow ablate with robustness) ---------------------------------------------
+def compare_systems(
+    by_system: Mapping[str, Sequence[Mapping[str, Any]]], labels: Mapping[str, str]
+) -> dict[str, Any]:
+    """The voted WAF of each system at each level, mean ± std over its runs (seeds), and its
+    drop from its own clean level: the ablations compared on the same corrupted copies (the
+    same stored features; only the models differ). `by_system`: robustness reports per system,
+    one per seed; `labels`: each system's name in the table."""
+    systems = [s for s in by_system if by_system[s]]
+    first = by_system[systems[0]][0]
+    levels = [(lv["level"], lv["label"]) for lv in first["levels"]]
+    rows = []
+    for level, label in levels:
+        cells = {}
+        for s in systems:
+            per_seed = [_level(r, level)["mean"]["voted"] for r in by_system[s]]
+            clean = [_level(r, CLEAN)["mean"]["voted"] for r in by_system[s]]
+            drop = np.asarray(per_seed) - np.asarray(clean)
+            cells[s] = {
+                "waf": [100 * x for x in per_seed],
+                "mean": float(100 * np.mean(per_seed)),
+                "std": float(100 * np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+                "drop": float(100 * drop.mean()),
+            }
+        rows.append({"level": level, "label": label, "systems": cells})
+    return {
+        "systems": systems,
+        "labels": {s: labels.get(s, s) for s in systems},
+        "run_keys": {s: [r["run_key"] for r in by_system[s]] for s in systems},
+        "rows": rows,
+    }
+
+
+def _level(report: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    return next(lv for lv in report["levels"] if lv["level"] == name)
+
+
+def comparison_markdown(t: Mapping[str, Any]) -> str:
+    """One row per level, one column per system: voted WAF (%) mean ± std over seeds, and in
+    brackets the change from the system's clean WAF."""
+    names = [t["labels"][s] for s in t["systems"]]
+    lines = [
+        "## Robustness: the systems on the same corrupted validation videos",
+        "",
+        "Voted WAF (%), mean ± std over seeds of each run's mean over its folds, each fold's "
+        "model on corrupted copies of its own validation videos; in brackets the change from "
+        "the system's clean WAF.",
+        "",
+        "| level | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for row in t["rows"]:
+        cells = []
+        for s in t["systems"]:
+            c = row["systems"][s]
+            drop = "" if row["level"] == CLEAN else f" ({c['drop']:+.2f})"
+            cells.append(f"{c['mean']:.2f} ± {c['std']:.2f}{drop}")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(t: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
+    """robustness.json, robustness.md and robustness.png (voted WAF against level, one line
+    per system, one panel per kind) under `out_dir`."""
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "robustness.json": write_text(
+            out_dir / "robustness.json", json.dumps(t, indent=2, sort_keys=True)
+        ),
+        "robustness.md": write_text(out_dir / "robustness.md", comparison_markdown(t)),
+    }
+    rows = t["rows"]
+    clean = rows[0]
+    kinds = sorted({r["level"].split(":")[0] for r in rows[1:]}) or [CLEAN]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.6), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        shown = [clean, *(r for r in rows[1:] if r["level"].split(":")[0] == kind)]
+        x = np.arange(len(shown))
+        for s in t["systems"]:
+            y = [r["systems"][s]["mean"] for r in shown]
+            e = [r["systems"][s]["std"] for r in shown]
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=t["labels"][s])
+        ax.set_xticks(x, [CLEAN if r is clean else r["level"].split(":")[1] for r in shown])
+        ax.set_xlabel(shown[-1]["label"].rsplit(" ", 2)[0] if len(shown) > 1 else kind)
+        ax.set_ylabel("voted WAF (%)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    files["robustness.png"] = save_png(fig, out_dir / "robustness.png")
+    return files

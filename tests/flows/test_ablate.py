@@ -178,3 +178,33 @@ def test_table_1_shares_pretraining_and_a_second_invocation_trains_nothing(extra
     assert _epochs(caplog) == {}  # nothing trained
     assert _step_files(root) == before  # no step redone or rewritten
     assert again["key"] == table["key"] and again["rows"] == table["rows"]
+
+
+def test_robustness_compares_the_systems_on_the_same_corrupted_copies(extracted):
+    """With robustness levels the finished runs are scored, not retrained: the corrupted
+    features are computed for the first run only and read by the others, and the clean row is
+    each system's Table 1 figure."""
+    corpus, root, overrides = extracted
+    table = ablate_flow(
+        str(corpus),
+        profile="demo",
+        data_root=str(root),
+        overrides=overrides,
+        seeds=2,
+        parallel=2,
+        robustness=["noise:5", "blur:2"],
+    )
+    r = table["robustness"]
+    assert r["systems"] == [s.name for s in SYSTEMS]
+    assert [row["level"] for row in r["rows"]] == ["clean", "blur:2", "noise:5"]
+    computed = list(r["computed"].values())
+    assert len(computed) == 10 and computed[0] > 0 and not any(computed[1:])
+    rows = {row["name"]: row for row in table["rows"]}
+    for s in SYSTEMS:
+        clean = r["rows"][0]["systems"][s.name]
+        assert clean["waf"] == pytest.approx(rows[s.name]["waf"], abs=0.006)
+        assert clean["drop"] == 0
+    out = Path(table["report_dir"])
+    md = (out / "robustness.md").read_text()
+    assert "| noise 5 dB SNR |" in md and "w/o NEE" in md
+    assert (out / "robustness.png").read_bytes()[:4] == b"\x89PNG"

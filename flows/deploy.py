@@ -18,8 +18,11 @@ from flows.ablate import ablate_flow
 from flows.config import PROJECT_ROOT, Settings, load_settings
 from flows.extract import extract_flow
 from flows.predict import predict_new_flow
+from flows.robustness import robustness_flow
 from flows.runners import with_runner
 from flows.train import train_flow
+from tasks.corrupt import DEFAULT_LEVELS
+from tasks.predict import LATEST
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +32,18 @@ PREDICT_DEPLOYMENT = "predict-new/predict-new"
 
 def ablate_parameters(params: dict[str, Any]) -> dict[str, Any]:
     """The ablate run form: the served corpus, profile, data root and overrides, and the
-    flow's own defaults for seeds and parallel (one place for them: flows/ablate.py)."""
+    flow's own defaults for seeds, parallel and robustness (one place for them: flows/ablate.py)."""
     signature = inspect.signature(ablate_flow.fn).parameters
-    return {**params, **{n: signature[n].default for n in ("seeds", "parallel")}}
+    return {
+        **params,
+        **{n: signature[n].default for n in ("seeds", "parallel", "robustness")},
+    }
+
+
+def robustness_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """The robustness deployment's run form: the served corpus and settings, the latest run
+    and the default levels, written out so the form shows what will run."""
+    return {**params, "run": LATEST, "levels": list(DEFAULT_LEVELS)}
 
 
 def extract_flow_for(settings: Settings):
@@ -129,7 +141,8 @@ class ServeOptions:
 
 
 def deployment_specs(opts: ServeOptions) -> list[tuple[Any, dict[str, Any]]]:
-    """extract, train, pipeline, a scheduled reextract-new, the predict-new it starts and ablate:
+    """extract, train, pipeline, a scheduled reextract-new, the predict-new it starts, ablate and
+    robustness:
     each flow object with its deployment options (name, defaults for the run form, tags,
     schedule)."""
     params = {
@@ -216,6 +229,16 @@ def deployment_specs(opts: ServeOptions) -> list[tuple[Any, dict[str, Any]]]:
                 "reused).",
             },
         ),
+        (
+            robustness_flow,
+            {
+                "name": "robustness",
+                "parameters": robustness_parameters(params),
+                "tags": [*tags, "gpu"],
+                "description": "Score a finished run (latest by default) on corrupted copies of "
+                "its own validation videos: noisy audio, blurred faces (features made once).",
+            },
+        ),
     ]
 
 
@@ -247,6 +270,7 @@ ENTRYPOINTS = {
     "reextract-new": ("flows/deploy.py:reextract_new_flow", "cpu"),
     "predict-new": ("flows/predict.py:predict_new_flow", "gpu"),
     "ablate": ("flows/ablate.py:ablate_flow", "gpu"),
+    "robustness": ("flows/robustness.py:robustness_flow", "gpu"),
 }
 
 
@@ -267,6 +291,8 @@ def deploy_to_pools(opts: ServeOptions, cpu_pool: str, gpu_pool: str) -> list[st
         extra = {}
         if name == "ablate":
             extra["parameters"] = ablate_parameters(params)
+        if name == "robustness":
+            extra["parameters"] = robustness_parameters(params)
         if name == "reextract-new":
             extra = {"interval": opts.interval_seconds} if not opts.cron else {"cron": opts.cron}
             extra["parameters"] = {

@@ -23,7 +23,12 @@ from data_contracts.store import Store
 from flows.config import Settings, load_settings
 from flows.plan import ExtractionPlan
 from flows.predict import extract_videos, open_run
-from flows.safety import check_all_under_roots, data_root_paths, trusted_roots
+from flows.safety import (
+    check_all_under_roots,
+    checked_corpus_root,
+    data_root_paths,
+    trusted_roots,
+)
 from tasks.corrupt import DEFAULT_LEVELS, parse_levels
 from tasks.gpu_slots import gpu_slot
 from tasks.predict import LATEST, TrainedRun, load_models, resolve_device
@@ -101,20 +106,23 @@ def publish(report: dict[str, Any], key: str = "robustness") -> None:
 
 @flow(name="robustness", flow_run_name="robustness-{profile}", log_prints=True)
 def robustness_flow(
-    data_root: str,
-    run: str = LATEST,
+    corpus_dir: str | None = None,
     profile: str = "demo",
+    data_root: str | None = None,
     overrides: list[str] | None = None,
+    run: str = LATEST,
     levels: list[str] | None = None,
 ) -> dict:
     """Score a finished run on corrupted copies of its own validation videos.
 
     Args:
-        data_root: the data root the run was trained on.
+        corpus_dir: the corpus the run was trained on (its data root is read; see data_root).
+        profile: settings profile; its extractors must be the run's.
+        data_root: the data root the run was trained on (default <corpus_dir>/merflow); one of
+            corpus_dir and data_root is needed.
+        overrides: key=value settings, e.g. ["models.device=cuda"].
         run: `latest` (the newest finished run of the method the settings describe), a run key
             or a run folder.
-        profile: settings profile; its extractors must be the run's.
-        overrides: key=value settings, e.g. ["models.device=cuda"].
         levels: corruption levels `KIND:LEVEL` (`noise:10`, `blur:2`, `down:4`, `drop:25`;
             `noise:20,10,5` for several); default: white noise at 20, 10, 5, 0 dB SNR and blur
             at sigma 1, 2, 4 px.
@@ -123,10 +131,15 @@ def robustness_flow(
     overrides = list(overrides or [])
     settings = load_settings(profile, overrides)
     corruptions = parse_levels(levels or DEFAULT_LEVELS)  # refused before any work
-    roots = trusted_roots(profile, overrides, settings)
-    check_all_under_roots([("data_root", data_root)], roots)
-    root = normalize_root(data_root)
-    check_all_under_roots(data_root_paths(settings, root), roots)
+    if corpus_dir is not None:
+        _, root = checked_corpus_root(settings, profile, overrides, corpus_dir, data_root)
+    elif data_root is not None:
+        roots = trusted_roots(profile, overrides, settings)
+        check_all_under_roots([("data_root", data_root)], roots)
+        root = normalize_root(data_root)
+        check_all_under_roots(data_root_paths(settings, root), roots)
+    else:
+        raise ValueError("give the corpus folder or the data root the run was trained on")
     trained, plan = open_run(settings, root, run)
     out = robustness_of(trained, plan, levels_of(corruptions), str(root), settings, logger)
     publish(out)

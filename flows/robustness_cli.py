@@ -58,7 +58,11 @@ def robustness_cmd(
     env = _connect(settings, settings.local_root(root))
     with server.use_server(env):
         out = robustness_flow(
-            str(root), run, profile=profile, overrides=list(overrides or []), levels=levels
+            data_root=str(root),
+            run=run,
+            profile=profile,
+            overrides=list(overrides or []),
+            levels=levels,
         )
     typer.echo(report_markdown(out))
     computed = sum(sum(v.values()) for v in out["extracted"].values())

@@ -93,5 +93,6 @@ def test_served_runs_execute_the_built_flow_objects(monkeypatch, tmp_path):
         "reextract-new",
         "predict-new",
         "ablate",
+        "robustness",
     ]
     assert isinstance(served["extract"].task_runner, DaskTaskRunner)

@@ -72,6 +72,7 @@ def test_importing_the_command_line_loads_no_heavy_module(tmp_path):
         ["task", "--help"],
         ["check", "--help"],
         ["config", "--no-such-option"],
+        ["robustness", "latest", "--levels", "hiss:3", "--data-root", "NOWHERE"],
     ],
     ids=" ".join,
 )
@@ -106,3 +107,13 @@ def test_the_entry_point_answers_help_config_and_bad_arguments(tmp_path):
     bad_setting = _merflow("config", "faces.backend=mtcnn", tmp_path=tmp_path)
     assert bad_setting.returncode == 2
     assert bad_setting.stderr.startswith("error: settings refused: ")
+
+
+def test_a_bad_robustness_level_is_refused_before_any_server_starts(tmp_path):
+    bad = _merflow(
+        "robustness", "latest", "--levels", "blur:0", "--data-root", str(tmp_path / "root"),
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert bad.returncode == 2, bad.stderr
+    assert "blur:0 is out of range; blur takes 0.1..50 (px sigma)" in bad.stderr
+    assert not (tmp_path / "root").exists()  # no server, no data root made

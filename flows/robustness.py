@@ -124,8 +124,8 @@ def robustness_flow(
         run: `latest` (the newest finished run of the method the settings describe), a run key
             or a run folder.
         levels: corruption levels `KIND:LEVEL` (`noise:10`, `blur:2`, `down:4`, `drop:25`;
-            `noise:20,10,5` for several); default: white noise at 20, 10, 5, 0 dB SNR and blur
-            at sigma 1, 2, 4 px.
+            `noise:20,10,5` for several); default: white noise at 20, 10, 5, 0 dB SNR and
+            MER-NOISE's pyramid blur at rates 2 and 4 (down:2,4).
     """
     logger = get_run_logger()
     overrides = list(overrides or [])

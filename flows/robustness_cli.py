@@ -16,9 +16,9 @@ LevelsOpt = Annotated[
     typer.Option(
         "--levels",
         help="corruption levels KIND:LEVEL, repeatable or comma-joined: noise:20,10,5,0 (white "
-        "noise, dB SNR), pink:10 (pink noise), blur:1,2,4 (Gaussian sigma, px), down:2,4 "
-        "(downscale factor), drop:25 (percent of frames); default: noise:20,10,5,0 and "
-        "blur:1,2,4",
+        "noise, dB SNR), pink:10 (pink noise), down:2,4 (MER-NOISE's pyramid blur, rate 2^k), "
+        "blur:1,2 (Gaussian sigma, px), drop:25 (percent of frames); default: noise:20,10,5,0 "
+        "and down:2,4",
         show_default=False,
     ),
 ]

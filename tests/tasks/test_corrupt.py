@@ -47,6 +47,7 @@ def test_levels_parse_with_their_kind_carried_and_bad_ones_refused():
     ]  # fmt: skip
     assert Corruption("noise", 10).id == "corrupt-noise10-v1"
     for bad, says in [
+        ("down:3", "not a power of two"),
         ("noise", "KIND:LEVEL"),
         ("hiss:10", "unknown corruption"),
         ("blur:0", "out of range"),
@@ -161,3 +162,44 @@ def test_a_corrupted_plan_feeds_its_stages_the_corrupted_inputs(tiny_models, tmp
         tables_ = plan.feature_tables()
         for m, s in [("visual", "visual"), ("acoustic", "acoustic"), ("text", "text")]:
             assert tables_[m].name.endswith(stages[s].extractor_id)
+
+
+def test_down_is_the_challenge_baselines_pyramid_blur():
+    """MER-NOISE's video corruption (the challenge baseline's noise script), restated: a blur
+    rate r takes each frame log2(r) times down its Gaussian pyramid and as often back up. On a
+    frame whose sides divide by r both give the same pixels; on others merflow comes back to
+    the frame's own size (the baseline's frame grows by a pixel per odd side)."""
+    import cv2
+
+    def baseline_blur(frame, rate):
+        k = int(np.log2(rate))
+        for _ in range(k):
+            frame = cv2.pyrDown(frame)
+        for _ in range(k):
+            frame = cv2.pyrUp(frame)
+        return frame
+
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    for rate in (2, 4, 8):
+        ours = FrameCorruptor(Corruption("down", rate), "clip")(frame)
+        np.testing.assert_array_equal(ours, baseline_blur(frame, rate))
+    odd = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    assert FrameCorruptor(Corruption("down", 4), "clip")(odd).shape == odd.shape
+
+
+def test_noise_is_mixed_as_the_challenge_baseline_mixes_it():
+    """The baseline's SNR: the RMS of the clean int16 amplitudes over the noise's, over the
+    whole clip (20 log10 of their ratio), noise scaled to it and added; a mix past int16 is
+    scaled down as a whole. Restated on our noise: the same mix, to the int16 step."""
+    t = np.arange(8000) / 16000
+    clean = (0.2 * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
+    c = Corruption("noise", 5)
+    ours = add_noise(clean, c, c.rng("clip"))
+    assert np.abs(ours).max() < 0.99  # not scaled to fit: the noise is ours minus clean
+    noise = ours.astype(np.float64) - clean
+    amp, n = clean * 32768.0, noise * 32768.0
+    rms = lambda x: np.sqrt(np.mean(np.square(x)))  # noqa: E731
+    target = rms(amp) / 10 ** (5 / 20)
+    baseline = amp + n * (target / rms(n))
+    np.testing.assert_allclose(ours * 32768.0, baseline, atol=1.0)

@@ -67,17 +67,22 @@ def label_task(
 
 
 def extract_videos(
-    plan: ExtractionPlan, videos: pd.DataFrame, root: str, settings: Settings
+    plan: ExtractionPlan,
+    videos: pd.DataFrame,
+    root: str,
+    settings: Settings,
+    official: dict[str, str] | None = None,
 ) -> dict[str, int]:
     """The extract flow's stage tasks (flows/extract.py) on the shards of `videos` that some
-    stage still lacks; returns what each stage computed. No official transcripts: ASR fills in
-    the transcripts table of the run's extractor id (matching_plan)."""
+    stage still lacks; returns what each stage computed. `official`: transcripts that take
+    precedence (robustness keeps a labelled video's official text); None: ASR fills in the
+    transcripts table of the run's extractor id (matching_plan), as for new videos."""
     pending = pending_per_stage(Store(root), videos, plan)
     todo = videos[videos.video_id.isin(set().union(*pending.values()))]
     if todo.empty:
         return dict.fromkeys(STAGES, 0)
     parts = shards(todo, settings.extract.shard_size)
-    futures = submit_stages(plan, parts, root, settings, pending)
+    futures = submit_stages(plan, parts, root, settings, pending, official)
     totals, _ = shard_results(futures, parts, get_run_logger())
     return {s: t.processed for s, t in totals.items()}
 

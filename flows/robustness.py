@@ -35,6 +35,7 @@ from tasks.predict import LATEST, TrainedRun, load_models, resolve_device
 from tasks.robustness import (
     Level,
     levels_of,
+    official_texts,
     report_markdown,
     robustness_report,
     score_level,
@@ -76,9 +77,10 @@ def robustness_of(
     store = Store(root)
     folds = validation_videos(trained, store)
     videos = pd.concat(folds, ignore_index=True)
+    official = official_texts(store, plan, videos)  # noise does not change what was said
     extracted = {}
     for level in levels[1:]:  # the clean level's features are the run's own
-        computed = extract_videos(level.plan(plan), videos, root, settings)
+        computed = extract_videos(level.plan(plan), videos, root, settings, official)
         extracted[level.name] = computed
         logger.info("%s: computed %s (0: already stored)", level.name, computed)
     scored = score_task(trained, plan, levels, folds, root, settings)

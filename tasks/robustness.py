@@ -99,6 +99,20 @@ def validation_videos(run: TrainedRun, store: Store) -> list[pd.DataFrame]:
     ]
 
 
+def official_texts(store: Store, plan: ExtractionPlan, videos: pd.DataFrame) -> dict[str, str]:
+    """The official transcripts the run's features were made from, for `videos`: under an
+    audio corruption they still take precedence (what was said does not change with the noise;
+    only the ASR text of videos without one does). Empty when the run used ASR text only."""
+    if not plan.official_transcripts or not store.exists(tables.TRANSCRIPTS):
+        return {}
+    rows = store.read(
+        tables.TRANSCRIPTS,
+        where={"video_id": videos.video_id.tolist(), "extractor_id": [plan.transcripts_id]},
+    )
+    rows = rows[rows.source == "official"]
+    return dict(zip(rows.video_id, rows.text, strict=True))
+
+
 def score_fold(
     store: Store, run: TrainedRun, plan: ExtractionPlan, k: int, videos: pd.DataFrame
 ) -> dict[str, dict[str, float]]:

@@ -96,6 +96,10 @@ def test_noise_changes_what_the_acoustic_classifier_sees(scored):
     assert by["noise:10"]["extractor_ids"]["visual"] == by["clean"]["extractor_ids"]["visual"]
     assert by["blur:2"]["extractor_ids"]["visual"] != by["clean"]["extractor_ids"]["visual"]
     assert by["blur:2"]["extractor_ids"]["acoustic"] == by["clean"]["extractor_ids"]["acoustic"]
+    # The corpus ships transcripts: noise leaves what was said, so T scores as on clean text
+    # (its features re-embedded under the level's ids from the same official text).
+    assert by["noise:10"]["extractor_ids"]["text"] != by["clean"]["extractor_ids"]["text"]
+    assert by["noise:10"]["mean"]["T"] == by["clean"]["mean"]["T"]
 
 
 def test_the_report_files_are_written(made, scored):

@@ -426,6 +426,8 @@ def server_start(
     host = host or _settings("demo", []).prefect.host
     info = server.start(_server_home(data_root), host=host, port=port, database_url=database_url)
     typer.echo(f"Prefect server pid {info.pid} at {info.ui_url} (log {info.log})")
+    if info.port_note:
+        typer.echo(f"  ({info.port_note})")
     typer.echo(f"clients: export PREFECT_API_URL={info.api_url}")
     typer.echo(f"stop:    {info.stop_command}")
 

@@ -141,7 +141,7 @@ def _run_flow(
     root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus_dir)
     # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
     env = env or _connect(settings, settings.local_root(root))
-    with server.use_server(env):
+    with server.use_server(env, watch=True):
         return flow_fn(
             str(corpus_dir) if corpus_dir is not None else None,
             profile=profile,
@@ -362,7 +362,7 @@ def serve_cmd(
     env["MERFLOW_ALLOWED_ROOTS"] = os.pathsep.join(roots)
     names = ", ".join(options["name"] for _, options in deployment_specs(opts))
     typer.echo(f"serving {names}; runs may touch {roots}")
-    with server.use_server(env):
+    with server.use_server(env, watch=True):
         serve_deployments(opts)
 
 

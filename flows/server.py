@@ -444,21 +444,29 @@ def _terminate(pid: int, timeout: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def use_server(env: dict[str, str]):
-    """Point this process's Prefect clients at a server for the duration of the block.
+def use_server(env: dict[str, str], watch: bool = False):
+    """Point this process's Prefect clients at a server for the duration of the block; with
+    `watch`, notice when it dies and start it again, or end the command (flows/server_watch.py).
 
     Environment variables alone do not reach a Prefect that was already imported, so the
     same values also go through `temporary_settings`.
     """
     import prefect.settings as ps
 
+    from flows.server_watch import ServerWatch
+
     updates = {getattr(ps, k): v for k, v in env.items() if getattr(ps, k, None) is not None}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    watcher = ServerWatch(env) if watch else None
+    if watcher is not None:
+        watcher.start()
     try:
         with ps.temporary_settings(updates=updates):
             yield
     finally:
+        if watcher is not None:
+            watcher.close()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

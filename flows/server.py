@@ -457,8 +457,8 @@ def use_server(env: dict[str, str], watch: bool = False):
 
     updates = {getattr(ps, k): v for k, v in env.items() if getattr(ps, k, None) is not None}
     old = {k: os.environ.get(k) for k in env}
+    watcher = ServerWatch(env) if watch else None  # before env: it tells where the URL came from
     os.environ.update(env)
-    watcher = ServerWatch(env) if watch else None
     if watcher is not None:
         watcher.start()
     try:

@@ -76,8 +76,11 @@ class ServerWatch(threading.Thread):
         self.check_s, self.misses, self.give_up_s = check_s, misses, give_up_s
         self.on_fatal = on_fatal
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        # PREFECT_API_URL as the command found it (the setting's URL is set in it for the flows)
+        self.outer_env = dict(os.environ)
         self.restarts: list[dict] = []  # pid before and after, seconds to notice and restart
         self._done = threading.Event()
+        self.known = self.local_server()  # the data root's server, when the command uses it
 
     def local_server(self) -> server.ServerInfo | None:
         """The server merflow recorded for the data root, if it is the one this command uses."""
@@ -103,8 +106,8 @@ class ServerWatch(threading.Thread):
             info = self.local_server()
             if info is None:
                 why = "it is not a server merflow started for this data root"
-                if server._read(server._state_file(self.data_root)) is None:
-                    why = "it was stopped or is not a server merflow started for this data root"
+                if self.known is not None:
+                    why = "it was stopped (`merflow server stop`), so it is not started again"
             elif server._alive(info):
                 continue  # its process runs: busy, not gone; Prefect's clients wait for it
             else:
@@ -115,7 +118,8 @@ class ServerWatch(threading.Thread):
                 except server.ServerError as e:
                     why = f"it could not be started again: {e}"
             if time.monotonic() - down_since >= self.give_up_s:
-                self.on_fatal(self.fatal_line(info, why, time.monotonic() - down_since))
+                down_s = time.monotonic() - down_since
+                self.on_fatal(self.fatal_line(info or self.known, why, down_s))
                 return
 
     def _restart(self, info: server.ServerInfo, down_since: float) -> None:
@@ -134,6 +138,7 @@ class ServerWatch(threading.Thread):
         if new.api_url != self.api_url:
             raise server.ServerError(f"it came back at {new.api_url}, not {self.api_url}")
         took = time.monotonic() - noticed
+        self.known = new
         self.restarts.append(
             {"old_pid": info.pid, "pid": new.pid, "notice_s": noticed - down_since, "start_s": took}
         )
@@ -145,7 +150,7 @@ class ServerWatch(threading.Thread):
     def fatal_line(self, info: server.ServerInfo | None, why: str, down_s: float) -> str:
         """The one line a command ends with when its server is gone for good."""
         who = f"the server of {info.data_root}, pid {info.pid}" if info else "PREFECT_API_URL"
-        if info is None and os.environ.get("MERFLOW_PREFECT__API_URL"):
+        if info is None and "PREFECT_API_URL" not in self.outer_env:
             who = "the prefect.api_url setting"
         return (
             f"error: the Prefect server at {self.api_url} ({who}) has not answered for "

@@ -103,7 +103,7 @@ class ServerWatch(threading.Thread):
             down_since = down_since or time.monotonic() - self.check_s
             if misses < self.misses:
                 continue
-            info = self.local_server()
+            info, now_or_never = self.local_server(), False
             if info is None:
                 why = "it is not a server merflow started for this data root"
                 if self.known is not None:
@@ -111,13 +111,16 @@ class ServerWatch(threading.Thread):
             elif server._alive(info):
                 continue  # its process runs: busy, not gone; Prefect's clients wait for it
             else:
+                tried = time.monotonic()
                 try:
                     self._restart(info, down_since)
                     down_since, misses = None, 0
                     continue
                 except server.ServerError as e:
                     why = f"it could not be started again: {e}"
-            if time.monotonic() - down_since >= self.give_up_s:
+                # Try again only if another try would still end within `give_up_s`.
+                now_or_never = 2 * time.monotonic() - tried - down_since >= self.give_up_s
+            if now_or_never or time.monotonic() - down_since >= self.give_up_s:
                 down_s = time.monotonic() - down_since
                 self.on_fatal(self.fatal_line(info or self.known, why, down_s))
                 return
@@ -134,6 +137,7 @@ class ServerWatch(threading.Thread):
             auth_string=self.auth,
             database_url=database,
             fixed_port=True,
+            timeout=max(15.0, self.give_up_s),  # the command must end within ~30 s otherwise
         )
         if new.api_url != self.api_url:
             raise server.ServerError(f"it came back at {new.api_url}, not {self.api_url}")

@@ -110,3 +110,30 @@ def test_a_dead_server_merflow_did_not_start_ends_the_command_within_30_s(
     assert f"resume, once a server answers there: merflow extract {corpus}" in line
     after = _stored(root)  # nothing lost: what was stored before the kill is still there
     assert before and all(ids <= after[name] for name, ids in before.items())
+
+
+@pytest.mark.server
+def test_a_local_server_whose_postgresql_is_down_ends_the_command_within_30_s(
+    tmp_path, monkeypatch
+):
+    from flows.server_watch import ServerWatch
+    from tests.reliability.postgres import cluster
+
+    monkeypatch.setenv(server.STATE_ENV, str(tmp_path / "state"))
+    root = tmp_path / "root"
+    with cluster(server.free_port()) as url:
+        info = server.start(root, port=server.free_port(), database_url=url)
+        fatal: list[str] = []
+        watch = ServerWatch(server.client_env(root, info.api_url), on_fatal=fatal.append)
+        watch.start()
+    # PostgreSQL is gone; now the server dies too, and cannot start again.
+    os.kill(info.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    watch.join(timeout=60)
+    ended = time.monotonic() - killed
+    server.stop(root)
+    print(f"the command would end {ended:.1f} s after the kill")
+    assert ended < 30 and not watch.restarts
+    (line,) = fatal
+    assert line.startswith(f"error: the Prefect server at {info.api_url} (the server of {root}")
+    assert "it could not be started again: the Prefect server exited with code" in line

@@ -79,7 +79,7 @@ class ServerWatch(threading.Thread):
         # PREFECT_API_URL as the command found it (the setting's URL is set in it for the flows)
         self.outer_env = dict(os.environ)
         self.restarts: list[dict] = []  # pid before and after, seconds to notice and restart
-        self._done = threading.Event()
+        self._done, self._closing = threading.Event(), False
         self.known = self.local_server()  # the data root's server, when the command uses it
 
     def local_server(self) -> server.ServerInfo | None:
@@ -89,7 +89,8 @@ class ServerWatch(threading.Thread):
 
     def close(self) -> None:
         """The command's flows are done: stop watching, unless the server does not answer now
-        (then go on until it is back or the command has ended with the line)."""
+        (then go on until it answers again, or the command has ended with the line)."""
+        self._closing = True
         if server.healthy(self.api_url, self.auth, timeout=self.check_s * 3):
             self._done.set()
 
@@ -97,6 +98,8 @@ class ServerWatch(threading.Thread):
         down_since, misses = None, 0
         while not self._done.wait(self.check_s):
             if server.healthy(self.api_url, self.auth, timeout=max(self.check_s, 2.0)):
+                if self._closing:
+                    return
                 down_since, misses = None, 0
                 continue
             misses += 1

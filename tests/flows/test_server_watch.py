@@ -60,3 +60,17 @@ def test_a_killed_server_comes_back_and_a_stopped_one_ends_the_command(tmp_path,
 def test_the_resume_command_is_the_command_line():
     assert resume_command(["/x/bin/merflow", "extract", "c d"]) == "merflow extract 'c d'"
     assert resume_command(["/repo/flows/cli.py", "train"]) == "merflow train"
+
+
+def test_a_watch_closed_while_its_server_is_down_ends_once_the_server_answers(
+    monkeypatch, tmp_path
+):
+    answers = iter([False, False])  # down when the command's flows end, then back
+    monkeypatch.setattr(server, "healthy", lambda *a, **k: next(answers, True))
+    fatal: list[str] = []
+    env = {"PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_HOME": str(tmp_path / "p")}
+    watch = ServerWatch(env, check_s=0.05, on_fatal=fatal.append)
+    watch.close()
+    watch.start()
+    watch.join(timeout=10)
+    assert not watch.is_alive() and not fatal

@@ -141,7 +141,7 @@ def _run_flow(
     root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus_dir)
     # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
     env = env or _connect(settings, settings.local_root(root))
-    with server.use_server(env):
+    with server.use_server(env, watch=True):
         return flow_fn(
             str(corpus_dir) if corpus_dir is not None else None,
             profile=profile,
@@ -362,7 +362,7 @@ def serve_cmd(
     env["MERFLOW_ALLOWED_ROOTS"] = os.pathsep.join(roots)
     names = ", ".join(options["name"] for _, options in deployment_specs(opts))
     typer.echo(f"serving {names}; runs may touch {roots}")
-    with server.use_server(env):
+    with server.use_server(env, watch=True):
         serve_deployments(opts)
 
 
@@ -426,6 +426,8 @@ def server_start(
     host = host or _settings("demo", []).prefect.host
     info = server.start(_server_home(data_root), host=host, port=port, database_url=database_url)
     typer.echo(f"Prefect server pid {info.pid} at {info.ui_url} (log {info.log})")
+    if info.port_note:
+        typer.echo(f"  ({info.port_note})")
     typer.echo(f"clients: export PREFECT_API_URL={info.api_url}")
     typer.echo(f"stop:    {info.stop_command}")
 

@@ -146,7 +146,7 @@ def _label_folders(settings, root, run: str, folders: list[Path], profile: str, 
     from flows.predict import predict_flow
 
     env = _connect(settings, settings.local_root(root))
-    with server.use_server(env):
+    with server.use_server(env, watch=True):
         out = predict_flow(
             run,
             [str(f) for f in folders],

@@ -47,6 +47,7 @@ class ServerInfo:
     database: str
     # time.time() at launch: tells the server from a later process that got its pid
     started_at: float = 0.0
+    asked_port: int = 0  # the port asked for, when it was busy and `port` is a free one instead
 
     @property
     def ui_url(self) -> str:
@@ -57,6 +58,13 @@ class ServerInfo:
     def data_root(self) -> Path:
         """The (local) data root whose server this is."""
         return Path(self.home).parent
+
+    @property
+    def port_note(self) -> str:
+        """What to say when the server could not have the port it was asked for."""
+        if not self.asked_port or self.asked_port == self.port:
+            return ""
+        return f"port {self.asked_port} was busy; the server listens on port {self.port} instead"
 
     @property
     def stop_command(self) -> str:
@@ -161,16 +169,12 @@ def _adopt() -> None:
 
 def age(info: ServerInfo) -> str:
     """How long the server has run, e.g. `3 h 05 min`."""
-    seconds = max(0, int(time.time() - info.started_at)) if info.started_at else None
-    if seconds is None:
+    if not info.started_at:
         return "?"
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if days:
-        return f"{days} d {hours:02d} h"
-    if hours:
-        return f"{hours} h {minutes:02d} min"
+    minutes, seconds = divmod(max(0, int(time.time() - info.started_at)), 60)
+    (days, hours), minutes = divmod(minutes // 60, 24), minutes % 60
+    if days or hours:
+        return f"{days} d {hours:02d} h" if days else f"{hours} h {minutes:02d} min"
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
@@ -191,28 +195,68 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def healthy(api_url: str, auth_string: str | None = None, timeout: float = 2.0) -> bool:
-    """Whether the server at `api_url` answers its health check."""
-    req = urllib.request.Request(f"{api_url}/health")
+def _get(url: str, auth_string: str | None, timeout: float):
+    req = urllib.request.Request(url)
     if auth_string:
         req.add_header("Authorization", "Basic " + b64encode(auth_string.encode()).decode())
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+def healthy(api_url: str, auth_string: str | None = None, timeout: float = 2.0) -> bool:
+    """Whether the server at `api_url` answers its health check."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with _get(f"{api_url}/health", auth_string, timeout) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError, TimeoutError):
         return False
+
+
+def identity(api_url: str, auth_string: str | None = None, timeout: float = 5.0) -> str | None:
+    """Who answers at `api_url`: the PREFECT_HOME the server runs with. merflow gives each
+    server its data root's (`prefect_home`), so this tells a data root's server from any other."""
+    try:
+        with _get(f"{api_url}/admin/settings", auth_string, timeout) as r:
+            return json.loads(r.read()).get("home")
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError, AttributeError):
+        return None
 
 
 def warm_routes(api_url: str, auth_string: str | None = None, timeout: float = 30.0) -> None:
     """Have the server build its API routes now. FastAPI builds each included router's routes
     on the first request that reaches it, ~1 s of the server's CPU on 2 cores: a request that
     matches no route walks them all (a 404), so the first flow run does not pay it."""
-    req = urllib.request.Request(f"{api_url}/merflow-warm-up")
-    if auth_string:
-        req.add_header("Authorization", "Basic " + b64encode(auth_string.encode()).decode())
     # The 404 it should give, or a slow server (the first flow run builds them then).
     with contextlib.suppress(urllib.error.URLError, OSError, TimeoutError):
-        urllib.request.urlopen(req, timeout=timeout).close()
+        _get(f"{api_url}/merflow-warm-up", auth_string, timeout).close()
+
+
+def _listening(pid: int, port: int) -> bool:
+    """Whether process `pid` or one of its children listens on TCP `port`: then every answer on
+    that port comes from it (a port has one listener)."""
+    import psutil
+
+    try:
+        top = psutil.Process(pid)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == "LISTEN" and c.laddr[1:] == (port,) for c in proc.net_connections()):
+                return True
+    return False
+
+
+def port_busy(host: str, port: int) -> bool:
+    """Whether a server could not bind `host:port` now (as uvicorn binds: SO_REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def client_env(data_root: Path, api_url: str, auth_string: str | None = None) -> dict[str, str]:
@@ -236,6 +280,10 @@ def status(data_root: Path) -> ServerInfo | None:
     return info if info is not None and _alive(info) else None
 
 
+# The database URL (with its password, unlike server.json) of each server this process started.
+_DATABASE_URLS: dict[str, str] = {}
+
+
 def start(
     data_root: Path,
     host: str = "127.0.0.1",
@@ -243,12 +291,18 @@ def start(
     auth_string: str | None = None,
     database_url: str | None = None,
     timeout: float = 90.0,
+    fixed_port: bool = False,
 ) -> ServerInfo:
-    """Start `prefect server start` in the background; return once its health check answers.
+    """Start `prefect server start` in the background, or return the data root's running one.
 
-    Binding beyond loopback needs an auth string (PREFECT_SERVER_API_AUTH_STRING), or the
-    server would take unauthenticated flow runs from the network.
+    One start per data root at a time (a lock): a second command waits, then shares the first
+    one's server rather than migrate the same database again. A server counts as started once
+    its own process listens on the port and the API there answers as this data root's; a port
+    another process takes, before or during the start, moves it to a free port (`port_note`)
+    unless `fixed_port`. Beyond loopback it needs PREFECT_SERVER_API_AUTH_STRING.
     """
+    from filelock import FileLock, Timeout
+
     auth_string = auth_string or os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
     if not is_loopback(host) and not auth_string:
         raise ServerError(
@@ -256,23 +310,46 @@ def start(
             f"without an auth string: set PREFECT_SERVER_API_AUTH_STRING=user:password (clients "
             f"then set PREFECT_API_AUTH_STRING to the same) or bind to 127.0.0.1"
         )
-    running = status(data_root)
-    if running is not None:
-        if healthy(running.api_url, auth_string):
-            return running
-        raise ServerError(
-            f"a Prefect server (pid {running.pid}) is recorded for {data_root} but does not "
-            f"answer at {running.api_url}; stop it with `merflow server stop` and start again"
-        )
     home = prefect_home(data_root)
     home.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(home / "server.lock", timeout=timeout + 30):
+            running = status(data_root)
+            if running is not None:
+                if healthy(running.api_url, auth_string):
+                    return running
+                raise ServerError(
+                    f"a Prefect server (pid {running.pid}) is recorded for {data_root} but does "
+                    f"not answer at {running.api_url}; stop it with `merflow server stop` and "
+                    "start again"
+                )
+            asked = port
+            for _ in range(5):
+                if fixed_port or not port_busy(host, port):
+                    info = _launch(data_root, host, port, auth_string, database_url, timeout)
+                    if info is not None:
+                        info.asked_port = asked
+                        _write(_state_file(data_root), info)
+                        _write(_entry(info.home), info)  # `merflow server list` finds it
+                        if database_url:
+                            _DATABASE_URLS[info.home] = database_url
+                        return info
+                if fixed_port:
+                    raise ServerError(f"port {port} on {host} is taken by another process")
+                port = free_port(host)
+    except Timeout as e:
+        raise ServerError(f"another merflow is starting the server of {data_root}") from e
+    raise ServerError(f"no free port for the Prefect server of {data_root} on {host}")
+
+
+def _launch(data_root, host, port, auth_string, database_url, timeout) -> ServerInfo | None:
+    """Run a server on `port` until it answers as this data root's; None if another process
+    holds the port (then this one cannot bind it and exits, or is stopped)."""
+    from sqlalchemy.engine import make_url  # to record the URL without its password
+
+    home = prefect_home(data_root)
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     api_url = f"http://{url_host}:{port}/api"
-    if healthy(api_url):
-        raise ServerError(
-            f"port {port} on {host} already serves a Prefect API that this data root did not "
-            f"start; pick another port (prefect.port=N) or point prefect.api_url at it"
-        )
     database = database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}"
     env = {
         **os.environ,
@@ -300,20 +377,23 @@ def start(
         api_url=api_url,
         home=str(home),
         log=str(log_path),
-        database=database.split("@")[-1],  # never record a password
+        database=make_url(database).set(password=None).render_as_string(hide_password=False),
         started_at=time.time(),
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if port_busy(host, port):
+                return None  # another process took the port first
             raise ServerError(
                 f"the Prefect server exited with code {proc.returncode} during start-up; "
                 f"see its log {log_path}"
             )
-        if healthy(api_url, auth_string):
+        if _listening(proc.pid, port) and healthy(api_url, auth_string):
+            if identity(api_url, auth_string) != str(home):
+                _terminate(proc.pid)
+                raise ServerError(f"the server at {api_url} does not answer as {data_root}'s")
             warm_routes(api_url, auth_string)
-            _write(_state_file(data_root), info)
-            _write(_entry(info.home), info)  # `merflow server list` finds it from anywhere
             return info
         time.sleep(0.5)
     _terminate(proc.pid)
@@ -321,7 +401,8 @@ def start(
 
 
 def stop(data_root: Path, timeout: float = 20.0) -> bool:
-    """Stop the server recorded for this data root; False if none was running."""
+    """Stop the server recorded for this data root and return once its port is free; False if
+    none was running."""
     home = prefect_home(data_root)
     listed = _read(_entry(home))
     # The list still knows a server whose data root was deleted while it ran.
@@ -331,6 +412,11 @@ def stop(data_root: Path, timeout: float = 20.0) -> bool:
     if info is None:
         return False
     _terminate(info.pid, timeout)
+    deadline = time.monotonic() + timeout
+    while port_busy(info.host, info.port):
+        if time.monotonic() > deadline:
+            raise ServerError(f"stopped pid {info.pid}, but port {info.port} is still taken")
+        time.sleep(0.1)
     return True
 
 
@@ -358,21 +444,29 @@ def _terminate(pid: int, timeout: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def use_server(env: dict[str, str]):
-    """Point this process's Prefect clients at a server for the duration of the block.
+def use_server(env: dict[str, str], watch: bool = False):
+    """Point this process's Prefect clients at a server for the duration of the block; with
+    `watch`, notice when it dies and start it again, or end the command (flows/server_watch.py).
 
     Environment variables alone do not reach a Prefect that was already imported, so the
     same values also go through `temporary_settings`.
     """
     import prefect.settings as ps
 
+    from flows.server_watch import ServerWatch
+
     updates = {getattr(ps, k): v for k, v in env.items() if getattr(ps, k, None) is not None}
     old = {k: os.environ.get(k) for k in env}
+    watcher = ServerWatch(env) if watch else None  # before env: it tells where the URL came from
     os.environ.update(env)
+    if watcher is not None:
+        watcher.start()
     try:
         with ps.temporary_settings(updates=updates):
             yield
     finally:
+        if watcher is not None:
+            watcher.close()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -398,6 +492,7 @@ class Connection:
             why = "the prefect.api_url setting" if self.source == "setting" else "PREFECT_API_URL"
             return [f"Prefect API {self.api_url} (from {why}; UI {ui})"]
         info = self.server
+        note = [f"  ({info.port_note})"] if info.port_note else []
         if self.source == "running":
             return [f"Prefect server of {info.data_root} (pid {info.pid}, up {age(info)}): UI {ui}"]
         return [
@@ -407,6 +502,7 @@ class Connection:
             f"  stop: {info.stop_command}",
             "  every server merflow started: `merflow server list`, `merflow server stop --all`",
             f"  one server for every data root: export PREFECT_API_URL={self.api_url}",
+            *note,
         ]
 
 
@@ -425,10 +521,10 @@ def connect(
     source, info = ("setting" if api_url else "environment"), None
     if not url:
         source, info = "running", status(data_root)
-        if info is None:
-            if healthy(f"http://{host}:{port}/api"):
-                port = free_port(host)
-            source, info = "started", start(data_root, host=host, port=port)
+        if info is None:  # started now, or by a command that started at the same moment
+            asked = time.time()
+            info = start(data_root, host=host, port=port)
+            source = "started" if info.started_at >= asked else "running"
         url = info.api_url
     if not healthy(url, auth):
         raise ServerError(

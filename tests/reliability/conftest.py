@@ -30,16 +30,27 @@ def model_overrides(tiny_models: Path) -> list[str]:
     return [f"models.models_dir={tiny_models}", "models.build_tiny=false"]
 
 
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A merflow Prefect server on a throw-away PostgreSQL cluster on loopback (the team
+    setup: `merflow server start --database-url postgresql+asyncpg://...`)."""
+    from flows import server
+    from tests.reliability.postgres import cluster
+
+    root = tmp_path_factory.mktemp("prefect-pg-root")
+    with cluster(server.free_port()) as url:
+        info = server.start(root, port=server.free_port(), database_url=url)
+        try:
+            yield info
+        finally:
+            server.stop(root)
+
+
 @pytest.fixture
 def extract_process(prefect_server, model_overrides) -> Callable[..., subprocess.Popen]:
-    """Start `extract_driver.py` in a subprocess against the session's Prefect server."""
+    """Start `extract_driver.py` in a subprocess against the session's Prefect server, or the
+    one `server_info` names."""
     from flows.server import client_env
-
-    env = {
-        **os.environ,
-        **client_env(Path(prefect_server.home).parent, prefect_server.api_url),
-        "PYTHONPATH": str(REPO),
-    }
 
     def start(
         corpus: Path,
@@ -47,7 +58,14 @@ def extract_process(prefect_server, model_overrides) -> Callable[..., subprocess
         *overrides: str,
         video_dirs: list[Path] | None = None,
         extra_env: dict[str, str] | None = None,
+        server_info=None,
     ) -> subprocess.Popen:
+        info = server_info or prefect_server
+        env = {
+            **os.environ,
+            **client_env(Path(info.home).parent, info.api_url),
+            "PYTHONPATH": str(REPO),
+        }
         cmd = [sys.executable, str(DRIVER), str(corpus), str(root)]
         for d in video_dirs or []:
             cmd += ["--video-dir", str(d)]

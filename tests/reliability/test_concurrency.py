@@ -4,11 +4,13 @@ once."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pandas as pd
 import pytest
@@ -97,10 +99,27 @@ def test_threads_of_one_process_read_consistently_while_another_writes(tmp_path)
     assert not problems, problems[:5]
 
 
+def _completed_runs(api_url: str) -> int:
+    """How many flow runs the server at `api_url` has recorded as completed."""
+    completed = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+    req = urllib.request.Request(
+        f"{api_url}/flow_runs/count",
+        data=json.dumps(completed).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
 @pytest.mark.server
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_two_extraction_runs_over_overlapping_folders_write_each_video_once(
-    corpus, tmp_path, extract_process
+    corpus, tmp_path, extract_process, database, request
 ):
+    # The Prefect server on SQLite (the session's) or on PostgreSQL (the team setup).
+    on = request.getfixturevalue("postgres_server") if database == "postgresql" else None
+    api_url = (on or request.getfixturevalue("prefect_server")).api_url
+    completed = _completed_runs(api_url)
     # Three folders of six clips; run 1 scans A+B, run 2 scans B+C at the same time. B's ids
     # sort first in both runs, so both compute B's videos at once.
     videos = sorted((corpus / "video-labeled").glob("*.mp4"))
@@ -115,9 +134,15 @@ def test_two_extraction_runs_over_overlapping_folders_write_each_video_once(
             shutil.move(f, folders[name] / f.name)
     root = tmp_path / "root"
     shard = "extract.shard_size=6"
-    first = extract_process(corpus, root, shard, video_dirs=[folders["a"], folders["b"]])
-    second = extract_process(corpus, root, shard, video_dirs=[folders["b"], folders["c"]])
+    first = extract_process(
+        corpus, root, shard, video_dirs=[folders["a"], folders["b"]], server_info=on
+    )
+    second = extract_process(
+        corpus, root, shard, video_dirs=[folders["b"], folders["c"]], server_info=on
+    )
     one, two = summary_of(first), summary_of(second)
+    # Both runs are recorded by that server (and so in its database).
+    assert _completed_runs(api_url) >= completed + 2
     assert one["videos"] == two["videos"] == 12
     for summary in (one, two):
         for stage, s in summary["stages"].items():

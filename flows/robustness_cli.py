@@ -56,7 +56,7 @@ def robustness_cmd(
     from tasks.robustness import report_markdown
 
     env = _connect(settings, settings.local_root(root))
-    with server.use_server(env):
+    with server.use_server(env, watch=True):  # a local server that dies comes back
         out = robustness_flow(
             data_root=str(root),
             run=run,

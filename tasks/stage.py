@@ -274,10 +274,11 @@ def run_stage(
     if todo.empty:
         return report
     # A GPU slot on a GPU, a share of the machine's cores on a CPU.
-    with gpu_slot(stage.device, slots_per_device=stage.gpu_slots), _cores(stage):
+    with gpu_slot(stage.device, slots_per_device=stage.gpu_slots), _cores(stage) as claim:
         started = time.perf_counter()  # the wait for a slot is not the stage's work
         _compute(stage, todo, store, attempt, report, failed_before)
         report.seconds += time.perf_counter() - started
+        report.threads = max(claim.seen or [claim.threads]) if claim is not None else 0
     return report
 
 

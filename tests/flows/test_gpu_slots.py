@@ -248,3 +248,42 @@ def test_a_killed_job_frees_its_cores_at_once(tmp_path):
     with cpu_cores(2, folder=tmp_path, cores=[0, 1]) as claim:
         assert claim.threads == 2 and claim.jobs == 1
     assert not list(tmp_path.glob("job-*"))
+
+
+def test_a_training_step_follows_its_share_at_each_epoch_and_keeps_its_counts(
+    tmp_path, monkeypatch
+):
+    import json
+    import logging
+
+    import torch
+
+    from flows.train import _cores
+    from models.training import EpochReport, log_epoch
+    from tasks.gpu_slots import cpu_cores
+
+    monkeypatch.setenv("MERFLOW_CPU_DIR", str(tmp_path / "cpus"))
+    monkeypatch.setattr(gpu_slots, "machine_cores", lambda: [0, 1])
+    monkeypatch.setattr(gpu_slots.CpuClaim, "REFRESH_SECONDS", 0.0)
+    epochs = logging.getLogger("models.training")
+    level, before = epochs.level, torch.get_num_threads()
+    epochs.setLevel(logging.INFO)  # as while the train flow watches its run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    try:
+        with _cores("pretrain", str(run_dir), 2, None, follow=True) as claim:
+            assert claim is not None and claim.threads == 2 == torch.get_num_threads()
+            with cpu_cores(2, what="a second training"):
+                log_epoch(EpochReport("pretrain", 1, 3, {}, 0.1))
+                assert claim.threads == 1 == torch.get_num_threads()
+            log_epoch(EpochReport("pretrain", 2, 3, {}, 0.1))
+            assert claim.threads == 2 == torch.get_num_threads()
+    finally:
+        epochs.setLevel(level)
+        torch.set_num_threads(before)
+    record = json.loads((run_dir / "threads" / "pretrain.json").read_text())
+    assert (record["threads_min"], record["threads_max"], record["threads"]) == (1, 2, 2)
+    (run_dir / "pretrain").mkdir()
+    (run_dir / "pretrain" / "done.json").write_text("{}")
+    with _cores("pretrain", str(run_dir), 2, None, follow=True) as claim:
+        assert claim is None  # a step already done claims nothing

@@ -201,12 +201,12 @@ def test_a_cpu_model_stage_computes_with_its_share_of_the_machines_cores(
     before = torch.get_num_threads()
     try:
         with cpu_cores(len(cores), what="neighbour"):  # a training holding every core
-            run_stage(plan.stage("visual"), videos, store)
+            beside = run_stage(plan.stage("visual"), videos, store)
         assert seen and set(seen) == {("extract visual", 1)}
+        assert beside.threads == 1 and beside.line(1, 1).endswith(" on 1 thread")
         seen.clear()
-        alone = plan.stage("visual")
         shutil.rmtree(store.stores / "features" / "visual")
-        run_stage(alone, videos, store)
+        assert run_stage(plan.stage("visual"), videos, store).threads == len(cores)
         assert seen and set(seen) == {("extract visual", len(cores))}
     finally:
         torch.set_num_threads(before)

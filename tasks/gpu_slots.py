@@ -20,8 +20,10 @@ per job under a machine-wide folder (`cpu_folder`), held with flock, so a job ki
 SIGKILL frees its cores at once. Each job registers what it wants; the cores are shared out
 max-min fair over the live jobs, and a job re-reads its share whenever it calls `use()` (a
 training at each epoch, an extraction stage at each batch), so the first job gives cores back
-when a neighbour arrives and takes them again when it leaves. An explicit thread count (a
-`threads` setting) is used as given, but still registered, so the neighbours make room.
+when a neighbour arrives and takes them again when it leaves. Cores busy with work that claims
+nothing (other programs: the load average beyond the budget's threads) are left out of the
+shares. An explicit thread count (a `threads` setting) is used as given, but still registered,
+so the neighbours make room.
 """
 
 from __future__ import annotations
@@ -244,6 +246,17 @@ def fair_share(cores: int, wants: Sequence[int], mine: int) -> int:
     return max(1, min(mine, level))
 
 
+def busy_elsewhere(in_budget: int) -> int:
+    """Cores kept busy by work the budget does not see (processes that claim nothing: other
+    tools, other users' programs): the 1-minute load average less the `in_budget` threads of
+    the budget's jobs, rounded down; 0 where the OS does not say."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0
+    return max(0, int(load - in_budget))
+
+
 def _try_lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -280,6 +293,7 @@ class CpuClaim:
         self.cores = list(cores) if cores is not None else machine_cores()
         self.held: dict[int, int] = {}  # core -> fd of its locked file
         self.jobs = 1
+        self.busy = 0  # cores busy with work outside the budget, at the last look
         self.threads = self.want if explicit else 1
         self.seen: list[int] = []  # every thread count computed with, in order
         self._job: tuple[int, Path] | None = None
@@ -328,9 +342,13 @@ class CpuClaim:
         with self._lock:
             wants = self._wants()
             self.jobs = len(wants)
+            # Cores the budget's jobs compute on now (each holds its cores; one holding none
+            # computes with one thread), and those busy with work outside the budget.
+            in_budget = len(self.held) + self._held_by_others() + (0 if self.held else 1)
+            self.busy = min(len(self.cores) - 1, busy_elsewhere(in_budget))
             target = min(self.want, len(self.cores))
             if not self.explicit:
-                target = fair_share(len(self.cores), wants, self.want)
+                target = fair_share(len(self.cores) - self.busy, wants, self.want)
             while len(self.held) > target:
                 os.close(self.held.pop(max(self.held)))
             for core in self.cores:
@@ -346,6 +364,22 @@ class CpuClaim:
             self.threads = self.explicit or max(1, len(self.held))
             self._checked = time.monotonic()
             return self.threads
+
+    def _held_by_others(self) -> int:
+        """Cores of the budget another job holds."""
+        taken = 0
+        for core in self.cores:
+            if core in self.held:
+                continue
+            fd = _open(self.folder / f"core-{core}.lock")
+            try:
+                if _try_lock(fd):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                else:
+                    taken += 1
+            finally:
+                os.close(fd)
+        return taken
 
     def use(self, force: bool = False) -> int:
         """Re-read the share (at most every REFRESH_SECONDS unless `force`) and give the calling
@@ -375,6 +409,7 @@ class CpuClaim:
             "wanted": self.want,
             "explicit": bool(self.explicit),
             "machine_cores": len(self.cores),
+            "busy_elsewhere": self.busy,
             "jobs": self.jobs,
         }
 
@@ -383,7 +418,8 @@ class CpuClaim:
         how = "train.threads/model_threads as set" if self.explicit else f"wanted {self.want}"
         jobs = f"{self.jobs} job{'s' if self.jobs != 1 else ''}"
         threads = f"{self.threads} torch thread{'s' if self.threads != 1 else ''}"
-        return f"{threads} ({how} of {len(self.cores)} cores; {jobs} on them)"
+        busy = f", {self.busy} busy with other work" if self.busy else ""
+        return f"{threads} ({how} of {len(self.cores)} cores{busy}; {jobs} on them)"
 
     def close(self) -> None:
         with self._lock:

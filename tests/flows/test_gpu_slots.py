@@ -152,6 +152,12 @@ def test_a_multi_gpu_step_takes_every_device_it_uses(prefect_server):
 # -- CPU cores: a per-machine budget in lock files, no server -------------------------------------
 
 
+@pytest.fixture
+def quiet(monkeypatch):
+    """This machine as if nothing outside the budget ran on it (its real load varies)."""
+    monkeypatch.setattr(gpu_slots, "busy_elsewhere", lambda in_budget: 0)
+
+
 def test_fair_share_gives_small_wants_theirs_and_splits_the_rest():
     from tasks.gpu_slots import fair_share
 
@@ -163,7 +169,7 @@ def test_fair_share_gives_small_wants_theirs_and_splits_the_rest():
     assert fair_share(2, [2, 2, 2], 2) == 1  # never 0: at least one thread
 
 
-def test_a_neighbour_halves_the_share_and_its_end_gives_it_back(tmp_path):
+def test_a_neighbour_halves_the_share_and_its_end_gives_it_back(tmp_path, quiet):
     from tasks.gpu_slots import cpu_cores, current_claim
 
     cores = [0, 1, 2, 3]
@@ -181,7 +187,7 @@ def test_a_neighbour_halves_the_share_and_its_end_gives_it_back(tmp_path):
     assert not list(tmp_path.glob("job-*"))  # a finished job leaves no file
 
 
-def test_an_explicit_thread_count_wins_and_still_makes_room(tmp_path):
+def test_an_explicit_thread_count_wins_and_still_makes_room(tmp_path, quiet):
     from tasks.gpu_slots import cpu_cores
 
     cores = [0, 1]
@@ -192,7 +198,7 @@ def test_an_explicit_thread_count_wins_and_still_makes_room(tmp_path):
             assert other.rebalance() == 1 and fixed.rebalance() == 3
 
 
-def test_use_sets_torch_threads_of_the_calling_thread_and_records_them(tmp_path):
+def test_use_sets_torch_threads_of_the_calling_thread_and_records_them(tmp_path, quiet):
     import torch
 
     from tasks.gpu_slots import cpu_cores
@@ -212,6 +218,7 @@ def test_use_sets_torch_threads_of_the_calling_thread_and_records_them(tmp_path)
             "wanted": 2,
             "explicit": False,
             "machine_cores": 2,
+            "busy_elsewhere": 0,
             "jobs": 0,
         }
         assert claim.env() == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
@@ -219,7 +226,24 @@ def test_use_sets_torch_threads_of_the_calling_thread_and_records_them(tmp_path)
         torch.set_num_threads(before)
 
 
-def test_a_killed_job_frees_its_cores_at_once(tmp_path):
+def test_cores_busy_with_work_outside_the_budget_are_left_out(tmp_path, monkeypatch):
+    from tasks.gpu_slots import busy_elsewhere, cpu_cores
+
+    monkeypatch.setattr(gpu_slots.os, "getloadavg", lambda: (6.7, 0.0, 0.0))
+    assert busy_elsewhere(2) == 4  # rounded down: a fraction of a core is nobody's
+    with cpu_cores(4, folder=tmp_path, cores=[0, 1, 2, 3]) as claim:
+        # Load 6.7 with this job's one thread: 5 cores' worth of others' work, all but one.
+        assert claim.threads == 1 and claim.busy == 3
+        assert "3 busy with other work" in claim.line()
+    monkeypatch.setattr(gpu_slots.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    with cpu_cores(4, folder=tmp_path, cores=[0, 1, 2, 3]) as claim:
+        assert claim.threads == 4 and claim.busy == 0
+        # Its own 4 threads make the load 4: not work outside the budget.
+        monkeypatch.setattr(gpu_slots.os, "getloadavg", lambda: (4.3, 0.0, 0.0))
+        assert claim.rebalance() == 4
+
+
+def test_a_killed_job_frees_its_cores_at_once(tmp_path, quiet):
     import signal
     import subprocess
     import sys
@@ -251,7 +275,7 @@ def test_a_killed_job_frees_its_cores_at_once(tmp_path):
 
 
 def test_a_training_step_follows_its_share_at_each_epoch_and_keeps_its_counts(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, quiet
 ):
     import json
     import logging

@@ -377,14 +377,15 @@ def deploy_cmd(
     cron: CronOpt = None,
     overrides: Overrides = None,
 ) -> None:
-    """Register the deployments on work pools (start workers with `prefect worker start`)."""
+    """Register the deployments on work pools, creating missing ones as process pools (start
+    workers with `prefect worker start`); `pipeline` trains through `train` on the GPU pool."""
     from flows import server
     from flows.deploy import deploy_to_pools
 
     settings = _settings(profile, overrides)
     opts, _, env = _serve_setup(settings, corpus_dir, profile, data_root, interval, cron, overrides)
     with server.use_server(env):
-        ids = deploy_to_pools(opts, cpu_pool, gpu_pool)
+        ids = deploy_to_pools(opts, cpu_pool, gpu_pool, emit=typer.echo)
     typer.echo(f"registered {len(ids)} deployments; start the workers:")
     typer.echo(f"  PREFECT_API_URL={env['PREFECT_API_URL']} prefect worker start --pool {cpu_pool}")
     typer.echo(f"  PREFECT_API_URL={env['PREFECT_API_URL']} prefect worker start --pool {gpu_pool}")

@@ -58,6 +58,7 @@ def pipeline_flow(
     profile: str = "demo",
     data_root: str | None = None,
     overrides: list[str] | None = None,
+    train_deployment: str | None = None,
 ) -> dict:
     """Extract every modality's features, then train and report WAF.
 
@@ -66,11 +67,31 @@ def pipeline_flow(
         profile: settings profile: demo (tiny models) or paper (the real ones).
         data_root: where stores, artifacts and runs go (default <corpus_dir>/merflow).
         overrides: key=value settings, e.g. ["faces.fps=5", "train.use_nee=false"].
+        train_deployment: train as a run of this deployment (`train/train` on the GPU work
+            pool when registered with `merflow deploy`), waiting for it; empty: train here.
     """
+    logger = get_run_logger()
     settings = load_settings(profile, overrides or [])
     summary = extract_flow_for(settings)(corpus_dir, profile, data_root, overrides)
-    report = train_flow(corpus_dir, profile, data_root, overrides)
-    return {"extract": summary, "train": report}
+    if not train_deployment:
+        return {"extract": summary, "train": train_flow(corpus_dir, profile, data_root, overrides)}
+    parameters = {
+        "corpus_dir": corpus_dir,
+        "profile": profile,
+        "data_root": data_root,
+        "overrides": list(overrides or []),
+    }
+    logger.info("features extracted; training goes to the %s deployment", train_deployment)
+    run = run_deployment(name=train_deployment, parameters=parameters, poll_interval=2)
+    state = run.state
+    where = f"{train_deployment} run {run.name} ({run.id}) on work pool {run.work_pool_name}"
+    if state is None or not state.is_completed():
+        raise RuntimeError(
+            f"training failed: {where} ended {state.name if state else 'without a state'}: "
+            f"{(state.message if state else '') or 'see its logs'}"
+        )
+    logger.info("training done: %s", where)
+    return {"extract": summary, "train_run": str(run.id), "train_pool": run.work_pool_name}
 
 
 @flow(name="reextract-new", flow_run_name="reextract-new-{profile}", log_prints=True)
@@ -274,10 +295,42 @@ ENTRYPOINTS = {
 }
 
 
-def deploy_to_pools(opts: ServeOptions, cpu_pool: str, gpu_pool: str) -> list[str]:
-    """Register the deployments on work pools (extraction on CPU, training on GPU workers);
-    workers started with `prefect worker start --pool NAME` pick their runs up."""
+def ensure_work_pools(names: list[str]) -> list[str]:
+    """Create each of the work pools that does not exist yet, as a process pool (what
+    `prefect work-pool create NAME --type process` makes); returns those created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    created = []
+    with get_client(sync_client=True) as client:
+        for name in dict.fromkeys(names):
+            try:
+                client.read_work_pool(name)
+                continue
+            except ObjectNotFound:
+                pass
+            template = ProcessWorker.get_default_base_job_template()
+            try:
+                client.create_work_pool(
+                    WorkPoolCreate(name=name, type="process", base_job_template=template)
+                )
+            except ObjectAlreadyExists:  # another deploy was first
+                continue
+            created.append(name)
+    return created
+
+
+def deploy_to_pools(opts: ServeOptions, cpu_pool: str, gpu_pool: str, emit=log.info) -> list[str]:
+    """Register the deployments on work pools (extraction on CPU, training on GPU workers),
+    creating missing pools as process pools (said through `emit`); workers started with
+    `prefect worker start --pool NAME` pick their runs up. `pipeline` extracts on the CPU pool
+    and hands training to the `train` deployment, so it trains on the GPU pool."""
     from prefect import flow as prefect_flow
+
+    for name in ensure_work_pools([cpu_pool, gpu_pool]):
+        emit(f"created work pool {name!r} (type process)")
 
     params = {
         "corpus_dir": opts.corpus_dir,
@@ -293,6 +346,8 @@ def deploy_to_pools(opts: ServeOptions, cpu_pool: str, gpu_pool: str) -> list[st
             extra["parameters"] = ablate_parameters(params)
         if name == "robustness":
             extra["parameters"] = robustness_parameters(params)
+        if name == "pipeline":
+            extra["parameters"] = {**params, "train_deployment": TRAIN_DEPLOYMENT}
         if name == "reextract-new":
             extra = {"interval": opts.interval_seconds} if not opts.cron else {"cron": opts.cron}
             extra["parameters"] = {

@@ -312,6 +312,7 @@ def extract_flow(
             "retried_shards": t.retried,
             "reasons": dict(t.reasons),
             "seconds": round(t.seconds, 3),  # summed over shards (overlapping ones too)
+            "threads": t.threads,  # most torch threads a shard computed with (0: none claimed)
         }
     summary.feature_tables = {m: t.name for m, t in plan.feature_tables().items()}
     run_ids = sorted(set(videos.video_id) | set(report.unreadable))

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -41,7 +41,7 @@ from flows.train_worker import launch, worker_args
 from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
 from models.settings import available_cpus
 from models.training import EPOCH_RECORD, EpochReport
-from tasks.gpu_slots import gpu_slot
+from tasks.gpu_slots import CpuClaim, cpu_cores, gpu_slot
 from tasks.quality import (
     named_feature_tables,
     quality_mask,
@@ -79,14 +79,66 @@ def _run_step(step: str, key: str, run_dir: str, profile: str, overrides: list[s
     slots = settings.extract.gpu_concurrency
     with gpu_slot(ts.device, slots_per_device=slots, n_devices=ts.nproc_per_node):
         if ts.world_size == 1:
-            torch.set_num_threads(ts.process_threads(available_cpus()))
             data, recipe = step_inputs(Path(run_dir), key, ts)
-            return str(run_step(step, Path(run_dir), data, recipe))
+            want = ts.process_threads(available_cpus())
+            with _cores(step, run_dir, want, ts.threads, follow=True):
+                return str(run_step(step, Path(run_dir), data, recipe))
         if not (Path(run_dir) / step / DONE).is_file():
             args = worker_args(step, key, run_dir, profile, overrides)
-            # launch logs rank 0's epochs here, as the loops log theirs in process (_Watch).
-            launch(ts, step, key, args, emit=get_run_logger().info)
+            # This machine's processes of the step share the cores it was given.
+            want = ts.process_threads(available_cpus()) * ts.nproc_per_node
+            explicit = ts.threads * ts.nproc_per_node if ts.threads else None
+            with _cores(step, run_dir, want, explicit, follow=False) as claim:
+                assert claim is not None  # the step is not done
+                threads = ts.threads or max(1, claim.threads // ts.nproc_per_node)
+                # launch logs rank 0's epochs here, as the loops log theirs in process (_Watch).
+                launch(ts, step, key, args, emit=get_run_logger().info, threads=threads)
         return str(Path(run_dir) / step)
+
+
+THREADS = "threads"  # the run folder's record of each step's thread counts
+
+
+@contextlib.contextmanager
+def _cores(
+    step: str, run_dir: str, want: int, explicit: int | None, follow: bool
+) -> Iterator[CpuClaim | None]:
+    """The step's share of this machine's cores (tasks/gpu_slots.py cpu_cores), re-read at
+    every epoch when it trains in this thread (`follow`); the thread counts are printed and
+    kept in <run>/threads/<step>.json for the report. A step already done claims nothing."""
+    if (Path(run_dir) / step / DONE).is_file():
+        yield None
+        return
+    epochs = logging.getLogger("models.training")
+    with cpu_cores(want, explicit, what=f"train {step}") as claim:
+        claim.use(force=True)
+        print(f"{step}: {claim.line()}")
+        handler = _FollowShare(claim)
+        if follow:
+            epochs.addHandler(handler)
+        try:
+            yield claim
+        finally:
+            epochs.removeHandler(handler)
+    record = claim.record()
+    if record["threads_min"] != record["threads_max"]:
+        print(f"{step}: trained with {record['threads_min']}-{record['threads_max']} threads")
+    folder = Path(run_dir) / THREADS
+    folder.mkdir(exist_ok=True)
+    (folder / f"{step}.json").write_text(json.dumps(record, sort_keys=True))
+
+
+class _FollowShare(logging.Handler):
+    """At each epoch the step trains in this thread, its torch threads follow its share of the
+    cores (a neighbour arrived or left)."""
+
+    def __init__(self, claim: CpuClaim) -> None:
+        super().__init__(logging.INFO)
+        self.claim, self.thread = claim, threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, EPOCH_RECORD, None) is not None and threading.get_ident() == self.thread:
+            self.claim.use()
 
 
 # One task, named per step kind in the UI.

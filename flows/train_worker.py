@@ -94,11 +94,12 @@ def launch(
     key: str,
     args: Sequence[str],
     emit: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> None:
     """Run one step under torchrun, streaming its output through `emit`, and rank 0's epoch
     reports through this process's training logger (models/training.py `log_epoch`), as if it
     trained the step itself; raise DistributedStepError (with the last lines) when any rank
-    fails."""
+    fails. `threads`: each process's threads (default: its share of this worker's cores)."""
     from models.training import log_epoch
 
     check_devices(ts)
@@ -109,7 +110,8 @@ def launch(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # torchrun sets one thread per process only when it starts several; share the cores out
     # always, or CPU ranks (and a CPU-bound flow beside them) oversubscribe the machine.
-    env["OMP_NUM_THREADS"] = str(ts.process_threads(available_cpus()))
+    per_process = str(threads or ts.process_threads(available_cpus()))
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = per_process
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as proc:

@@ -37,6 +37,7 @@ from tasks.code_version import code_version
 from tasks.corrupt import Corruption
 from tasks.face_crops import FaceCrops, load_crops
 from tasks.faces import FaceSettings
+from tasks.gpu_slots import current_claim
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, read_wav
 from tasks.shard import ShardReport, now_utc
 from tasks.stage import (
@@ -116,20 +117,35 @@ class ModelChoice:
         )
 
     @property
-    def compute_threads(self) -> int:
-        """The threads it computes with: `threads`, else half the cores of the worker it runs
-        on (the other half crops the next shard's faces and splits its audio), at least 1.
-        More threads than free cores make every batched op wait at a barrier for a thread the
-        OS has descheduled: 5-10x slower on a busy 2-core machine."""
+    def wanted_threads(self) -> int:
+        """The threads it asks for: `threads`, else half the cores of the worker it runs on
+        (the other half crops the next shard's faces and splits its audio), at least 1."""
         return self.threads or max(1, available_cpus() // 2)
+
+    @property
+    def compute_threads(self) -> int:
+        """The threads it computes with: `threads`, else, while a shard holds a share of the
+        machine's cores (tasks/stage.py, tasks/gpu_slots.py cpu_cores), that share, else
+        wanted_threads. More threads than free cores make every batched op wait at a barrier
+        for a thread the OS has descheduled: 5-10x slower on a busy 2-core machine."""
+        claim = current_claim()
+        return claim.threads if claim is not None and not self.threads else self.wanted_threads
 
     def use_threads(self) -> None:
         """Give this thread's torch ops `compute_threads` intra-op threads (torch keeps the
-        count per calling thread once it has run an op: each stage sets its own)."""
+        count per calling thread once it has run an op: each stage sets its own); under a
+        claim on the machine's cores, its share is re-read first (a neighbour came or went)."""
         import torch
 
-        if torch.get_num_threads() != self.compute_threads:
+        claim = current_claim()
+        if claim is not None:
+            claim.use()
+        elif torch.get_num_threads() != self.compute_threads:
             torch.set_num_threads(self.compute_threads)
+
+    def stage_threads(self) -> dict[str, Any]:
+        """The Stage fields of its claim on the machine's cores."""
+        return {"threads": self.wanted_threads, "fixed_threads": bool(self.threads)}
 
     @property
     def budget(self) -> int | None:
@@ -255,7 +271,17 @@ def _features(
     table = tables.features(modality, ext_id, model.spec.output_dim)
     batch = VIDEOS_PER_GROUP[name]
     return Stage(
-        name, table, ext_id, start, upstream, load, batch, model.device, model.gpu_slots, side
+        name,
+        table,
+        ext_id,
+        start,
+        upstream,
+        load,
+        batch,
+        model.device,
+        model.gpu_slots,
+        side,
+        **model.stage_threads(),
     )
 
 
@@ -403,7 +429,8 @@ def transcribe_stage(
         return compute
 
     batch = VIDEOS_PER_GROUP[TRANSCRIBE_STAGE]
-    return Stage(TRANSCRIBE_STAGE, tables.TRANSCRIPTS, ext_id, start, up, load, batch)
+    threads = model.stage_threads()
+    return Stage(TRANSCRIBE_STAGE, tables.TRANSCRIPTS, ext_id, start, up, load, batch, **threads)
 
 
 # -- text ----------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ class ShardReport:
     retried: int = 0
     # Seconds the stage worked (last attempt; a wait for a GPU slot excluded).
     seconds: float = 0.0
+    # Most torch threads it computed with: its share of the machine's cores (tasks/gpu_slots.py
+    # cpu_cores); 0: it claimed none (a GPU stage, or one whose work is in other processes).
+    threads: int = 0
 
     def add_failure(self, video_id: str, error_type: str) -> None:
         """Count one per-video failure."""
@@ -54,6 +57,7 @@ class ShardReport:
             self.failed_videos + other.failed_videos,
             self.retried + other.retried,
             self.seconds + other.seconds,
+            max(self.threads, other.threads),
         )
 
     def line(self, shard: int, shards: int, cached: bool = False) -> str:
@@ -71,6 +75,8 @@ class ShardReport:
         worked = self.processed + self.failed
         if worked and self.seconds > 0:
             text += f", {worked / self.seconds:.2f} videos/s"
+        if self.threads:
+            text += f" on {self.threads} thread{'s' if self.threads != 1 else ''}"
         return text + (" (retried)" if self.retried else "")
 
 

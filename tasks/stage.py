@@ -11,6 +11,7 @@ that now succeed, and commits what it wrote even when a transient error escapes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from data_contracts.store import Store
 from data_contracts.tables import TableRef
 from tasks import video_pool
 from tasks.errors import BadInputError
-from tasks.gpu_slots import gpu_slot
+from tasks.gpu_slots import cpu_cores, device_index, gpu_slot
 from tasks.shard import (
     ShardReport,
     current_attempt,
@@ -84,6 +85,9 @@ class Stage:
     side: a second table written in the same pass; a video is done when both tables hold it.
     device, gpu_slots: where the stage computes; on a GPU the shard holds one of the device's
         `gpu_slots` slots on this machine while it computes (tasks/gpu_slots.py).
+    threads: torch threads a CPU stage wants from this machine's cores while a shard computes
+        (tasks/gpu_slots.py cpu_cores; it computes with its share); 0: it claims none (its
+        work is in other processes). `fixed_threads`: `threads` is a setting, used as given.
     """
 
     name: str
@@ -96,6 +100,8 @@ class Stage:
     device: str = "cpu"
     gpu_slots: int = 1
     side: Side | None = None
+    threads: int = 0
+    fixed_threads: bool = False
 
     @property
     def cache_id(self) -> str:
@@ -267,11 +273,21 @@ def run_stage(
     report.seconds = time.perf_counter() - started
     if todo.empty:
         return report
-    with gpu_slot(stage.device, slots_per_device=stage.gpu_slots):  # nothing held on a CPU
+    # A GPU slot on a GPU, a share of the machine's cores on a CPU.
+    with gpu_slot(stage.device, slots_per_device=stage.gpu_slots), _cores(stage) as claim:
         started = time.perf_counter()  # the wait for a slot is not the stage's work
         _compute(stage, todo, store, attempt, report, failed_before)
         report.seconds += time.perf_counter() - started
+        report.threads = max(claim.seen or [claim.threads]) if claim is not None else 0
     return report
+
+
+def _cores(stage: Stage) -> contextlib.AbstractContextManager:
+    """The CPU stage's claim on this machine's cores (model.use_threads() computes with it)."""
+    if stage.threads < 1 or device_index(stage.device) is not None:
+        return contextlib.nullcontext()
+    fixed = stage.threads if stage.fixed_threads else None
+    return cpu_cores(stage.threads, fixed, what=f"extract {stage.name}")
 
 
 def _compute(

@@ -241,6 +241,8 @@ def build_report(
         "pseudo_counts": pseudo_counts,
         "classes": list(CLASSES),
         "settings": settings,
+        # The torch threads each step computed with: its share of the machine's cores.
+        "threads": step_threads(run_dir),
     }
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -374,6 +376,27 @@ def _epoch_choice(settings: dict[str, Any]) -> str:
     return "(every stage trains its full number of epochs: no early stopping)"
 
 
+def step_threads(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The thread record of each step (flows/train.py writes <run>/threads/<step>.json)."""
+    folder = run_dir / "threads"
+    found = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    return {p.stem: json.loads(p.read_text()) for p in found}
+
+
+def _threads_line(threads: dict[str, dict[str, Any]]) -> str:
+    def one(step: str, t: dict[str, Any]) -> str:
+        n = (
+            t["threads"]
+            if t["threads_min"] == t["threads_max"]
+            else (f"{t['threads_min']}-{t['threads_max']}")
+        )
+        return f"{step} {n}"
+
+    cores = max(t["machine_cores"] for t in threads.values())
+    steps = ", ".join(one(step, t) for step, t in threads.items())
+    return f"Torch threads per step (of {cores} cores, shared with the jobs beside it): {steps}."
+
+
 def report_markdown(r: dict[str, Any]) -> str:
     """The report as Markdown (a Prefect artifact and report.md)."""
     lines = [
@@ -389,6 +412,8 @@ def report_markdown(r: dict[str, Any]) -> str:
         + ".",
         "",
     ]
+    if r.get("threads"):
+        lines += [_threads_line(r["threads"]), ""]
     folds = range(len(r["fold_waf"]))
     lines.append("| model | mean | " + " | ".join(f"fold {k}" for k in folds) + " |")
     lines.append("|---|---:|" + "---:|" * len(folds))

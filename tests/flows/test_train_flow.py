@@ -65,6 +65,12 @@ def test_train_learns_writes_report_and_is_reproducible(extracted):
     assert set(preds.split) == {"cv", "unlabeled"} and len(preds) == 72
     assert np.allclose(np.stack(preds.prob_voted).sum(1), 1, atol=1e-4)
     assert json.loads((out / "report.json").read_text())["confusion"]
+    # Each step's torch threads: its share of this machine's cores (tasks/gpu_slots.py).
+    threads = json.loads((out / "report.json").read_text())["threads"]
+    assert set(threads) == {"pretrain", "fold-0", "fold-1"}
+    for t in threads.values():
+        assert 1 <= t["threads_min"] <= t["threads"] <= t["threads_max"] <= t["machine_cores"]
+    assert "Torch threads per step" in (out / "report.md").read_text()
     ckpt = load_checkpoint(out.parent / "fold-0" / "model")
     assert ckpt.extractor_ids["visual"] == report["extractor_ids"]["visual"]
 
@@ -97,8 +103,12 @@ def test_two_processes_under_torchrun_train_what_one_does(extracted, tmp_path, m
     lines: list[str] = []
     real_launch = flows.train.launch
 
-    def launch(ts, step, key, args, emit):
-        real_launch(ts, step, key, args, emit=lambda line: (lines.append(line), emit(line)))
+    def launch(ts, step, key, args, emit, threads):
+        given.append(threads)
+        tee = lambda line: (lines.append(line), emit(line))  # noqa: E731
+        real_launch(ts, step, key, args, emit=tee, threads=threads)
+
+    given: list[int] = []
 
     monkeypatch.setattr(flows.train, "launch", launch)
     corpus, root, overrides = extracted
@@ -112,6 +122,9 @@ def test_two_processes_under_torchrun_train_what_one_does(extracted, tmp_path, m
     steps = ("pretrain", "fold-0", "fold-1")
     for step in steps:
         assert json.loads((run_dir / step / "done.json").read_text())["world_size"] == 2
+    # Each rank computed with its part of the step's share of the machine's cores.
+    shares = [two["threads"][step]["threads"] for step in steps]
+    assert given == [max(1, share // 2) for share in shares]
     two_val = {k: np.load(run_dir / k / "outputs.npz")["val_voted"] for k in steps[1:]}
     shutil.move(run_dir, tmp_path / "two")  # the same run again, in one process
     one = _train(corpus, root, overrides, *exact)

@@ -174,6 +174,45 @@ def test_model_stages_compute_on_the_configured_torch_threads(videos, tiny_model
     assert seen and set(seen) == {1}
 
 
+def test_a_cpu_model_stage_computes_with_its_share_of_the_machines_cores(
+    videos, tiny_models, tmp_path, monkeypatch
+):
+    import torch
+
+    import tasks.embed as embed_mod
+    from models.visual import VisualEncoder
+    from tasks.gpu_slots import cpu_cores, current_claim, machine_cores
+
+    monkeypatch.setenv("MERFLOW_CPU_DIR", str(tmp_path / "cpus"))
+    monkeypatch.setattr("tasks.gpu_slots.busy_elsewhere", lambda in_budget: 0)  # a quiet machine
+    cores = machine_cores()
+    monkeypatch.setattr(embed_mod, "available_cpus", lambda: 2 * len(cores))  # wants them all
+    plan = _plan(tiny_models, tmp_path / "root")
+    store = Store(tmp_path / "root")
+    run_stage(plan.stage("faces"), videos, store)
+    seen: list[tuple[str | None, int]] = []
+    embed = VisualEncoder.embed
+
+    def spy(self, *a, **kw):
+        claim = current_claim()
+        seen.append((claim.what if claim else None, torch.get_num_threads()))
+        return embed(self, *a, **kw)
+
+    monkeypatch.setattr(VisualEncoder, "embed", spy)
+    before = torch.get_num_threads()
+    try:
+        with cpu_cores(len(cores), what="neighbour"):  # a training holding every core
+            beside = run_stage(plan.stage("visual"), videos, store)
+        assert seen and set(seen) == {("extract visual", 1)}
+        assert beside.threads == 1 and beside.line(1, 1).endswith(" on 1 thread")
+        seen.clear()
+        shutil.rmtree(store.stores / "features" / "visual")
+        assert run_stage(plan.stage("visual"), videos, store).threads == len(cores)
+        assert seen and set(seen) == {("extract visual", len(cores))}
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_model_threads_default_to_half_the_cores_of_the_worker_computing(tiny_models, monkeypatch):
     import tasks.embed as embed_mod
 

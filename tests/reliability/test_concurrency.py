@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -114,7 +115,7 @@ def _completed_runs(api_url: str) -> int:
 @pytest.mark.server
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_two_extraction_runs_over_overlapping_folders_write_each_video_once(
-    corpus, tmp_path, extract_process, database, request
+    corpus, tmp_path, extract_process, database, request, model_overrides
 ):
     # The Prefect server on SQLite (the session's) or on PostgreSQL (the team setup).
     on = request.getfixturevalue("postgres_server") if database == "postgresql" else None
@@ -159,3 +160,26 @@ def test_two_extraction_runs_over_overlapping_folders_write_each_video_once(
     manifest = store.read(tables.MANIFEST)
     assert len(manifest) == 18 and set(manifest.source_dir) == {str(f) for f in folders.values()}
     assert pd.read_parquet(store.table_dir(tables.MANIFEST)).video_id.is_unique
+    if on is not None:
+        _ablate_side_by_side(corpus, root, on, model_overrides, api_url)
+
+
+def _ablate_side_by_side(corpus, root, on, model_overrides, api_url) -> None:
+    """The team setup's other concurrency: `merflow ablate --parallel 2` trains its five runs
+    two at a time as subflows on the PostgreSQL server, each recorded there."""
+    from flows.server import client_env
+
+    before = _completed_runs(api_url)
+    env = {
+        **os.environ,
+        **client_env(Path(on.home).parent, on.api_url),
+        "PYTHONPATH": str(REPO),
+    }
+    tiny = ["train.n_splits=2", "train.pretrain_epochs=1", "train.max_epochs=2"]
+    cmd = [sys.executable, "-m", "flows.cli", "ablate", str(corpus), "--seeds", "1"]
+    cmd += ["--parallel", "2", "--data-root", str(root), *model_overrides, *tiny]
+    cmd += ["train.final_epochs=2"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| **full method** |" in done.stdout
+    assert _completed_runs(api_url) >= before + 6  # the ablate flow and its five train runs

@@ -140,7 +140,7 @@ def test_a_table_streamed_in_small_chunks_and_parts_stores_what_a_whole_read_doe
     whole = import_features(store, "text", "whole", path)
 
     monkeypatch.setattr("tasks.import_features.READ_ROWS", 2)
-    monkeypatch.setattr(store, "target_part_bytes", 3 * 4 * 5)  # 3 rows of 5 float32 per part
+    monkeypatch.setattr(store, "target_part_bytes", 4 * 4 * 5)  # half: 2 rows; parts of 3
     streamed = import_features(store, "text", "streamed", path)
     assert whole.written == streamed.written == 8
     table_dir = store.table_dir(tables.features("text", "imported-streamed", 5))

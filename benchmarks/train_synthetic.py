@@ -38,16 +38,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.authors_model import authors_step, load_authors_model
 from data_contracts.labels import CLASSES, MODALITIES
 from flows.config import load_settings
 from models.baseline import BaselineConfig, BaselineNet
 from models.distributed import World, barrier, init_from_env, local_device, shutdown
-from models.featureset import FeatureSet
+from models.featureset import FeatureSet, as_index_tensor, take, to_tensors
 from models.mrccl import MRCCL, PAPER_DIMS, MRCCLConfig
 from models.recipe import recipe_from_settings
 from models.selftrain import STEP1_TARGETS, STEP2_TARGETS
 from models.settings import TrainSettings
-from models.training import TrainConfig, fine_tune, predict, pretrain, train_baseline, waf
+from models.training import (
+    TrainConfig,
+    fine_tune,
+    fine_tune_loss,
+    predict,
+    pretrain,
+    pretrain_loss,
+    train_baseline,
+    waf,
+)
 from tasks.ablate_report import BASELINE, SYSTEMS, System
 from tasks.train import load_fold, train_in_process
 from tasks.train_data import TrainingData, standardize
@@ -291,6 +301,9 @@ def throughput(args: argparse.Namespace) -> None:
         dt = time.perf_counter() - t
         say(f"{label:42s} {n / dt:9.0f} samples/s  ({n} rows in {dt:.1f} s)", flush=True)
 
+    step_rates(args, mcfg, data, say)
+    if args.no_epochs:
+        return
     timed("MR-CCL pretraining epoch", lambda: pretrain(model, data, cfg, epochs=1))
     timed("MR-CCL fine-tuning epoch (+512 val rows)", lambda: fine_tune(model, data, val, cfg))
     timed("MR-CCL prediction", lambda: predict(model, data, cfg.eval_batch_size))
@@ -299,6 +312,52 @@ def throughput(args: argparse.Namespace) -> None:
     say(f"peak RSS {peak_rss_gib():.2f} GiB (rank 0)")
     if cuda:
         say(f"peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+def step_rates(args: argparse.Namespace, mcfg: MRCCLConfig, data: FeatureSet, say) -> None:
+    """Samples/s of one training step on one batch of `args.batch` rows: merflow's pretraining
+    and fine-tuning steps and, with `--authors DIR`, the authors' model's step (their forward
+    in training mode: both views, contrastive + CE loss). `args.steps` rounds, the models
+    taking turns within each round so that a busy machine slows all of them alike; the median
+    round counts."""
+    rows = np.arange(min(args.batch, len(data)))
+    batch = take(to_tensors(data.subset(rows)), as_index_tensor(rows, "cpu")).to(args.device)
+    torch.manual_seed(args.seed)
+    steps: dict[str, Callable[[], float]] = {}
+    for name, loss_fn in (("pretraining", pretrain_loss), ("fine-tuning", fine_tune_loss)):
+        model = MRCCL(mcfg).to(args.device).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+        def step(model=model, optimizer=optimizer, loss_fn=loss_fn) -> float:
+            loss, _ = loss_fn(model, batch, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return float(loss)
+
+        steps[f"merflow {name} step"] = step
+    if args.authors:
+        authors = load_authors_model(
+            args.authors, PAPER_DIMS, args.hidden, args.layers, args.heads, mcfg.dropout
+        )
+        steps["authors' model step (CONTRASTIVE)"] = authors_step(
+            authors, batch.features, batch.labels, args.lr
+        )
+    seconds: dict[str, list[float]] = {k: [] for k in steps}
+    for fn in steps.values():
+        fn()  # warm-up
+    for _ in range(args.steps):
+        for k, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            seconds[k].append(time.perf_counter() - t)
+    rate = {k: len(rows) / float(np.median(v)) for k, v in seconds.items()}
+    for k, r in rate.items():
+        say(f"{k:42s} {r:9.1f} samples/s  (batch {len(rows)}, median of {args.steps})")
+    theirs = rate.get("authors' model step (CONTRASTIVE)")
+    if theirs:
+        for k in ("merflow fine-tuning step", "merflow pretraining step"):
+            say(f"{k} / authors' step: {rate[k] / theirs:.2f}x")
 
 
 def main() -> None:
@@ -327,6 +386,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--authors",
+        default="",
+        help="throughput: the models/ folder of a LOCAL copy of WooyoohL/MER2024-SEMI, to time "
+        "the authors' model's step beside merflow's (benchmarks/authors_model.py)",
+    )
+    p.add_argument("--steps", type=int, default=3, help="throughput: timed rounds of one step")
+    p.add_argument("--no-epochs", action="store_true", help="throughput: time the steps only")
     p.add_argument("--only", default="", help="comma list of run numbers 0-4 to run")
     p.add_argument(
         "--inner-val", type=float, default=0.15, help="share of a fold's rows for early stopping"

@@ -40,7 +40,7 @@ from flows.safety import check_all_under_roots, checked_corpus_root, data_root_p
 from flows.train_worker import launch, worker_args
 from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
 from models.settings import available_cpus
-from models.training import EPOCH_RECORD, EpochReport
+from models.training import EPOCH_RECORD, PROGRESS_RECORD, BatchProgress, EpochReport
 from tasks.gpu_slots import CpuClaim, cpu_cores, gpu_slot
 from tasks.quality import (
     named_feature_tables,
@@ -189,7 +189,8 @@ class _Watch(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         report: EpochReport | None = getattr(record, EPOCH_RECORD, None)
-        if report is None and record.levelno < logging.WARNING:
+        progress: BatchProgress | None = getattr(record, PROGRESS_RECORD, None)
+        if report is None and progress is None and record.levelno < logging.WARNING:
             return
         run = FlowRunContext.get()
         if run is None or run.flow_run is None or run.flow_run.id != self.flow_run_id:
@@ -203,6 +204,16 @@ class _Watch(logging.Handler):
                 self._advance(self.before[report.stage] + report.epoch, where)
             except Exception:  # an unreachable API must not stop training: logging's rule
                 self.handleError(record)
+        if progress is not None and progress.stage in self.before:
+            where = (
+                f"{progress.stage} epoch {progress.epoch}/{progress.epochs}, "
+                f"batch {progress.batches}/{progress.of}"
+            )
+            done = progress.epoch - 1 + progress.batches / progress.of
+            try:
+                self._advance(self.before[progress.stage] + done, where)
+            except Exception:
+                self.handleError(record)
 
     def step_done(self, step: str) -> None:
         """A step finished (or was already done): progress to its end; a fold's row added."""
@@ -214,12 +225,13 @@ class _Watch(logging.Handler):
                 description="WAF (%) of each finished fold on its validation videos",
             )
 
-    def _advance(self, done: int, where: str, always: bool = False) -> None:
+    def _advance(self, done: float, where: str, always: bool = False) -> None:
+        """Progress to `done` epochs (a fraction inside an epoch, from its progress lines)."""
         self.done = max(self.done, done)
         percent = round(100 * self.done / self.total)
         if percent != self.shown or always:  # about 100 updates a run, and one per step
             self.shown = percent
-            text = f"training: {self.done} of {self.total} epochs; {where}"
+            text = f"training: {round(self.done, 1):g} of {self.total} epochs; {where}"
             update_progress_artifact(self.progress, float(percent), description=text)
 
     @contextlib.contextmanager

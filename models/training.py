@@ -1,20 +1,17 @@
 """The training engine: the loops every stage of the recipe runs (pretraining, fine-tuning,
 the baseline) and prediction. The recipe that calls them (folds, oversampling, pseudo labels,
-voting) is models/recipe.py.
+voting) is models/recipe.py; what the loops log as they go is models/epoch_reports.py.
 
-Read top to bottom: loop settings, epoch reports, metrics, batching, the loss of each stage,
+Read top to bottom: loop settings, metrics, batching, the loss of each stage,
 the loops (pretrain, fine_tune, train_baseline), predict.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,6 +31,17 @@ from models.distributed import (
     shard_batch,
     share,
     world,
+)
+from models.epoch_reports import (  # noqa: F401  (EPOCH_RECORD .. log_epoch: re-exported)
+    EPOCH_RECORD,
+    PROGRESS_RECORD,
+    BatchProgress,
+    EpochProgress,
+    EpochReport,
+    current_stage,
+    log_epoch,
+    report_epoch,
+    training_stage,
 )
 from models.featureset import (
     UNLABELLED,
@@ -73,63 +81,6 @@ class TrainConfig:
                 f"lr={self.lr}, batch_size={self.batch_size}, max_epochs={self.max_epochs}, "
                 f"patience={self.patience}"
             )
-
-
-# ----------------------------------------------------------------------------- epoch reports
-
-# Every finished epoch is one INFO record of this module's logger, carrying its EpochReport
-# under this attribute: the one path by which the terminal, the Prefect run (flows/train.py)
-# and the parent of a torchrun rank (flows/train_worker.py) learn how training goes.
-EPOCH_RECORD = "merflow_epoch"
-
-_stage: contextvars.ContextVar[str | None] = contextvars.ContextVar("training_stage", default=None)
-
-
-@contextlib.contextmanager
-def training_stage(name: str) -> Iterator[None]:
-    """Name the training stage the loops run in (e.g. `fold-0 step1`) for their epoch reports."""
-    token = _stage.set(name)
-    try:
-        yield
-    finally:
-        _stage.reset(token)
-
-
-@dataclass(frozen=True)
-class EpochReport:
-    """One finished epoch of a training stage: losses, early-stopping scores, wall time."""
-
-    stage: str  # `pretrain` or `fold-K PART` (models/recipe.py names them)
-    epoch: int
-    epochs: int  # the stage's most epochs; early stopping may end it sooner
-    stats: dict[str, float]
-    seconds: float
-
-    def line(self) -> str:
-        """`fold-0 step1: epoch 3/20 loss=1.2345 ... val_waf=0.8123 (1.2 s)`."""
-        stats = " ".join(f"{k}={v:.4f}" for k, v in self.stats.items())
-        return f"{self.stage}: epoch {self.epoch}/{self.epochs} {stats} ({self.seconds:.1f} s)"
-
-    def to_json(self) -> str:
-        """One line of JSON (how a torchrun rank hands it to its parent)."""
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> EpochReport:
-        """The report `to_json` wrote."""
-        return cls(**json.loads(text))
-
-
-def log_epoch(report: EpochReport) -> None:
-    """Log a finished epoch: its line, with the report attached (EPOCH_RECORD)."""
-    log.info("%s", report.line(), extra={EPOCH_RECORD: report})
-
-
-def _report(default: str, epoch: int, epochs: int, stats: dict, started: float) -> None:
-    """An epoch's report, from rank 0 only (every rank has the same losses and scores)."""
-    if world().main:
-        seconds = time.perf_counter() - started
-        log_epoch(EpochReport(_stage.get() or default, epoch, epochs, dict(stats), seconds))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -326,9 +277,10 @@ def _train_epoch(
     rng: np.random.Generator,
     w: World,
     rows: np.ndarray | None = None,
+    progress: EpochProgress | None = None,
 ) -> dict[str, float]:
     """One pass over `data` (its `rows` only, when given) in shuffled batches; returns the
-    row-weighted mean of each stat.
+    row-weighted mean of each stat; tells `progress` after each batch.
 
     Every rank draws the same order (same rng seed), so a global batch holds the same rows as
     in a single-process run; each rank forwards its share of it.
@@ -337,7 +289,8 @@ def _train_epoch(
     n = len(data.labels) if rows is None else len(rows)
     device = data.labels.device
     sums: dict[str, float] = {}
-    for idx in _batches(n, batch_size, rng):
+    done = 0
+    for batches, idx in enumerate(_batches(n, batch_size, rng), 1):
         idx = idx if rows is None else rows[idx]
         whole_index = as_index_tensor(idx, device)
         if w.distributed:
@@ -353,6 +306,9 @@ def _train_epoch(
         optimizer.step()
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v * len(idx)
+        done += len(idx)
+        if progress is not None:
+            progress.batch_done(batches, done)
     return {k: v / n for k, v in sums.items()}
 
 
@@ -382,7 +338,11 @@ class _Loop:
         self.step = _stepper(model, loss_fn, self.world)
         self.optimizer = _optimizer(model, cfg)
 
-    def epoch(self) -> dict[str, float]:
+    def epoch(self, stage: str, epoch: int, epochs: int) -> dict[str, float]:
+        """One epoch; `stage`, `epoch` and `epochs` name it in the progress lines."""
+        n = len(self.tensors.labels) if self.rows is None else len(self.rows)
+        of = -(-n // max(1, min(self.batch_size, n)))  # the batches of _batches
+        progress = EpochProgress(current_stage(stage), epoch, epochs, of)
         return _train_epoch(
             self.step,
             self.tensors,
@@ -391,6 +351,7 @@ class _Loop:
             self.rng,
             self.world,
             self.rows,
+            progress,
         )
 
 
@@ -435,11 +396,11 @@ def pretrain(
     early = _EarlyStop(cfg.patience, higher=False)
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
-        stats = loop.epoch()
+        stats = loop.epoch("pretrain", epoch, epochs)
         if held is not None:
             stats["val_loss"] = _held_out_loss(model, loop, held, cfg.seed)
         history.append({"epoch": epoch, **stats})
-        _report("pretrain", epoch, epochs, stats, started)
+        report_epoch("pretrain", epoch, epochs, stats, started)
         if held is not None and early.should_stop(model, epoch, stats["val_loss"]):
             break
     early.restore(model)
@@ -479,7 +440,7 @@ def _fit(
     early = _EarlyStop(cfg.patience, higher=True)
     for epoch in range(1, cfg.max_epochs + 1):
         started = time.perf_counter()
-        stats = loop.epoch()
+        stats = loop.epoch(stage_name, epoch, cfg.max_epochs)
         row: dict[str, float] = {"epoch": epoch, **stats}
         if stop is not None:
             # Every rank sees the same probabilities (gathered), so all stop at the same epoch.
@@ -489,7 +450,7 @@ def _fit(
             row |= {"val_waf": waf(stop.labels, voted.argmax(1))}
         history.append(row)  # no wall time in it: a rerun's history is identical
         scores = {k: v for k, v in row.items() if k != "epoch"}
-        _report(stage_name, epoch, cfg.max_epochs, scores, started)
+        report_epoch(stage_name, epoch, cfg.max_epochs, scores, started)
         if stop is None:
             early.best_epoch = epoch  # no epoch choice: the last one is kept
             continue

@@ -7,7 +7,9 @@ manifest lacks are left out, or, when the import says it has no videos (`without
 stored as feature-only rows whose sha256 is NO_VIDEO; either way they are counted in each row's
 provenance and listed in the import record `imports/<modality>/imported-<NAME>.json` under the
 data root. Everything is read and checked
-before anything is written; the rows go through the store (validated, atomic, upserted). An id
+before anything is written; the rows go through the store (validated, atomic, upserted) in parts
+of half the store's part size. A table is read in chunks of READ_ROWS rows (Parquet batches,
+CSV chunks) twice, to check and to write, so memory follows a chunk and a part, not the table. An id
 names its vectors for good: importing a source again writes only videos the table lacks (new
 in the source or in the manifest), and a source that changes a vector the table holds is
 refused (docs/import.md).
@@ -18,11 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from data_contracts import tables
 from data_contracts.labels import MODALITIES
@@ -38,14 +44,19 @@ ID_COLUMNS = ("video_id", "name")  # merflow's id column, then MER's (label-disd
 TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHOWN = 10  # ids and problems shown in a message
+# Rows of a table read at a time (Parquet batches, CSV chunks): memory follows this, not the
+# table (a 5120-d text table: 4096 rows are 84 MB as float32).
+READ_ROWS = 4096
 
 
 @dataclass
 class SourceVectors:
-    """What a source holds: one vector per video, and how it was read."""
+    """What a source holds: one vector per video, and how it was read. The vectors come in
+    blocks of rows (`blocks`), so a table larger than memory is never held whole."""
 
     video_ids: list[str]
-    vectors: np.ndarray  # (N, D) float32
+    dim: int
+    blocks: Callable[[], Iterator[np.ndarray]]  # float32 (rows, D) blocks, in video_ids order
     n_items: np.ndarray  # frames pooled into each vector (1: utterance-level)
     format: str  # npy-folder, parquet or csv
     pooling: str  # none, or mean over frames
@@ -53,10 +64,12 @@ class SourceVectors:
     columns: str | None = None  # a table's vector column(s)
     files: list[tuple[str, str]] | None = None  # npy: (file name, sha256) per video
 
-    @property
-    def dim(self) -> int:
-        """The vectors' dimension."""
-        return int(self.vectors.shape[1])
+    def row_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 block) pairs over the whole source, in video_ids order."""
+        start = 0
+        for block in self.blocks():
+            yield start, block
+            start += len(block)
 
 
 @dataclass
@@ -164,9 +177,11 @@ def read_npy_folder(folder: Path) -> SourceVectors:
     ids = sorted(vectors)
     listing = "".join(f"{v}.npy\t{shas[v]}\n" for v in ids)
     frames = next(iter(ranks.values())) == 2
+    matrix = np.stack([vectors[v] for v in ids]).astype(np.float32)
     return SourceVectors(
         video_ids=ids,
-        vectors=np.stack([vectors[v] for v in ids]).astype(np.float32),
+        dim=int(matrix.shape[1]),
+        blocks=lambda: iter([matrix]),
         n_items=np.array([counts[v] for v in ids], dtype=np.int64),
         format="npy-folder",
         pooling="mean over frames of (T, D) arrays" if frames else "none: (D,) arrays",
@@ -197,44 +212,100 @@ def _rank_or_dim(what: str, value: int) -> str:
     return f"D={value}"
 
 
-def read_table(path: Path, kind: str) -> SourceVectors:
-    """A table of `video_id` (or `name`) and either one list column or D numeric columns."""
+def _header(path: Path, kind: str) -> list[str]:
+    """The table's column names, stripped."""
+    if kind == "parquet":
+        names = pq.read_schema(path).names
+    else:
+        names = pd.read_csv(path, nrows=0, encoding="utf-8").columns
+    return [str(c).strip() for c in names]
+
+
+def _chunks(path: Path, kind: str, header: list[str], rows: int) -> Iterator[pd.DataFrame]:
+    """The table in chunks of at most `rows` rows (Parquet batches, CSV chunks)."""
+    if kind == "parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+            columns = [_rows_of(column) for column in batch.columns]
+            del batch
+            yield pd.DataFrame(dict(zip(header, columns, strict=True)))
+        return
+    ids = {i: str for i, c in enumerate(header) if c in ID_COLUMNS}
+    for df in pd.read_csv(path, dtype=ids, chunksize=rows, encoding="utf-8"):
+        df.columns = header
+        yield df
+
+
+def _rows_of(column: pa.Array) -> pd.Series | list:
+    """A Parquet column for pandas. A list column whose rows have one length becomes row views
+    of one matrix: to_pandas() would make one small array per row, whose thousands of small
+    allocations the process keeps after they are freed (1 GB for a few 5120-d chunks)."""
+    if (
+        pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+    ) and column.null_count == 0:
+        lengths = pc.list_value_length(column)
+        if len(column) and pc.min_max(lengths)["min"] == pc.min_max(lengths)["max"]:
+            values = column.flatten().to_numpy(zero_copy_only=False)
+            return list(values.reshape(len(column), -1))
+    return column.to_pandas()
+
+
+def read_table(path: Path, kind: str, rows: int = READ_ROWS) -> SourceVectors:
+    """A table of `video_id` (or `name`) and either one list column or D numeric columns.
+
+    Read in chunks of `rows` rows: this pass checks every row and keeps the ids only; the
+    vectors are read again, chunk by chunk, when they are written (`SourceVectors.blocks`)."""
+    problems: list[str] = []
+    id_parts: list[pd.Series] = []
+    dims: set[int] = set()
+    columns, seen = None, 0
     try:
-        if kind == "parquet":
-            df = pd.read_parquet(path)
-        else:
-            header = pd.read_csv(path, nrows=0, encoding="utf-8").columns
-            df = pd.read_csv(path, dtype={c: str for c in ID_COLUMNS if c in header})
+        header = _header(path, kind)
+        id_col = next((c for c in ID_COLUMNS if c in header), None)
+        if id_col is None:
+            raise BadInputError(
+                f"feature table {path} has no video_id (or name) column (found: "
+                f"{', '.join(header[:10]) or 'none'}); name the id column video_id"
+            )
+        others = [c for c in header if c not in ID_COLUMNS]
+        for df in _chunks(path, kind, header, rows):
+            ids = df[id_col].astype("string").str.strip()
+            id_parts.append(ids)
+            empty = np.flatnonzero((ids.isna() | (ids == "")).to_numpy()) + seen
+            if len(empty):
+                problems.append(f"empty {id_col} in rows {_listing([str(i) for i in empty])}")
+            seen += len(df)
+            matrix, columns = _vector_columns(df, others, problems)
+            if matrix is None:
+                break
+            dims.add(matrix.shape[1])
+            if not np.isfinite(matrix).all():
+                bad = ids[~np.isfinite(matrix).all(axis=1)].tolist()
+                problems.append(f"NaN or inf values in the vectors of {_listing(bad)}")
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise BadInputError(f"feature table {path} is not a readable {kind} file: {e}") from e
-    df.columns = [str(c).strip() for c in df.columns]
-    id_col = next((c for c in ID_COLUMNS if c in df.columns), None)
-    if id_col is None:
-        raise BadInputError(
-            f"feature table {path} has no video_id (or name) column (found: "
-            f"{', '.join(df.columns[:10]) or 'none'}); name the id column video_id"
-        )
-    problems: list[str] = []
-    ids = df[id_col].astype("string").str.strip()
-    if df.empty:
+    all_ids = pd.concat(id_parts, ignore_index=True) if id_parts else pd.Series([], dtype="string")
+    if seen == 0:
         problems.append("it holds no rows")
-    empty = np.flatnonzero((ids.isna() | (ids == "")).to_numpy())
-    if len(empty):
-        problems.append(f"empty {id_col} in rows {_listing([str(i) for i in empty])}")
-    dup = sorted(set(ids[ids.duplicated() & ids.notna()]))
+        if not others:
+            problems.append("no vector column beside the id")
+    if len(dims) > 1:
+        problems.append(f"the vectors of column {columns!r} have lengths {sorted(dims)}")
+    dup = sorted(set(all_ids[all_ids.duplicated() & all_ids.notna()]))
     if dup:
         problems.append(f"{id_col} values occur more than once: {_listing(dup)}")
-    others = [c for c in df.columns if c not in ID_COLUMNS]
-    matrix, columns = _vector_columns(df, others, problems)
-    if matrix is not None and not np.isfinite(matrix).all():
-        bad = ids[~np.isfinite(matrix).all(axis=1)].tolist()
-        problems.append(f"NaN or inf values in the vectors of {_listing(bad)}")
-    if problems or matrix is None:
+    if problems or not dims:
         raise BadInputError(_refused(path, problems))
+
+    def blocks() -> Iterator[np.ndarray]:
+        for df in _chunks(path, kind, header, rows):
+            matrix, _ = _vector_columns(df, others, [])
+            yield matrix.astype(np.float32)
+
     return SourceVectors(
-        video_ids=ids.tolist(),
-        vectors=matrix.astype(np.float32),
-        n_items=np.ones(len(df), dtype=np.int64),
+        video_ids=all_ids.tolist(),
+        dim=dims.pop(),
+        blocks=blocks,
+        n_items=np.ones(seen, dtype=np.int64),
         format=kind,
         pooling="none: one vector per row",
         sha256=sha256_file(path),
@@ -288,7 +359,21 @@ def import_features(
     store: Store, modality: str, name: str, source: Path, without_videos: bool = False
 ) -> ImportReport:
     """Import `source` as the feature table `features/<modality>/imported-<name>`; videos the
-    manifest lacks are left out, or with `without_videos` stored as feature-only rows."""
+    manifest lacks are left out, or with `without_videos` stored as feature-only rows.
+
+    Arrow allocates through the system allocator meanwhile: its default (mimalloc) keeps the
+    memory of freed chunks, so a streamed read grew by most of a chunk per chunk."""
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        return _import(store, modality, name, source, without_videos)
+    finally:
+        pa.set_memory_pool(previous)
+
+
+def _import(
+    store: Store, modality: str, name: str, source: Path, without_videos: bool
+) -> ImportReport:
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; give one of {', '.join(MODALITIES)}")
     extractor_id = imported_extractor_id(name)
@@ -350,20 +435,20 @@ def import_features(
         "record": record,
         **code_version(),
     }
-    df = pd.DataFrame(
-        {
-            "video_id": [read.video_ids[i] for i in rows],
-            "sha256": [sha_of[read.video_ids[i]] for i in rows],
-            "extractor_id": extractor_id,
-            "embedding": [read.vectors[i] for i in rows],
-            "n_items": read.n_items[rows].astype(np.int32),
-            "provenance": [
-                json.dumps({**common, **_row_of(read, i, sha_of)}, sort_keys=True) for i in rows
-            ],
-            "created_at": now,
-        }
-    )
-    report.written = store.upsert(table, df).written
+    # Written in parts just above the size the store leaves uncompacted (half its target part
+    # size; one upsert each), block by block of the source: memory follows a part, not the
+    # table. Every row was checked above; a crash between parts leaves whole parts, and
+    # importing again writes the rest.
+    per_part = max(1, store.target_part_bytes // (8 * read.dim) + 1)
+    wanted, pending = np.zeros(len(read.video_ids), dtype=bool), []
+    wanted[rows] = True
+    for start, block in read.row_blocks():
+        picked = np.flatnonzero(wanted[start : start + len(block)])
+        pending += [(int(start + i), block[i]) for i in picked]
+        while len(pending) >= per_part:
+            report.written += _write(store, table, pending[:per_part], read, sha_of, common, now)
+            del pending[:per_part]
+    report.written += _write(store, table, pending, read, sha_of, common, now)
     summary = {**common, "table": table.name, "rows": report.written + report.already}
     summary["not_in_manifest"] = {
         "count": len(unknown),
@@ -372,6 +457,35 @@ def import_features(
     }
     report.record = str(store.write_text(record, json.dumps(summary, indent=2, sort_keys=True)))
     return report
+
+
+def _write(
+    store: Store,
+    table,
+    picked: list[tuple[int, np.ndarray]],
+    read: SourceVectors,
+    sha_of: dict[str, str],
+    common: dict,
+    now,
+) -> int:
+    """Upsert the source's rows `picked` ((row, vector) pairs); returns the rows written."""
+    if not picked:
+        return 0
+    rows = [i for i, _ in picked]
+    df = pd.DataFrame(
+        {
+            "video_id": [read.video_ids[i] for i in rows],
+            "sha256": [sha_of[read.video_ids[i]] for i in rows],
+            "extractor_id": common["extractor_id"],
+            "embedding": [vector for _, vector in picked],
+            "n_items": read.n_items[rows].astype(np.int32),
+            "provenance": [
+                json.dumps({**common, **_row_of(read, i, sha_of)}, sort_keys=True) for i in rows
+            ],
+            "created_at": now,
+        }
+    )
+    return store.upsert(table, df).written
 
 
 def _row_of(read: SourceVectors, i: int, sha_of: dict[str, str]) -> dict:
@@ -399,13 +513,17 @@ def _refuse_changed_vectors(
     if found[0].dim != read.dim:
         held = f"{found[0].dim}-d vectors, and {source} gives {read.dim}-d ones"
     else:
-        position = {v: i for i, v in enumerate(read.video_ids)}
-        keys, matrix = store.read_vectors(table, where={"video_id": read.video_ids})
-        changed = [
-            v
-            for j, (v, sha) in enumerate(zip(keys.video_id, keys.sha256, strict=True))
-            if sha_of.get(v) == sha and not np.array_equal(matrix[j], read.vectors[position[v]])
-        ]
+        changed = []
+        for start, block in read.row_blocks():  # block by block: the source is never whole
+            ids = read.video_ids[start : start + len(block)]
+            keys, matrix = store.read_vectors(table, where={"video_id": ids})
+            position = {v: i for i, v in enumerate(ids)}
+            changed += [
+                v
+                for j, (v, sha) in enumerate(zip(keys.video_id, keys.sha256, strict=True))
+                if sha_of.get(v) == sha
+                and not np.array_equal(matrix[j], block[position[v] - start])
+            ]
         if not changed:
             return
         held = f"other vectors than {source} gives for {len(changed)} videos ({_listing(changed)})"

@@ -64,14 +64,22 @@ def standardize(
     """
     stats = {}
     for m, x in features.items():
-        rows = x[present[m]]
+        every = bool(present[m].all())
+        rows = x if every else x[present[m]]  # every row present: no copy of the matrix
         mean = rows.mean(0) if len(rows) else np.zeros(x.shape[1], np.float32)
         std = rows.std(0) if len(rows) > 1 else np.ones(x.shape[1], np.float32)
         std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
-        x[present[m]] = (rows - mean) / std
-        x[~present[m]] = 0.0
+        if every:  # in place: the same float operations as (rows - mean) / std
+            x -= mean
+            x /= std
+        else:
+            x[present[m]] = (rows - mean) / std
+            x[~present[m]] = 0.0
         stats[m] = (mean.astype(np.float32), std)
     return stats
+
+
+_BLOCK = 8192  # rows copied at a time from a store's matrix into the training matrix
 
 
 def training_videos(store: Store, feature_tables: dict[str, TableRef]) -> pd.DataFrame:
@@ -112,10 +120,12 @@ def load_training_data(
         x = np.zeros((n, dim), dtype=np.float32)
         p = np.zeros(n, dtype=bool)
         rows = [position.get(k) for k in zip(keys.video_id, keys.sha256, strict=True)]
-        take = np.array([r is not None for r in rows], dtype=bool)
+        src = np.flatnonzero(np.array([r is not None for r in rows], dtype=bool))
         idx = np.array([r for r in rows if r is not None], dtype=np.int64)
-        x[idx] = mat[take]
+        for lo in range(0, len(idx), _BLOCK):  # block by block: no temporary of the matrix
+            x[idx[lo : lo + _BLOCK]] = mat[src[lo : lo + _BLOCK]]
         p[idx] = True
+        del keys, mat  # the store's copy goes before the next modality is read
         features[modality], present[modality] = x, p
         ext_ids[modality] = table.name.rsplit("/", 1)[-1]
     labels_df = store.read(tables.LABELS)
@@ -129,23 +139,21 @@ def load_training_data(
     anything = np.stack([present[m] for m in MODALITIES]).any(axis=0)
     dropped = videos.video_id[~anything].tolist()
     keep = np.flatnonzero(anything)
-    full = FeatureSet(
-        video_ids=videos.video_id.to_numpy()[keep],
-        features={m: features[m][keep] for m in MODALITIES},
-        present={m: present[m][keep] for m in MODALITIES},
-        labels=labels[keep],
-    )
-    lab = full.labels != UNLABELLED
+    ids = videos.video_id.to_numpy()[keep]
+    lab = labels[keep] != UNLABELLED
     if not lab.any():
         raise BadInputError(
             f"no video under {store.root} (of the manifest, or imported without videos) has "
             f"both features and a label; check the label CSV's names against the video file "
             f"stems (or the imported ids)"
         )
-    missing = {m: int((~full.present[m]).sum()) for m in MODALITIES}
+    missing = {m: int((~present[m][keep]).sum()) for m in MODALITIES}
+    labelled, unlabelled = _split_rows(
+        ids, features, present, labels[keep], keep, [np.flatnonzero(lab), np.flatnonzero(~lab)]
+    )
     data = TrainingData(
-        labelled=full.subset(np.flatnonzero(lab)),
-        unlabelled=full.subset(np.flatnonzero(~lab)),
+        labelled=labelled,
+        unlabelled=unlabelled,
         dropped=dropped,
         missing=missing,
         extractor_ids=ext_ids,
@@ -163,6 +171,34 @@ def load_training_data(
         data.load_seconds,
     )
     return data
+
+
+def _split_rows(
+    ids: np.ndarray,
+    features: dict[str, np.ndarray],
+    present: dict[str, np.ndarray],
+    labels: np.ndarray,
+    keep: np.ndarray,
+    parts: list[np.ndarray],
+) -> list[FeatureSet]:
+    """FeatureSets of the rows `parts` (indices into `keep`, which indexes the matrices in
+    `features`), modality by modality, each matrix dropped from `features` once split: at most
+    one modality is held twice, never the whole features."""
+    split: list[dict[str, np.ndarray]] = [{} for _ in parts]
+    for m in MODALITIES:
+        x = features.pop(m)
+        for out, rows in zip(split, parts, strict=True):
+            out[m] = x[keep[rows]]
+        del x
+    return [
+        FeatureSet(
+            video_ids=ids[rows],
+            features=out,
+            present={m: present[m][keep[rows]] for m in MODALITIES},
+            labels=labels[rows],
+        )
+        for out, rows in zip(split, parts, strict=True)
+    ]
 
 
 def _say_unknown_labels(ids: set[str], store: Store) -> None:

@@ -103,9 +103,9 @@ def test_pretraining_stops_on_the_held_out_loss_and_keeps_the_best_state() -> No
     seen: list[np.ndarray] = []
     real = training._train_epoch
 
-    def spy(step, data, optimizer, batch_size, rng, w, rows=None):
+    def spy(step, data, optimizer, batch_size, rng, w, rows=None, progress=None):
         seen.append(rows)
-        return real(step, data, optimizer, batch_size, rng, w, rows)
+        return real(step, data, optimizer, batch_size, rng, w, rows, progress)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training, "_train_epoch", spy)
@@ -159,3 +159,20 @@ def test_reference_wafs() -> None:
     # Guessing with the validation rows' own mix gives sum of squared class shares.
     q = np.bincount(val, minlength=6) / len(val)
     assert ref["class_prior"] == pytest.approx(float((q**2).sum()), rel=0.05)
+
+
+def test_long_epochs_log_progress_lines_with_batches_and_rows_per_second(caplog, monkeypatch):
+    monkeypatch.setattr("models.epoch_reports.PROGRESS_EVERY_S", 0.0)  # a line after each batch
+    data = make_featureset(100, seed=1)
+    cfg = dataclasses.replace(FAST, batch_size=32)
+    with caplog.at_level("INFO", logger="models.training"), training.training_stage("pre"):
+        pretrain(tiny_mrccl(), data, cfg, epochs=2)
+    progress = [getattr(r, training.PROGRESS_RECORD, None) for r in caplog.records]
+    progress = [p for p in progress if p is not None]
+    # 4 batches an epoch (32, 32, 32, 4 rows); the last one is the epoch's own report.
+    assert [(p.epoch, p.batches, p.of, p.rows) for p in progress] == [
+        (e, b, 4, 32 * b) for e in (1, 2) for b in (1, 2, 3)
+    ]
+    assert all(p.stage == "pre" and p.epochs == 2 and p.seconds > 0 for p in progress)
+    line = next(r.getMessage() for r in caplog.records if hasattr(r, training.PROGRESS_RECORD))
+    assert line.startswith("pre: epoch 1/2 batch 1/4 (32 rows, ") and line.endswith(" rows/s)")

@@ -110,6 +110,58 @@ def test_csv_of_numeric_columns_and_csv_of_list_strings(store, tmp_path):
         np.testing.assert_allclose(np.stack(rows.loc[IDS[:5], "embedding"]), x, rtol=1e-6)
 
 
+_NAMING = ("imported_at", "record", "extractor_id")
+
+
+def _stored(store, name, dim) -> pd.DataFrame:
+    """A table's rows without the columns that name the moment or the source file."""
+    rows = _table(store, "text", name, dim).sort_index()
+    rows["provenance"] = [
+        json.dumps({k: v for k, v in json.loads(p).items() if k not in _NAMING})
+        for p in rows.provenance
+    ]
+    return rows.drop(columns=["created_at", "extractor_id"])
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv"])
+def test_a_table_streamed_in_small_chunks_and_parts_stores_what_a_whole_read_does(
+    store, tmp_path, monkeypatch, kind
+):
+    """Row groups of 3, chunks of 2 rows read at a time, parts of 3 rows written: the stored
+    rows equal an import read and written in one piece; a changed vector in a late chunk is
+    still refused, and a re-import still writes nothing."""
+    x = np.random.default_rng(2).normal(size=(8, 5)).astype(np.float32)
+    path = tmp_path / f"feats.{kind}"
+    df = pd.DataFrame({"video_id": IDS, "emb": list(x)})
+    if kind == "parquet":
+        df.to_parquet(path, row_group_size=3)
+    else:
+        df.assign(emb=[json.dumps(r.tolist()) for r in x]).to_csv(path, index=False)
+    whole = import_features(store, "text", "whole", path)
+
+    monkeypatch.setattr("tasks.import_features.READ_ROWS", 2)
+    monkeypatch.setattr(store, "target_part_bytes", 4 * 4 * 5)  # half: 2 rows; parts of 3
+    streamed = import_features(store, "text", "streamed", path)
+    assert whole.written == streamed.written == 8
+    table_dir = store.table_dir(tables.features("text", "imported-streamed", 5))
+    parts = list(table_dir.rglob("*.parquet"))
+    assert len(parts) == 3  # 3 + 3 + 2 rows
+    pd.testing.assert_frame_equal(
+        _stored(store, "imported-whole", 5), _stored(store, "imported-streamed", 5)
+    )
+    assert import_features(store, "text", "streamed", path).written == 0
+    changed = df.copy()
+    changed.loc[7, "emb"] = np.ones(5, np.float32)
+    if kind == "parquet":
+        changed.to_parquet(path, row_group_size=3)
+    else:
+        changed.assign(emb=[json.dumps(np.asarray(r).tolist()) for r in changed.emb]).to_csv(
+            path, index=False
+        )
+    with pytest.raises(ValueError, match=rf"other vectors .* \({IDS[7]}\)"):
+        import_features(store, "text", "streamed", path)
+
+
 def _files(store) -> dict[str, int]:
     base = store.root
     return {str(p.relative_to(base)): p.stat().st_mtime_ns for p in base.rglob("*") if p.is_file()}

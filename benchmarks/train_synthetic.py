@@ -29,6 +29,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.authors_model import authors_step, load_authors_model
 from data_contracts.labels import CLASSES, MODALITIES
 from flows.config import load_settings
 from models.baseline import BaselineConfig, BaselineNet
@@ -337,6 +337,10 @@ def step_rates(args: argparse.Namespace, mcfg: MRCCLConfig, data: FeatureSet, sa
 
         steps[f"merflow {name} step"] = step
     if args.authors:
+        # Beside this script: it runs as a file, not from an installed package.
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from authors_model import authors_step, load_authors_model
+
         authors = load_authors_model(
             args.authors, PAPER_DIMS, args.hidden, args.layers, args.heads, mcfg.dropout
         )

@@ -18,17 +18,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from data_contracts.location import normalize_root
 from data_contracts.store import Store
 from flows.config import Settings, load_settings
 from flows.plan import ExtractionPlan
 from flows.predict import extract_videos, open_run
-from flows.safety import (
-    check_all_under_roots,
-    checked_corpus_root,
-    data_root_paths,
-    trusted_roots,
-)
+from flows.safety import checked_data_root
 from tasks.corrupt import DEFAULT_LEVELS, parse_levels
 from tasks.gpu_slots import gpu_slot
 from tasks.predict import LATEST, TrainedRun, load_models, resolve_device
@@ -133,15 +127,7 @@ def robustness_flow(
     overrides = list(overrides or [])
     settings = load_settings(profile, overrides)
     corruptions = parse_levels(levels or DEFAULT_LEVELS)  # refused before any work
-    if corpus_dir is not None:
-        _, root = checked_corpus_root(settings, profile, overrides, corpus_dir, data_root)
-    elif data_root is not None:
-        roots = trusted_roots(profile, overrides, settings)
-        check_all_under_roots([("data_root", data_root)], roots)
-        root = normalize_root(data_root)
-        check_all_under_roots(data_root_paths(settings, root), roots)
-    else:
-        raise ValueError("give the corpus folder or the data root the run was trained on")
+    _, root = checked_data_root(settings, profile, overrides, corpus_dir, data_root)
     trained, plan = open_run(settings, root, run)
     out = robustness_of(trained, plan, levels_of(corruptions), str(root), settings, logger)
     publish(out)

@@ -162,3 +162,18 @@ def checked_corpus_root(
     root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus)
     check_all_under_roots(data_root_paths(settings, root), roots)
     return corpus, root
+
+
+def checked_data_root(
+    settings: Settings, profile: str, overrides: list[str], corpus_dir, data_root
+) -> tuple[Path | None, Path | str]:
+    """The corpus folder (None when none is given) and the data root: the one given, else the
+    corpus's, else the data_root setting; refused (before anything is read or written) when a
+    path lies outside the allowed roots in force."""
+    if corpus_dir:
+        return checked_corpus_root(settings, profile, overrides, corpus_dir, data_root)
+    roots = trusted_roots(profile, overrides, settings)
+    check_all_under_roots([("data_root", data_root)] if data_root else [], roots)
+    root = normalize_root(data_root) if data_root else settings.resolved_data_root(None)
+    check_all_under_roots(data_root_paths(settings, root), roots)
+    return None, root

@@ -36,7 +36,7 @@ from data_contracts.tables import TableRef
 from flows.config import load_settings, save_resolved
 from flows.extract import load_labels_task
 from flows.plan import plan_extraction, stored_plan, training_tables
-from flows.safety import check_all_under_roots, checked_corpus_root, data_root_paths, trusted_roots
+from flows.safety import check_all_under_roots, checked_data_root, trusted_roots
 from flows.train_worker import launch, worker_args
 from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
 from models.settings import available_cpus
@@ -381,12 +381,7 @@ def _checked_paths(
     they or the label CSV lie outside the allowed roots in force (flows/safety.py)."""
     roots = trusted_roots(profile, overrides, settings)
     check_all_under_roots([("labels CSV", labels_csv)] if labels_csv else [], roots)
-    if corpus_dir:
-        return checked_corpus_root(settings, profile, overrides, corpus_dir, data_root)
-    check_all_under_roots([("data_root", data_root)] if data_root else [], roots)
-    root = normalize_root(data_root) if data_root else settings.resolved_data_root(None)
-    check_all_under_roots(data_root_paths(settings, root), roots)
-    return None, root
+    return checked_data_root(settings, profile, overrides, corpus_dir, data_root)
 
 
 @flow(name="train", flow_run_name="train-{profile}", log_prints=True)

@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,8 +41,9 @@ from tasks.predict import (
 )
 from tasks.train_report import has_input, save_png, write_text
 
-if TYPE_CHECKING:
-    from flows.plan import ExtractionPlan
+# An extraction plan (flows/plan.py ExtractionPlan, built by the flow): tasks do not import
+# flows, so its type is named here only.
+ExtractionPlan = Any
 
 SCORED = (*CLASSIFIERS, "voted")
 FOLDER = "robustness"

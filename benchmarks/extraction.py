@@ -118,7 +118,7 @@ def corpus_path(out: Path, n: int, seed: int) -> Path:
 
 def ensure_corpus(out: Path, n: int, seed: int) -> tuple[Path, float | None]:
     """The demo corpus of n labelled clips, generated unless a complete one is there."""
-    from tasks.demo_corpus import TRUTH_CSV, make_demo_corpus
+    from tasks.demo.corpus import TRUTH_CSV, make_demo_corpus
 
     folder = corpus_path(out, n, seed)
     # The truth CSV is written last: its presence means the generation finished.
@@ -171,7 +171,7 @@ def load_models(plan: Any, need_asr: bool = True) -> tuple[dict[str, Any], Any, 
 def phase_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     """The extraction flow on the corpus into a fresh data root, timed end to end."""
     from flows.extract import extract_flow
-    from tasks.faces import start_workers
+    from tasks.faces.crop import start_workers
 
     root = Path(args.data_root)
     _, plan = load_plan(args, root)  # checkpoints built or found before the clock starts
@@ -222,9 +222,9 @@ def _clock(spent: dict[str, float], stage: str, fn: Any, *args: Any) -> Any:
 def phase_pure(args: argparse.Namespace) -> dict[str, Any]:
     """Each stage alone on every video, one stage after another; the sum of their times."""
     from tasks.embed import read_wav
-    from tasks.errors import BadInputError
-    from tasks.face_crops import load_crops
-    from tasks.faces import crop_faces
+    from tasks.engine.errors import BadInputError
+    from tasks.faces.crop import crop_faces
+    from tasks.faces.crop_files import load_crops
     from tasks.media import AUDIO_GROUP, extract_audio_many, find_ffmpeg
 
     scratch = Path(args.data_root)
@@ -295,7 +295,7 @@ def phase_pure(args: argparse.Namespace) -> dict[str, Any]:
 def corpus_videos(args: argparse.Namespace, settings: Any, plan: Any) -> tuple[list[Path], dict]:
     """The corpus's video files, sorted, and the official transcripts the plan uses (if any)."""
     from flows.extract import _resolve_corpus
-    from tasks.labels import load_transcripts
+    from tasks.corpus.labels import load_transcripts
 
     _, dirs = _resolve_corpus(str(args.corpus), settings, None)
     exts = set(settings.corpus.video_extensions)
@@ -317,7 +317,7 @@ class StepTimer:
 
     def run(self, name: str, fn: Any, *args: Any) -> Any:
         """fn(*args) timed under `name`; None where the input is bad (a missing modality)."""
-        from tasks.errors import BadInputError
+        from tasks.engine.errors import BadInputError
 
         t = time.perf_counter()
         try:
@@ -334,8 +334,8 @@ def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from tasks.embed import read_wav
-    from tasks.face_crops import load_crops
-    from tasks.faces import crop_faces
+    from tasks.faces.crop import crop_faces
+    from tasks.faces.crop_files import load_crops
     from tasks.media import extract_audio
 
     scratch = Path(args.data_root)

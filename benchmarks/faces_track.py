@@ -26,8 +26,9 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 def run(video: Path, every: int, fps: float | None, size: int) -> tuple[dict, float, int]:
     """frame -> (box, 5 landmarks, crop) with `detect_every` = every; CPU seconds; frames."""
-    from tasks import face_backends as fb
-    from tasks import face_frames, face_track
+    from tasks.faces import backends as fb
+    from tasks.faces import frames as face_frames
+    from tasks.faces import track as face_track
 
     backend = fb.DlibBackend(detect_every=every)
     used: dict[int, np.ndarray] = {}  # id(crop) -> the landmarks that aligned it
@@ -63,7 +64,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--limit", type=int, default=None, help="at most this many videos")
     args = p.parse_args()
-    from tasks import face_track
+    from tasks.faces import track as face_track
 
     videos = sorted(v for p_ in args.paths for v in ([p_] if p_.is_file() else p_.rglob("*.mp4")))
     videos = videos[: args.limit]

@@ -3,7 +3,8 @@
 On the class-conditional synthetic features of benchmarks/train_synthetic.py (its generator, its
 z-scoring, the train flow's settings path and steps), for each number of labelled clips (MER2024's
 class mix, `--unlabelled-ratio` times as many unlabelled clips of the same law) this trains one
-run of the recipe (models/recipe.py through tasks/train.py's steps, as `train_in_process` does)
+run of the recipe (models/recipe.py through tasks/training/steps.py's steps, as `train_in_process`
+does)
 and reads from it, per fold:
 
 - full method: voted, after step 2 (the fold's final model);
@@ -81,8 +82,8 @@ from models.mrccl import PAPER_DIMS
 from models.recipe import RecipeConfig, _fold_cfg, recipe_from_settings
 from models.selftrain import STEP1_TARGETS, STEP2_TARGETS
 from models.training import predict, reference_wafs, train_baseline, waf
-from tasks.train import freeze_run, load_fold, run_step, step_names
-from tasks.train_data import TrainingData
+from tasks.training.data import TrainingData
+from tasks.training.steps import freeze_run, load_fold, run_step, step_names
 
 MER_TOTAL = sum(MER_COUNTS.values())
 SYSTEMS = [
@@ -178,7 +179,7 @@ def one_run(
     dims = data.labelled.dims
     cfg = recipe(args, n, seed, lambda_con, dims)
     # Under a `runs/train-*` folder, runs that differ only in lambda_con share one pretraining
-    # (tasks/train.py pretrain_step: its key does not hold the fine-tuning settings).
+    # (tasks/training/steps.py pretrain_step: its key does not hold the fine-tuning settings).
     run_dir = work / "runs" / f"train-s{seed}-n{n}-lc{lambda_con:g}"
     tag = f"n={n} seed={seed} lambda_con={lambda_con:g}"
     frozen = freeze_run(run_dir, data, run_dir.name, run_dir.name, cfg)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/raw_video.py --n 12 --backends dlib,opencv
 
-Generates N clips of the demo corpus (tasks/demo_corpus.py; real face, real speech), then runs
+Generates N clips of the demo corpus (tasks/demo/corpus.py; real face, real speech), then runs
 each stage (the audio split, and face crops per backend) in its own child process through the
 shard function the Prefect tasks call, so each figure's peak RSS is that stage's alone. Prints
 videos per second, frames per second for faces, and peak RSS.
@@ -47,7 +47,7 @@ def run_phase(phase: str, corpus: Path, fps: float | None, max_frames: int | Non
     """One stage over the whole corpus, in this process; returns its figures."""
     from data_contracts import tables
     from data_contracts.store import Store
-    from tasks.faces import FaceSettings, crop_faces_shard
+    from tasks.faces.crop import FaceSettings, crop_faces_shard
     from tasks.media import extract_audio_shard
 
     videos = manifest(corpus)
@@ -110,7 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="merflow-bench-corpus-") as tmp:
         corpus = args.corpus
         if corpus is None:
-            from tasks.demo_corpus import make_demo_corpus
+            from tasks.demo.corpus import make_demo_corpus
 
             t0 = time.perf_counter()
             made = make_demo_corpus(

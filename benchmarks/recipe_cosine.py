@@ -51,7 +51,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def speech_clips(seed: int = 0) -> list[tuple[str, np.ndarray]]:
     """Demo-like 16 kHz clips: espeak-ng Mandarin over noise, or tones without espeak-ng."""
-    from tasks.demo_media import SPEECH_RATE_HZ, speak
+    from tasks.demo.media import SPEECH_RATE_HZ, speak
     from tasks.media import resample
 
     rng = np.random.default_rng(seed)

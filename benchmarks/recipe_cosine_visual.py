@@ -4,7 +4,7 @@ as cosine similarities of per-video features, on the tiny CLIP and the demo's fa
     PYTHONPATH=$PWD .venv/bin/python benchmarks/recipe_cosine_visual.py
     PYTHONPATH=$PWD .venv/bin/python benchmarks/recipe_cosine_visual.py --videos 8 --frames 12
 
-Each "video" is `--frames` aligned 112 px crops of the demo corpus's face (tasks/demo_media.py:
+Each "video" is `--frames` aligned 112 px crops of the demo corpus's face (tasks/demo/media.py:
 the astronaut with an expression, tinted and shifted a little per frame). Rows printed:
 
 - CLIP recipe: merflow's default (open_clip preprocessing, fp32 on a CPU) vs mertools (the
@@ -37,7 +37,7 @@ import torch
 from models.extractors import load_extractor
 from models.registry import get_spec
 from models.tiny import build_tiny_models
-from tasks.demo_media import EXPRESSIONS, FACE_BOX_PX, FACE_CENTER_XY, face_image
+from tasks.demo.media import EXPRESSIONS, FACE_BOX_PX, FACE_CENTER_XY, face_image
 
 SIDE = 112
 

@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     from flows import server
     from models.tiny import build_tiny_models
-    from tasks.demo_corpus import make_demo_corpus
+    from tasks.demo.corpus import make_demo_corpus
 
     tmp = Path(tempfile.mkdtemp(prefix="server-kill-"))
     corpus, root, models = tmp / "corpus", tmp / "root", tmp / "models"

@@ -213,7 +213,7 @@ def main() -> None:
         ap.error("--fault-every must be >= --shard-size (one fault per shard at most)")
 
     from models.tiny import build_tiny_models
-    from tasks.demo_corpus import make_demo_corpus
+    from tasks.demo.corpus import make_demo_corpus
 
     corpus = args.out / "corpus"
     t = time.perf_counter()

@@ -2,11 +2,11 @@
 
 Writes N synthetic videos of the real dimensions (visual 768, acoustic 1024, text 5120) into a
 fresh data root through the Store (in shards, as extraction does), then times
-`tasks.train_data.load_training_data` (join on video id, masks, standardisation).
+`tasks.training.data.load_training_data` (join on video id, masks, standardisation).
 
 Then compares what one torchrun rank pays to get its inputs, each in a fresh process: reading
 the stores itself, or mapping the inputs the train flow froze in the run folder
-(tasks/train_inputs.py). "own" is the rank's anonymous memory (RssAnon), which no other rank
+(tasks/training/inputs.py). "own" is the rank's anonymous memory (RssAnon), which no other rank
 can share; "mapped" is file pages (RssFile), one copy in the page cache for every rank.
 
     python benchmarks/store_load.py --rows 20000 [--out /tmp/merflow-store-load]
@@ -31,7 +31,7 @@ from data_contracts import tables
 from data_contracts.labels import CLASSES
 from data_contracts.store import Store
 from models.featureset import FeatureSet
-from tasks.train_data import load_training_data
+from tasks.training.data import load_training_data
 
 DIMS = {"visual": 768, "acoustic": 1024, "text": 5120}
 
@@ -49,7 +49,7 @@ def _memory() -> dict[str, float]:
 def _rank(out: Path, how: str) -> None:
     """One rank's inputs (`how`: stores or inputs) and pretraining's all-rows set, touched once
     as training does; prints JSON."""
-    from tasks.train_inputs import load_inputs
+    from tasks.training.inputs import load_inputs
 
     started = time.perf_counter()
     if how == "nothing":  # the imports alone: what every rank pays before any data
@@ -152,8 +152,8 @@ def main() -> None:
     print(f"write through the Store in shards of {args.shard}: {write_s:.1f} s")
     print(f"load into tensors (join, masks, standardise): {load_s:.2f} s")
     print(f"peak RSS: {_peak_mib():.0f} MiB (before load {before:.0f} MiB)")
-    from tasks.train_data import with_folds
-    from tasks.train_inputs import save_inputs
+    from tasks.training.data import with_folds
+    from tasks.training.inputs import save_inputs
 
     started = time.perf_counter()
     data = with_folds(data, 5, 0)

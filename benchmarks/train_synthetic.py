@@ -58,9 +58,9 @@ from models.training import (
     train_baseline,
     waf,
 )
-from tasks.ablate_report import BASELINE, SYSTEMS, System
-from tasks.train import load_fold, train_in_process
-from tasks.train_data import TrainingData, standardize
+from tasks.training.ablate_report import BASELINE, SYSTEMS, System
+from tasks.training.data import TrainingData, standardize
+from tasks.training.steps import load_fold, train_in_process
 
 # MER2024 Train&Val, in CLASSES order.
 MER_COUNTS = {

@@ -1,7 +1,7 @@
 """Error types that decide how a task treats a failure: recorded as data, or retried.
 
 They live here, at the bottom of the layers, so that the stores (data_contracts) can raise
-merflow's own errors without importing the tasks; tasks.errors re-exports them.
+merflow's own errors without importing the tasks; tasks.engine.errors re-exports them.
 """
 
 from __future__ import annotations

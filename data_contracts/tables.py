@@ -24,7 +24,7 @@ class TableRef:
 # digest has a '-', so it never matches a scanned file's bytes; it is the same on every import,
 # so an id names its vectors for good, as a scanned video's rows do (the source's own sha256 is
 # in the provenance). Training takes such rows for the ids the manifest lacks
-# (tasks/quality.py current_videos).
+# (tasks/stores/quality.py current_videos).
 NO_VIDEO = "no-video"
 
 MANIFEST = TableRef("manifest", c.MANIFEST)
@@ -61,5 +61,5 @@ def frame_features(modality: str, extractor_id: str, dim: int) -> TableRef:
     return TableRef(f"frames/{modality}/{extractor_id}", c.frame_feature_contract(modality, dim))
 
 
-# Results of `merflow check` (tasks.quality): one row per finding, one check_id per run.
+# Results of `merflow check` (tasks.stores.quality): one row per finding, one check_id per run.
 FINDINGS = TableRef("findings", c.FINDINGS)

@@ -2,7 +2,7 @@
 contrastive pretraining, no NEE, no pseudo labels, no oversampling) and, from the full method's
 runs, the paper's baseline (no oversampling; it also makes the pseudo labels) and merflow's
 oversampled baseline, over several training seeds; the table goes under the data root
-(runs/ablate-<key>/) and into the UI as artifacts (tasks/ablate_report.py), each row saying
+(runs/ablate-<key>/) and into the UI as artifacts (tasks/training/ablate_report.py), each row saying
 whether it is run as the paper ran it or is merflow's.
 
 Every run is the train flow itself (flows/train.py), called as the subflow of one task per run:
@@ -14,7 +14,7 @@ in this flow's process or its Dask workers: no deployment or work pool is needed
 from the command line works as one from the UI.
 
 What the runs can share they compute once: a pretraining serves every run whose pretraining key
-matches (tasks/train.py pretrain_step; the ablations that keep pretraining, except w/o NEE,
+matches (tasks/training/steps.py pretrain_step; the ablations that keep pretraining, except w/o NEE,
 whose noisy view is part of the pretraining loss). A run already finished with the same run key
 is read from its report, not trained again: a second invocation trains nothing.
 """
@@ -41,7 +41,8 @@ from flows.safety import checked_corpus_root
 from flows.train import run_dir_of, train_flow, training_context
 from models.recipe import recipe_from_settings
 from models.settings import available_cpus
-from tasks.ablate_report import (
+from tasks.corrupt import parse_levels
+from tasks.training.ablate_report import (
     SWITCHES,
     SYSTEMS,
     build_table,
@@ -49,10 +50,14 @@ from tasks.ablate_report import (
     table_rows,
     write_table,
 )
-from tasks.corrupt import parse_levels
-from tasks.robustness import compare_systems, comparison_markdown, levels_of, write_comparison
-from tasks.train import run_key
-from tasks.train_inputs import INPUTS
+from tasks.training.inputs import INPUTS
+from tasks.training.robustness import (
+    compare_systems,
+    comparison_markdown,
+    levels_of,
+    write_comparison,
+)
+from tasks.training.steps import run_key
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +245,8 @@ def ablate_flow(
 def _robustness(runs: list[Run], reports: dict, settings, root, corruptions, logger) -> dict:
     """Every run of the table scored at the levels (flows/robustness.py): the corrupted
     features are extracted once, for the first run, and read by all (same extractors, same
-    labelled videos); then the systems side by side (tasks/robustness.py compare_systems)."""
+    labelled videos); then the systems side by side (tasks/training/robustness.py
+    compare_systems)."""
     from flows.robustness import robustness_of
     from tasks.predict import load_run, matching_plan
 

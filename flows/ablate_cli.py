@@ -47,7 +47,7 @@ def ablate_cmd(
     from flows.ablate import ablate_flow
     from flows.cli import _run_flow
     from flows.config import load_settings
-    from tasks.ablate_report import table_markdown
+    from tasks.training.ablate_report import table_markdown
 
     settings = load_settings(profile, overrides or [])
     table = _run_flow(
@@ -64,7 +64,7 @@ def ablate_cmd(
     )
     typer.echo(table_markdown(table))
     if "robustness" in table:
-        from tasks.robustness import comparison_markdown
+        from tasks.training.robustness import comparison_markdown
 
         typer.echo(comparison_markdown(table["robustness"]))
         typer.echo(f"robustness: {table['report_dir']} (robustness.md, .png, .json)")

@@ -7,8 +7,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.config import load_settings
 from flows.safety import check_under_roots, trusted_roots
-from tasks.check import REPORT, check_task
-from tasks.errors import MerflowError
+from tasks.engine.errors import MerflowError
+from tasks.stores.check import REPORT, check_task
 
 ARTIFACT_KEY = "merflow-check"
 

@@ -70,7 +70,7 @@ def demo_corpus_cmd(
     seed: Annotated[int, typer.Option(help="random seed (same seed, same corpus)")] = 0,
 ) -> None:
     """Write a small MER2024-shaped corpus with real faces, Chinese speech and transcripts."""
-    from tasks.demo_corpus import make_demo_corpus
+    from tasks.demo.corpus import make_demo_corpus
 
     corpus = make_demo_corpus(out_dir, n_labeled=labeled, n_unlabeled=unlabeled, seed=seed)
     typer.echo(f"demo corpus: {corpus}")
@@ -83,7 +83,7 @@ def scan_cmd(
 ) -> None:
     """Build or update the manifest; hashes only new or changed files."""
     from data_contracts.store import Store
-    from tasks.scan import scan_videos
+    from tasks.corpus.scan import scan_videos
 
     settings = _settings("demo", [])
     root = (
@@ -186,7 +186,7 @@ def extract_cmd(
 
 def _run_train(corpus_dir, settings, profile, overrides, data_root, env=None, **kw) -> dict:
     from flows.train import train_flow
-    from tasks.train_report import report_markdown
+    from tasks.training.report import report_markdown
 
     report = _run_flow(train_flow, corpus_dir, settings, profile, overrides, data_root, env, **kw)
     typer.echo(report_markdown(report))
@@ -256,7 +256,7 @@ def demo_cmd(
     overrides: Overrides = None,
 ) -> None:
     """Run the main job end to end on the built-in demo corpus with tiny models."""
-    from tasks.demo_corpus import make_demo_corpus, score_against_truth
+    from tasks.demo.corpus import make_demo_corpus, score_against_truth
 
     settings = _settings("demo", overrides)
     corpus_dir = (out_dir / "corpus").resolve()

@@ -31,7 +31,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 ENV_PREFIX = "MERFLOW_"
 # Environment variables read by single tools, not settings (tasks/media.py, face_openface.py,
-# data_contracts/location.py, flows/server.py, tasks/gpu_slots.py).
+# data_contracts/location.py, flows/server.py, tasks/engine/gpu_slots.py).
 TOOL_ENV = frozenset(
     {
         "MERFLOW_HOME",

@@ -14,7 +14,7 @@ import typer
 
 from flows.config import SettingsError, load_settings
 from flows.task_cli import VideoFailedError, optional, run_video, scratch_store
-from tasks.errors import MerflowError
+from tasks.engine.errors import MerflowError
 
 if TYPE_CHECKING:  # the plan loads the extractors (torch): only the commands import it
     import numpy as np
@@ -60,7 +60,7 @@ def _run(
     A missing modality of the stage itself (empty transcript, audio too short) is no error:
     it prints that the video has no vector."""
     from flows.plan import chain
-    from tasks.stage import MissingModalityError
+    from tasks.engine.stage import MissingModalityError
 
     # An official (given) transcript needs no audio.
     names = [n for n in chain(stage) if not (official and n == "audio")]

@@ -25,18 +25,18 @@ from data_contracts.store import Store
 from flows.config import Settings, load_settings, save_resolved
 from flows.plan import STAGES, UPSTREAM, ExtractionPlan, plan_extraction
 from flows.safety import check_all_under_roots, data_root_paths, trusted_roots
-from tasks.check import check_task
+from tasks.corpus.labels import load_labels, load_transcripts
+from tasks.corpus.scan import corpus_video_dirs, scan_videos
 from tasks.embed import (
     embed_acoustic_task,
     embed_text_task,
     embed_visual_task,
     transcribe_task,
 )
-from tasks.labels import load_labels, load_transcripts
+from tasks.engine.shard import ShardReport, shards
+from tasks.engine.stage import stage_pending
 from tasks.raw_video_tasks import crop_faces_task, extract_audio_task
-from tasks.scan import corpus_video_dirs, scan_videos
-from tasks.shard import ShardReport, shards
-from tasks.stage import stage_pending
+from tasks.stores.check import check_task
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,11 @@ def pending_per_stage(
 
 
 def ensure_gpu_slots(slots_per_device: int) -> int:
-    """This machine's GPU slot limits, one per device (tasks/gpu_slots.py), created or resized
+    """This machine's GPU slot limits, one per device (tasks/engine/gpu_slots.py), created or
+    resized
     to slots_per_device; returns how many devices have one (0 on a CPU-only machine, where the
     server is not asked). Workers on other machines create their own on first use."""
-    from tasks.gpu_slots import ensure_gpu_slots as ensure_device_slots
+    from tasks.engine.gpu_slots import ensure_gpu_slots as ensure_device_slots
 
     return len(ensure_device_slots(slots_per_device))
 

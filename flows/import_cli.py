@@ -44,7 +44,7 @@ def import_features_cmd(
     from data_contracts.location import normalize_root
     from data_contracts.store import Store
     from flows.config import load_settings
-    from tasks.import_features import import_features
+    from tasks.stores.import_features import import_features
 
     settings = load_settings(profile, overrides or [])
     if not (data_root or settings.data_root):

@@ -27,10 +27,10 @@ from tasks.embed import (
     transcripts_extractor_id,
     visual_stage,
 )
-from tasks.faces import FaceSettings, faces_stage
+from tasks.engine.stage import Stage
+from tasks.faces.crop import FaceSettings, faces_stage
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, audio_stage
-from tasks.quality import find_feature_tables, named_feature_tables
-from tasks.stage import Stage
+from tasks.stores.quality import find_feature_tables, named_feature_tables
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class ExtractionPlan:
         }[stage]
 
     def stage(self, name: str, official: dict[str, str] | None = None) -> Stage:
-        """The stage `name` as the engine runs it (tasks.stage.run_stage)."""
+        """The stage `name` as the engine runs it (tasks.engine.stage.run_stage)."""
         return BUILDERS[name](**self.stage_args(name, official))
 
 
@@ -184,7 +184,7 @@ def face_settings(settings: Settings) -> FaceSettings:
     f = settings.faces
     backend = f.backend
     if f.fallback and f.fallback != backend:
-        from tasks.face_backends import BackendUnavailableError, load_backend
+        from tasks.faces.backends import BackendUnavailableError, load_backend
 
         try:
             load_backend(backend, openface_bin=f.openface_bin)

@@ -23,7 +23,8 @@ from flows.config import Settings, load_settings
 from flows.extract import pending_per_stage, scan_task, shard_results, submit_stages
 from flows.plan import STAGES, ExtractionPlan
 from flows.safety import check_all_under_roots, checked_corpus_root, data_root_paths, trusted_roots
-from tasks.gpu_slots import gpu_slot
+from tasks.engine.gpu_slots import gpu_slot
+from tasks.engine.shard import shards
 from tasks.predict import (
     LATEST,
     RunFolderError,
@@ -39,7 +40,6 @@ from tasks.predict import (
     to_label,
     write_csv,
 )
-from tasks.shard import shards
 
 
 def runs_dir(settings: Settings, root: Path | str) -> Path:

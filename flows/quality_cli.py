@@ -42,8 +42,8 @@ def describe_video(store: Store, video_id: str) -> str:
 
     from data_contracts import tables
     from data_contracts.tables import NO_VIDEO
-    from tasks.folds import fold_assignment
-    from tasks.quality import current_videos, find_feature_tables, quality_signals
+    from tasks.stores.quality import current_videos, find_feature_tables, quality_signals
+    from tasks.training.folds import fold_assignment
 
     if not store.has_stores():
         raise UnknownVideoError(f"{store.root} holds no stores/: it is not a merflow data root")
@@ -168,9 +168,9 @@ def check_cmd(
 ) -> None:
     """Check the feature stores (no server): print the report; exit 1 on error-level findings."""
     from data_contracts.store import Store
-    from tasks.check import check_stores
+    from tasks.stores.check import check_stores
 
-    # Folds: the latest training run's (tasks/folds.py), unless others are asked for.
+    # Folds: the latest training run's (tasks/training/folds.py), unless others are asked for.
     findings = check_stores(Store(data_root), n_splits, seed, cosine, write=write)
     typer.echo(findings.markdown())
     if findings.has_errors:

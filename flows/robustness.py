@@ -5,7 +5,8 @@ from the extract flow's own stage tasks, on a plan whose raw-video stage corrupt
 audio split, blur, downscaling or dropped frames in the faces): rows of their own beside the
 clean ones, cached and resumable like every stage, so a second invocation computes nothing.
 Then each fold's model is scored on its own validation videos at every level
-(tasks/robustness.py): the table and plot go to the run folder's `robustness/` and to the UI
+(tasks/training/robustness.py): the table and plot go to the run folder's `robustness/` and to the
+UI
 as artifacts.
 """
 
@@ -24,9 +25,9 @@ from flows.plan import ExtractionPlan
 from flows.predict import extract_videos, open_run
 from flows.safety import checked_data_root
 from tasks.corrupt import DEFAULT_LEVELS, parse_levels
-from tasks.gpu_slots import gpu_slot
+from tasks.engine.gpu_slots import gpu_slot
 from tasks.predict import LATEST, TrainedRun, load_models, resolve_device
-from tasks.robustness import (
+from tasks.training.robustness import (
     Level,
     levels_of,
     official_texts,
@@ -86,7 +87,7 @@ def robustness_of(
 
 def publish(report: dict[str, Any], key: str = "robustness") -> None:
     """The report as the UI's markdown artifact and its long table as a table artifact."""
-    from tasks.robustness import long_table
+    from tasks.training.robustness import long_table
 
     create_markdown_artifact(
         report_markdown(report), key=key, description=f"robustness of run {report['run_key']}"

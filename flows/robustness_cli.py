@@ -53,7 +53,7 @@ def robustness_cmd(
     settings = load_settings(profile, overrides or [])
     root = data_root_for(settings, data_root, run)
     from flows.robustness import robustness_flow
-    from tasks.robustness import report_markdown
+    from tasks.training.robustness import report_markdown
 
     env = _connect(settings, settings.local_root(root))
     with server.use_server(env, watch=True):  # a local server that dies comes back

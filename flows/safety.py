@@ -24,7 +24,7 @@ from pathlib import Path
 
 from data_contracts.location import DataRootError, default_local_dir, is_url, normalize_root
 from flows.config import Settings, load_settings
-from tasks.errors import MerflowError
+from tasks.engine.errors import MerflowError
 
 # Overrides that choose executed code or lift the restriction: only the server's own profile
 # or environment may set these while a restriction is in force.

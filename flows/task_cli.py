@@ -1,7 +1,7 @@
 """`merflow task ...`: run one task on one video, without any Prefect server.
 
 Every command builds the same stages as the flow and runs them with the same engine
-(`tasks.stage.run_stage`) on a one-video shard in a scratch store, then prints what they did,
+(`tasks.engine.stage.run_stage`) on a one-video shard in a scratch store, then prints what they did,
 so a person can debug a video that failed in a flow run. The raw-video commands copy their
 artifact out of the scratch store (`--out`).
 """
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from flows.config import AudioSettings
-from tasks.errors import BadInputError, TransientError
+from tasks.engine.errors import BadInputError, TransientError
 
 # pandas, the stores and the tasks (Prefect, av, cv2) load in the commands that run them, so
 # that `merflow --help` and every other command start without them.
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from data_contracts.store import Store
+    from tasks.engine.stage import Stage
     from tasks.media import MediaInfo
-    from tasks.stage import Stage
 
 task_app = typer.Typer(
     help="Run one task on one video locally (no Prefect server) and print what it did.",
@@ -54,7 +54,7 @@ def one_video(video: Path) -> pd.DataFrame:
     """A one-video shard: the manifest row a scan would write (id: the file stem)."""
     import pandas as pd
 
-    from tasks.scan import sha256_file
+    from tasks.corpus.scan import sha256_file
 
     try:
         sha = sha256_file(video)
@@ -71,7 +71,7 @@ def run_video(video: Path, stages: list[Stage], store: Store) -> dict[str, Any]:
     and failures are retried (`retry_failed`).
     """
     from data_contracts import tables
-    from tasks.stage import run_stage
+    from tasks.engine.stage import run_stage
 
     videos = one_video(video)
     vid, sha = videos.video_id[0], videos.sha256[0]
@@ -189,9 +189,9 @@ def crop_faces_cmd(
 ) -> None:
     """Align and track every face of each sampled frame of VIDEO and keep the ones `--select`
     chooses, as the crop-faces task does."""
-    from tasks.face_backends import BackendUnavailableError
-    from tasks.face_crops import load_tracks, track_sheet
-    from tasks.faces import FaceSettings, faces_stage
+    from tasks.faces.backends import BackendUnavailableError
+    from tasks.faces.crop import FaceSettings, faces_stage
+    from tasks.faces.crop_files import load_tracks, track_sheet
     from tasks.media import probe
 
     start = time.perf_counter()

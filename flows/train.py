@@ -41,15 +41,18 @@ from flows.train_worker import launch, worker_args
 from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
 from models.settings import available_cpus
 from models.training import EPOCH_RECORD, PROGRESS_RECORD, BatchProgress, EpochReport
-from tasks.gpu_slots import CpuClaim, cpu_cores, gpu_slot
-from tasks.quality import (
+from tasks.engine.gpu_slots import CpuClaim, cpu_cores, gpu_slot
+from tasks.stores.quality import (
     named_feature_tables,
     quality_mask,
     quality_signals,
     quality_thresholds,
     stored_table_choice,
 )
-from tasks.train import (
+from tasks.training.data import load_training_data, mask_modalities
+from tasks.training.inputs import INPUTS
+from tasks.training.report import build_report, fold_rows, report_markdown
+from tasks.training.steps import (
     DONE,
     data_fingerprint,
     freeze_run,
@@ -58,9 +61,6 @@ from tasks.train import (
     step_inputs,
     step_names,
 )
-from tasks.train_data import load_training_data, mask_modalities
-from tasks.train_inputs import INPUTS
-from tasks.train_report import build_report, fold_rows, report_markdown
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ def _run_step(step: str, key: str, run_dir: str, profile: str, overrides: list[s
     the step's folder."""
     settings = load_settings(profile, overrides)
     ts = settings.train
-    # One slot of each GPU the step trains on, per machine (tasks/gpu_slots.py); none on a CPU.
+    # One slot of each GPU the step trains on, per machine (tasks/engine/gpu_slots.py); none on a
+    # CPU.
     slots = settings.extract.gpu_concurrency
     with gpu_slot(ts.device, slots_per_device=slots, n_devices=ts.nproc_per_node):
         if ts.world_size == 1:
@@ -103,7 +104,7 @@ THREADS = "threads"  # the run folder's record of each step's thread counts
 def _cores(
     step: str, run_dir: str, want: int, explicit: int | None, follow: bool
 ) -> Iterator[CpuClaim | None]:
-    """The step's share of this machine's cores (tasks/gpu_slots.py cpu_cores), re-read at
+    """The step's share of this machine's cores (tasks/engine/gpu_slots.py cpu_cores), re-read at
     every epoch when it trains in this thread (`follow`); the thread counts are printed and
     kept in <run>/threads/<step>.json for the report. A step already done claims nothing."""
     if (Path(run_dir) / step / DONE).is_file():
@@ -418,7 +419,8 @@ def train_flow(
     save_resolved(settings, run_dir / "settings.yaml")
     _save_beside_stores(settings, ctx["store"])
     with _Watch(ctx["recipe"], run_dir).watching() as watch:
-        # Every step and the report read these, never the stores again (tasks/train.py); the
+        # Every step and the report read these, never the stores again (tasks/training/steps.py);
+        # the
         # copy read from the stores is dropped once frozen (at paper size it is ~3 GB).
         store, read = ctx["store"], ctx.pop("data")
         data = freeze_run(run_dir, read, key, ctx["fingerprint"], ctx["recipe"], store)

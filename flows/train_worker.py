@@ -3,7 +3,7 @@ under `torchrun` when train.nproc_per_node x train.nnodes > 1, and `merflow trai
 the same steps on the other machines of a multi-node run.
 
 Each rank runs this module's `main`: it maps the inputs the flow froze in the run folder and
-checks their run key against its own settings (tasks/train.py `step_inputs`, as the flow's
+checks their run key against its own settings (tasks/training/steps.py `step_inputs`, as the flow's
 own process does), joins the process group torchrun set up, trains its share of every batch
 (models/distributed.py) and rank 0 writes the step's folder (checkpoint, outputs, done.json),
 exactly what the single-process step writes. A step that fails leaves no done.json, so a rerun
@@ -33,7 +33,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from flows.config import TrainSettings, load_settings
 from models.distributed import init_from_env, local_device, shutdown
 from models.settings import available_cpus
-from tasks.errors import MerflowError
+from tasks.engine.errors import MerflowError
 
 if TYPE_CHECKING:
     from models.training import EpochReport
@@ -183,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _main(argv: Sequence[str] | None) -> None:
     # The flow imports this module: import the training code late.
-    from tasks.train import run_step, step_inputs
-    from tasks.train_inputs import INPUTS
+    from tasks.training.inputs import INPUTS
+    from tasks.training.steps import run_step, step_inputs
 
     a = _parse(argv)
     rank = int(os.environ.get("RANK", "0"))

@@ -12,7 +12,8 @@ from sklearn.model_selection import StratifiedKFold
 def assign_folds(labels: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
     """The CV fold (0..n_splits-1) of each labelled row: StratifiedKFold(n_splits, shuffle,
     random_state=seed) over the rows in the order given (a run gives them sorted by video_id).
-    A run computes it once over the exact rows it trains on and keeps it (tasks/folds.py)."""
+    A run computes it once over the exact rows it trains on and keeps it
+    (tasks/training/folds.py)."""
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) < n_splits:
         raise ValueError(
@@ -28,7 +29,7 @@ def assign_folds(labels: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
     with warnings.catch_warnings():
         # scikit-learn warns that the least populated class has fewer members than n_splits
         # each time folds are made (check, inspect, every run); a run says it once, naming
-        # the classes (tasks/folds.py, thin_classes). Only that warning is silenced.
+        # the classes (tasks/training/folds.py, thin_classes). Only that warning is silenced.
         warnings.filterwarnings(
             "ignore", message="The least populated class in y has only", category=UserWarning
         )

@@ -1,7 +1,7 @@
 """The recipe of docs/method.md on in-memory features: the folds, the model every fold starts
 from (MR-CCL pretrained on all videos), and one fold (step 1, baselines, pseudo labels, step 2).
 
-Each function is one step of a run; tasks/train.py runs them over a run's frozen inputs and
+Each function is one step of a run; tasks/training/steps.py runs them over a run's frozen inputs and
 writes their outputs, for the flow, torchrun ranks, tests and benchmarks alike.
 """
 
@@ -46,7 +46,7 @@ from models.training import (
 
 log = logging.getLogger(__name__)
 
-# Bumped when the same settings train differently (tasks/train.py puts it in the run and
+# Bumped when the same settings train differently (tasks/training/steps.py puts it in the run and
 # pretraining keys, so runs of an older recipe are never reused). 2: the paper's Table 1 —
 # the baseline without oversampling, step 2 without pseudo labels, early-stopped pretraining.
 RECIPE_VERSION = 2
@@ -152,7 +152,7 @@ def _check_inputs(labelled: FeatureSet, unlabelled: FeatureSet | None, cfg: Reci
             f"every class has fewer labelled rows than n_splits={cfg.n_splits}; lower n_splits"
         )
     # Classes thinner than n_splits are said once per run, where its folds are assigned
-    # (tasks/folds.py), not by every step that checks its inputs.
+    # (tasks/training/folds.py), not by every step that checks its inputs.
 
 
 def _oversampled(

@@ -3,7 +3,7 @@ a signal-to-noise ratio, and the frames blurred, downscaled or dropped before fa
 
 A corruption is a setting of a raw-video stage, not a separate copy of the corpus: the audio
 stage (tasks/media.py) mixes the noise into the wav it splits, the faces stage
-(tasks/faces.py) corrupts each decoded frame before its backend sees it. Its id enters the
+(tasks/faces/crop.py) corrupts each decoded frame before its backend sees it. Its id enters the
 stage's extractor id, so the corrupted wavs, crops and every feature computed from them are
 rows of their own beside the clean ones (never overwriting them), cached and resumed like any
 stage. The noise and the dropped frames are drawn from a generator seeded by the video's id and

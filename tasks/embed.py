@@ -1,6 +1,7 @@
 """Feature extraction stages: CLIP on face crops, HuBERT on audio, ASR, LLM on transcripts.
 
-Each is a `tasks.stage.Stage` run by the one engine (`run_stage`): it computes only the keys its
+Each is a `tasks.engine.stage.Stage` run by the one engine (`run_stage`): it computes only the keys
+its
 table lacks, batches across the shard's videos in bounded groups, pools one vector per video and
 writes it through the store. A video whose input is missing (no face, no audio, empty text) gets
 a failure row and no feature row: a missing modality, never a zero vector. Audio reaches the
@@ -33,14 +34,11 @@ from models.registry import (
     resolve_model_path,
 )
 from models.settings import available_cpus
-from tasks.code_version import code_version
 from tasks.corrupt import Corruption
-from tasks.face_crops import FaceCrops, load_crops
-from tasks.faces import FaceSettings
-from tasks.gpu_slots import current_claim
-from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, read_wav
-from tasks.shard import ShardReport, now_utc
-from tasks.stage import (
+from tasks.engine.code_version import code_version
+from tasks.engine.gpu_slots import current_claim
+from tasks.engine.shard import ShardReport, now_utc
+from tasks.engine.stage import (
     SIDE_ROWS,
     Compute,
     Item,
@@ -52,6 +50,9 @@ from tasks.stage import (
     run_stage,
     task_options,
 )
+from tasks.faces.crop import FaceSettings
+from tasks.faces.crop_files import FaceCrops, load_crops
+from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, read_wav
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ class ModelChoice:
     @property
     def compute_threads(self) -> int:
         """The threads it computes with: `threads`, else, while a shard holds a share of the
-        machine's cores (tasks/stage.py, tasks/gpu_slots.py cpu_cores), that share, else
+        machine's cores (tasks/engine/stage.py, tasks/engine/gpu_slots.py cpu_cores), that share,
+        else
         wanted_threads. More threads than free cores make every batched op wait at a barrier
         for a thread the OS has descheduled: 5-10x slower on a busy 2-core machine."""
         claim = current_claim()

@@ -1,7 +1,7 @@
 """Raw media: find FFmpeg, probe streams with PyAV, split a video's audio into a 16 kHz mono wav.
 
 Also holds the per-video error types the raw-video stages share, and the audio stage (run by
-the engine in tasks/stage.py, which turns them into failure rows).
+the engine in tasks/engine/stage.py, which turns them into failure rows).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from data_contracts import tables
 from data_contracts.atomic import atomic_path
 from data_contracts.store import Store, store_write_error
 from tasks.corrupt import Corruption, add_noise
-from tasks.errors import BadInputError, TransientError
-from tasks.shard import ShardReport
-from tasks.stage import Stage, artifact_stage, run_stage
+from tasks.engine.errors import BadInputError, TransientError
+from tasks.engine.shard import ShardReport
+from tasks.engine.stage import Stage, artifact_stage, run_stage
 
 AUDIO_STAGE = "audio"
 # Videos per ffmpeg process in the audio stage (extract_audio_many).

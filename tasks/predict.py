@@ -3,7 +3,7 @@ the folds (as the run's submission averages them), on features of the run's extr
 standardised with the run's normaliser, missing modalities masked. The predict flow, the
 `predict-new` deployment and `merflow predict` on single videos all call these functions.
 
-A run folder is read as the train flow left it (tasks/train.py):
+A run folder is read as the train flow left it (tasks/training/steps.py):
 
     runs/train-<key>/report/report.json     the run finished: extractor ids, train settings
     runs/train-<key>/fold-<k>/done.json     every fold finished ...
@@ -32,9 +32,9 @@ from data_contracts.store import Store
 from data_contracts.tables import TableRef
 from models.featureset import UNLABELLED, FeatureSet
 from models.settings import TrainSettings
-from tasks.ablate_report import SWITCHES
-from tasks.train import load_normalizer
-from tasks.train_report import average_over_folds, prediction_rows
+from tasks.training.ablate_report import SWITCHES
+from tasks.training.report import average_over_folds, prediction_rows
+from tasks.training.steps import load_normalizer
 
 if TYPE_CHECKING:  # the plan pulls in the extractors; only its type is needed here
     from flows.plan import ExtractionPlan
@@ -256,7 +256,7 @@ def plan_ids(plan: ExtractionPlan) -> dict[str, str]:
 def video_rows(paths: Iterable[Path]) -> pd.DataFrame:
     """Manifest-like rows of single video files (id: the file stem), for the stage engine; the
     manifest itself is left alone (a debugging run)."""
-    from tasks.scan import sha256_file
+    from tasks.corpus.scan import sha256_file
 
     rows = []
     for p in paths:
@@ -273,9 +273,9 @@ def video_rows(paths: Iterable[Path]) -> pd.DataFrame:
 
 def extract_here(plan: ExtractionPlan, videos: pd.DataFrame, store: Store) -> dict[str, int]:
     """Run every stage the videos still lack in this process, with the engine the flow's tasks
-    run (tasks.stage.run_stage), upstream first; returns how many each stage computed."""
+    run (tasks.engine.stage.run_stage), upstream first; returns how many each stage computed."""
     from flows.plan import STAGES
-    from tasks.stage import run_stage
+    from tasks.engine.stage import run_stage
 
     return {name: run_stage(plan.stage(name), videos, store).processed for name in STAGES}
 
@@ -317,7 +317,7 @@ def quality_kept(
     """`data` with the run's quality filters applied (train.quality_min_*), as training masked
     its inputs; unchanged when the run had none. Videos outside the manifest have no signals and
     keep every modality."""
-    from tasks.quality import quality_mask, quality_signals, quality_thresholds
+    from tasks.stores.quality import quality_mask, quality_signals, quality_thresholds
 
     thresholds = quality_thresholds(ts)
     if all(v is None for v in thresholds.values()) or not len(data):

@@ -1,7 +1,7 @@
 """The Prefect tasks of the two raw-video stages: the audio split and the face crops.
 
-Apart from tasks/media.py and tasks/faces.py so that the faces stage's worker processes
-(tasks/video_pool.py), which import those modules, start without importing Prefect.
+Apart from tasks/media.py and tasks/faces/crop.py so that the faces stage's worker processes
+(tasks/engine/video_pool.py), which import those modules, start without importing Prefect.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from prefect import task
 
 from data_contracts.store import Store
 from tasks.corrupt import Corruption
-from tasks.faces import FaceSettings, crop_faces_shard, faces_stage
+from tasks.engine.shard import ShardReport
+from tasks.engine.stage import run_stage, task_options
+from tasks.faces.crop import FaceSettings, crop_faces_shard, faces_stage
 from tasks.media import DEFAULT_SAMPLE_RATE, audio_stage
-from tasks.shard import ShardReport
-from tasks.stage import run_stage, task_options
 
 
 @task(name="extract-audio", **task_options(audio_stage))

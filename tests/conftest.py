@@ -37,7 +37,7 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A small demo corpus (12 labelled, 6 unlabelled clips) shared by the session; read-only."""
-    from tasks.demo_corpus import make_demo_corpus
+    from tasks.demo.corpus import make_demo_corpus
 
     out = tmp_path_factory.mktemp("corpus") / "corpus"
     make_demo_corpus(out, n_labeled=12, n_unlabeled=6, seed=7)

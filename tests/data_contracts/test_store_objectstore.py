@@ -23,7 +23,7 @@ import pytest
 from data_contracts import tables
 from data_contracts.failures import failure_row, failures_frame
 from data_contracts.store import Store, StoreAccessError, StoreWriteError
-from tasks.shard import retry_if_transient
+from tasks.engine.shard import retry_if_transient
 from tests.data_contracts.objectstore import moto_s3, new_bucket
 from tests.data_contracts.objectstore_writer import window
 

@@ -16,9 +16,9 @@ from data_contracts.labels import MODALITIES
 from flows.ablate import ablate_flow
 from flows.extract import extract_flow
 from models.training import EPOCH_RECORD
-from tasks.ablate_report import BASELINE, BASELINE_OVERSAMPLED, SYSTEMS
-from tasks.train import pretrain_step
-from tasks.train_data import TrainingData
+from tasks.training.ablate_report import BASELINE, BASELINE_OVERSAMPLED, SYSTEMS
+from tasks.training.data import TrainingData
+from tasks.training.steps import pretrain_step
 from tests.models.synthetic import make_featureset
 from tests.models.test_training import small_recipe
 
@@ -38,7 +38,7 @@ OWN_PRETRAINING = {"no_pretraining", "no_nee"}
 @pytest.fixture(scope="module")
 def extracted(prefect_server, tiny_models, tmp_path_factory):
     """36 labelled + 12 unlabelled demo clips, extracted once: corpus, data root, overrides."""
-    from tasks.demo_corpus import make_demo_corpus
+    from tasks.demo.corpus import make_demo_corpus
 
     base = tmp_path_factory.mktemp("ablate")
     corpus, root = base / "corpus", base / "root"

@@ -12,7 +12,7 @@ import pytest
 from flows.extract import extract_flow
 from flows.train import training_context
 from models.recipe import recipe_from_settings
-from tasks.train import train_in_process
+from tasks.training.steps import train_in_process
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -25,7 +25,7 @@ SINGLE = ("A", "V", "T")
 @pytest.fixture(scope="module")
 def demo(prefect_server, tiny_models, tmp_path_factory):
     """The extracted corpus's training data and settings (the train flow's own reading)."""
-    from tasks.demo_corpus import make_demo_corpus
+    from tasks.demo.corpus import make_demo_corpus
 
     base = tmp_path_factory.mktemp("shape")
     corpus = base / "corpus"

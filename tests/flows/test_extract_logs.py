@@ -13,7 +13,7 @@ import pytest
 from data_contracts.store import Store
 from flows.config import load_settings
 from flows.plan import STAGES, plan_extraction
-from tasks.stage import run_stage
+from tasks.engine.stage import run_stage
 from tests.flows.test_extract_flow import _run
 
 LINE = re.compile(r"^(\w+) shard (\d+)/(\d+): (\d+) computed, (\d+) skipped, (\d+) failed(.*)$")

@@ -21,8 +21,8 @@ from flows.cli import app
 from flows.config import SettingsError, load_settings
 from flows.extract import extract_flow
 from flows.safety import UnsafeParameterError, check_all_under_roots, check_under_roots
-from tasks.face_crops import load_crops
-from tasks.shard import shard_cache_key
+from tasks.engine.shard import shard_cache_key
+from tasks.faces.crop_files import load_crops
 from tests.data_contracts.objectstore import moto_s3, new_bucket
 
 # Columns that differ between two runs by design (when a row was written).

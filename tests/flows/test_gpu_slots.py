@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from tasks import gpu_slots
-from tasks.gpu_slots import (
+from tasks.engine import gpu_slots
+from tasks.engine.gpu_slots import (
     device_index,
     ensure_gpu_slots,
     gpu_slot,
@@ -159,7 +159,7 @@ def quiet(monkeypatch):
 
 
 def test_fair_share_gives_small_wants_theirs_and_splits_the_rest():
-    from tasks.gpu_slots import fair_share
+    from tasks.engine.gpu_slots import fair_share
 
     assert fair_share(2, [2], 2) == 2  # alone: all it wants
     assert fair_share(8, [4], 4) == 4
@@ -170,7 +170,7 @@ def test_fair_share_gives_small_wants_theirs_and_splits_the_rest():
 
 
 def test_a_neighbour_halves_the_share_and_its_end_gives_it_back(tmp_path, quiet):
-    from tasks.gpu_slots import cpu_cores, current_claim
+    from tasks.engine.gpu_slots import cpu_cores, current_claim
 
     cores = [0, 1, 2, 3]
     with cpu_cores(4, folder=tmp_path, cores=cores, what="first") as first:
@@ -188,7 +188,7 @@ def test_a_neighbour_halves_the_share_and_its_end_gives_it_back(tmp_path, quiet)
 
 
 def test_an_explicit_thread_count_wins_and_still_makes_room(tmp_path, quiet):
-    from tasks.gpu_slots import cpu_cores
+    from tasks.engine.gpu_slots import cpu_cores
 
     cores = [0, 1]
     with cpu_cores(2, explicit=3, folder=tmp_path, cores=cores) as fixed:
@@ -201,7 +201,7 @@ def test_an_explicit_thread_count_wins_and_still_makes_room(tmp_path, quiet):
 def test_use_sets_torch_threads_of_the_calling_thread_and_records_them(tmp_path, quiet):
     import torch
 
-    from tasks.gpu_slots import cpu_cores
+    from tasks.engine.gpu_slots import cpu_cores
 
     before = torch.get_num_threads()
     try:
@@ -227,7 +227,7 @@ def test_use_sets_torch_threads_of_the_calling_thread_and_records_them(tmp_path,
 
 
 def test_cores_busy_with_work_outside_the_budget_are_left_out(tmp_path, monkeypatch):
-    from tasks.gpu_slots import busy_elsewhere, cpu_cores
+    from tasks.engine.gpu_slots import busy_elsewhere, cpu_cores
 
     monkeypatch.setattr(gpu_slots.os, "getloadavg", lambda: (6.7, 0.0, 0.0))
     assert busy_elsewhere(2) == 4  # rounded down: a fraction of a core is nobody's
@@ -248,12 +248,12 @@ def test_a_killed_job_frees_its_cores_at_once(tmp_path, quiet):
     import subprocess
     import sys
 
-    from tasks.gpu_slots import cpu_cores
+    from tasks.engine.gpu_slots import cpu_cores
 
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from tasks.gpu_slots import cpu_cores\n"
+        "from tasks.engine.gpu_slots import cpu_cores\n"
         "with cpu_cores(2, folder=Path(sys.argv[1]), cores=[0, 1]):\n"
         "    print('held', flush=True)\n"
         "    time.sleep(600)\n"
@@ -284,7 +284,7 @@ def test_a_training_step_follows_its_share_at_each_epoch_and_keeps_its_counts(
 
     from flows.train import _cores
     from models.training import EpochReport, log_epoch
-    from tasks.gpu_slots import cpu_cores
+    from tasks.engine.gpu_slots import cpu_cores
 
     monkeypatch.setenv("MERFLOW_CPU_DIR", str(tmp_path / "cpus"))
     monkeypatch.setattr(gpu_slots, "machine_cores", lambda: [0, 1])

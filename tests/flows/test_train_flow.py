@@ -30,7 +30,7 @@ FAST = [
 def extracted(prefect_server, tmp_path_factory):
     """48 labelled + 24 unlabelled demo clips, extracted once for the module."""
     from models.tiny import build_tiny_models
-    from tasks.demo_corpus import make_demo_corpus
+    from tasks.demo.corpus import make_demo_corpus
 
     base = tmp_path_factory.mktemp("train")
     corpus = base / "corpus"
@@ -65,7 +65,7 @@ def test_train_learns_writes_report_and_is_reproducible(extracted):
     assert set(preds.split) == {"cv", "unlabeled"} and len(preds) == 72
     assert np.allclose(np.stack(preds.prob_voted).sum(1), 1, atol=1e-4)
     assert json.loads((out / "report.json").read_text())["confusion"]
-    # Each step's torch threads: its share of this machine's cores (tasks/gpu_slots.py).
+    # Each step's torch threads: its share of this machine's cores (tasks/engine/gpu_slots.py).
     threads = json.loads((out / "report.json").read_text())["threads"]
     assert set(threads) == {"pretrain", "fold-0", "fold-1"}
     for t in threads.values():

@@ -76,7 +76,7 @@ def _train_on(root, labels, table: str) -> tuple[str, Path, dict]:
 
 
 def test_train_on_imported_mertools_features_without_a_corpus_folder(prefect_server, tmp_path):
-    from tasks.demo_corpus import make_demo_corpus
+    from tasks.demo.corpus import make_demo_corpus
 
     corpus, root = tmp_path / "corpus", tmp_path / "root"
     make_demo_corpus(corpus, n_labeled=36, n_unlabeled=12, seed=5)
@@ -184,12 +184,12 @@ def test_the_paper_profile_trains_on_imported_features_without_naming_them(
 
 
 def test_without_a_plan_table_each_modality_falls_back_to_its_only_or_newest_table(tmp_path):
-    """What training falls back on (tasks/quality.py stored_table_choice): a modality's only
+    """What training falls back on (tasks/stores/quality.py stored_table_choice): a modality's only
     stored table, or the newest of several, said so."""
     import time
 
-    from tasks.import_features import import_features
-    from tasks.quality import stored_table_choice
+    from tasks.stores.import_features import import_features
+    from tasks.stores.quality import stored_table_choice
 
     names = [f"sample_{i:05d}" for i in range(12)]
     truth = pd.DataFrame({"name": names, "discrete": list(CLASS_INDEX) * 2})

@@ -6,7 +6,7 @@ import pytest
 
 from flows.config import SettingsError, load_settings
 from flows.train_worker import check_devices, torchrun_command, worker_args
-from tasks.errors import MerflowError
+from tasks.engine.errors import MerflowError
 
 
 def _train(*overrides: str):

@@ -21,7 +21,7 @@ from data_contracts.store import Store
 from flows.config import load_settings
 from flows.plan import plan_extraction
 from models.tiny import build_tiny_models, causal_lm_config
-from tasks.stage import run_stage
+from tasks.engine.stage import run_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

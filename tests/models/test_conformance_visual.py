@@ -32,8 +32,8 @@ from models.extractors import load_extractor, planned_extractor_id
 from models.registry import CheckpointMismatchError, get_spec
 from models.visual import RecipeDtypeError
 from tasks.embed import ModelChoice, visual_stage
-from tasks.faces import FaceSettings, faces_stage
-from tasks.stage import run_stage
+from tasks.engine.stage import run_stage
+from tasks.faces.crop import FaceSettings, faces_stage
 from tests.tasks import badmedia
 from tests.tasks.test_openface_reader import BLACK, face_crop, write_openface_output
 

@@ -16,10 +16,10 @@ from data_contracts import tables
 from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
 from flows.quality_cli import register
-from tasks.check import check_stores
-from tasks.errors import BadInputError
-from tasks.folds import fold_assignment
-from tasks.quality import near_duplicate_pairs, quality_mask, quality_signals
+from tasks.engine.errors import BadInputError
+from tasks.stores.check import check_stores
+from tasks.stores.quality import near_duplicate_pairs, quality_mask, quality_signals
+from tasks.training.folds import fold_assignment
 from tests.data_contracts.old_layouts import FACES_V1, v1_rows, v2_rows
 from tests.quality.synthetic import (
     add_failure,
@@ -144,8 +144,8 @@ def test_folds_are_the_ones_training_makes(tmp_path):
     """Before any run, check and inspect show the folds training would make over the rows it
     trains on (a labelled video without features is not one of them); after a run, the run's
     own folds, named as such."""
-    from tasks.folds import fold_assignment, run_assignment, save_folds
-    from tasks.train_data import load_training_data, with_folds
+    from tasks.training.data import load_training_data, with_folds
+    from tasks.training.folds import fold_assignment, run_assignment, save_folds
 
     store, _, _ = make_root(tmp_path / "root", n_labelled=24)
     empty = manifest_rows(["sample_00000100"], ["labeled"])  # a zero-byte video: no features
@@ -177,7 +177,7 @@ def test_the_fold_preview_uses_the_tables_the_saved_settings_train_on(tmp_path):
     folds by default, and not when the saved settings train on the older table."""
     import yaml
 
-    from tasks.folds import fold_assignment
+    from tasks.training.folds import fold_assignment
 
     store, ids, x = make_root(tmp_path / "root", n_labelled=24)
     new = "sample_00000100"

@@ -13,9 +13,9 @@ from data_contracts import tables
 from data_contracts.labels import CLASSES, MODALITIES
 from data_contracts.store import Store
 from flows.cli import app
-from tasks.check import check_stores
-from tasks.folds import fold_assignment
-from tasks.import_features import NO_VIDEO, import_features
+from tasks.stores.check import check_stores
+from tasks.stores.import_features import NO_VIDEO, import_features
+from tasks.training.folds import fold_assignment
 from tests.quality.synthetic import make_root, manifest_rows
 
 IDS = [f"mer_{i:02d}" for i in range(30)]
@@ -108,7 +108,7 @@ def test_a_features_only_store_checks_clean_with_its_videos_current(features_onl
 
 
 def test_the_fold_preview_is_the_folds_training_makes_over_feature_only_videos(features_only):
-    from tasks.train_data import load_training_data, with_folds
+    from tasks.training.data import load_training_data, with_folds
 
     store, _, _ = features_only
     refs = {m: tables.features(m, "imported-mer", DIM) for m in MODALITIES}

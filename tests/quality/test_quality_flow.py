@@ -27,8 +27,8 @@ from models.asr import AsrModel
 from models.text import TextEncoder
 from models.tiny import TINY_FORMAT
 from models.visual import VisualEncoder
-from tasks.check import check_stores
-from tasks.quality import find_feature_tables
+from tasks.stores.check import check_stores
+from tasks.stores.quality import find_feature_tables
 from tests.quality.synthetic import broken_extractor_write
 
 pytestmark = pytest.mark.server

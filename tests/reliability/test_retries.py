@@ -14,8 +14,8 @@ import tasks.media
 from data_contracts import tables
 from data_contracts.store import Store, StoreWriteError
 from flows.extract import ExtractionSummary, extract_flow
-from tasks.errors import BadInputError, TransientError
-from tasks.shard import retry_if_transient
+from tasks.engine.errors import BadInputError, TransientError
+from tasks.engine.shard import retry_if_transient
 from tests.tasks import badmedia
 
 pytestmark = pytest.mark.server

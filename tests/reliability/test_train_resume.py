@@ -15,7 +15,7 @@ from data_contracts.atomic import FAULT_ENV
 from flows.extract import extract_flow
 from flows.server import client_env
 from flows.train import train_flow
-from tasks.train import load_fold
+from tasks.training.steps import load_fold
 from tests.reliability.helpers import REPO
 
 pytestmark = pytest.mark.server

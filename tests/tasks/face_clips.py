@@ -1,6 +1,6 @@
 """Generated clips with several faces, for the face-track and speaking-face tests.
 
-Two real faces: scikit-image's astronaut as the demo renders her (tasks/demo_media.py, whose
+Two real faces: scikit-image's astronaut as the demo renders her (tasks/demo/media.py, whose
 "open" expression at an intensity opens her mouth), and Grace Hopper's portrait that matplotlib
 ships as sample data. Speech comes from espeak-ng as in the demo corpus.
 """
@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tasks.demo_media import (
+from tasks.demo.media import (
     FACE_BOX_PX,
     FACE_CENTER_XY,
     SPEECH_RATE_HZ,

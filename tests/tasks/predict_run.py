@@ -35,7 +35,7 @@ def predict_run(small_corpus: Path, tiny_models: Path, tmp_path_factory) -> Pred
         return _MADE["run"]
     from flows.extract import extract_flow
     from flows.train import train_flow
-    from tasks.demo_corpus import make_demo_corpus
+    from tasks.demo.corpus import make_demo_corpus
 
     base = tmp_path_factory.mktemp("predict")
     root = base / "root"

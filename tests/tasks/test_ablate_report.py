@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_contracts.labels import CLASSES
-from tasks.ablate_report import (
+from tasks.training.ablate_report import (
     BASELINE,
     BASELINE_OVERSAMPLED,
     SYSTEMS,
@@ -23,7 +23,7 @@ SEEDS = [0, 1, 2]
 
 
 def report(run_id: str, waf: float, baseline: float | None = None, f1: float = 0.5) -> dict:
-    """A train report as tasks/train_report.py writes it (the fields Table 1 reads); the
+    """A train report as tasks/training/report.py writes it (the fields Table 1 reads); the
     oversampled baseline scores 0.05 above the paper's."""
     per_class = {c: f1 + i / 100 for i, c in enumerate(CLASSES)}
     oversampled = None if baseline is None else baseline + 0.05

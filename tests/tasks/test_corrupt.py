@@ -19,16 +19,16 @@ from tasks.corrupt import (
     parse_levels,
     sharpness,
 )
-from tasks.face_crops import load_crops
-from tasks.faces import FaceSettings, faces_stage
+from tasks.engine.stage import run_stage
+from tasks.faces.crop import FaceSettings, faces_stage
+from tasks.faces.crop_files import load_crops
 from tasks.media import audio_extractor_id, audio_stage, load_wav
-from tasks.stage import run_stage
 
 
 @pytest.fixture(scope="module")
 def clips(small_corpus) -> pd.DataFrame:
     """Three labelled demo clips (speech and a face) as manifest-like rows."""
-    from tasks.scan import sha256_file
+    from tasks.corpus.scan import sha256_file
 
     paths = sorted((small_corpus / "video-labeled").glob("*.mp4"))[:3]
     return pd.DataFrame(

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from data_contracts.labels import CLASSES
-from tasks import demo_corpus as dc
-from tasks import demo_media as dm
-from tasks.demo_corpus import (
+from tasks.demo import corpus as dc
+from tasks.demo import media as dm
+from tasks.demo.corpus import (
     CUE_CONFLICT,
     CUE_KEEP,
     CUE_STATES,

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.face_backends import DlibBackend
-from tasks.face_crops import load_crops, load_tracks
-from tasks.face_frames import FrameSampler, ShotCuts
-from tasks.face_track import appearance, link_tracks
-from tasks.faces import FaceSettings, crop_faces
+from tasks.faces.backends import DlibBackend
+from tasks.faces.crop import FaceSettings, crop_faces
+from tasks.faces.crop_files import load_crops, load_tracks
+from tasks.faces.frames import FrameSampler, ShotCuts
+from tasks.faces.track import appearance, link_tracks
 from tests.tasks import face_clips as fc
 
 
@@ -147,7 +147,7 @@ def test_opencv_gives_every_face_too(clips, tmp_path):
 
 def test_appearance_tells_the_two_faces_apart(clips, tmp_path):
     tracks = load_tracks(crop_faces(clips["two"], tmp_path / "a.npz").path)
-    from tasks.face_track import similarity
+    from tasks.faces.track import similarity
 
     a, b = (appearance(tracks.crops[tracks.track_id == t][0]) for t in (0, 1))
     a2 = appearance(tracks.crops[tracks.track_id == 0][-1])

@@ -15,9 +15,17 @@ from typer.testing import CliRunner
 from data_contracts import tables
 from data_contracts.store import Store
 from flows.task_cli import task_app
-from tasks import face_backends, face_openface
-from tasks.face_backends import load_backend
-from tasks.face_crops import (
+from tasks.faces import backends as face_backends
+from tasks.faces import openface as face_openface
+from tasks.faces.backends import load_backend
+from tasks.faces.crop import (
+    FaceSettings,
+    NoFaceError,
+    crop_faces,
+    crop_faces_shard,
+    faces_extractor_id,
+)
+from tasks.faces.crop_files import (
     CHOSEN_COLOUR,
     OTHER_COLOUR,
     CropWriter,
@@ -25,15 +33,8 @@ from tasks.face_crops import (
     load_tracks,
     track_sheet,
 )
-from tasks.face_frames import BackendUnavailableError, Face, FrameSampler
-from tasks.face_openface import OpenFaceBackend, parse_openface_output
-from tasks.faces import (
-    FaceSettings,
-    NoFaceError,
-    crop_faces,
-    crop_faces_shard,
-    faces_extractor_id,
-)
+from tasks.faces.frames import BackendUnavailableError, Face, FrameSampler
+from tasks.faces.openface import OpenFaceBackend, parse_openface_output
 from tasks.media import NoVideoStreamError, TruncatedMediaError, UnreadableMediaError
 from tasks.raw_video_tasks import crop_faces_task
 from tests.tasks import badmedia

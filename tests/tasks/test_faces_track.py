@@ -11,11 +11,11 @@ import pytest
 
 from flows.config import load_settings
 from flows.plan import face_settings
-from tasks import face_backends
-from tasks.face_crops import load_crops
-from tasks.face_frames import BackendUnavailableError, FrameSampler
-from tasks.face_track import box_iou
-from tasks.faces import FaceSettings, crop_faces, faces_extractor_id
+from tasks.faces import backends as face_backends
+from tasks.faces.crop import FaceSettings, crop_faces, faces_extractor_id
+from tasks.faces.crop_files import load_crops
+from tasks.faces.frames import BackendUnavailableError, FrameSampler
+from tasks.faces.track import box_iou
 from tests.tasks import badmedia
 
 

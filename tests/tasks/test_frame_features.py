@@ -12,8 +12,8 @@ import pytest
 from data_contracts.store import Store
 from flows.config import load_settings
 from flows.plan import plan_extraction
-from tasks.scan import scan_videos
-from tasks.stage import run_stage
+from tasks.corpus.scan import scan_videos
+from tasks.engine.stage import run_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,8 +16,8 @@ from data_contracts import tables
 from data_contracts.labels import CLASSES
 from data_contracts.store import Store
 from flows.cli import app
-from tasks.errors import BadInputError
-from tasks.import_features import NO_VIDEO, import_features
+from tasks.engine.errors import BadInputError
+from tasks.stores.import_features import NO_VIDEO, import_features
 from tests.quality.synthetic import feature_rows, manifest_rows, sha
 
 IDS = [f"sample_{i:03d}" for i in range(8)]
@@ -139,7 +139,7 @@ def test_a_table_streamed_in_small_chunks_and_parts_stores_what_a_whole_read_doe
         df.assign(emb=[json.dumps(r.tolist()) for r in x]).to_csv(path, index=False)
     whole = import_features(store, "text", "whole", path)
 
-    monkeypatch.setattr("tasks.import_features.READ_ROWS", 2)
+    monkeypatch.setattr("tasks.stores.import_features.READ_ROWS", 2)
     monkeypatch.setattr(store, "target_part_bytes", 4 * 4 * 5)  # half: 2 rows; parts of 3
     streamed = import_features(store, "text", "streamed", path)
     assert whole.written == streamed.written == 8
@@ -416,7 +416,7 @@ def test_training_videos_are_the_manifests_plus_feature_only_ids_each_once(store
 
 
 def test_nothing_to_train_on_names_both_ways_in(tmp_path):
-    from tasks.train_data import load_training_data
+    from tasks.training.data import load_training_data
 
     bare = Store(tmp_path / "bare")
     refs = {m: tables.features(m, "imported-x", 4) for m in ("visual", "acoustic", "text")}

@@ -18,7 +18,8 @@ from data_contracts import tables
 from data_contracts.store import Store
 from flows.task_cli import task_app
 from tasks import media
-from tasks.errors import BadInputError, TransientError
+from tasks.engine.errors import BadInputError, TransientError
+from tasks.engine.shard import retry_if_transient, shard_cache_key
 from tasks.media import (
     FFmpegNotFoundError,
     MissingInputError,
@@ -34,7 +35,6 @@ from tasks.media import (
     speech_ratio,
 )
 from tasks.raw_video_tasks import extract_audio_task
-from tasks.shard import retry_if_transient, shard_cache_key
 from tests.tasks import badmedia
 
 

@@ -26,7 +26,7 @@ from tasks.predict import (
     matching_plan,
     video_rows,
 )
-from tasks.train import load_fold
+from tasks.training.steps import load_fold
 from tests.tasks.predict_run import predict_run
 
 pytestmark = pytest.mark.server  # the run is made by the real extract and train flows

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from models.settings import TrainSettings
-from tasks.ablate_report import SYSTEMS
 from tasks.predict import REPORT_JSON, RunFolderError, find_run, method_switches
+from tasks.training.ablate_report import SYSTEMS
 
 
 def _finished(runs, key: str, overrides: tuple[str, ...] = (), age: int = 0, seed: int = 0):

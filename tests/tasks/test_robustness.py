@@ -1,4 +1,5 @@
-"""`merflow robustness` on the session's trained run (tasks/robustness.py, flows/robustness.py):
+"""`merflow robustness` on the session's trained run (tasks/training/robustness.py,
+flows/robustness.py):
 the clean level gives back the run's fold WAF exactly, each fold's model is scored on its own
 validation videos only, corrupted features are rows of their own made once (a second invocation
 computes nothing), and the report's table, plot and files are written."""
@@ -12,8 +13,8 @@ import pytest
 
 from data_contracts import tables
 from data_contracts.store import Store
-from tasks import robustness
-from tasks.folds import read_run_folds
+from tasks.training import robustness
+from tasks.training.folds import read_run_folds
 from tests.tasks.predict_run import predict_run
 
 pytestmark = pytest.mark.server  # the run is made by the real extract and train flows

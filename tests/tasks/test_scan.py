@@ -8,8 +8,8 @@ import pytest
 
 from data_contracts import tables
 from data_contracts.store import Store
-from tasks.errors import BadInputError
-from tasks.scan import list_videos, scan_videos, sha256_file
+from tasks.corpus.scan import list_videos, scan_videos, sha256_file
+from tasks.engine.errors import BadInputError
 from tests.tasks import badmedia
 
 

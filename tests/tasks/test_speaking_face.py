@@ -16,17 +16,17 @@ from data_contracts import tables
 from data_contracts.store import Store
 from flows.config import load_settings
 from flows.task_cli import task_app
-from tasks.face_backends import load_backend
-from tasks.face_crops import CHOSEN_COLOUR, load_crops, load_tracks
-from tasks.face_frames import FrameSampler
-from tasks.face_speaker import (
+from tasks.faces.backends import load_backend
+from tasks.faces.crop import FaceSettings, crop_faces, crop_faces_shard, faces_extractor_id
+from tasks.faces.crop_files import CHOSEN_COLOUR, load_crops, load_tracks
+from tasks.faces.frames import FrameSampler
+from tasks.faces.speaker import (
     SPEAKING_MIN_FRAMES,
     choose_speaking,
     loudness_at,
     mouth_opening,
 )
-from tasks.faces import FaceSettings, crop_faces, crop_faces_shard, faces_extractor_id
-from tasks.quality import quality_signals
+from tasks.stores.quality import quality_signals
 from tests.quality.synthetic import manifest_rows
 from tests.tasks import badmedia
 from tests.tasks import face_clips as fc

@@ -15,7 +15,7 @@ from data_contracts.store import Store
 from flows.config import load_settings
 from flows.plan import STAGES, plan_extraction
 from models.acoustic import AcousticEncoder
-from tasks.stage import run_stage
+from tasks.engine.stage import run_stage
 
 
 def _plan(tiny_models, root, *overrides):
@@ -138,7 +138,7 @@ def test_stage_tasks_take_their_retries_from_the_settings():
         tasks = stage_tasks(load_settings("demo", [f"extract.retries={retries}"]))
         assert set(tasks) == set(STAGES)
         assert {t.retries for t in tasks.values()} == {retries}
-    # Every stage keeps the retry rule; GPU bounds are slots per device (tasks/gpu_slots.py).
+    # Every stage keeps the retry rule; GPU bounds are slots per device (tasks/engine/gpu_slots.py).
     tasks = stage_tasks(load_settings("demo", []))
     assert tasks["audio"].retry_condition_fn is tasks["text"].retry_condition_fn
 
@@ -181,10 +181,12 @@ def test_a_cpu_model_stage_computes_with_its_share_of_the_machines_cores(
 
     import tasks.embed as embed_mod
     from models.visual import VisualEncoder
-    from tasks.gpu_slots import cpu_cores, current_claim, machine_cores
+    from tasks.engine.gpu_slots import cpu_cores, current_claim, machine_cores
 
     monkeypatch.setenv("MERFLOW_CPU_DIR", str(tmp_path / "cpus"))
-    monkeypatch.setattr("tasks.gpu_slots.busy_elsewhere", lambda in_budget: 0)  # a quiet machine
+    monkeypatch.setattr(
+        "tasks.engine.gpu_slots.busy_elsewhere", lambda in_budget: 0
+    )  # a quiet machine
     cores = machine_cores()
     monkeypatch.setattr(embed_mod, "available_cpus", lambda: 2 * len(cores))  # wants them all
     plan = _plan(tiny_models, tmp_path / "root")

@@ -9,8 +9,8 @@ import pytest
 
 from data_contracts.labels import MODALITIES
 from flows.config import load_settings
-from tasks.train_data import TrainingData, with_folds
-from tasks.train_inputs import (
+from tasks.training.data import TrainingData, with_folds
+from tasks.training.inputs import (
     INPUTS,
     META,
     TrainingInputsError,
@@ -106,7 +106,7 @@ def test_missing_half_written_or_foreign_inputs_are_refused(tmp_path):
 def test_a_full_disk_names_the_folder_and_keeps_what_was_there(tmp_path, monkeypatch):
     import errno
 
-    import tasks.train_inputs
+    import tasks.training.inputs
 
     folder = save_inputs(tmp_path / INPUTS, _data(), key="k1", fingerprint="fp1")
     calls, real_save = [], np.save
@@ -117,7 +117,7 @@ def test_a_full_disk_names_the_folder_and_keeps_what_was_there(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real_save(path, array)
 
-    monkeypatch.setattr(tasks.train_inputs.np, "save", full)
+    monkeypatch.setattr(tasks.training.inputs.np, "save", full)
     with pytest.raises(TrainingInputsError, match=r"MiB\) under .*No space left.*free space"):
         save_inputs(folder, _data(), key="k2", fingerprint="fp2")
     monkeypatch.undo()
@@ -155,7 +155,7 @@ def test_a_step_maps_the_inputs_and_never_reads_the_stores(tmp_path):
     """A step (in the flow's process or a torchrun rank) builds its recipe and run key from the
     frozen inputs and its own settings alone: no data root is involved at all."""
     from models.recipe import recipe_from_settings
-    from tasks.train import run_key, step_inputs
+    from tasks.training.steps import run_key, step_inputs
 
     settings = load_settings("demo", [])
     data = _data()
@@ -174,7 +174,7 @@ def test_a_step_maps_the_inputs_and_never_reads_the_stores(tmp_path):
 
 
 def test_a_node_without_the_run_folder_says_it_must_be_shared(tmp_path):
-    from tasks.train import step_inputs
+    from tasks.training.steps import step_inputs
 
     settings = load_settings("demo", ["train.nnodes=2", "train.rdzv_endpoint=127.0.0.1:29400"])
     with pytest.raises(TrainingInputsError, match="every machine sees"):

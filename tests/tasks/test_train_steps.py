@@ -14,10 +14,10 @@ from data_contracts.labels import MODALITIES
 from models.baseline import BaselineConfig
 from models.featureset import FeatureSet
 from models.mrccl import mrccl_config
-from tasks.folds import read_run_folds
-from tasks.train import load_fold, train_in_process
-from tasks.train_data import TrainingData
-from tasks.train_report import report_markdown
+from tasks.training.data import TrainingData
+from tasks.training.folds import read_run_folds
+from tasks.training.report import report_markdown
+from tasks.training.steps import load_fold, train_in_process
 from tests.models.synthetic import DIMS, make_featureset
 from tests.models.test_training import small_recipe
 
@@ -223,7 +223,7 @@ def test_a_changed_recipe_changes_the_run_and_pretraining_keys(monkeypatch) -> N
     """Old finished runs are never reused for a recipe that trains differently: the recipe's
     version is in both keys; pretraining's key follows what pretraining reads and nothing else."""
     from models.settings import TrainSettings
-    from tasks import train as train_module
+    from tasks.training import steps as train_module
 
     data = _data(make_featureset(24, seed=1), make_featureset(12, seed=2, labelled=False))
     ts = TrainSettings()

@@ -14,11 +14,11 @@ import pytest
 from data_contracts import tables
 from data_contracts.store import Store
 from models.settings import available_cpus
-from tasks import video_pool
-from tasks.errors import TransientError
-from tasks.face_crops import load_crops
-from tasks.faces import FaceSettings, _cropper, crop_faces_shard, faces_stage, for_workers
-from tasks.stage import Stage, run_stage
+from tasks.engine import video_pool
+from tasks.engine.errors import TransientError
+from tasks.engine.stage import Stage, run_stage
+from tasks.faces.crop import FaceSettings, _cropper, crop_faces_shard, faces_stage, for_workers
+from tasks.faces.crop_files import load_crops
 from tests.tasks import badmedia
 
 SHARD = ["face", "no_face", "zero_byte", "text", "face_then_blank", "rotated"]
@@ -140,7 +140,7 @@ def test_the_process_count_defaults_to_the_cores_and_to_none_in_a_daemon(monkeyp
 
 
 def test_workers_decode_on_their_share_of_the_cores_unless_told(monkeypatch):
-    monkeypatch.setattr("tasks.faces.available_cpus", lambda: 16)
+    monkeypatch.setattr("tasks.faces.crop.available_cpus", lambda: 16)
     auto = FaceSettings()
     assert for_workers(auto, 16).decode_threads == 1  # a worker per core: no decoder threads
     assert for_workers(auto, 4).decode_threads == 4

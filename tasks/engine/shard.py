@@ -1,6 +1,6 @@
 """What every sharded stage shares: shards and their cache keys, the store's done and failed
 keys, the shard report, the attempt number and the Prefect retry rule (the engine that runs a
-stage on a shard is tasks/stage.py)."""
+stage on a shard is tasks/engine/stage.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from data_contracts import tables
 from data_contracts.location import is_url, normalize_root
 from data_contracts.store import Store, StoreAccessError, StoreWriteError
 from data_contracts.tables import TableRef
-from tasks.errors import BadInputError, TransientError
+from tasks.engine.errors import BadInputError, TransientError
 
 
 @dataclass
@@ -36,7 +36,8 @@ class ShardReport:
     retried: int = 0
     # Seconds the stage worked (last attempt; a wait for a GPU slot excluded).
     seconds: float = 0.0
-    # Most torch threads it computed with: its share of the machine's cores (tasks/gpu_slots.py
+    # Most torch threads it computed with: its share of the machine's cores
+    # (tasks/engine/gpu_slots.py
     # cpu_cores); 0: it claimed none (a GPU stage, or one whose work is in other processes).
     threads: int = 0
 

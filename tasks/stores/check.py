@@ -2,7 +2,7 @@
 rows, missing modalities by reason, NaN / all-zero / outlying-norm vectors, dimension and
 contract version; leakage (the same bytes, or features with cosine > 0.99, across the labelled
 and unlabelled pools or across CV folds); drift between a modality's newest table and the one
-before it. The videos checked are those training takes (tasks/quality.py current_videos): the
+before it. The videos checked are those training takes (tasks/stores/quality.py current_videos): the
 manifest's and those imported without their files. Findings go to the `findings` table and to
 `<data_root>/reports/check.md`.
 """
@@ -25,9 +25,8 @@ from data_contracts import tables
 from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
 from data_contracts.tables import NO_VIDEO
-from tasks.errors import BadInputError
-from tasks.folds import fold_assignment
-from tasks.quality import (
+from tasks.engine.errors import BadInputError
+from tasks.stores.quality import (
     LABELLED_POOL,
     LEVELS,
     PASS_THROUGH,
@@ -45,6 +44,7 @@ from tasks.quality import (
     quality_signals,
     read_features,
 )
+from tasks.training.folds import fold_assignment
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,8 @@ def check_stores(
 ) -> Findings:
     """Check every feature table of the store; write the findings table and reports/check.md.
 
-    Leakage across CV folds is tested on the latest training run's folds (tasks/folds.py), or,
+    Leakage across CV folds is tested on the latest training run's folds (tasks/training/folds.py),
+    or,
     before any run or for other n_splits/seed, on the folds a run would make."""
     if not store.has_stores():
         raise BadInputError(

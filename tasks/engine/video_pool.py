@@ -6,7 +6,8 @@ faces thread and the model stages' threads take turns on one interpreter instead
 separate cores. A stage that runs its per-video function in these processes leaves the GIL to
 the model stages; with several processes, the videos of a shard are cropped side by side.
 
-Each worker is `python -m tasks.video_pool`, fed pickled jobs on its stdin: it builds a stage's
+Each worker is `python -m tasks.engine.video_pool`, fed pickled jobs on its stdin: it builds a
+stage's
 per-video function (its `setup`: the face backend loaded) on its first job of those settings
 and keeps it for later shards; the pool lives as long as the process that made it. Plain
 subprocesses, not multiprocessing: spawn and forkserver re-import the caller's main script (a
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from models.settings import available_cpus
-from tasks.errors import BadInputError, TransientError
+from tasks.engine.errors import BadInputError, TransientError
 
 Setup = Callable[[], Callable[[Path, Path], Any]]  # picklable: a module-level function/partial
 
@@ -64,7 +65,7 @@ class _Worker:
     def __init__(self, jobs: queue.Queue) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tasks.video_pool"],
+            [sys.executable, "-m", "tasks.engine.video_pool"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

@@ -20,8 +20,8 @@ from data_contracts.labels import CLASS_INDEX, MODALITIES
 from data_contracts.store import Store
 from data_contracts.tables import NO_VIDEO, TableRef
 from models.featureset import UNLABELLED, FeatureSet
-from tasks.errors import BadInputError
-from tasks.quality import current_videos
+from tasks.engine.errors import BadInputError
+from tasks.stores.quality import current_videos
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class TrainingData:
     # Per modality (mean, std) over every present row, labelled or not; None: not standardised.
     stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
     # Every row, labelled ones first, labels hidden: views the labelled and unlabelled sets share
-    # (frozen inputs: tasks/train_inputs.py), so pretraining needs no copy of them. None: build
+    # (frozen inputs: tasks/training/inputs.py), so pretraining needs no copy of them. None: build
     # it by concatenating.
     everything: FeatureSet | None = None
     # The CV fold of each labelled row, assigned once per run (with_folds); None: not yet.
@@ -85,7 +85,8 @@ _BLOCK = 8192  # rows copied at a time from a store's matrix into the training m
 def training_videos(store: Store, feature_tables: dict[str, TableRef]) -> pd.DataFrame:
     """The videos a run trains on, sorted by id (video_id, sha256): the manifest's current
     bytes, then the feature-only ids of `feature_tables` the manifest lacks (sha256 NO_VIDEO).
-    The rule is current_videos' (tasks/quality.py), which check, inspect and the folds share."""
+    The rule is current_videos' (tasks/stores/quality.py), which check, inspect and the folds
+    share."""
     return current_videos(store, feature_tables.values())[["video_id", "sha256"]]
 
 

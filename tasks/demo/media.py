@@ -1,4 +1,4 @@
-"""Render and encode one demo clip (tasks/demo_corpus.py plans them): espeak-ng Mandarin speech in
+"""Render and encode one demo clip (tasks/demo/corpus.py plans them): espeak-ng Mandarin speech in
 a voice of the clip's arousal, the astronaut's real face with the clip's expression, muxed into
 an H.264 + AAC mp4 by ffmpeg. Nothing here knows the clip's class, only its cues."""
 
@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from scipy.signal import lfilter
 
-from tasks.errors import MerflowError
+from tasks.engine.errors import MerflowError
 
 SPEECH_RATE_HZ = 22050  # espeak-ng's output rate
 AUDIO_OUT_RATE_HZ = 16000  # the mp4's AAC stream, MER-like and what the pipeline extracts
@@ -39,7 +39,7 @@ class DemoCorpusError(MerflowError):
 @dataclass(frozen=True)
 class Rendering:
     """How one clip looks and sounds: every random choice, drawn up front (by
-    tasks/demo_corpus.py) so that the result is order-independent."""
+    tasks/demo/corpus.py) so that the result is order-independent."""
 
     sentence: str
     # The voice: espeak-ng pitch (0-99) and rate (words/min), spectral tilt (vocal effort: > 0

@@ -25,10 +25,10 @@ from data_contracts import tables
 from data_contracts.failures import failure_row, failures_frame
 from data_contracts.store import Store
 from data_contracts.tables import TableRef
-from tasks import video_pool
-from tasks.errors import BadInputError
-from tasks.gpu_slots import cpu_cores, device_index, gpu_slot
-from tasks.shard import (
+from tasks.engine import video_pool
+from tasks.engine.errors import BadInputError
+from tasks.engine.gpu_slots import cpu_cores, device_index, gpu_slot
+from tasks.engine.shard import (
     ShardReport,
     current_attempt,
     now_utc,
@@ -84,9 +84,9 @@ class Stage:
     batch: videos per compute call.
     side: a second table written in the same pass; a video is done when both tables hold it.
     device, gpu_slots: where the stage computes; on a GPU the shard holds one of the device's
-        `gpu_slots` slots on this machine while it computes (tasks/gpu_slots.py).
+        `gpu_slots` slots on this machine while it computes (tasks/engine/gpu_slots.py).
     threads: torch threads a CPU stage wants from this machine's cores while a shard computes
-        (tasks/gpu_slots.py cpu_cores; it computes with its share); 0: it claims none (its
+        (tasks/engine/gpu_slots.py cpu_cores; it computes with its share); 0: it claims none (its
         work is in other processes). `fixed_threads`: `threads` is a setting, used as given.
     """
 
@@ -153,7 +153,7 @@ def artifact_stage(
     `setup()` gives `make(video_path, out_path)`, which writes the artifact and returns a result
     whose attributes name the table's other columns; keys, stored path and time are added here.
     `setup` runs once per shard here (a configuration error stops the shard before any video).
-    processes > 0: `make` runs in that many worker processes (tasks/video_pool.py), each with
+    processes > 0: `make` runs in that many worker processes (tasks/engine/video_pool.py), each with
     its own `setup()` kept across shards, several videos at a time; `setup` must then pickle (a
     module-level function or a partial of one) and `make`'s result too.
     together > 1: `make` takes up to that many videos at once, [(video_path, out_path), ...],

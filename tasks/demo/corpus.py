@@ -5,7 +5,7 @@ complement each other (docs/demo.md): the voice carries arousal, the words valen
 some classes and not others. `CUE_TABLE` says which; no modality alone separates the six
 classes, and per clip a cue may be missing (a calm voice, a neutral sentence, a still face) or
 conflict with the class, so fusion beats every single modality and still does not reach 100 %.
-The pictures and sounds are rendered by tasks/demo_media.py, which sees cues, never classes.
+The pictures and sounds are rendered by tasks/demo/media.py, which sees cues, never classes.
 
 Besides MER's files (`video-labeled/`, `video-unlabeled/`, `label-disdim.csv`,
 `label-transcription.csv`) it writes `demo-truth.csv` (`name`, `discrete`, `pool`): the hidden
@@ -29,7 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts.labels import CLASSES
-from tasks.demo_media import (
+from tasks.demo.media import (
     EXPRESSIONS,
     ClipFormat,
     DemoCorpusError,
@@ -64,7 +64,7 @@ class Cues:
 
     voice: str  # arousal: "low", "mid" or "high" (VOICES)
     words: str  # "neutral", "negative", "worry" or "positive" (WORDING)
-    face: str  # "none", "smile", "frown" or "open" (tasks/demo_media.py EXPRESSIONS)
+    face: str  # "none", "smile", "frown" or "open" (tasks/demo/media.py EXPRESSIONS)
 
 
 # The design (docs/demo.md): each modality merges some classes, and each pair of classes is
@@ -385,7 +385,7 @@ def score_against_truth(corpus_dir: Path, run_dir: Path) -> list[str]:
     demo-truth.csv. Lines to print; none when the corpus has no truth file."""
     from sklearn.metrics import f1_score
 
-    from tasks.train import load_fold
+    from tasks.training.steps import load_fold
 
     truth_csv = Path(corpus_dir) / TRUTH_CSV
     submission = Path(run_dir) / "report" / "submission.csv"

@@ -12,7 +12,8 @@ prefixed `other_` (m rows). Tracks are numbered 0..T-1 in order of first appeara
 (int32: frames that start a new shot), and 0-d arrays `select` (the rule), `chosen_track`
 (int32; -1: none; for `largest`, the track most chosen crops come from), `select_score`
 (float32; NaN: none) and `select_reason` (str). Zero faces in a video is a recorded failure of
-the visual modality, never an empty file. The file's writer and readers are tasks/face_crops.py.
+the visual modality, never an empty file. The file's writer and readers are
+tasks/faces/crop_files.py.
 """
 
 from __future__ import annotations
@@ -33,21 +34,24 @@ import pandas as pd
 from data_contracts import tables
 from data_contracts.store import Store
 from models.settings import available_cpus
-from tasks import video_pool
 from tasks.corrupt import Corruption, FrameCorruptor
-from tasks.errors import BadInputError
-from tasks.face_backends import (
+from tasks.engine import video_pool
+from tasks.engine.errors import BadInputError
+from tasks.engine.shard import ShardReport
+from tasks.engine.stage import Stage, artifact_stage, run_stage
+from tasks.engine.video_pool import resolve_processes
+from tasks.faces.backends import (
     BACKENDS,
     DEFAULT_DETECT_MAX_SIDE,
     DEFAULT_PADDING,
     THRESHOLDS,
     load_backend,
 )
-from tasks.face_crops import (
+from tasks.faces.crop_files import (
     CropWriter,
 )
-from tasks.face_frames import FaceBackend, FrameSampler
-from tasks.face_speaker import (
+from tasks.faces.frames import FaceBackend, FrameSampler
+from tasks.faces.speaker import (
     SELECT_RULES,
     SPEAKING_RULE_VERSION,
     Selection,
@@ -55,11 +59,8 @@ from tasks.face_speaker import (
     choose_speaking,
     speaking_inputs,
 )
-from tasks.face_track import link_tracks
+from tasks.faces.track import link_tracks
 from tasks.media import NoVideoStreamError, UnreadableMediaError, find_ffmpeg, probe
-from tasks.shard import ShardReport
-from tasks.stage import Stage, artifact_stage, run_stage
-from tasks.video_pool import resolve_processes
 
 FACES_STAGE = "faces"
 # Bump when a code change alters crops for the same settings, so old artifacts are not reused.
@@ -161,14 +162,14 @@ class FaceSettings:
     padding: float = DEFAULT_PADDING  # margin around the face, as dlib's get_face_chip
     openface_bin: str | None = None  # path of FeatureExtraction (a location, not an output knob)
     # dlib: run the detector on every k-th sampled frame and track the landmarks between
-    # (tasks/face_track.py LandmarkTracker); 1: detect on every frame.
+    # (tasks/faces/track.py LandmarkTracker); 1: detect on every frame.
     detect_every: int = 1
     decode_threads: int = 0  # PyAV decoder threads; 0: automatic (for_workers)
     # Which faces the crops keep: "largest", the largest face of each frame (as before tracks);
-    # "speaking", the track whose mouth follows the speech (tasks/face_speaker.py).
+    # "speaking", the track whose mouth follows the speech (tasks/faces/speaker.py).
     select: str = "largest"
     # Worker processes that crop a shard's videos side by side, off the GIL of the process that
-    # runs the model stages (tasks/video_pool.py); None: every core, 0: in this process.
+    # runs the model stages (tasks/engine/video_pool.py); None: every core, 0: in this process.
     processes: int | None = None
     # OpenFace only: "mertools" runs it with its defaults as the challenge baseline does (the
     # background masked, failed frames kept as black crops); "merflow": unmasked, failed dropped.

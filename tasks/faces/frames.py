@@ -2,7 +2,7 @@
 notes shot cuts), the interface.
 
 A backend turns a video into aligned crops of every face of each sampled frame, ranked largest
-first; the backends themselves are in tasks/face_backends.py and tasks/face_openface.py.
+first; the backends themselves are in tasks/faces/backends.py and tasks/faces/openface.py.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from data_contracts.labels import CLASSES
-from tasks.errors import BadInputError
+from tasks.engine.errors import BadInputError
 
 
 def _read_csv(path: Path, required: tuple[str, ...], what: str) -> tuple[pd.DataFrame, list[str]]:

@@ -32,8 +32,8 @@ from data_contracts.labels import (
 from data_contracts.store import Store
 from models.featureset import FeatureSet
 from models.training import per_class_f1, waf
-from tasks.train import load_fold
-from tasks.train_data import TrainingData
+from tasks.training.data import TrainingData
+from tasks.training.steps import load_fold
 
 PROB_KEYS = (*CLASSIFIERS, "voted")
 # A fold's stages, in the order they train (models/recipe.py train_fold).

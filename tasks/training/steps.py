@@ -1,5 +1,5 @@
 """The steps of a training run over its frozen inputs: freeze, pretrain, fold k, and the report
-(tasks/train_report.py). Each writes its outputs under the run folder and is skipped when they
+(tasks/training/report.py). Each writes its outputs under the run folder and is skipped when they
 are already there, so a killed run resumes from the last finished step; runs that would pretrain
 the same model share one pretraining (pretrain_step). The train flow, the
 torchrun worker, the tests and benchmarks/train_synthetic.py all run these same functions.
@@ -43,9 +43,9 @@ from models.recipe import (
     train_fold,
 )
 from models.settings import LAUNCH_SETTINGS, TrainSettings
-from tasks.folds import run_assignment, save_folds
-from tasks.train_data import TrainingData
-from tasks.train_inputs import INPUTS, TrainingInputsError, load_inputs, save_inputs
+from tasks.training.data import TrainingData
+from tasks.training.folds import run_assignment, save_folds
+from tasks.training.inputs import INPUTS, TrainingInputsError, load_inputs, save_inputs
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def freeze_run(
     store: Store | None = None,
 ) -> TrainingData:
     """Freeze a run's inputs once: assign its folds over exactly its labelled rows, write the
-    inputs (tasks/train_inputs.py) and the folds (tasks/folds.py; beside the stores too when a
+    inputs (tasks/training/inputs.py) and the folds (tasks/training/folds.py; beside the stores too
+    when a
     store is given), and return the inputs as every step will read them (mapped)."""
     ids = data.labelled.video_ids
     folds = run_assignment(ids, data.labelled.labels, recipe.n_splits, recipe.train.seed, key)
@@ -320,7 +321,7 @@ def train_in_process(
     """A whole run in this process on in-memory inputs: freeze, every step in order, the report
     (tests and benchmarks; the train flow runs the same steps as Prefect tasks). Returns the
     report."""
-    from tasks.train_report import build_report  # the report reads this module's fold outputs
+    from tasks.training.report import build_report  # the report reads this module's fold outputs
 
     frozen = freeze_run(run_dir, data, key, key, recipe, store)
     for step in step_names(recipe.n_splits):

@@ -17,8 +17,8 @@ import av
 import cv2
 import numpy as np
 
-from tasks.errors import TransientError
-from tasks.face_frames import BackendUnavailableError, Face, FrameSampler
+from tasks.engine.errors import TransientError
+from tasks.faces.frames import BackendUnavailableError, Face, FrameSampler
 from tasks.media import UnreadableMediaError
 
 # -- OpenFace ------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from data_contracts.labels import CLASS_INDEX, CLASSIFIERS
 from data_contracts.store import Store
 from models.training import predict, waf
 from tasks.corrupt import CLEAN, Corruption, severity_order
-from tasks.folds import read_run_folds
 from tasks.predict import (
     RunFolderError,
     TrainedRun,
@@ -39,7 +38,8 @@ from tasks.predict import (
     read_features,
     standardized,
 )
-from tasks.train_report import has_input, save_png, write_text
+from tasks.training.folds import read_run_folds
+from tasks.training.report import has_input, save_png, write_text
 
 # An extraction plan (flows/plan.py ExtractionPlan, built by the flow): tasks do not import
 # flows, so its type is named here only.

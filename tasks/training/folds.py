@@ -97,7 +97,8 @@ def fold_assignment(store: Store, n_splits: int | None = None, seed: int | None 
     seed are the ones asked for, or none were asked), else a preview (with the n_splits and seed
     asked for, else the data root's saved settings) computed with the same function over the
     rows a run would train on: the labelled videos (of the manifest, or imported without their
-    files: tasks/quality.py current_videos), sorted by id, that have at least one modality in the
+    files: tasks/stores/quality.py current_videos), sorted by id, that have at least one modality
+    in the
     table a run trains on per modality (train.feature_tables of the saved settings, else the
     newest; a run's quality filters, when set, may drop more).
     Raises ValueError when there are too few labelled videos for the folds."""
@@ -157,7 +158,7 @@ def _videos_with_features(store: Store) -> set[str]:
     """The videos a run trains on (current_videos: the manifest's current bytes and the
     feature-only ids) that have a row in one of its tables: per modality the table the saved
     settings' train.feature_tables names (flows/plan.py training_tables), else the newest."""
-    from tasks.quality import current_videos, named_feature_tables, newest_feature_tables
+    from tasks.stores.quality import current_videos, named_feature_tables, newest_feature_tables
 
     named = _saved_train(store).get("feature_tables") or {}
     chosen = {**newest_feature_tables(store), **named_feature_tables(store, named)}

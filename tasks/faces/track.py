@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from tasks.face_frames import Face
+from tasks.faces.frames import Face
 
 if TYPE_CHECKING:
-    from tasks.face_backends import DlibBackend
+    from tasks.faces.backends import DlibBackend
 
 # -- tracking between detections -----------------------------------------------------------------
 # A tracked frame's landmarks must put the face where the next detection finds it: below this

@@ -34,10 +34,10 @@ from data_contracts import tables
 from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
 from data_contracts.tables import NO_VIDEO
-from tasks.errors import BadInputError
-from tasks.quality import find_feature_tables
-from tasks.scan import sha256_file
-from tasks.shard import now_utc
+from tasks.corpus.scan import sha256_file
+from tasks.engine.errors import BadInputError
+from tasks.engine.shard import now_utc
+from tasks.stores.quality import find_feature_tables
 
 PREFIX = "imported-"
 ID_COLUMNS = ("video_id", "name")  # merflow's id column, then MER's (label-disdim.csv)
@@ -416,7 +416,7 @@ def _import(
         return report  # every vector is in the table already: nothing changes
     # merflow's version and commit, as extracted rows carry them (tasks/embed.py loads torch:
     # only when there is something to write).
-    from tasks.code_version import code_version
+    from tasks.engine.code_version import code_version
 
     now = now_utc()
     common = {

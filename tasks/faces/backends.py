@@ -1,11 +1,11 @@
 """Face detection and alignment backends behind one interface, and loading one by name.
 
-`dlib` (the default) and `opencv` look at frames that `FrameSampler` (tasks/face_frames.py)
+`dlib` (the default) and `opencv` look at frames that `FrameSampler` (tasks/faces/frames.py)
 decodes as a stream (dlib with `detect_every` k > 1 detects on every k-th and tracks the
-landmarks between: tasks/face_track.py); `openface` runs OpenFace 2's `FeatureExtraction`
-binary on the file, as the paper and the challenge baseline do (tasks/face_openface.py).
+landmarks between: tasks/faces/track.py); `openface` runs OpenFace 2's `FeatureExtraction`
+binary on the file, as the paper and the challenge baseline do (tasks/faces/openface.py).
 Every backend gives all the faces of a frame, the largest first; with `mouth` the light
-backends also fit dlib's 68-point landmarks (for the speaking face, tasks/face_speaker.py).
+backends also fit dlib's 68-point landmarks (for the speaking face, tasks/faces/speaker.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks.face_frames import (
+from tasks.faces.frames import (
     Aligned,
     BackendUnavailableError,
     Face,
@@ -29,8 +29,8 @@ from tasks.face_frames import (
     FrameSampler,
     downscale,
 )
-from tasks.face_openface import OpenFaceBackend
-from tasks.face_track import LandmarkTracker
+from tasks.faces.openface import OpenFaceBackend
+from tasks.faces.track import LandmarkTracker
 
 BACKENDS: tuple[str, ...] = ("dlib", "opencv", "openface")
 DEFAULT_DETECT_MAX_SIDE = 640

@@ -15,7 +15,7 @@ import pandas as pd
 from data_contracts import tables
 from data_contracts.failures import failure_row, failures_frame
 from data_contracts.store import Store
-from tasks.errors import BadInputError
+from tasks.engine.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

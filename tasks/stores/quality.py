@@ -1,5 +1,5 @@
 """Feature-store quality: findings, per-video quality signals and training masks, the feature
-tables of a store and the vector statistics the store check (tasks/check.py) is built from.
+tables of a store and the vector statistics the store check (tasks/stores/check.py) is built from.
 """
 
 from __future__ import annotations

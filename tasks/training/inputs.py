@@ -30,8 +30,8 @@ import numpy as np
 
 from data_contracts.labels import MODALITIES
 from models.featureset import UNLABELLED, FeatureSet
-from tasks.errors import MerflowError
-from tasks.train_data import TrainingData
+from tasks.engine.errors import MerflowError
+from tasks.training.data import TrainingData
 
 INPUTS = "inputs"
 META = "meta.json"
@@ -84,7 +84,7 @@ def _write(tmp: Path, data: TrainingData, key: str, fingerprint: str) -> None:
     np.save(tmp / "video_ids.npy", ids)
     np.save(tmp / "labels.npy", np.concatenate([fs.labels for fs in parts]))
     if data.folds is None:
-        raise ValueError("the training inputs need their folds: tasks.train_data.with_folds")
+        raise ValueError("the training inputs need their folds: tasks.training.data.with_folds")
     np.save(tmp / "folds.npy", np.asarray(data.folds, dtype=np.int64))
     for m in MODALITIES:
         np.save(tmp / f"{m}.present.npy", np.concatenate([fs.present[m] for fs in parts]))

@@ -1,5 +1,5 @@
 """The crops file of the faces stage: one `.npz` per video with the chosen faces under the keys
-it always had and every other face under `other_` keys (layout: tasks/faces.py's docstring and
+it always had and every other face under `other_` keys (layout: tasks/faces/crop.py's docstring and
 docs/faces.md), its writer, its readers, and the per-track preview sheet."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_contracts.atomic import atomic_path
-from tasks.face_frames import Face
-from tasks.face_track import appearance
+from tasks.faces.frames import Face
+from tasks.faces.track import appearance
 
 
 # -- crops file ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from data_contracts.labels import CLASSES
-from tasks.train_report import percent, save_png, write_text
+from tasks.training.report import percent, save_png, write_text
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def table_key(run_keys: Mapping[str, Sequence[str]]) -> str:
 
 
 def build_table(reports: Mapping[str, Sequence[Mapping[str, Any]]], seeds: Sequence[int]) -> dict:
-    """Table 1 from the train reports of each system (tasks/train_report.py report dicts, one
+    """Table 1 from the train reports of each system (tasks/training/report.py report dicts, one
     per seed, in the order of `seeds`): WAF is each run's mean over its CV folds, in percent."""
     missing = [s.name for s in SYSTEMS if len(reports.get(s.name, ())) != len(seeds)]
     if missing:

@@ -51,10 +51,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from tasks.dag import STAGES  # noqa: E402  (the names every phase reports its time under)
+
 PHASES = ("pipeline", "pure", "naive")
 MODEL_KINDS = ("visual", "acoustic", "asr", "text")
-# The flow's stage names (flows/plan.py STAGES), the names every phase reports its time under.
-STAGE_NAMES = ("audio", "faces", "acoustic", "transcribe", "text", "visual")
 DEFAULT_OUT = Path(tempfile.gettempdir()) / "merflow-bench-extraction"
 
 
@@ -153,6 +153,8 @@ def load_plan(args: argparse.Namespace, data_root: Path) -> tuple[Any, Any]:
 
 def load_models(plan: Any, need_asr: bool = True) -> tuple[dict[str, Any], Any, dict[str, float]]:
     """The models and the face backend, loaded once (as a worker process holds them), timed."""
+    from tasks.faces.backends import backend_for
+
     loads: dict[str, float] = {}
     encoders: dict[str, Any] = {}
     for kind in MODEL_KINDS:
@@ -162,7 +164,7 @@ def load_models(plan: Any, need_asr: bool = True) -> tuple[dict[str, Any], Any, 
         encoders[kind] = plan.models[kind].load()
         loads[kind] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    backend = plan.faces.load()
+    backend = backend_for(plan.faces)
     loads["faces"] = round(time.perf_counter() - t0, 2)
     return encoders, backend, loads
 
@@ -233,7 +235,7 @@ def phase_pure(args: argparse.Namespace) -> dict[str, Any]:
     need_asr = not all(v.stem in official for v in videos)
     enc, backend, loads = load_models(plan, need_asr)
     m = plan.models
-    spent = dict.fromkeys(STAGE_NAMES, 0.0)
+    spent = dict.fromkeys(STAGES, 0.0)
     exe, sr = find_ffmpeg(settings.audio.ffmpeg_bin), settings.audio.sample_rate
     wavs: dict[str, Any] = {}
     crops: dict[str, Any] = {}
@@ -312,7 +314,7 @@ class StepTimer:
     """Time spent and deterministic failures per step of the naive loop."""
 
     def __init__(self) -> None:
-        self.spent: dict[str, float] = dict.fromkeys(STAGE_NAMES, 0.0)
+        self.spent: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self.failed: dict[str, int] = {}
 
     def run(self, name: str, fn: Any, *args: Any) -> Any:
@@ -452,7 +454,7 @@ def print_table(rows: list[dict], server_mib: float | None) -> None:
         + "".join(f"{ph + ' s':>12}" for ph in by)
         + f"{'share of pipeline wall':>24}"
     )
-    for st in STAGE_NAMES:
+    for st in STAGES:
         cells = "".join(f"{by[ph]['stage_s'].get(st, 0.0):>12.2f}" for ph in by)
         share = f"{pipe['stage_s'][st] / pipe['seconds']:.0%}" if pipe and pipe["seconds"] else "-"
         print(f"{st:<12}{cells}{share:>24}")

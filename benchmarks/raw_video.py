@@ -47,7 +47,8 @@ def run_phase(phase: str, corpus: Path, fps: float | None, max_frames: int | Non
     """One stage over the whole corpus, in this process; returns its figures."""
     from data_contracts import tables
     from data_contracts.store import Store
-    from tasks.faces.crop import FaceSettings, crop_faces_shard
+    from tasks.faces.crop import crop_faces_shard
+    from tasks.faces.settings import FaceSettings
     from tasks.media import extract_audio_shard
 
     videos = manifest(corpus)

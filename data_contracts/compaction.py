@@ -11,7 +11,7 @@ elsewhere cannot be shadowed.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -19,19 +19,20 @@ from data_contracts import rows
 from data_contracts.parts import Listing, Part, PartBackend, part_seq
 from data_contracts.tables import TableRef
 
-if TYPE_CHECKING:
-    from data_contracts.store import Store
-
 
 class Compaction:
-    """The compaction half of data_contracts.store.Store."""
+    """The compaction half of data_contracts.store.Store: what it needs of the store is
+    declared here, so this module does not import the store."""
 
     backend: PartBackend
     compact_grace_s: float
     max_small_parts: int
     target_part_bytes: int
+    _listing: Callable[..., Listing]  # (name, writing) -> the table's parts
+    _concat: Callable[..., pa.Table]  # (table, listing, ...) -> the parts' rows, one version each
+    _write_part: Callable[..., Part]  # (table, rows, seq) -> the part written
 
-    def _small_parts(self: Store, table: TableRef, below: int) -> Listing:
+    def _small_parts(self, table: TableRef, below: int) -> Listing:
         listing = self._listing(table.name, writing=True)
         # Where writers elsewhere may be uploading, only parts old enough that no upload still
         # running can sort before them.
@@ -43,12 +44,12 @@ class Compaction:
             if stamp[0] < below and (not elsewhere or part_seq(p) <= cutoff)
         }
 
-    def _maybe_compact(self: Store, table: TableRef) -> None:
+    def _maybe_compact(self, table: TableRef) -> None:
         small = self._small_parts(table, self.target_part_bytes // 2)
         if len(small) > self.max_small_parts:
             self._merge(table, list(small))
 
-    def compact(self: Store, table: TableRef) -> int:
+    def compact(self, table: TableRef) -> int:
         """Merge all small part files of a table into one; returns the number merged.
 
         On object storage only parts older than `compact_grace_s` are merged, and one process
@@ -60,7 +61,7 @@ class Compaction:
                 return len(small)
             return 0
 
-    def _merge(self: Store, table: TableRef, parts: list[Part]) -> bool:
+    def _merge(self, table: TableRef, parts: list[Part]) -> bool:
         """Merge `parts` into one part; False when one of them vanished meanwhile.
 
         The merged part takes the newest sequence among the merged parts, and a row that a

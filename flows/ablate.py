@@ -247,8 +247,9 @@ def _robustness(runs: list[Run], reports: dict, settings, root, corruptions, log
     features are extracted once, for the first run, and read by all (same extractors, same
     labelled videos); then the systems side by side (tasks/training/robustness.py
     compare_systems)."""
+    from flows.plan import matching_plan
     from flows.robustness import robustness_of
-    from tasks.predict import load_run, matching_plan
+    from tasks.predict import load_run
 
     levels = levels_of(corruptions)
     by_system: dict[str, list[dict]] = {}

@@ -4,7 +4,9 @@ the resolved settings are saved beside every output."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +28,8 @@ from data_contracts.location import (
     split_root_list,
 )
 from models.settings import TrainSettings
+from tasks.defaults import DEFAULT_RETRIES, DEFAULT_SAMPLE_RATE
+from tasks.faces.settings import FaceSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -67,37 +71,9 @@ class CorpusSettings(_Section):
 class AudioSettings(_Section):
     """FFmpeg audio split."""
 
-    sample_rate: int = Field(16000, gt=0)  # of the wavs; speech models resample to their own
+    sample_rate: int = Field(DEFAULT_SAMPLE_RATE, gt=0)  # speech models resample to their own
     ffmpeg_bin: str | None = None
     ffmpeg_threads: int = Field(0, ge=0)  # ffmpeg's -threads per audio split; 0: its own choice
-
-
-class FaceSettings(_Section):
-    """Face crop and alignment."""
-
-    backend: Literal["dlib", "opencv", "openface"] = "dlib"
-    size: int = Field(112, ge=16)
-    fps: float | None = Field(None, gt=0)
-    max_frames: int | None = Field(None, gt=0)
-    openface_bin: str | None = None
-    # The backend used instead when `backend` cannot load here (openface without its binary);
-    # the run says so once and the extractor id records the backend used. None: an error.
-    fallback: Literal["dlib", "opencv"] | None = None
-    detect_every: int = Field(1, ge=1)  # dlib: detect on every k-th sampled frame, track between
-    # PyAV decoder threads per video; 0: automatic (each faces worker process its share of the
-    # cores, FFmpeg's choice in-process).
-    decode_threads: int = Field(0, ge=0)
-    # Which faces become the visual features: the largest of each frame, or the speaking track
-    # (the face whose mouth follows the speech; docs/faces.md).
-    select: Literal["largest", "speaking"] = "largest"
-    # Worker processes that crop a shard's videos side by side, off the GIL of the process
-    # running the model stages; None: one per core of the worker; 0: in the stage's own process.
-    # Inside a Dask worker (a daemonic process) always 0. Never part of the extractor id.
-    processes: int | None = Field(None, ge=0)
-    # OpenFace's crops: "merflow" (-nomask -nobadaligned: unmasked, failed frames dropped) or
-    # "mertools", the challenge baseline's OpenFace defaults (the background masked black,
-    # failed frames kept as black crops that enter the visual mean). Other backends: merflow.
-    recipe: Literal["merflow", "mertools"] = "merflow"
 
 
 class ModelSettings(_Section):
@@ -139,7 +115,8 @@ class ExtractSettings(_Section):
     shard_size: int = Field(64, gt=0)
     prefer_official_transcripts: bool = True
     gpu_concurrency: int = Field(1, gt=0)
-    retries: int = Field(2, ge=0)  # Prefect retries of a stage's shard on transient errors
+    # Prefect retries of a stage's shard on transient errors.
+    retries: int = Field(DEFAULT_RETRIES, ge=0)
     # torch intra-op threads (and ASR threads) of each model stage; None: half the cores this
     # worker may use (a CPU stage of the next shard runs beside it), at least 1.
     model_threads: int | None = Field(None, gt=0)
@@ -249,12 +226,22 @@ def _profile_path(profile: str | Path) -> Path:
     )
 
 
+def _section_fields(annotation: Any) -> list[str] | None:
+    """The keys of a settings section (a pydantic model, or a dataclass such as the faces
+    stage's own FaceSettings); None for a value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return [f.name for f in dataclasses.fields(annotation)]
+    return None
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any, problems: list[str], origin: str) -> None:
     parts = dotted.split(".")
-    model: type[BaseModel] = Settings
+    model: Any = Settings
     node = tree
     for i, part in enumerate(parts):
-        fields = model.model_fields
+        fields = _section_fields(model) or []
         if part not in fields:
             where = ".".join(parts[:i]) or "top level"
             problems.append(
@@ -262,16 +249,23 @@ def _set_dotted(tree: dict, dotted: str, value: Any, problems: list[str], origin
                 f"valid: {', '.join(fields)})"
             )
             return
-        annotation = fields[part].annotation
+        annotation = _field_type(model, part)
         last = i == len(parts) - 1
         if last:
             node[part] = value
             return
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if _section_fields(annotation) is None:
             problems.append(f"{origin}: {'.'.join(parts[: i + 1])} is a value, not a section")
             return
         node = node.setdefault(part, {})
         model = annotation
+
+
+def _field_type(section: Any, name: str) -> Any:
+    """The declared type of a section's field (a sub-section's class, or a value's type)."""
+    if issubclass(section, BaseModel):
+        return section.model_fields[name].annotation
+    return typing.get_type_hints(section)[name]
 
 
 def _parse_value(raw: str) -> Any:
@@ -326,12 +320,11 @@ def load_settings(
 
 
 def _merge_tree(tree: dict, key: str, value: Any, problems: list[str], origin: str) -> None:
-    if isinstance(value, dict) and key in Settings.model_fields:
-        annotation = Settings.model_fields[key].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            for sub, v in value.items():
-                _set_dotted(tree, f"{key}.{sub}", v, problems, origin)
-            return
+    field = Settings.model_fields.get(key)
+    if isinstance(value, dict) and field is not None and _section_fields(field.annotation):
+        for sub, v in value.items():
+            _set_dotted(tree, f"{key}.{sub}", v, problems, origin)
+        return
     _set_dotted(tree, key, value, problems, origin)
 
 

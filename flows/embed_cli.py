@@ -59,7 +59,7 @@ def _run(
 
     A missing modality of the stage itself (empty transcript, audio too short) is no error:
     it prints that the video has no vector."""
-    from flows.plan import chain
+    from tasks.dag import chain
     from tasks.engine.stage import MissingModalityError
 
     # An official (given) transcript needs no audio.

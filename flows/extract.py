@@ -23,19 +23,12 @@ from data_contracts import tables
 from data_contracts.location import normalize_root
 from data_contracts.store import Store
 from flows.config import Settings, load_settings, save_resolved
-from flows.plan import STAGES, UPSTREAM, ExtractionPlan, plan_extraction
+from flows.plan import CODE, ExtractionPlan, plan_extraction
 from flows.safety import check_all_under_roots, data_root_paths, trusted_roots
 from tasks.corpus.labels import load_labels, load_transcripts
 from tasks.corpus.scan import corpus_video_dirs, scan_videos
-from tasks.embed import (
-    embed_acoustic_task,
-    embed_text_task,
-    embed_visual_task,
-    transcribe_task,
-)
+from tasks.dag import STAGES, UPSTREAM, pending_per_stage
 from tasks.engine.shard import ShardReport, shards
-from tasks.engine.stage import stage_pending
-from tasks.raw_video_tasks import crop_faces_task, extract_audio_task
 from tasks.stores.check import check_task
 
 log = logging.getLogger(__name__)
@@ -111,31 +104,9 @@ def _resolve_corpus(corpus_dir: str, settings: Settings, video_dirs: list[str] |
     return corpus, dirs
 
 
-_TASKS = {
-    "audio": extract_audio_task,
-    "faces": crop_faces_task,
-    "acoustic": embed_acoustic_task,
-    "transcribe": transcribe_task,
-    "text": embed_text_task,
-    "visual": embed_visual_task,
-}
-
-
 def stage_tasks(settings: Settings) -> dict[str, Any]:
     """Each stage's Prefect task, retried `extract.retries` times on transient errors."""
-    return {s: t.with_options(retries=settings.extract.retries) for s, t in _TASKS.items()}
-
-
-def pending_per_stage(
-    store: Store, videos: pd.DataFrame, plan: ExtractionPlan
-) -> dict[str, set[str]]:
-    """Per stage, the video ids whose output (or recorded failure) the store lacks."""
-    out = {}
-    for name in STAGES:
-        stage = plan.stage(name)
-        todo = stage_pending(stage, videos, store)[0]
-        out[name] = set(todo.video_id)
-    return out
+    return {s: CODE[s].task.with_options(retries=settings.extract.retries) for s in STAGES}
 
 
 def ensure_gpu_slots(slots_per_device: int) -> int:

@@ -19,37 +19,49 @@ from data_contracts.tables import TableRef
 from flows.config import Settings
 from models.registry import get_spec
 from tasks.corrupt import Corruption
+from tasks.dag import STAGES
+from tasks.defaults import DEFAULT_SAMPLE_RATE
 from tasks.embed import (
     ModelChoice,
     acoustic_stage,
+    embed_acoustic_task,
+    embed_text_task,
+    embed_visual_task,
     text_stage,
     transcribe_stage,
+    transcribe_task,
     transcripts_extractor_id,
     visual_stage,
 )
 from tasks.engine.stage import Stage
-from tasks.faces.crop import FaceSettings, faces_stage
-from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, audio_stage
+from tasks.faces.crop import faces_stage
+from tasks.faces.settings import FaceSettings
+from tasks.media import audio_extractor_id, audio_stage
+from tasks.predict import ExtractorMismatchError, TrainedRun
+from tasks.raw_video_tasks import crop_faces_task, extract_audio_task
 from tasks.stores.quality import find_feature_tables, named_feature_tables
 
 log = logging.getLogger(__name__)
 
-# The six stages in the flow's order, and the stage each one reads from (none: the video).
-STAGES = ("audio", "faces", "acoustic", "transcribe", "text", "visual")
-UPSTREAM = {"acoustic": "audio", "transcribe": "audio", "text": "transcribe", "visual": "faces"}
-BUILDERS: dict[str, Callable[..., Stage]] = {
-    "audio": audio_stage,
-    "faces": faces_stage,
-    "acoustic": acoustic_stage,
-    "transcribe": transcribe_stage,
-    "text": text_stage,
-    "visual": visual_stage,
+
+@dataclass(frozen=True)
+class StageCode:
+    """A stage of the DAG (tasks/dag.py) in code: its builder, which takes the plan's
+    `stage_args`, and its Prefect task, which takes (videos, data_root) and the same arguments."""
+
+    build: Callable[..., Stage]
+    task: Any
+
+
+CODE: dict[str, StageCode] = {
+    "audio": StageCode(audio_stage, extract_audio_task),
+    "faces": StageCode(faces_stage, crop_faces_task),
+    "acoustic": StageCode(acoustic_stage, embed_acoustic_task),
+    "transcribe": StageCode(transcribe_stage, transcribe_task),
+    "text": StageCode(text_stage, embed_text_task),
+    "visual": StageCode(visual_stage, embed_visual_task),
 }
-
-
-def chain(stage: str) -> list[str]:
-    """`stage` and every stage it needs, upstream first."""
-    return [*chain(UPSTREAM[stage]), stage] if stage in UPSTREAM else [stage]
+assert tuple(CODE) == STAGES, "one StageCode per stage of tasks/dag.py, in its order"
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,10 @@ class ExtractionPlan:
             "text": self.transcripts_id,
         }
 
+    def extractor_ids(self) -> dict[str, str]:
+        """Modality -> extractor id of the plan's feature tables (what a run records)."""
+        return {m: t.name.rsplit("/", 1)[-1] for m, t in self.feature_tables().items()}
+
     def feature_tables(self) -> dict[str, TableRef]:
         """One feature table per modality and extractor."""
         return {
@@ -99,7 +115,7 @@ class ExtractionPlan:
         }
 
     def stage_args(self, stage: str, official: dict[str, str] | None = None) -> dict[str, Any]:
-        """The arguments of `stage`'s builder (BUILDERS) and of its Prefect task after
+        """The arguments of `stage`'s builder (CODE) and of its Prefect task after
         (videos, data_root). `official`: the shard's official transcripts (transcribe only;
         None where the plan does not prefer them)."""
         m, rate = self.models, self.sample_rate
@@ -129,7 +145,7 @@ class ExtractionPlan:
 
     def stage(self, name: str, official: dict[str, str] | None = None) -> Stage:
         """The stage `name` as the engine runs it (tasks.engine.stage.run_stage)."""
-        return BUILDERS[name](**self.stage_args(name, official))
+        return CODE[name].build(**self.stage_args(name, official))
 
 
 def model_choices(
@@ -180,29 +196,19 @@ def model_choices(
 
 
 def face_settings(settings: Settings) -> FaceSettings:
-    """The faces stage's settings from the profile."""
+    """The profile's face settings as this machine runs them: `faces.fallback` in place of a
+    backend that cannot load here (said once; the extractor id records the backend used)."""
     f = settings.faces
-    backend = f.backend
-    if f.fallback and f.fallback != backend:
-        from tasks.faces.backends import BackendUnavailableError, load_backend
+    if not f.fallback or f.fallback == f.backend:
+        return f
+    from tasks.faces.backends import BackendUnavailableError, load_backend
 
-        try:
-            load_backend(backend, openface_bin=f.openface_bin)
-        except BackendUnavailableError as e:
-            _say_fallback_once(backend, f.fallback, str(e))
-            backend = f.fallback
-    return FaceSettings(
-        backend=backend,
-        size=f.size,
-        fps=f.fps,
-        max_frames=f.max_frames,
-        openface_bin=f.openface_bin,
-        detect_every=f.detect_every,
-        decode_threads=f.decode_threads,
-        select=f.select,
-        processes=f.processes,
-        recipe=f.recipe,
-    )
+    try:
+        load_backend(f.backend, openface_bin=f.openface_bin)
+    except BackendUnavailableError as e:
+        _say_fallback_once(f.backend, f.fallback, str(e))
+        return dataclasses.replace(f, backend=f.fallback)
+    return f
 
 
 @functools.cache
@@ -247,6 +253,29 @@ def plan_extraction(
         sample_rate=settings.audio.sample_rate,
         ffmpeg_bin=settings.audio.ffmpeg_bin,
         ffmpeg_threads=settings.audio.ffmpeg_threads,
+    )
+
+
+def matching_plan(settings: Settings, data_root: Path | str, run: TrainedRun) -> ExtractionPlan:
+    """The extraction plan of the current settings whose feature tables are the run's; refused,
+    naming each difference, when there is none. Official transcripts are a property of the
+    corpus, not of the settings: a run trained with them reads one transcripts table where the
+    official text takes precedence and ASR fills in, so new videos get ASR text in that table."""
+    choices = [False, True] if settings.extract.prefer_official_transcripts else [False]
+    plans = [plan_extraction(settings, data_root, None, official=o) for o in choices]
+    for plan in plans:
+        if plan.extractor_ids() == run.extractor_ids:
+            return plan
+    found = plans[-1].extractor_ids()
+    diffs = "; ".join(
+        f"{m}: run {run.extractor_ids[m]}, settings {found[m]}"
+        for m in MODALITIES
+        if found[m] != run.extractor_ids[m]
+    )
+    raise ExtractorMismatchError(
+        f"run {run.key} was trained on other features than the current settings extract ({diffs});"
+        f" its features would not mean what its models learnt. Give the run's profile and "
+        f"overrides (its settings.yaml), or train a run on the current settings"
     )
 
 

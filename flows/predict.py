@@ -21,8 +21,9 @@ from data_contracts.location import normalize_root
 from data_contracts.store import Store
 from flows.config import Settings, load_settings
 from flows.extract import pending_per_stage, scan_task, shard_results, submit_stages
-from flows.plan import STAGES, ExtractionPlan
+from flows.plan import ExtractionPlan, matching_plan
 from flows.safety import check_all_under_roots, checked_corpus_root, data_root_paths, trusted_roots
+from tasks.dag import STAGES
 from tasks.engine.gpu_slots import gpu_slot
 from tasks.engine.shard import shards
 from tasks.predict import (
@@ -34,7 +35,6 @@ from tasks.predict import (
     label_videos,
     load_models,
     load_run,
-    matching_plan,
     method_switches,
     resolve_device,
     to_label,

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flows.config import AudioSettings
+from flows.cli_common import Overrides, ProfileOpt
+from flows.config import Settings, SettingsError, load_settings
 from tasks.engine.errors import BadInputError, TransientError
 
 # pandas, the stores and the tasks (Prefect, av, cv2) load in the commands that run them, so
@@ -125,6 +126,15 @@ def _describe(info: MediaInfo) -> str:
     return ", ".join(parts)
 
 
+def profile_settings(profile: str, overrides: list[str] | None) -> Settings:
+    """The profile's settings with the overrides; wrong ones exit 2 naming every problem."""
+    try:
+        return load_settings(profile, overrides or [])
+    except SettingsError as e:
+        typer.secho(str(e), err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from e
+
+
 def _copy_out(store: Store, row: Any, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(store.local_file(row.path), dest)
@@ -138,20 +148,24 @@ def extract_audio_cmd(
     ffmpeg_bin: Annotated[
         str | None, typer.Option("--ffmpeg", help="ffmpeg binary (default: PATH, then bundled)")
     ] = None,
-    sample_rate: Annotated[int, typer.Option(help="output sample rate in Hz")] = (
-        AudioSettings().sample_rate  # the flow's default (audio.sample_rate)
-    ),
+    sample_rate: Annotated[
+        int | None, typer.Option(help="output sample rate in Hz (default: audio.sample_rate)")
+    ] = None,
+    profile: ProfileOpt = "demo",
+    overrides: Overrides = None,
 ) -> None:
-    """Split VIDEO's audio into a mono 16-bit wav, as the extract-audio task does."""
+    """Split VIDEO's audio into a mono 16-bit wav, as the extract-audio task does with the
+    profile's audio settings."""
     from tasks.media import FFmpegNotFoundError, audio_stage, find_ffmpeg, probe
 
+    audio = profile_settings(profile, overrides).audio
     start = time.perf_counter()
     try:
         info = probe(video)
         typer.echo(f"probed   {video}: {_describe(info)}")
-        exe = find_ffmpeg(ffmpeg_bin)
+        exe = find_ffmpeg(ffmpeg_bin or audio.ffmpeg_bin)
         typer.echo(f"ffmpeg   {exe}")
-        stage = audio_stage(exe, sample_rate)
+        stage = audio_stage(exe, sample_rate or audio.sample_rate, audio.ffmpeg_threads)
         with scratch_store() as store:
             row = run_video(video, [stage], store)[stage.name]
             path = _copy_out(store, row, out / f"{video.stem}.wav")
@@ -170,44 +184,59 @@ def extract_audio_cmd(
 @task_app.command("crop-faces")
 def crop_faces_cmd(
     video: VideoArg,
-    backend: Annotated[str, typer.Option(help="dlib, opencv or openface")] = "dlib",
     out: Annotated[Path, typer.Option("--out", help="folder for <stem>.faces.npz")] = Path("."),
-    size: Annotated[int, typer.Option(help="side of the aligned crops in pixels")] = 112,
+    profile: ProfileOpt = "demo",
+    backend: Annotated[str | None, typer.Option(help="dlib, opencv or openface")] = None,
+    size: Annotated[int | None, typer.Option(help="side of the aligned crops in pixels")] = None,
     fps: Annotated[float | None, typer.Option(help="sample at most this many frames/s")] = None,
     max_frames: Annotated[int | None, typer.Option(help="sample at most this many frames")] = None,
-    detect_max_side: Annotated[int, typer.Option(help="detect on frames shrunk to this")] = 640,
+    detect_max_side: Annotated[
+        int | None, typer.Option(help="detect on frames shrunk to this")
+    ] = None,
     openface_bin: Annotated[
         str | None, typer.Option(help="OpenFace FeatureExtraction binary (backend openface)")
     ] = None,
     select: Annotated[
-        str, typer.Option(help="faces kept: largest (of each frame) or speaking (track)")
-    ] = "largest",
+        str | None, typer.Option(help="faces kept: largest (of each frame) or speaking (track)")
+    ] = None,
     preview: Annotated[
         Path | None,
         typer.Option(help="write a contact sheet to this PNG: a row per track, the chosen marked"),
     ] = None,
+    overrides: Overrides = None,
 ) -> None:
     """Align and track every face of each sampled frame of VIDEO and keep the ones `--select`
-    chooses, as the crop-faces task does."""
+    chooses, as the crop-faces task does with the profile's face settings (`faces.*`; an option
+    given here replaces the profile's value)."""
+    import dataclasses
+
+    from flows.plan import face_settings
     from tasks.faces.backends import BackendUnavailableError
-    from tasks.faces.crop import FaceSettings, faces_stage
+    from tasks.faces.crop import faces_stage
     from tasks.faces.crop_files import load_tracks, track_sheet
     from tasks.media import probe
 
+    given = {
+        "backend": backend,
+        "size": size,
+        "fps": fps,
+        "max_frames": max_frames,
+        "detect_max_side": detect_max_side,
+        "openface_bin": openface_bin,
+        "select": select,
+    }
+    profiled = profile_settings(profile, overrides)
     start = time.perf_counter()
     try:
-        settings = FaceSettings(
-            backend=backend,
-            size=size,
-            fps=fps,
-            max_frames=max_frames,
-            detect_max_side=detect_max_side,
-            openface_bin=openface_bin,
-            select=select,
+        settings = dataclasses.replace(
+            face_settings(profiled), **{k: v for k, v in given.items() if v is not None}
         )
         info = probe(video)
         typer.echo(f"probed   {video}: {_describe(info)}")
-        typer.echo(f"backend  {backend} ({settings.extractor_id})")
+        typer.echo(
+            f"faces    {settings.backend}, {settings.size} px, select {settings.select}, detect "
+            f"every {settings.detect_every} (profile {profile}; {settings.extractor_id})"
+        )
         with scratch_store() as store:
             row = run_video(video, [faces_stage(settings)], store)["faces"]
             path = _copy_out(store, row, out / f"{video.stem}.faces.npz")
@@ -220,7 +249,8 @@ def crop_faces_cmd(
         f"a chosen face in {row.face_ratio:.0%} of them, any face in {row.any_face_ratio:.0%}; "
         f"mean confidence {conf}"
     )
-    typer.echo(f"wrote    {path} ({row.n_faces} x {size}x{size} RGB crops)")
+    side = settings.size
+    typer.echo(f"wrote    {path} ({row.n_faces} x {side}x{side} RGB crops)")
     tracks = load_tracks(path)
     others = len(tracks.frame_idx) - int(tracks.chosen.sum())
     typer.echo(f"tracks   {tracks.n_tracks} ({others} faces not chosen), {len(tracks.cuts)} cuts")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.extractors import (
+from models.encoders import (
     Extractor,
     final_hidden_states,
     masked_sum,

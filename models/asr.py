@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.extractors import Extractor
+from models.encoders import Extractor
 from models.registry import CheckpointMismatchError, ExtractorInputError, ExtractorSpec
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.extractors import Extractor, dtype_name
+from models.encoders import Extractor, dtype_name
 from models.registry import CheckpointMismatchError, ExtractorInputError, ExtractorSpec
 
 logger = logging.getLogger(__name__)

@@ -35,6 +35,8 @@ from models.registry import (
 )
 from models.settings import available_cpus
 from tasks.corrupt import Corruption
+from tasks.dag import ACOUSTIC, AUDIO, TEXT, TRANSCRIBE, UPSTREAM, VISUAL
+from tasks.defaults import DEFAULT_SAMPLE_RATE
 from tasks.engine.code_version import code_version
 from tasks.engine.gpu_slots import current_claim
 from tasks.engine.shard import ShardReport, now_utc
@@ -50,17 +52,15 @@ from tasks.engine.stage import (
     run_stage,
     task_options,
 )
-from tasks.faces.crop import FaceSettings
 from tasks.faces.crop_files import FaceCrops, load_crops
-from tasks.media import DEFAULT_SAMPLE_RATE, audio_extractor_id, read_wav
+from tasks.faces.settings import FaceSettings
+from tasks.media import audio_extractor_id, read_wav
 
 log = logging.getLogger(__name__)
 
-VISUAL_STAGE, ACOUSTIC_STAGE = "visual", "acoustic"
-TRANSCRIBE_STAGE, TEXT_STAGE = "transcribe", "text"
 OFFICIAL = "official"
 # Videos per model call: a group's inputs are in memory at once.
-VIDEOS_PER_GROUP = {VISUAL_STAGE: 16, ACOUSTIC_STAGE: 16, TRANSCRIBE_STAGE: 32, TEXT_STAGE: 64}
+VIDEOS_PER_GROUP = {VISUAL: 16, ACOUSTIC: 16, TRANSCRIBE: 32, TEXT: 64}
 
 
 @dataclass(frozen=True)
@@ -315,9 +315,9 @@ def visual_stage(model: ModelChoice, faces: FaceSettings) -> Stage:
             out.append((mine.mean(0), len(mine), (mine, start_s, np.ones(len(mine), np.int32))))
         return out
 
-    up = Upstream("faces", tables.FACES, faces.extractor_id)
+    up = Upstream(UPSTREAM[VISUAL], tables.FACES, faces.extractor_id)
     side = (lambda ext_id: ext_id) if model.frames else None  # one row per crop: the same id
-    return _features(VISUAL_STAGE, model, up, faces.provenance(), load, embed, side)
+    return _features(VISUAL, model, up, faces.provenance(), load, embed, side)
 
 
 # -- audio models --------------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def _audio_input(spec: ExtractorSpec, audio_sample_rate: int, corruption: Corrup
     def load(store: Store, video: Any, row: Any) -> np.ndarray:
         return read_wav(_artifact(store, row, video, "audio"), spec.sample_rate)
 
-    up = Upstream("audio", tables.AUDIO, audio_extractor_id(audio_sample_rate, corruption))
+    up = Upstream(AUDIO, tables.AUDIO, audio_extractor_id(audio_sample_rate, corruption))
     inputs = {
         "sample_rate": spec.sample_rate,
         "audio_sample_rate": audio_sample_rate,  # of the split; resampled to sample_rate
@@ -370,7 +370,7 @@ def acoustic_stage(
 
     # Windows of another rate are other rows: the rate names the frame table.
     side = (lambda ext_id: f"{ext_id}-{model.frame_rate:g}hz") if model.frames else None
-    return _features(ACOUSTIC_STAGE, model, up, inputs, load, embed, side)
+    return _features(ACOUSTIC, model, up, inputs, load, embed, side)
 
 
 def transcripts_extractor_id(asr_extractor_id: str, prefer_official: bool) -> str:
@@ -430,9 +430,9 @@ def transcribe_stage(
 
         return compute
 
-    batch = VIDEOS_PER_GROUP[TRANSCRIBE_STAGE]
+    batch = VIDEOS_PER_GROUP[TRANSCRIBE]
     threads = model.stage_threads()
-    return Stage(TRANSCRIBE_STAGE, tables.TRANSCRIPTS, ext_id, start, up, load, batch, **threads)
+    return Stage(TRANSCRIBE, tables.TRANSCRIPTS, ext_id, start, up, load, batch, **threads)
 
 
 # -- text ----------------------------------------------------------------------------------------
@@ -453,9 +453,9 @@ def text_stage(model: ModelChoice, transcripts_extractor_id: str) -> Stage:
             for (v, t), vec in zip(items, vectors, strict=True)
         ]
 
-    up = Upstream("transcribe", tables.TRANSCRIPTS, transcripts_extractor_id)
+    up = Upstream(UPSTREAM[TEXT], tables.TRANSCRIPTS, transcripts_extractor_id)
     inputs = {"max_tokens": model.spec.max_tokens}
-    return _features(TEXT_STAGE, model, up, inputs, load, embed)
+    return _features(TEXT, model, up, inputs, load, embed)
 
 
 # -- Prefect tasks -------------------------------------------------------------------------------

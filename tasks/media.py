@@ -28,14 +28,14 @@ from data_contracts import tables
 from data_contracts.atomic import atomic_path
 from data_contracts.store import Store, store_write_error
 from tasks.corrupt import Corruption, add_noise
+from tasks.dag import AUDIO
+from tasks.defaults import DEFAULT_SAMPLE_RATE
 from tasks.engine.errors import BadInputError, TransientError
 from tasks.engine.shard import ShardReport
 from tasks.engine.stage import Stage, artifact_stage, run_stage
 
-AUDIO_STAGE = "audio"
 # Videos per ffmpeg process in the audio stage (extract_audio_many).
 AUDIO_GROUP = 8
-DEFAULT_SAMPLE_RATE = 16000
 FFMPEG_ENV = "MERFLOW_FFMPEG"
 
 
@@ -512,9 +512,7 @@ def audio_stage(
         return split
 
     extractor_id = audio_extractor_id(sample_rate, corruption)
-    return artifact_stage(
-        AUDIO_STAGE, tables.AUDIO, extractor_id, ".wav", setup, together=AUDIO_GROUP
-    )
+    return artifact_stage(AUDIO, tables.AUDIO, extractor_id, ".wav", setup, together=AUDIO_GROUP)
 
 
 def _noisy(result: AudioResult, c: Corruption) -> AudioResult:

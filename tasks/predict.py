@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,12 +32,11 @@ from data_contracts.store import Store
 from data_contracts.tables import TableRef
 from models.featureset import UNLABELLED, FeatureSet
 from models.settings import TrainSettings
+from tasks.dag import STAGES, Plan, pending_per_stage
+from tasks.engine.stage import run_stage
 from tasks.training.ablate_report import SWITCHES
 from tasks.training.report import average_over_folds, prediction_rows
 from tasks.training.steps import load_normalizer
-
-if TYPE_CHECKING:  # the plan pulls in the extractors; only its type is needed here
-    from flows.plan import ExtractionPlan
 
 log = logging.getLogger(__name__)
 
@@ -223,36 +222,6 @@ def load_models(run: TrainedRun, device: str = "cpu") -> TrainedRun:
 # ----------------------------------------------------------------------------- features
 
 
-def matching_plan(settings: Any, data_root: Path | str, run: TrainedRun) -> ExtractionPlan:
-    """The extraction plan of the current settings whose feature tables are the run's; refused,
-    naming each difference, when there is none. Official transcripts are a property of the
-    corpus, not of the settings: a run trained with them reads one transcripts table where the
-    official text takes precedence and ASR fills in, so new videos get ASR text in that table."""
-    from flows.plan import plan_extraction
-
-    choices = [False, True] if settings.extract.prefer_official_transcripts else [False]
-    plans = [plan_extraction(settings, data_root, None, official=o) for o in choices]
-    for plan in plans:
-        if plan_ids(plan) == run.extractor_ids:
-            return plan
-    found = plan_ids(plans[-1])
-    diffs = "; ".join(
-        f"{m}: run {run.extractor_ids[m]}, settings {found[m]}"
-        for m in MODALITIES
-        if found[m] != run.extractor_ids[m]
-    )
-    raise ExtractorMismatchError(
-        f"run {run.key} was trained on other features than the current settings extract ({diffs});"
-        f" its features would not mean what its models learnt. Give the run's profile and "
-        f"overrides (its settings.yaml), or train a run on the current settings"
-    )
-
-
-def plan_ids(plan: ExtractionPlan) -> dict[str, str]:
-    """Modality -> extractor id of the plan's feature tables."""
-    return {m: t.name.rsplit("/", 1)[-1] for m, t in plan.feature_tables().items()}
-
-
 def video_rows(paths: Iterable[Path]) -> pd.DataFrame:
     """Manifest-like rows of single video files (id: the file stem), for the stage engine; the
     manifest itself is left alone (a debugging run)."""
@@ -271,11 +240,9 @@ def video_rows(paths: Iterable[Path]) -> pd.DataFrame:
     return df
 
 
-def extract_here(plan: ExtractionPlan, videos: pd.DataFrame, store: Store) -> dict[str, int]:
+def extract_here(plan: Plan, videos: pd.DataFrame, store: Store) -> dict[str, int]:
     """Run every stage the videos still lack in this process, with the engine the flow's tasks
     run (tasks.engine.stage.run_stage), upstream first; returns how many each stage computed."""
-    from flows.plan import STAGES
-    from tasks.engine.stage import run_stage
 
     return {name: run_stage(plan.stage(name), videos, store).processed for name in STAGES}
 
@@ -311,9 +278,7 @@ def standardized(data: FeatureSet, stats: Mapping[str, tuple[np.ndarray, np.ndar
         x[~p] = 0.0
 
 
-def quality_kept(
-    store: Store, plan: ExtractionPlan, ts: TrainSettings, data: FeatureSet
-) -> FeatureSet:
+def quality_kept(store: Store, plan: Plan, ts: TrainSettings, data: FeatureSet) -> FeatureSet:
     """`data` with the run's quality filters applied (train.quality_min_*), as training masked
     its inputs; unchanged when the run had none. Videos outside the manifest have no signals and
     keep every modality."""
@@ -350,7 +315,7 @@ def modalities_present(data: FeatureSet) -> list[str]:
 def label_videos(
     store: Store,
     run: TrainedRun,
-    plan: ExtractionPlan,
+    plan: Plan,
     videos: pd.DataFrame,
     split: str = SPLIT,
 ) -> pd.DataFrame:
@@ -424,13 +389,11 @@ def table_text(table: pd.DataFrame) -> str:
 
 
 def to_label(
-    store: Store, run: TrainedRun, plan: ExtractionPlan, manifest: pd.DataFrame | None = None
+    store: Store, run: TrainedRun, plan: Plan, manifest: pd.DataFrame | None = None
 ) -> tuple[pd.DataFrame, int]:
     """The manifest's videos the run has no prediction of yet (neither its own cv/unlabeled rows
     nor an earlier predict row), and how many of the rest still wait for extraction (a stage
     lacks their row): those are left for a later run, not labelled with modalities missing."""
-    from flows.extract import pending_per_stage
-
     manifest = store.read(tables.MANIFEST) if manifest is None else manifest
     manifest = manifest[manifest.has_video | manifest.has_audio]  # unreadable: never extracted
     if manifest.empty:

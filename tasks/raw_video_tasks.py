@@ -11,10 +11,12 @@ from prefect import task
 
 from data_contracts.store import Store
 from tasks.corrupt import Corruption
+from tasks.defaults import DEFAULT_SAMPLE_RATE
 from tasks.engine.shard import ShardReport
 from tasks.engine.stage import run_stage, task_options
-from tasks.faces.crop import FaceSettings, crop_faces_shard, faces_stage
-from tasks.media import DEFAULT_SAMPLE_RATE, audio_stage
+from tasks.faces.crop import crop_faces_shard, faces_stage
+from tasks.faces.settings import FaceSettings
+from tasks.media import audio_stage
 
 
 @task(name="extract-audio", **task_options(audio_stage))

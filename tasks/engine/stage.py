@@ -25,6 +25,7 @@ from data_contracts import tables
 from data_contracts.failures import failure_row, failures_frame
 from data_contracts.store import Store
 from data_contracts.tables import TableRef
+from tasks.defaults import DEFAULT_RETRIES
 from tasks.engine import video_pool
 from tasks.engine.errors import BadInputError
 from tasks.engine.gpu_slots import cpu_cores, device_index, gpu_slot
@@ -359,9 +360,6 @@ def _commit(
 
 
 # -- Prefect -------------------------------------------------------------------------------------
-# The default of `extract.retries` (flows/config.py); the flow sets each run's value with
-# `task.with_options(retries=settings.extract.retries)`.
-DEFAULT_RETRIES = 2
 
 
 def task_options(build: Callable[..., Stage], gpu: bool = False) -> dict[str, Any]:

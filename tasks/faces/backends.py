@@ -30,11 +30,15 @@ from tasks.faces.frames import (
     downscale,
 )
 from tasks.faces.openface import OpenFaceBackend
+from tasks.faces.settings import (
+    BACKENDS,
+    DEFAULT_DETECT_MAX_SIDE,
+    DEFAULT_PADDING,
+    DLIB_MIN_SCORE,
+    THRESHOLDS,
+    FaceSettings,
+)
 from tasks.faces.track import LandmarkTracker
-
-BACKENDS: tuple[str, ...] = ("dlib", "opencv", "openface")
-DEFAULT_DETECT_MAX_SIDE = 640
-DEFAULT_PADDING = 0.25
 
 
 def _largest_first(areas: list[float] | np.ndarray) -> list[int]:
@@ -80,19 +84,6 @@ def mouth_points(rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.
     with _MOUTH_LOCK:  # one model for every backend of the process; dlib's is not thread-safe
         shape = predictor(rgb, dlib.rectangle(*(round(v) for v in box)))
     return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
-
-
-# HOG scores just above dlib's default threshold (0) are often texture, and "largest face"
-# would then prefer a large false face over the real one; real frontal faces score ~0.5 to 2.
-DLIB_MIN_SCORE = 0.2
-
-# Each backend's detection thresholds, as its code uses them; recorded in the provenance of the
-# visual features computed from its crops.
-THRESHOLDS: dict[str, dict[str, float | int | bool]] = {
-    "dlib": {"min_hog_score": DLIB_MIN_SCORE, "upsample_small_frames": True},
-    "opencv": {"scale_factor": 1.1, "min_neighbors": 5, "min_face_side_fraction": 0.125},
-    "openface": {"nobadaligned": True},
-}
 
 
 class DlibBackend(FrameBackend):
@@ -337,3 +328,17 @@ def _load_backend(
     if name == "openface":
         return OpenFaceBackend(openface_bin, recipe=recipe)
     raise ValueError(f"unknown face backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def backend_for(settings: FaceSettings) -> FaceBackend:
+    """The backend `settings` name, loaded once per process (68 landmarks on every face when the
+    speaking face is chosen)."""
+    return load_backend(
+        settings.backend,
+        settings.detect_max_side,
+        settings.padding,
+        settings.openface_bin,
+        settings.detect_every,
+        mouth=settings.select == "speaking",
+        recipe=settings.recipe,
+    )

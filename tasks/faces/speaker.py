@@ -23,12 +23,11 @@ import numpy as np
 
 from tasks.media import UnreadableMediaError, audio_command, find_ffmpeg, load_wav, run_ffmpeg
 
-SELECT_RULES: tuple[str, ...] = ("largest", "speaking")
+# A change that can alter the choice for the same faces and audio bumps SPEAKING_RULE_VERSION
+# (tasks/faces/settings.py): it keys the faces extractor id.
 AUDIO_RATE = 8000  # Hz: plenty for a loudness envelope, and a small decode
 SPEAKING_MIN_FRAMES = 8  # a track shorter than this is not scored (its correlation is noise)
 SPEAKING_MIN_Z = 2.5  # Fisher z = atanh(r) * sqrt(n_eff - 3); 2.5: one-sided p ~ 0.006
-# Bump when the choice can change for the same faces and audio (it keys the extractor id).
-SPEAKING_RULE_VERSION = 2
 MOUTH_STILL = 0.01  # std of the opening (inter-ocular units) below which a mouth is still
 ENVELOPE_WINDOW_S = (0.04, 0.25)  # loudness window: the sampled frame period, within these
 

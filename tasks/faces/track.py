@@ -4,15 +4,30 @@ and the faces of a video linked into tracks (box overlap, appearance, shot cuts)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
 from tasks.faces.frames import Face
 
-if TYPE_CHECKING:
-    from tasks.faces.backends import DlibBackend
+
+class Detector(Protocol):
+    """What the tracker needs of its backend (tasks/faces/backends.py DlibBackend): detection,
+    the landmark fit on a box, the aligned chip and the points of a fit."""
+
+    detect_every: int
+
+    def detect(self, rgb: np.ndarray) -> list[tuple[tuple, float]]: ...
+
+    def landmarks(self, rgb: np.ndarray, box: tuple) -> Any: ...
+
+    def chip(self, rgb: np.ndarray, shape: Any, size: int) -> np.ndarray: ...
+
+    def points(self, rgb: np.ndarray, shape: Any, box: tuple) -> np.ndarray: ...
+
+    def align_all(self, rgb: np.ndarray, size: int) -> list: ...
+
 
 # -- tracking between detections -----------------------------------------------------------------
 # A tracked frame's landmarks must put the face where the next detection finds it: below this
@@ -73,7 +88,7 @@ class LandmarkTracker:
     Holds at most k - 1 decoded frames (those pending).
     """
 
-    def __init__(self, backend: DlibBackend, size: int):
+    def __init__(self, backend: Detector, size: int):
         self.b, self.size = backend, size
         # frame index, frame, and for each followed face: (crop, box, landmarks)
         self.pending: list[tuple[int, np.ndarray, list[tuple[np.ndarray, tuple, np.ndarray]]]] = []

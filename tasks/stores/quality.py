@@ -21,6 +21,7 @@ from data_contracts.contracts import META_CONTRACT, META_VERSION, feature_contra
 from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
 from data_contracts.tables import NO_VIDEO, TableRef
+from tasks.dag import FEATURE_STAGE, chain
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,7 @@ LABELLED_POOL = "labeled"
 UNLABELLED_POOL = "unlabeled"  # of a feature-only video without a label (MER's folder name)
 REPORT = "reports/check.md"
 # Where a modality's missing row is explained: its own stage, then the stages it reads from.
-UPSTREAM = {
-    "visual": ("visual", "faces", "probe"),
-    "acoustic": ("acoustic", "audio", "probe"),
-    "text": ("text", "transcribe", "audio", "probe"),
-}
+UPSTREAM = {m: (*reversed(chain(stage)), "probe") for m, stage in FEATURE_STAGE.items()}
 PASS_THROUGH = "MissingModalityError"  # "my input is missing": the cause lies upstream
 _ROWS = 2048  # rows per block for norms and statistics: bounded temporaries at any table size
 

@@ -30,20 +30,16 @@ from data_contracts.labels import CLASS_INDEX, CLASSIFIERS
 from data_contracts.store import Store
 from models.training import predict, waf
 from tasks.corrupt import CLEAN, Corruption, severity_order
+from tasks.dag import Plan
 from tasks.predict import (
     RunFolderError,
     TrainedRun,
-    plan_ids,
     quality_kept,
     read_features,
     standardized,
 )
 from tasks.training.folds import read_run_folds
 from tasks.training.report import has_input, save_png, write_text
-
-# An extraction plan (flows/plan.py ExtractionPlan, built by the flow): tasks do not import
-# flows, so its type is named here only.
-ExtractionPlan = Any
 
 SCORED = (*CLASSIFIERS, "voted")
 FOLDER = "robustness"
@@ -63,7 +59,7 @@ class Level:
     def kind(self) -> str:
         return CLEAN if self.corruption is None else self.corruption.kind
 
-    def plan(self, clean: ExtractionPlan) -> ExtractionPlan:
+    def plan(self, clean: Plan) -> Plan:
         """The extraction plan of this level's features."""
         return clean if self.corruption is None else clean.corrupted(self.corruption)
 
@@ -100,7 +96,7 @@ def validation_videos(run: TrainedRun, store: Store) -> list[pd.DataFrame]:
     ]
 
 
-def official_texts(store: Store, plan: ExtractionPlan, videos: pd.DataFrame) -> dict[str, str]:
+def official_texts(store: Store, plan: Plan, videos: pd.DataFrame) -> dict[str, str]:
     """The official transcripts the run's features were made from, for `videos`: under an
     audio corruption they still take precedence (what was said does not change with the noise;
     only the ASR text of videos without one does). Empty when the run used ASR text only."""
@@ -115,7 +111,7 @@ def official_texts(store: Store, plan: ExtractionPlan, videos: pd.DataFrame) -> 
 
 
 def score_fold(
-    store: Store, run: TrainedRun, plan: ExtractionPlan, k: int, videos: pd.DataFrame
+    store: Store, run: TrainedRun, plan: Plan, k: int, videos: pd.DataFrame
 ) -> dict[str, dict[str, float]]:
     """Fold k's model on its validation `videos` under `plan`'s features: per classifier its
     WAF and the share of the videos it had its input for (A, V, T: their modality)."""
@@ -134,7 +130,7 @@ def score_fold(
 
 
 def score_level(
-    store: Store, run: TrainedRun, level: Level, clean: ExtractionPlan, folds: list[pd.DataFrame]
+    store: Store, run: TrainedRun, level: Level, clean: Plan, folds: list[pd.DataFrame]
 ) -> dict[str, Any]:
     """Every fold at one level: per fold and classifier WAF and coverage, and the means."""
     plan = level.plan(clean)
@@ -144,7 +140,7 @@ def score_level(
         "kind": level.kind,
         "value": None if level.corruption is None else level.corruption.level,
         "label": CLEAN if level.corruption is None else level.corruption.label,
-        "extractor_ids": plan_ids(plan),
+        "extractor_ids": plan.extractor_ids(),
         "n_videos": [len(v) for v in folds],
         "folds": per_fold,
         "mean": {c: _nanmean([f[c]["waf"] for f in per_fold]) for c in SCORED},

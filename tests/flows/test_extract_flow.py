@@ -100,8 +100,9 @@ def test_task_command_and_flow_store_the_same_rows(prefect_server, corpus, tmp_p
 
     from flows.cli import app
     from flows.config import load_settings
-    from flows.plan import STAGES, plan_extraction
+    from flows.plan import plan_extraction
     from flows.task_cli import run_video
+    from tasks.dag import STAGES
 
     folder = tmp_path / "one"
     folder.mkdir()

@@ -12,7 +12,8 @@ import pytest
 
 from data_contracts.store import Store
 from flows.config import load_settings
-from flows.plan import STAGES, plan_extraction
+from flows.plan import plan_extraction
+from tasks.dag import STAGES
 from tasks.engine.stage import run_stage
 from tests.flows.test_extract_flow import _run
 

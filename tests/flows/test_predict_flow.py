@@ -18,8 +18,8 @@ import pytest
 from data_contracts import tables
 from data_contracts.labels import CLASSES
 from data_contracts.store import Store
-from flows.plan import STAGES
 from flows.predict import predict_flow
+from tasks.dag import STAGES
 from tests.tasks.predict_run import predict_run
 
 pytestmark = pytest.mark.server

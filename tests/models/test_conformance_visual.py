@@ -33,7 +33,8 @@ from models.registry import CheckpointMismatchError, get_spec
 from models.visual import RecipeDtypeError
 from tasks.embed import ModelChoice, visual_stage
 from tasks.engine.stage import run_stage
-from tasks.faces.crop import FaceSettings, faces_stage
+from tasks.faces.crop import faces_stage
+from tasks.faces.settings import FaceSettings
 from tests.tasks import badmedia
 from tests.tasks.test_openface_reader import BLACK, face_crop, write_openface_output
 

@@ -21,12 +21,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from models.acoustic import AcousticEncoder, conv_output_length
 from models.asr import AsrModel, Transcript
+from models.encoders import Extractor, pack_batches
 from models.extractors import (
-    Extractor,
     clear_extractor_cache,
     effective_dtype,
     load_extractor,
-    pack_batches,
     planned_extractor_id,
 )
 from models.registry import (

@@ -20,8 +20,9 @@ from tasks.corrupt import (
     sharpness,
 )
 from tasks.engine.stage import run_stage
-from tasks.faces.crop import FaceSettings, faces_stage
+from tasks.faces.crop import faces_stage
 from tasks.faces.crop_files import load_crops
+from tasks.faces.settings import FaceSettings
 from tasks.media import audio_extractor_id, audio_stage, load_wav
 
 
@@ -142,7 +143,8 @@ def test_a_corrupted_plan_feeds_its_stages_the_corrupted_inputs(tiny_models, tmp
     """Every stage downstream of a corrupted raw-video stage reads the corrupted rows and writes
     under the ids the plan's feature tables name; the others stay the clean plan's."""
     from flows.config import load_settings
-    from flows.plan import STAGES, UPSTREAM, plan_extraction
+    from flows.plan import plan_extraction
+    from tasks.dag import STAGES, UPSTREAM
 
     settings = load_settings(
         "demo", [f"models.models_dir={tiny_models}", "models.build_tiny=false"]

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from tasks.faces.backends import DlibBackend
-from tasks.faces.crop import FaceSettings, crop_faces
+from tasks.faces.crop import crop_faces
 from tasks.faces.crop_files import load_crops, load_tracks
 from tasks.faces.frames import FrameSampler, ShotCuts
+from tasks.faces.settings import FaceSettings
 from tasks.faces.track import appearance, link_tracks
 from tests.tasks import face_clips as fc
 

@@ -18,13 +18,7 @@ from flows.task_cli import task_app
 from tasks.faces import backends as face_backends
 from tasks.faces import openface as face_openface
 from tasks.faces.backends import load_backend
-from tasks.faces.crop import (
-    FaceSettings,
-    NoFaceError,
-    crop_faces,
-    crop_faces_shard,
-    faces_extractor_id,
-)
+from tasks.faces.crop import NoFaceError, crop_faces, crop_faces_shard
 from tasks.faces.crop_files import (
     CHOSEN_COLOUR,
     OTHER_COLOUR,
@@ -35,6 +29,7 @@ from tasks.faces.crop_files import (
 )
 from tasks.faces.frames import BackendUnavailableError, Face, FrameSampler
 from tasks.faces.openface import OpenFaceBackend, parse_openface_output
+from tasks.faces.settings import THRESHOLDS, FaceSettings, faces_extractor_id
 from tasks.media import NoVideoStreamError, TruncatedMediaError, UnreadableMediaError
 from tasks.raw_video_tasks import crop_faces_task
 from tests.tasks import badmedia
@@ -197,7 +192,7 @@ def test_bad_videos_write_no_crops(clips, tmp_path, name, error, says):
 
 def test_backends_load_once_per_process():
     assert load_backend("dlib") is load_backend("dlib")
-    assert FaceSettings().load() is load_backend("dlib")
+    assert face_backends.backend_for(FaceSettings()) is load_backend("dlib")
     with pytest.raises(ValueError, match="choose one of dlib, opencv, openface"):
         load_backend("mediapipe")
 
@@ -431,9 +426,10 @@ def test_the_prefect_task_wraps_the_plain_function(clips, tmp_path):
 # -- local command -------------------------------------------------------------------------------
 def test_cli_crop_faces_writes_crops_and_a_preview(clips, tmp_path):
     preview = tmp_path / "sheet.png"
+    # The demo profile samples 4 frames/s at 64 px; every frame at 112 px here.
+    args = ["crop-faces", str(clips["symlink"]), "faces.fps=null", "faces.size=112"]
     result = CliRunner().invoke(
-        task_app,
-        ["crop-faces", str(clips["symlink"]), "--out", str(tmp_path), "--preview", str(preview)],
+        task_app, [*args, "--out", str(tmp_path), "--preview", str(preview)]
     )
     assert result.exit_code == 0, result.output
     assert "5 decoded, 5 sampled, a chosen face in 100% of them, any face in 100%" in result.output
@@ -443,9 +439,30 @@ def test_cli_crop_faces_writes_crops_and_a_preview(clips, tmp_path):
     assert Image.open(preview).size == (150 + 8 * 120 + 4, 30 + 120 + 4)
 
 
+def test_cli_crop_faces_runs_the_profiles_face_settings(clips, tmp_path):
+    """`--profile paper` crops as the paper profile's flow does: its backend (OpenFace, dlib where
+    the binary is missing), 112 px, the speaking face, detection every 5th frame; the extractor id
+    is the flow's."""
+    from flows.config import load_settings
+    from flows.plan import face_settings
+
+    args = ["crop-faces", str(clips["face"]), "--profile", "paper", "--out", str(tmp_path)]
+    result = CliRunner().invoke(task_app, args)
+    assert result.exit_code == 0, result.output
+    paper = face_settings(load_settings("paper"))
+    assert (paper.select, paper.detect_every, paper.size) == ("speaking", 5, 112)
+    line = f"faces    {paper.backend}, 112 px, select speaking, detect every 5 (profile paper; "
+    assert f"{line}{paper.extractor_id})" in result.output
+    assert "x 112x112 RGB crops" in result.output
+    # An option given on the command line replaces the profile's value, and only that one.
+    again = CliRunner().invoke(task_app, [*args, "--select", "largest"])
+    assert again.exit_code == 0, again.output
+    assert "select largest, detect every 5 (profile paper;" in again.output
+
+
 def test_cli_crop_faces_reports_no_face(clips, tmp_path):
     result = CliRunner().invoke(
-        task_app, ["crop-faces", str(clips["no_face"]), "--out", str(tmp_path)]
+        task_app, ["crop-faces", str(clips["no_face"]), "faces.fps=null", "--out", str(tmp_path)]
     )
     assert result.exit_code == 1 and "no face in any of the 25 sampled frames" in result.output
 
@@ -457,6 +474,6 @@ def test_provenance_is_the_structured_settings_not_a_parsed_id():
     # What the id only hashes is spelled out: detect_max_side, padding, the thresholds.
     assert prov["faces_settings"]["padding"] == 0.3
     assert prov["faces_settings"]["detect_max_side"] == 640
-    assert prov["face_thresholds"] == face_backends.THRESHOLDS["opencv"]
+    assert prov["face_thresholds"] == THRESHOLDS["opencv"]
     assert (prov["face_backend"], prov["crop_size"], prov["frame_rate"]) == ("opencv", 96, 2)
     assert prov["max_frames"] == 7 and prov["frame_sampling"] == "2fps-max7"

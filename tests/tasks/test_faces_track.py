@@ -12,9 +12,10 @@ import pytest
 from flows.config import load_settings
 from flows.plan import face_settings
 from tasks.faces import backends as face_backends
-from tasks.faces.crop import FaceSettings, crop_faces, faces_extractor_id
+from tasks.faces.crop import crop_faces
 from tasks.faces.crop_files import load_crops
 from tasks.faces.frames import BackendUnavailableError, FrameSampler
+from tasks.faces.settings import FaceSettings, faces_extractor_id
 from tasks.faces.track import box_iou
 from tests.tasks import badmedia
 
@@ -106,4 +107,4 @@ def test_without_a_fallback_a_missing_backend_is_still_an_error(tmp_path):
     plan_faces = face_settings(settings)
     assert plan_faces.backend == "openface"
     with pytest.raises(BackendUnavailableError, match="openface"):
-        plan_faces.load()
+        face_backends.backend_for(plan_faces)

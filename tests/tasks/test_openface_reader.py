@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.faces.crop import FaceSettings
 from tasks.faces.frames import FrameSampler
 from tasks.faces.openface import OpenFaceBackend, parse_openface_output
+from tasks.faces.settings import FaceSettings
 from tests.tasks import badmedia
 
 SIDE = 112  # OpenFace's default aligned size (-simsize)
@@ -183,7 +183,7 @@ def test_only_openface_mertools_keys_a_new_faces_id():
 
 def test_mertools_faces_need_the_largest_face():
     """The speaking-face rule would drop the black crops of failed frames (no box, no track)."""
-    from tasks.faces.crop import FaceSettings
+    from tasks.faces.settings import FaceSettings
 
     with pytest.raises(ValueError, match=r"faces.recipe=mertools .* faces.select=largest"):
         FaceSettings(backend="openface", recipe="mertools", select="speaking")

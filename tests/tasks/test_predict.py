@@ -14,6 +14,7 @@ from data_contracts import tables
 from data_contracts.labels import CLASSES, CLASSIFIERS
 from data_contracts.store import Store
 from flows.config import load_settings
+from flows.plan import matching_plan
 from tasks.predict import (
     ExtractorMismatchError,
     RunFolderError,
@@ -23,7 +24,6 @@ from tasks.predict import (
     label_videos,
     load_models,
     load_run,
-    matching_plan,
     video_rows,
 )
 from tasks.training.steps import load_fold

@@ -17,9 +17,10 @@ from data_contracts.store import Store
 from flows.config import load_settings
 from flows.task_cli import task_app
 from tasks.faces.backends import load_backend
-from tasks.faces.crop import FaceSettings, crop_faces, crop_faces_shard, faces_extractor_id
+from tasks.faces.crop import crop_faces, crop_faces_shard
 from tasks.faces.crop_files import CHOSEN_COLOUR, load_crops, load_tracks
 from tasks.faces.frames import FrameSampler
+from tasks.faces.settings import FaceSettings, faces_extractor_id
 from tasks.faces.speaker import (
     SPEAKING_MIN_FRAMES,
     choose_speaking,
@@ -234,7 +235,7 @@ def test_slow_unrelated_drifts_are_not_taken_for_speech():
 # -- the preview ---------------------------------------------------------------------------------
 def test_preview_shows_each_track_and_marks_the_speaker(clips, tmp_path):
     preview = tmp_path / "sheet.png"
-    args = ["crop-faces", str(clips["two"]), "--out", str(tmp_path), "--size", "64"]
+    args = ["crop-faces", str(clips["two"]), "faces.fps=null", "--out", str(tmp_path)]
     result = CliRunner().invoke(
         task_app, [*args, "--select", "speaking", "--preview", str(preview)]
     )

@@ -13,8 +13,9 @@ import pytest
 from data_contracts import tables
 from data_contracts.store import Store
 from flows.config import load_settings
-from flows.plan import STAGES, plan_extraction
+from flows.plan import plan_extraction
 from models.acoustic import AcousticEncoder
+from tasks.dag import STAGES
 from tasks.engine.stage import run_stage
 
 

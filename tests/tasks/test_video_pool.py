@@ -17,8 +17,9 @@ from models.settings import available_cpus
 from tasks.engine import video_pool
 from tasks.engine.errors import TransientError
 from tasks.engine.stage import Stage, run_stage
-from tasks.faces.crop import FaceSettings, _cropper, crop_faces_shard, faces_stage, for_workers
+from tasks.faces.crop import _cropper, crop_faces_shard, faces_stage, for_workers
 from tasks.faces.crop_files import load_crops
+from tasks.faces.settings import FaceSettings
 from tests.tasks import badmedia
 
 SHARD = ["face", "no_face", "zero_byte", "text", "face_then_blank", "rotated"]

@@ -10,13 +10,3 @@ NUM_CLASSES = len(CLASSES)
 MODALITIES: tuple[str, ...] = ("visual", "acoustic", "text")
 CLASSIFIER_OF_MODALITY: dict[str, str] = {"acoustic": "A", "visual": "V", "text": "T"}
 CLASSIFIERS: tuple[str, ...] = ("A", "V", "T", "F")
-
-
-def label_index(name: str) -> int:
-    """Index of a class name; an unknown name lists the valid ones."""
-    try:
-        return CLASS_INDEX[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown emotion label {name!r}; valid labels are {', '.join(CLASSES)}"
-        ) from None

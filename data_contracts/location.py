@@ -96,11 +96,6 @@ def split_root_list(value: str) -> list[str]:
     return [p for p in out if p]
 
 
-def root_key(root: str | os.PathLike[str]) -> str:
-    """A data root as a stable string (cache keys): the resolved path, or the normalised URL."""
-    return str(normalize_root(root))
-
-
 def cache_base() -> Path:
     """The folder that holds the local work folders of URL data roots."""
     base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / (

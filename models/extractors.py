@@ -196,12 +196,6 @@ def _build(
     raise ValueError(f"extractor {spec.name} has no loader for {spec.loader!r}")
 
 
-def cached_extractors() -> list[Extractor]:
-    """The extractors this process holds loaded."""
-    with _CACHE_LOCK:
-        return list(_CACHE.values())
-
-
 def clear_extractor_cache() -> None:
     """Drop every loaded extractor and return their memory (GPU included)."""
     with _CACHE_LOCK:

@@ -34,7 +34,7 @@ class Face:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the frame's pixels (NaN: unknown)
     confidence: float  # the backend's own score; see each backend
     # 0: the face the backend ranks first in its frame (the largest, by its own measure: the
-    # one merflow kept before tracks existed); 1, 2, ...: the others.
+    # one `select=largest` keeps); 1, 2, ...: the others.
     rank: int = 0
     # (k, 2) float32 landmarks in frame pixels, as the backend has them (dlib: 5 points, or
     # dlib's 68 when asked for the mouth; OpenFace: 68; OpenCV: the 2 eye centres); None: none.

@@ -60,8 +60,8 @@ def _id_settings(
     recipe: str = "merflow",
     corruption: Corruption | None = None,
 ) -> dict[str, Any]:
-    # Detection on every frame and the largest face keep their keys out, so ids from before
-    # landmark tracking and face tracks existed hold (their crops are the same).
+    # Settings at their defaults (detection on every frame, the largest face) stay out of the
+    # hash: a stored faces table keeps its id as long as its crops would be the same.
     tracked = {"detect_every": detect_every} if detect_every > 1 and backend == "dlib" else {}
     chosen = {"select": select} if select != "largest" else {}
     if select == "speaking":
@@ -135,7 +135,7 @@ class FaceSettings:
     # (tasks/faces/track.py LandmarkTracker); 1: detect on every frame.
     detect_every: int = 1
     decode_threads: int = 0  # PyAV decoder threads; 0: automatic (for_workers)
-    # Which faces the crops keep: "largest", the largest face of each frame (as before tracks);
+    # Which faces the crops keep: "largest", the largest face of each frame;
     # "speaking", the track whose mouth follows the speech (tasks/faces/speaker.py).
     select: Literal["largest", "speaking"] = "largest"
     # Worker processes that crop a shard's videos side by side, off the GIL of the process that

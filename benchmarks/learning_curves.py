@@ -73,9 +73,9 @@ from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 
-from train_synthetic import MER_COUNTS, make_synthetic, standardized
+from train_synthetic import make_synthetic, standardized
 
-from data_contracts.labels import CLASSES, MODALITIES
+from data_contracts.labels import CLASSES, MER2024_TRAIN_COUNTS, MODALITIES
 from flows.config import load_settings
 from models.baseline import BaselineNet
 from models.mrccl import PAPER_DIMS
@@ -85,7 +85,7 @@ from models.training import predict, reference_wafs, train_baseline, waf
 from tasks.training.data import TrainingData
 from tasks.training.steps import freeze_run, load_fold, run_step, step_names
 
-MER_TOTAL = sum(MER_COUNTS.values())
+MER_TOTAL = sum(MER2024_TRAIN_COUNTS.values())
 SYSTEMS = [
     ("full", "full method (voted, step 2)"),
     ("step1", "MR-CCL step 1 (voted)"),
@@ -105,7 +105,7 @@ def say(text: str) -> None:
 
 def class_counts(n: int, folds: int) -> dict[str, int]:
     """n labelled clips in MER2024's class mix (each class at least `folds` rows)."""
-    return {c: max(folds, round(k * n / MER_TOTAL)) for c, k in MER_COUNTS.items()}
+    return {c: max(folds, round(k * n / MER_TOTAL)) for c, k in MER2024_TRAIN_COUNTS.items()}
 
 
 def overrides(args: argparse.Namespace, n: int, seed: int, lambda_con: float) -> list[str]:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_contracts.labels import CLASSES, MODALITIES
+from data_contracts.labels import CLASSES, MER2024_TRAIN_COUNTS, MODALITIES
 from flows.config import load_settings
 from models.baseline import BaselineConfig, BaselineNet
 from models.distributed import World, barrier, init_from_env, local_device, shutdown
@@ -61,16 +61,6 @@ from models.training import (
 from tasks.training.ablate_report import BASELINE, SYSTEMS, System
 from tasks.training.data import TrainingData, standardize
 from tasks.training.steps import load_fold, train_in_process
-
-# MER2024 Train&Val, in CLASSES order.
-MER_COUNTS = {
-    "neutral": 1248,
-    "angry": 1208,
-    "happy": 1038,
-    "sad": 730,
-    "worried": 616,
-    "surprise": 190,
-}
 
 
 @dataclass
@@ -198,7 +188,7 @@ def systems(overrides: list[str]) -> list[tuple[System, TrainSettings]]:
 
 def compare(args: argparse.Namespace) -> None:
     """Baseline, full method and each ablation on one synthetic corpus; prints a WAF table."""
-    counts = {c: max(args.folds, round(n * args.scale)) for c, n in MER_COUNTS.items()}
+    counts = {c: max(args.folds, round(n * args.scale)) for c, n in MER2024_TRAIN_COUNTS.items()}
     dims = dict(PAPER_DIMS) if not args.small_dims else {"visual": 96, "acoustic": 128, "text": 640}
     t0 = time.perf_counter()
     labelled, unlabelled, truth = make_synthetic(counts, args.unlabelled, args.seed, dims)

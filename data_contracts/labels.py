@@ -10,3 +10,13 @@ NUM_CLASSES = len(CLASSES)
 MODALITIES: tuple[str, ...] = ("visual", "acoustic", "text")
 CLASSIFIER_OF_MODALITY: dict[str, str] = {"acoustic": "A", "visual": "V", "text": "T"}
 CLASSIFIERS: tuple[str, ...] = ("A", "V", "T", "F")
+# MER2024's labelled Train&Val set, videos per class (docs/method.md §1): the demo corpus and the
+# synthetic benchmarks keep its proportions.
+MER2024_TRAIN_COUNTS: dict[str, int] = {
+    "neutral": 1248,
+    "angry": 1208,
+    "happy": 1038,
+    "sad": 730,
+    "worried": 616,
+    "surprise": 190,
+}

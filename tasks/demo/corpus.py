@@ -28,7 +28,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from data_contracts.labels import CLASSES
+from data_contracts.labels import CLASSES, MER2024_TRAIN_COUNTS
 from tasks.demo.media import (
     EXPRESSIONS,
     ClipFormat,
@@ -46,16 +46,6 @@ UNLABELED_DIR = "video-unlabeled"
 LABELS_CSV = "label-disdim.csv"
 TRANSCRIPTS_CSV = "label-transcription.csv"
 TRUTH_CSV = "demo-truth.csv"
-
-# MER2024 Train&Val class counts (docs/method.md §1): the demo keeps their proportions.
-MER_TRAIN_COUNTS: dict[str, int] = {
-    "neutral": 1248,
-    "angry": 1208,
-    "happy": 1038,
-    "sad": 730,
-    "worried": 616,
-    "surprise": 190,
-}
 
 
 @dataclass(frozen=True)
@@ -176,7 +166,7 @@ def class_counts(n: int, weights: dict[str, int] | None = None) -> dict[str, int
     """Split n clips over CLASSES in MER's proportions and order; none empty once n >= 6."""
     if n < 0:
         raise DemoCorpusError(f"clip count must be >= 0, got {n}")
-    w = np.array([(weights or MER_TRAIN_COUNTS)[c] for c in CLASSES], dtype=float)
+    w = np.array([(weights or MER2024_TRAIN_COUNTS)[c] for c in CLASSES], dtype=float)
     exact = n * w / w.sum()
     counts = np.floor(exact).astype(int)
     # Largest remainder; ties go to the earlier (bigger) class.

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_contracts.labels import CLASSES
+from data_contracts.labels import CLASSES, MER2024_TRAIN_COUNTS
 from tasks.demo import corpus as dc
 from tasks.demo import media as dm
 from tasks.demo.corpus import (
@@ -89,7 +89,7 @@ def test_files_and_csvs_agree(corpus: DemoCorpus) -> None:
 
 
 def test_class_counts_follow_mer_imbalance() -> None:
-    mer = np.array([dc.MER_TRAIN_COUNTS[c] for c in CLASSES], dtype=float)
+    mer = np.array([MER2024_TRAIN_COUNTS[c] for c in CLASSES], dtype=float)
     for n in (0, 5, 6, 12, 20, 21, 60, 120, 1000, 2777):
         counts = np.array(list(class_counts(n).values()))
         assert counts.sum() == n

@@ -28,7 +28,7 @@ test: setup
 # The benchmarks that are quick on a CPU, at small sizes (a few minutes on 2 cores); each prints
 # its figures. Run by hand, not in CI. The longer ones (benchmarks/extraction.py,
 # benchmarks/soak.py, benchmarks/store_load.py, the paper-size benchmarks/train_synthetic.py)
-# stay manual: see README.
+# stay manual: see docs/testing.md.
 bench: setup
 	@echo "== raw video: audio split and face crops (4 demo clips)"
 	$(PY) benchmarks/raw_video.py --n 4 --backends dlib,opencv

@@ -17,7 +17,6 @@ from flows.cli_common import (
     Overrides,
     ProfileOpt,
     UsageProblem,
-    checked_corpus,
     corpus_or_override,
 )
 from flows.cli_common import connect_server as _connect
@@ -147,7 +146,6 @@ def extract_cmd(
     """Extract visual, acoustic and text features into the feature stores (a Prefect flow).
     A folder without video-labeled/ and video-unlabeled/ is a corpus of unlabelled videos."""
     settings = _settings(profile, overrides)
-    checked_corpus(corpus_dir, settings)  # refused before any server starts
     summary = _run_extract(corpus_dir, settings, profile, overrides, data_root, only_new)
     if strict and summary["failures"]:
         typer.echo(f"error: {len(summary['failures'])} failure(s) and --strict was given", err=True)

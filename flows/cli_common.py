@@ -120,6 +120,17 @@ def data_root_for(settings, data_root: str | None, run: str):
     )
 
 
+def checked_run(settings: Settings, root, run: str) -> Path:
+    """The finished training run RUN names under the data root, checked whole (a missing,
+    unfinished or partial run: exit 2) before any server starts. Loads no model."""
+    from flows.predict import runs_dir
+    from tasks.predict import find_run, load_run, method_switches
+
+    folder = find_run(runs_dir(settings, root), run, method_switches(settings.train))
+    load_run(folder)
+    return folder
+
+
 # -- the Prefect server a command's flows run against ----------------------------------------
 def connect_server(settings: Settings, root: Path) -> dict[str, str]:
     """The Prefect clients' environment for a data root; says which server and why."""
@@ -137,15 +148,13 @@ def run_flow(
     flow_fn, corpus_dir: Path, settings: Settings, profile: str, overrides, data_root, env, **kw
 ) -> dict:
     """Run a flow against the data root's Prefect server (or the one `env` names), watched
-    (flows/server_watch.py)."""
+    (flows/server_watch.py). A corpus folder that does not exist or holds no videos is refused
+    first (checked_corpus)."""
     from data_contracts.location import normalize_root
     from flows.server_watch import watching
 
-    if corpus_dir is not None and not Path(corpus_dir).is_dir():
-        raise UsageProblem(
-            f"corpus folder {corpus_dir} does not exist; give a folder of videos or a "
-            "MER2024-shaped corpus (`merflow demo-corpus DIR` creates one)"
-        )
+    if corpus_dir is not None:
+        checked_corpus(corpus_dir, settings)
     root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus_dir)
     # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
     env = env or connect_server(settings, settings.local_root(root))

@@ -21,6 +21,7 @@ from flows.cli_common import (
     ProfileOpt,
     RunArg,
     UsageProblem,
+    checked_run,
     connect_server,
     data_root_for,
 )
@@ -122,11 +123,22 @@ def _label_files(settings, root, run: str, files: list[Path]):
 
 
 def _label_folders(settings, root, run: str, folders: list[Path], profile: str, overrides):
-    """Folders: the predict flow against the data root's Prefect server."""
+    """Folders: the predict flow against the data root's Prefect server, once the run and the
+    folders' videos are found (refused before any server starts)."""
     import pandas as pd
 
     from flows.predict import predict_flow
     from flows.server_watch import watching
+    from tasks.corpus.layout import is_video, video_extensions
+
+    exts = video_extensions(settings.corpus.video_extensions)
+    for folder in folders:
+        if not any(is_video(p, exts) for p in folder.iterdir()):
+            raise UsageProblem(
+                f"folder {folder} holds no videos ({', '.join(sorted(exts))}); give folders of "
+                "videos or video files"
+            )
+    checked_run(settings, root, run)
 
     env = connect_server(settings, settings.local_root(root))
     with watching(env):

@@ -14,6 +14,7 @@ from flows.cli_common import (
     ProfileOpt,
     RunArg,
     UsageProblem,
+    checked_run,
     connect_server,
     data_root_for,
 )
@@ -56,6 +57,7 @@ def robustness_cmd(
         raise UsageProblem(str(e)) from e
     settings = load_settings(profile, overrides or [])
     root = data_root_for(settings, data_root, run)
+    checked_run(settings, root, run)  # refused before a server starts
     from flows.robustness import robustness_flow
     from flows.server_watch import watching
     from tasks.training.robustness import report_markdown

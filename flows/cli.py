@@ -17,6 +17,7 @@ from flows.cli_common import (
     Overrides,
     ProfileOpt,
     UsageProblem,
+    checked_corpus,
     corpus_or_override,
 )
 from flows.cli_common import connect_server as _connect
@@ -119,6 +120,7 @@ def _manifest():
 def _run_extract(
     corpus_dir, settings, profile, overrides, data_root, only_new=False, env=None
 ) -> dict:
+    checked_corpus(corpus_dir, settings)  # a bad folder is refused before Prefect loads
     from flows.extract import ExtractionSummary, extract_flow
     from flows.runners import with_runner
 

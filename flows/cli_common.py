@@ -90,8 +90,8 @@ def corpus_or_override(
 
 def checked_corpus(corpus_dir: Path, settings: Settings) -> CorpusLayout:
     """The corpus's video folders, refused (UsageProblem, exit 2) when the folder does not
-    exist or holds no videos, before any server starts; says so when a plain folder's videos
-    are taken as unlabelled."""
+    exist or holds no videos, before any server starts (no file is opened, nothing heavy
+    loads)."""
     from tasks.corpus.layout import CorpusError, corpus_layout
 
     c = settings.corpus
@@ -99,8 +99,6 @@ def checked_corpus(corpus_dir: Path, settings: Settings) -> CorpusLayout:
         found = corpus_layout(corpus_dir, c.labeled_dir, c.unlabeled_dir, c.video_extensions)
     except CorpusError as e:
         raise UsageProblem(str(e)) from e
-    if found.plain:
-        typer.echo(found.note(c.labeled_dir, c.unlabeled_dir))
     return found
 
 
@@ -154,7 +152,9 @@ def run_flow(
     from flows.server_watch import watching
 
     if corpus_dir is not None:
-        checked_corpus(corpus_dir, settings)
+        found = checked_corpus(corpus_dir, settings)
+        if found.plain:  # one line: the videos are taken as unlabelled
+            typer.echo(found.note(settings.corpus.labeled_dir, settings.corpus.unlabeled_dir))
     root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus_dir)
     # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
     env = env or connect_server(settings, settings.local_root(root))

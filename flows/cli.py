@@ -278,7 +278,14 @@ def _demo_next_steps(root, api_url: str, serve_args: dict, serving: bool) -> lis
 
 
 def _serve_setup(settings, corpus_dir, profile, data_root, interval, cron, overrides):
-    """What serve and deploy share: the deployments' options, the data root, the server."""
+    """What serve and deploy share: the deployments' options, the data root, the server. A
+    corpus folder that does not exist is refused first (one without videos yet is served: its
+    scheduled runs extract what arrives)."""
+    if not Path(corpus_dir).is_dir():
+        raise UsageProblem(
+            f"corpus folder {corpus_dir} does not exist; give a folder of videos or a "
+            "MER2024-shaped corpus (`merflow demo-corpus DIR` creates one)"
+        )
     opts = _serve_options(corpus_dir, profile, data_root, interval or None, cron, overrides)
     root = _root(opts.data_root) if opts.data_root else settings.resolved_data_root(corpus_dir)
     return opts, root, _connect(settings, settings.local_root(root))

@@ -197,3 +197,15 @@ def test_server_start_port_defaults_to_the_setting(monkeypatch, tmp_path):
     assert CliRunner().invoke(app, given).exit_code == 0  # the option still wins
     assert ports == [4200, 4321, 4333]
     assert server.setting_port() == 4321  # what server.start/connect use when given no port
+
+
+@pytest.mark.parametrize("command", ["serve", "deploy", "ablate"])
+def test_serve_deploy_and_ablate_refuse_a_missing_corpus_before_any_server_starts(
+    command, tmp_path
+):
+    corpus = tmp_path / "corpus"
+    bad = _merflow(command, str(corpus), tmp_path=tmp_path)
+    assert bad.returncode == 2, bad.stderr
+    (line,) = bad.stderr.splitlines()
+    assert line.startswith(f"error: corpus folder {corpus} does not exist"), line
+    assert not corpus.exists() and _no_server_started(tmp_path)

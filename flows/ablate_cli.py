@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import DataRootUrlOpt, Overrides, ProfileOpt
+from flows.cli_common import DataRootUrlOpt, Overrides, ProfileOpt, UsageProblem, run_flow
 
 
 def ablate_cmd(
@@ -36,7 +36,6 @@ def ablate_cmd(
 ) -> None:
     """The paper's Table 1: full method, each ablation and the baseline over seeds (finished
     runs are reused, shared pretraining is trained once)."""
-    from flows.cli_common import UsageProblem
     from tasks.corrupt import CorruptionError, parse_levels
 
     if robustness:
@@ -45,12 +44,11 @@ def ablate_cmd(
         except CorruptionError as e:
             raise UsageProblem(str(e)) from e
     from flows.ablate import ablate_flow
-    from flows.cli import _run_flow
     from flows.config import load_settings
     from tasks.training.ablate_report import table_markdown
 
     settings = load_settings(profile, overrides or [])
-    table = _run_flow(
+    table = run_flow(
         ablate_flow,
         corpus_dir,
         settings,

@@ -17,8 +17,11 @@ from flows.cli_common import (
     Overrides,
     ProfileOpt,
     UsageProblem,
+    checked_corpus,
     corpus_or_override,
 )
+from flows.cli_common import connect_server as _connect
+from flows.cli_common import run_flow as _run_flow
 from flows.config import Settings, load_settings
 
 app = typer.Typer(
@@ -114,46 +117,10 @@ def _manifest():
     return tables.MANIFEST
 
 
-def _connect(settings: Settings, root: Path) -> dict[str, str]:
-    """The Prefect clients' environment for a data root; says which server and why."""
-    from flows import server
-
-    conn = server.connect(
-        root, settings.prefect.api_url, settings.prefect.port, host=settings.prefect.host
-    )
-    for line in conn.describe():
-        typer.echo(line)
-    return conn.env
-
-
-def _run_flow(
-    flow_fn, corpus_dir: Path, settings: Settings, profile: str, overrides, data_root, env, **kw
-) -> dict:
-    """Run a flow against the data root's Prefect server (or the one `env` names)."""
-    from data_contracts.location import normalize_root
-    from flows import server
-
-    if corpus_dir is not None and not Path(corpus_dir).is_dir():
-        raise UsageProblem(
-            f"corpus folder {corpus_dir} does not exist; give a MER2024-shaped corpus folder "
-            f"(or create one with `merflow demo-corpus DIR`)"
-        )
-    root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus_dir)
-    # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
-    env = env or _connect(settings, settings.local_root(root))
-    with server.use_server(env, watch=True):
-        return flow_fn(
-            str(corpus_dir) if corpus_dir is not None else None,
-            profile=profile,
-            data_root=str(root),
-            overrides=list(overrides or []),
-            **kw,
-        )
-
-
 def _run_extract(
     corpus_dir, settings, profile, overrides, data_root, only_new=False, env=None
 ) -> dict:
+    checked_corpus(corpus_dir, settings)  # a bad folder is refused before Prefect loads
     from flows.extract import ExtractionSummary, extract_flow
     from flows.runners import with_runner
 
@@ -167,7 +134,9 @@ def _run_extract(
 
 @app.command("extract")
 def extract_cmd(
-    corpus_dir: Annotated[Path, typer.Argument(help="MER2024-shaped corpus folder")],
+    corpus_dir: Annotated[
+        Path, typer.Argument(help="MER2024-shaped corpus folder, or any folder of videos")
+    ],
     profile: ProfileOpt = "demo",
     data_root: DataRootUrlOpt = None,
     only_new: Annotated[
@@ -176,7 +145,8 @@ def extract_cmd(
     strict: Annotated[bool, typer.Option(help="exit non-zero when any video failed")] = False,
     overrides: Overrides = None,
 ) -> None:
-    """Extract visual, acoustic and text features into the feature stores (a Prefect flow)."""
+    """Extract visual, acoustic and text features into the feature stores (a Prefect flow).
+    A folder without video-labeled/ and video-unlabeled/ is a corpus of unlabelled videos."""
     settings = _settings(profile, overrides)
     summary = _run_extract(corpus_dir, settings, profile, overrides, data_root, only_new)
     if strict and summary["failures"]:
@@ -308,7 +278,14 @@ def _demo_next_steps(root, api_url: str, serve_args: dict, serving: bool) -> lis
 
 
 def _serve_setup(settings, corpus_dir, profile, data_root, interval, cron, overrides):
-    """What serve and deploy share: the deployments' options, the data root, the server."""
+    """What serve and deploy share: the deployments' options, the data root, the server. A
+    corpus folder that does not exist is refused first (one without videos yet is served: its
+    scheduled runs extract what arrives)."""
+    if not Path(corpus_dir).is_dir():
+        raise UsageProblem(
+            f"corpus folder {corpus_dir} does not exist; give a folder of videos or a "
+            "MER2024-shaped corpus (`merflow demo-corpus DIR` creates one)"
+        )
     opts = _serve_options(corpus_dir, profile, data_root, interval or None, cron, overrides)
     root = _root(opts.data_root) if opts.data_root else settings.resolved_data_root(corpus_dir)
     return opts, root, _connect(settings, settings.local_root(root))
@@ -349,8 +326,8 @@ def serve_cmd(
     deployments."""
     import os
 
-    from flows import server
     from flows.deploy import allowed_roots_for, deployment_specs, serve_deployments
+    from flows.server_watch import watching
 
     settings = _settings(profile, overrides)
     opts, root, env = _serve_setup(
@@ -362,7 +339,7 @@ def serve_cmd(
     env["MERFLOW_ALLOWED_ROOTS"] = os.pathsep.join(roots)
     names = ", ".join(options["name"] for _, options in deployment_specs(opts))
     typer.echo(f"serving {names}; runs may touch {roots}")
-    with server.use_server(env, watch=True):
+    with watching(env):
         serve_deployments(opts)
 
 
@@ -391,134 +368,25 @@ def deploy_cmd(
     typer.echo(f"  PREFECT_API_URL={env['PREFECT_API_URL']} prefect worker start --pool {gpu_pool}")
 
 
-server_app = typer.Typer(
-    help="The local Prefect servers merflow starts, one per data root (docs/servers.md).",
-    no_args_is_help=True,
-)
-app.add_typer(server_app, name="server")
-_ROOT_HELP = "the data root whose server this is (for an s3:// root: its local work folder's)"
-RootArg = Annotated[str, typer.Option("--data-root", help=_ROOT_HELP)]
-
-
-def _server_home(data_root: str) -> Path:
-    """Where a data root's Prefect server lives: the root, or a URL root's local work folder."""
-    return _settings("demo", []).local_root(_root(data_root))
-
-
-@server_app.command("start")
-def server_start(
-    data_root: RootArg,
-    host: Annotated[
-        str | None,
-        typer.Option(
-            help="bind address (default: the prefect.host setting, 127.0.0.1; beyond loopback "
-            "only with an auth string)"
-        ),
-    ] = None,
-    port: Annotated[int, typer.Option(help="API and UI port")] = 4200,
-    database_url: Annotated[
-        str | None,
-        typer.Option(help="PostgreSQL URL for teams (default: SQLite under the data root)"),
-    ] = None,
-) -> None:
-    """Start a Prefect server in the background (SQLite under the data root)."""
-    from flows import server
-
-    host = host or _settings("demo", []).prefect.host
-    info = server.start(_server_home(data_root), host=host, port=port, database_url=database_url)
-    typer.echo(f"Prefect server pid {info.pid} at {info.ui_url} (log {info.log})")
-    if info.port_note:
-        typer.echo(f"  ({info.port_note})")
-    typer.echo(f"clients: export PREFECT_API_URL={info.api_url}")
-    typer.echo(f"stop:    {info.stop_command}")
-
-
-@server_app.command("stop")
-def server_stop(
-    data_root: Annotated[str | None, typer.Option("--data-root", help=_ROOT_HELP)] = None,
-    every: Annotated[
-        bool, typer.Option("--all", help="stop every server `merflow server list` shows")
-    ] = False,
-) -> None:
-    """Stop the data root's Prefect server, or with --all every one merflow started."""
-    from flows import server
-
-    if every == bool(data_root):
-        raise UsageProblem(
-            "give --data-root ROOT (that data root's server) or --all (every server merflow "
-            "started on this machine: `merflow server list` shows them), one of the two"
-        )
-    if data_root:
-        typer.echo("stopped" if server.stop(_server_home(data_root)) else "no server was running")
-        return
-    infos = server.started_servers()
-    for info in infos:
-        server.stop(info.data_root)
-        typer.echo(f"stopped pid {info.pid} ({info.ui_url}, data root {info.data_root})")
-    if not infos:
-        typer.echo("no server that merflow started is running")
-
-
-@server_app.command("status")
-def server_status(data_root: RootArg) -> None:
-    """Say whether the data root's Prefect server runs, and where."""
-    from flows import server
-
-    info = server.status(_server_home(data_root))
-    if info is None:
-        typer.echo("not running")
-        raise typer.Exit(1)
-    state = "healthy" if server.healthy(info.api_url) else "not answering"
-    typer.echo(f"pid {info.pid} at {info.ui_url}: {state} (database {info.database})")
-
-
-@server_app.command("list")
-def server_list() -> None:
-    """Every Prefect server merflow started on this machine that still runs."""
-    import os
-
-    from flows import server
-
-    infos = server.started_servers()
-    if not infos:
-        typer.echo(f"no server that merflow started is running (list: {server.registry_dir()})")
-        return
-    auth = os.environ.get("PREFECT_API_AUTH_STRING")
-    rows = [("DATA ROOT", "PID", "UI", "UP", "STATE")]
-    for i in infos:
-        state = "healthy" if server.healthy(i.api_url, auth, timeout=1.0) else "not answering"
-        rows.append((str(i.data_root), str(i.pid), i.ui_url, server.age(i), state))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
-    for r in rows:
-        typer.echo("  ".join([*(v.ljust(w) for v, w in zip(r, widths, strict=False)), r[-1]]))
-    typer.echo(
-        "stop one: merflow server stop --data-root ROOT; all of them: merflow server stop --all"
-    )
-
-
 def _mount_subcommands() -> None:
-    try:
-        from flows.task_cli import task_app
-    except ImportError:  # pragma: no cover - present in every install
-        return
+    """The commands declared in their own modules (flows/*_cli.py, which import only
+    flows/cli_common.py and lower layers, never this module)."""
+    from flows.ablate_cli import register as register_ablate
     from flows.embed_cli import register as register_extractors
+    from flows.import_cli import register as register_import
+    from flows.predict_cli import register as register_predict
+    from flows.quality_cli import register as register_quality
+    from flows.robustness_cli import register as register_robustness
+    from flows.server_cli import register as register_server
+    from flows.task_cli import task_app
 
+    register_server(app)
     register_extractors(task_app)
     app.add_typer(task_app, name="task", help="Run one task on one video, locally, no server.")
-    from flows.quality_cli import register
-
-    register(app)
-    from flows.predict_cli import register as register_predict
-
+    register_quality(app)
     register_predict(app)
-    from flows.import_cli import register as register_import
-
     register_import(app)
-    from flows.ablate_cli import register as register_ablate
-
     register_ablate(app)
-    from flows.robustness_cli import register as register_robustness
-
     register_robustness(app)
 
 

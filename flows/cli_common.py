@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
 from flows.config import list_profiles
+
+if TYPE_CHECKING:
+    from flows.config import Settings
+    from tasks.corpus.layout import CorpusLayout
 
 # -- options shared by the commands ----------------------------------------------------------
 ProfileOpt = Annotated[
@@ -52,6 +56,16 @@ RequiredDataRootOpt = Annotated[
     str, typer.Option("--data-root", help="the data root to look in (a folder or a URL)")
 ]
 
+# A finished training run (`merflow predict`, `merflow robustness`).
+RunArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="RUN",
+        help="the run: `latest` (newest finished run of the settings' method: the full method "
+        "by default), a run key or a run folder",
+    ),
+]
+
 
 class UsageProblem(ValueError):
     """The command line names something that cannot be used (a folder that does not exist)."""
@@ -72,6 +86,86 @@ def corpus_or_override(
     if not Path(corpus_dir).exists() and OVERRIDE.match(corpus_dir):
         return None, [corpus_dir, *overrides]
     return Path(corpus_dir), overrides
+
+
+def checked_corpus(corpus_dir: Path, settings: Settings) -> CorpusLayout:
+    """The corpus's video folders, refused (UsageProblem, exit 2) when the folder does not
+    exist or holds no videos, before any server starts (no file is opened, nothing heavy
+    loads)."""
+    from tasks.corpus.layout import CorpusError, corpus_layout
+
+    c = settings.corpus
+    try:
+        found = corpus_layout(corpus_dir, c.labeled_dir, c.unlabeled_dir, c.video_extensions)
+    except CorpusError as e:
+        raise UsageProblem(str(e)) from e
+    return found
+
+
+def data_root_for(settings, data_root: str | None, run: str):
+    """--data-root, else the data_root setting, else the data root a run folder lies in."""
+    from data_contracts.location import normalize_root
+
+    if data_root:
+        return normalize_root(data_root)
+    if settings.data_root:
+        return settings.resolved_data_root()
+    folder = Path(run).expanduser()
+    if folder.is_dir() and folder.parent.name == "runs":
+        return folder.resolve().parent.parent
+    raise UsageProblem(
+        "give --data-root: the data root the run was trained on (or the run folder's path as RUN)"
+    )
+
+
+def checked_run(settings: Settings, root, run: str) -> Path:
+    """The finished training run RUN names under the data root, checked whole (a missing,
+    unfinished or partial run: exit 2) before any server starts. Loads no model."""
+    from flows.predict import runs_dir
+    from tasks.predict import find_run, load_run, method_switches
+
+    folder = find_run(runs_dir(settings, root), run, method_switches(settings.train))
+    load_run(folder)
+    return folder
+
+
+# -- the Prefect server a command's flows run against ----------------------------------------
+def connect_server(settings: Settings, root: Path) -> dict[str, str]:
+    """The Prefect clients' environment for a data root; says which server and why."""
+    from flows import server
+
+    conn = server.connect(
+        root, settings.prefect.api_url, settings.prefect.port, host=settings.prefect.host
+    )
+    for line in conn.describe():
+        typer.echo(line)
+    return conn.env
+
+
+def run_flow(
+    flow_fn, corpus_dir: Path, settings: Settings, profile: str, overrides, data_root, env, **kw
+) -> dict:
+    """Run a flow against the data root's Prefect server (or the one `env` names), watched
+    (flows/server_watch.py). A corpus folder that does not exist or holds no videos is refused
+    first (checked_corpus)."""
+    from data_contracts.location import normalize_root
+    from flows.server_watch import watching
+
+    if corpus_dir is not None:
+        found = checked_corpus(corpus_dir, settings)
+        if found.plain:  # one line: the videos are taken as unlabelled
+            typer.echo(found.note(settings.corpus.labeled_dir, settings.corpus.unlabeled_dir))
+    root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus_dir)
+    # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
+    env = env or connect_server(settings, settings.local_root(root))
+    with watching(env):
+        return flow_fn(
+            str(corpus_dir) if corpus_dir is not None else None,
+            profile=profile,
+            data_root=str(root),
+            overrides=list(overrides or []),
+            **kw,
+        )
 
 
 # -- errors to exit codes ----------------------------------------------------------------------

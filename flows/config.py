@@ -28,6 +28,7 @@ from data_contracts.location import (
     split_root_list,
 )
 from models.settings import TrainSettings
+from tasks.corpus import layout
 from tasks.defaults import DEFAULT_RETRIES, DEFAULT_SAMPLE_RATE
 from tasks.faces.settings import FaceSettings
 
@@ -57,15 +58,15 @@ class _Section(BaseModel):
 
 
 class CorpusSettings(_Section):
-    """Where a MER2024-shaped corpus keeps its videos and CSVs (relative to the corpus folder)."""
+    """Where a MER2024-shaped corpus keeps its videos and CSVs (relative to the corpus folder);
+    a folder without the two video folders is a plain folder of unlabelled videos. The
+    defaults are declared in tasks/corpus/layout.py."""
 
-    labeled_dir: str = "video-labeled"
-    unlabeled_dir: str = "video-unlabeled"
-    labels_csv: str = "label-disdim.csv"
-    transcripts_csv: str = "label-transcription.csv"
-    video_extensions: list[str] = Field(
-        default_factory=lambda: [".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv"]
-    )
+    labeled_dir: str = layout.LABELED_DIR
+    unlabeled_dir: str = layout.UNLABELED_DIR
+    labels_csv: str = layout.LABELS_CSV
+    transcripts_csv: str = layout.TRANSCRIPTS_CSV
+    video_extensions: list[str] = Field(default_factory=lambda: list(layout.VIDEO_EXTENSIONS))
 
 
 class AudioSettings(_Section):

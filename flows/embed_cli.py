@@ -2,7 +2,9 @@
 locally and without a Prefect server, printing the vector's shape and norms.
 
 Each command runs the flow's stages (built from the same plan) with the same engine on a
-one-video shard in a scratch store: what it prints is what the flow would store."""
+one-video shard in a scratch store: what it prints is what the flow would store. Errors take
+the exit codes of every merflow command (flows/cli_common.py): a bad video 1, a bad setting or
+path 2."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flows.config import SettingsError, load_settings
+from flows.cli_common import Overrides, ProfileOpt
+from flows.config import load_settings
 from flows.task_cli import VideoFailedError, optional, run_video, scratch_store
-from tasks.engine.errors import MerflowError
 
 if TYPE_CHECKING:  # the plan loads the extractors (torch): only the commands import it
     import numpy as np
@@ -22,11 +24,9 @@ if TYPE_CHECKING:  # the plan loads the extractors (torch): only the commands im
     from flows.plan import ExtractionPlan
 
 VideoArg = Annotated[Path, typer.Argument(help="the video file", dir_okay=False)]
-ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="settings profile")]
 RootOpt = Annotated[
     Path, typer.Option("--data-root", help="where the profile's models live (models/ below it)")
 ]
-Overrides = Annotated[list[str] | None, typer.Argument(help="key=value setting overrides")]
 
 
 def _plan(
@@ -34,11 +34,7 @@ def _plan(
 ) -> ExtractionPlan:
     from flows.plan import plan_extraction
 
-    try:
-        settings = load_settings(profile, overrides or [])
-    except SettingsError as e:
-        typer.secho(str(e), err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from e
+    settings = load_settings(profile, overrides or [])
     return plan_extraction(settings, data_root.resolve(), None, official=official)
 
 
@@ -55,10 +51,11 @@ def _report(name: str, vector: np.ndarray, started: float, extra: str = "") -> N
 def _run(
     video: Path, plan: ExtractionPlan, stage: str, official: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """The rows of `stage` and its upstream stages for VIDEO; bad inputs exit 1, errors 2.
+    """The rows of `stage` and its upstream stages for VIDEO.
 
     A missing modality of the stage itself (empty transcript, audio too short) is no error:
-    it prints that the video has no vector."""
+    it prints that the video has no vector. Any other failure is raised to the command line's
+    one rule (a failed video: exit 1)."""
     from tasks.dag import chain
     from tasks.engine.stage import MissingModalityError
 
@@ -72,14 +69,7 @@ def _run(
         if e.stage == stage and e.error_type == MissingModalityError.__name__:
             typer.echo(f"{stage}: no vector (missing modality): {e}")
             raise typer.Exit(0) from e
-        typer.secho(f"bad input: {e}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from e
-    except MerflowError as e:
-        typer.secho(f"bad input: {e}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from e
-    except (FileNotFoundError, ValueError) as e:
-        typer.secho(f"{type(e).__name__}: {e}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from e
+        raise
 
 
 def register(task_app: typer.Typer) -> None:

@@ -26,7 +26,8 @@ from flows.config import Settings, load_settings, save_resolved
 from flows.plan import CODE, ExtractionPlan, plan_extraction
 from flows.safety import check_all_under_roots, data_root_paths, trusted_roots
 from tasks.corpus.labels import load_labels, load_transcripts
-from tasks.corpus.scan import corpus_video_dirs, scan_videos
+from tasks.corpus.layout import corpus_layout
+from tasks.corpus.scan import scan_videos
 from tasks.dag import STAGES, UPSTREAM, pending_per_stage
 from tasks.engine.shard import ShardReport, shards
 from tasks.stores.check import check_task
@@ -80,10 +81,14 @@ class ExtractionSummary:
 
 @task(name="scan", cache_policy=NO_CACHE)
 def scan_task(
-    video_dirs: list[str], data_root: str, extensions: list[str] | None = None
+    video_dirs: list[str],
+    data_root: str,
+    extensions: list[str] | None = None,
+    pool: str | None = None,
 ) -> tuple[Any, pd.DataFrame]:
-    """Prefect task: scan the folders (files with `extensions`) into the manifest."""
-    return scan_videos([Path(d) for d in video_dirs], Store(data_root), extensions)
+    """Prefect task: scan the folders (files with `extensions`) into the manifest; `pool`:
+    every video's pool (None: its folder's)."""
+    return scan_videos([Path(d) for d in video_dirs], Store(data_root), extensions, pool=pool)
 
 
 @task(name="load-labels", cache_policy=NO_CACHE)
@@ -95,13 +100,14 @@ def load_labels_task(labels_csv: str, data_root: str) -> int:
 
 
 def _resolve_corpus(corpus_dir: str, settings: Settings, video_dirs: list[str] | None):
+    """The corpus folder, the folders to scan, the pool of every video (None: each folder's)
+    and the line that says a plain folder's videos are unlabelled ("" for a MER2024 corpus)."""
     corpus = Path(corpus_dir).expanduser().resolve()
-    c = settings.corpus
     if video_dirs:
-        dirs = [Path(d).expanduser().resolve() for d in video_dirs]
-    else:
-        dirs = corpus_video_dirs(corpus, c.labeled_dir, c.unlabeled_dir)
-    return corpus, dirs
+        return corpus, [Path(d).expanduser().resolve() for d in video_dirs], None, ""
+    c = settings.corpus
+    found = corpus_layout(corpus, c.labeled_dir, c.unlabeled_dir, c.video_extensions)
+    return corpus, found.video_dirs, found.pool, found.note(c.labeled_dir, c.unlabeled_dir)
 
 
 def stage_tasks(settings: Settings) -> dict[str, Any]:
@@ -210,9 +216,10 @@ def extract_flow(
     only_new: bool = False,
     video_dirs: list[str] | None = None,
 ) -> dict:
-    """Extract every modality's features of a MER2024-shaped corpus into the feature stores.
+    """Extract every modality's features of a corpus into the feature stores.
 
-    corpus_dir: folder holding video-labeled/, video-unlabeled/ and the label CSVs.
+    corpus_dir: folder holding video-labeled/, video-unlabeled/ and the label CSVs, or a plain
+        folder of videos (all of them unlabelled).
     profile: settings profile (demo: tiny models; paper: the real ones).
     data_root: where stores and artifacts go (default <corpus_dir>/merflow); a local folder or
         an object-storage URL such as s3://bucket/prefix (models stay in a local folder).
@@ -227,7 +234,9 @@ def extract_flow(
     roots = trusted_roots(profile, overrides or [], settings)
     given = [("corpus_dir", corpus_dir), *(("video_dirs entry", d) for d in video_dirs or [])]
     check_all_under_roots([*given, *([("data_root", data_root)] if data_root else [])], roots)
-    corpus, dirs = _resolve_corpus(corpus_dir, settings, video_dirs)
+    corpus, dirs, pool, note = _resolve_corpus(corpus_dir, settings, video_dirs)
+    if note:
+        logger.info(note)
     root = settings.resolved_data_root(corpus) if not data_root else normalize_root(data_root)
     check_all_under_roots(
         [
@@ -255,7 +264,7 @@ def extract_flow(
         official = dict(zip(t.video_id, t.text, strict=True))
 
     extensions = settings.corpus.video_extensions
-    report, manifest = scan_task([str(d) for d in dirs], str(root), extensions)
+    report, manifest = scan_task([str(d) for d in dirs], str(root), extensions, pool)
     logger.info("scan: %s", report.summary())
     videos = manifest[manifest.has_video | manifest.has_audio]
     plan = plan_extraction(settings, root, corpus)

@@ -15,16 +15,17 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import OVERRIDE, DataRootUrlOpt, ProfileOpt, UsageProblem
+from flows.cli_common import (
+    OVERRIDE,
+    DataRootUrlOpt,
+    ProfileOpt,
+    RunArg,
+    UsageProblem,
+    checked_run,
+    connect_server,
+    data_root_for,
+)
 
-RunArg = Annotated[
-    str,
-    typer.Argument(
-        metavar="RUN",
-        help="the run: `latest` (newest finished run of the settings' method: the full method "
-        "by default), a run key or a run folder",
-    ),
-]
 ItemsArg = Annotated[
     list[str],
     typer.Argument(
@@ -57,22 +58,6 @@ def split_items(items: list[str]) -> tuple[list[Path], list[Path], list[str]]:
             "not both in one command"
         )
     return files, folders, overrides
-
-
-def data_root_for(settings, data_root: str | None, run: str):
-    """--data-root, else the data_root setting, else the data root a run folder lies in."""
-    from data_contracts.location import normalize_root
-
-    if data_root:
-        return normalize_root(data_root)
-    if settings.data_root:
-        return settings.resolved_data_root()
-    folder = Path(run).expanduser()
-    if folder.is_dir() and folder.parent.name == "runs":
-        return folder.resolve().parent.parent
-    raise UsageProblem(
-        "give --data-root: the data root the run was trained on (or the run folder's path as RUN)"
-    )
 
 
 def predict_cmd(
@@ -138,15 +123,25 @@ def _label_files(settings, root, run: str, files: list[Path]):
 
 
 def _label_folders(settings, root, run: str, folders: list[Path], profile: str, overrides):
-    """Folders: the predict flow against the data root's Prefect server."""
+    """Folders: the predict flow against the data root's Prefect server, once the run and the
+    folders' videos are found (refused before any server starts)."""
     import pandas as pd
 
-    from flows import server
-    from flows.cli import _connect
     from flows.predict import predict_flow
+    from flows.server_watch import watching
+    from tasks.corpus.layout import is_video, video_extensions
 
-    env = _connect(settings, settings.local_root(root))
-    with server.use_server(env, watch=True):
+    exts = video_extensions(settings.corpus.video_extensions)
+    for folder in folders:
+        if not any(is_video(p, exts) for p in folder.iterdir()):
+            raise UsageProblem(
+                f"folder {folder} holds no videos ({', '.join(sorted(exts))}); give folders of "
+                "videos or video files"
+            )
+    checked_run(settings, root, run)
+
+    env = connect_server(settings, settings.local_root(root))
+    with watching(env):
         out = predict_flow(
             run,
             [str(f) for f in folders],

@@ -8,8 +8,16 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import OVERRIDE, DataRootUrlOpt, ProfileOpt, UsageProblem
-from flows.predict_cli import RunArg
+from flows.cli_common import (
+    OVERRIDE,
+    DataRootUrlOpt,
+    ProfileOpt,
+    RunArg,
+    UsageProblem,
+    checked_run,
+    connect_server,
+    data_root_for,
+)
 
 LevelsOpt = Annotated[
     list[str] | None,
@@ -37,10 +45,7 @@ def robustness_cmd(
     """Score a finished run on corrupted copies of its validation videos: WAF per level and
     classifier, as a table, a plot and files in the run folder (features are extracted once and
     reused)."""
-    from flows import server
-    from flows.cli import _connect
     from flows.config import load_settings
-    from flows.predict_cli import data_root_for
     from tasks.corrupt import CorruptionError, parse_levels
 
     bad = [o for o in overrides or [] if not OVERRIDE.match(o)]
@@ -52,11 +57,13 @@ def robustness_cmd(
         raise UsageProblem(str(e)) from e
     settings = load_settings(profile, overrides or [])
     root = data_root_for(settings, data_root, run)
+    checked_run(settings, root, run)  # refused before a server starts
     from flows.robustness import robustness_flow
+    from flows.server_watch import watching
     from tasks.training.robustness import report_markdown
 
-    env = _connect(settings, settings.local_root(root))
-    with server.use_server(env, watch=True):  # a local server that dies comes back
+    env = connect_server(settings, settings.local_root(root))
+    with watching(env):  # a local server that dies comes back
         out = robustness_flow(
             data_root=str(root),
             run=run,

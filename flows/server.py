@@ -284,10 +284,18 @@ def status(data_root: Path) -> ServerInfo | None:
 _DATABASE_URLS: dict[str, str] = {}
 
 
+def setting_port() -> int:
+    """The prefect.port setting (its default, or MERFLOW_PREFECT__PORT): the one source of the
+    port a server merflow starts listens on when no port is given."""
+    from flows.config import load_settings
+
+    return load_settings("demo").prefect.port
+
+
 def start(
     data_root: Path,
     host: str = "127.0.0.1",
-    port: int = 4200,
+    port: int | None = None,
     auth_string: str | None = None,
     database_url: str | None = None,
     timeout: float = 90.0,
@@ -300,8 +308,11 @@ def start(
     its own process listens on the port and the API there answers as this data root's; a port
     another process takes, before or during the start, moves it to a free port (`port_note`)
     unless `fixed_port`. Beyond loopback it needs PREFECT_SERVER_API_AUTH_STRING.
+    `port` None: the prefect.port setting (setting_port).
     """
     from filelock import FileLock, Timeout
+
+    port = setting_port() if port is None else port
 
     auth_string = auth_string or os.environ.get("PREFECT_SERVER_API_AUTH_STRING")
     if not is_loopback(host) and not auth_string:
@@ -444,29 +455,22 @@ def _terminate(pid: int, timeout: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def use_server(env: dict[str, str], watch: bool = False):
-    """Point this process's Prefect clients at a server for the duration of the block; with
-    `watch`, notice when it dies and start it again, or end the command (flows/server_watch.py).
+def use_server(env: dict[str, str]):
+    """Point this process's Prefect clients at a server for the duration of the block
+    (`flows.server_watch.watching` adds the watch that restarts a local server that dies).
 
     Environment variables alone do not reach a Prefect that was already imported, so the
     same values also go through `temporary_settings`.
     """
     import prefect.settings as ps
 
-    from flows.server_watch import ServerWatch
-
     updates = {getattr(ps, k): v for k, v in env.items() if getattr(ps, k, None) is not None}
     old = {k: os.environ.get(k) for k in env}
-    watcher = ServerWatch(env) if watch else None  # before env: it tells where the URL came from
     os.environ.update(env)
-    if watcher is not None:
-        watcher.start()
     try:
         with ps.temporary_settings(updates=updates):
             yield
     finally:
-        if watcher is not None:
-            watcher.close()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -507,14 +511,14 @@ class Connection:
 
 
 def connect(
-    data_root: Path, api_url: str | None = None, port: int = 4200, host: str = "127.0.0.1"
+    data_root: Path, api_url: str | None = None, port: int | None = None, host: str = "127.0.0.1"
 ) -> Connection:
     """The Prefect API for a data root and its clients' environment, starting the data root's
     server when needed.
 
     Order: an explicit `api_url` (the prefect.api_url setting), then PREFECT_API_URL from the
     environment, then the server running for the data root, then a new one started on `port`
-    (a free port if taken).
+    (None: the prefect.port setting; a free port if taken).
     """
     auth = os.environ.get("PREFECT_API_AUTH_STRING")
     url = api_url or os.environ.get("PREFECT_API_URL")

@@ -1,8 +1,8 @@
 """A running command notices within seconds that its Prefect server is gone.
 
 `ServerWatch` is a thread in the process that runs flows (`merflow extract`, `train`, `demo`,
-`serve`; started by `flows.server.use_server(env, watch=True)`). It asks the server's health
-check every second. When the server stops answering:
+`serve`; started by `watching(env)`, which also points the clients at the server). It asks the
+server's health check every second. When the server stops answering:
 
 * a local server merflow started for the command's data root (its `server.json` still names it
   and its process is gone: it died, it was not stopped) is started again on the same database,
@@ -55,6 +55,18 @@ def exit_now(line: str) -> None:
         except (OSError, psutil.Error):
             pass
     os._exit(1)
+
+
+@contextlib.contextmanager
+def watching(env: dict[str, str]):
+    """`server.use_server(env)` with a ServerWatch on that server for the block."""
+    watcher = ServerWatch(env)  # before env is set: it tells where the URL came from
+    with server.use_server(env):
+        watcher.start()
+        try:
+            yield
+        finally:
+            watcher.close()
 
 
 class ServerWatch(threading.Thread):

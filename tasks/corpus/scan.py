@@ -15,12 +15,10 @@ import pandas as pd
 from data_contracts import tables
 from data_contracts.failures import failure_row, failures_frame
 from data_contracts.store import Store
+from tasks.corpus.layout import POOL_OF_FOLDER, is_video, video_extensions
 from tasks.engine.errors import BadInputError
 
 log = logging.getLogger(__name__)
-
-# MER2024's folder names map to pool names; any other folder is its own pool.
-POOL_OF_FOLDER = {"video-labeled": "labeled", "video-unlabeled": "unlabeled"}
 
 
 @dataclass
@@ -52,16 +50,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def video_extensions(extensions: Collection[str] | None = None) -> set[str]:
-    """The file name endings that count as videos: `extensions`, or by default the setting
-    `corpus.video_extensions`'s default (one list, in flows/config.py); case-insensitive."""
-    if extensions is None:
-        from flows.config import CorpusSettings
-
-        extensions = CorpusSettings().video_extensions
-    return {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-
-
 def list_videos(
     video_dirs: list[Path], extensions: Collection[str] | None = None
 ) -> dict[str, Path]:
@@ -77,7 +65,7 @@ def list_videos(
                 f"video folder {folder} does not exist or is not a folder; pass an existing folder"
             )
         for p in sorted(folder.iterdir()):
-            if p.suffix.lower() in exts and (p.is_file() or p.is_symlink()):
+            if is_video(p, exts):
                 found.setdefault(p.stem, []).append(p)
     clashes = {k: v for k, v in found.items() if len(v) > 1}
     if clashes:
@@ -115,12 +103,14 @@ def scan_videos(
     store: Store,
     extensions: Collection[str] | None = None,
     workers: int = 2,
+    pool: str | None = None,
 ) -> tuple[ScanReport, pd.DataFrame]:
     """Build or update the manifest from `video_dirs`; return the report and the scanned rows.
 
     `extensions`: which files are videos (the setting `corpus.video_extensions`; None: its
-    default). Size + mtime is the cheap first test: an unchanged file is neither hashed nor
-    probed.
+    default). `pool`: every video's pool (a plain folder's: unlabeled); None: its folder's,
+    POOL_OF_FOLDER or the folder's own name. Size + mtime is the cheap first test: an
+    unchanged file is neither hashed nor probed.
     A file whose bytes changed gets a new sha256, so every downstream key changes with it.
     """
     video_dirs = [Path(d).expanduser().resolve() for d in video_dirs]
@@ -141,9 +131,9 @@ def scan_videos(
         )
 
     to_hash = [vid for vid in files if needs_hash(vid)]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as executor:
         digests = dict(
-            zip(to_hash, pool.map(lambda v: sha256_file(files[v]), to_hash), strict=True)
+            zip(to_hash, executor.map(lambda v: sha256_file(files[v]), to_hash), strict=True)
         )
     report.hashed = len(digests)
 
@@ -155,8 +145,8 @@ def scan_videos(
         for vid, digest in digests.items()
         if vid not in old_by_id or old_by_id[vid].sha256 != digest
     ]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        probes = dict(zip(to_probe, pool.map(probe, to_probe), strict=True))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as executor:
+        probes = dict(zip(to_probe, executor.map(probe, to_probe), strict=True))
 
     rows, failures = [], []
     for vid, path in files.items():
@@ -171,7 +161,7 @@ def scan_videos(
             "sha256": digests[vid],
             "path": str(path),
             "source_dir": str(path.parent),
-            "pool": POOL_OF_FOLDER.get(path.parent.name, path.parent.name),
+            "pool": pool or POOL_OF_FOLDER.get(path.parent.name, path.parent.name),
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
             "scanned_at": now,
@@ -212,15 +202,3 @@ _PROBE_COLUMNS = (
     "audio_sample_rate",
     "probe_error",
 )
-
-
-def corpus_video_dirs(corpus_dir: Path, labeled_dir: str, unlabeled_dir: str) -> list[Path]:
-    """The video folders of a MER2024-shaped corpus that exist."""
-    dirs = [Path(corpus_dir) / labeled_dir, Path(corpus_dir) / unlabeled_dir]
-    present = [d for d in dirs if d.is_dir()]
-    if not present:
-        raise BadInputError(
-            f"{corpus_dir} holds neither {labeled_dir}/ nor {unlabeled_dir}/; point merflow at a "
-            f"MER2024-shaped corpus (or create one with `merflow demo-corpus DIR`)"
-        )
-    return present

@@ -29,6 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts.labels import CLASSES, MER2024_TRAIN_COUNTS
+from tasks.corpus.layout import LABELED_DIR, LABELS_CSV, TRANSCRIPTS_CSV, UNLABELED_DIR
 from tasks.demo.media import (
     EXPRESSIONS,
     ClipFormat,
@@ -41,10 +42,6 @@ from tasks.demo.media import (
 
 __all__ = ["CUE_TABLE", "DemoCorpusError", "MissingToolError", "class_counts", "make_demo_corpus"]
 
-LABELED_DIR = "video-labeled"
-UNLABELED_DIR = "video-unlabeled"
-LABELS_CSV = "label-disdim.csv"
-TRANSCRIPTS_CSV = "label-transcription.csv"
 TRUTH_CSV = "demo-truth.csv"
 
 

@@ -89,3 +89,55 @@ def test_scan_takes_the_video_extensions_setting(folder, tmp_path):
     assert report.new == ["sample_00000003"]
     # The default is the setting's default list, which has .mp4 and .mkv and no .txt.
     assert set(list_videos([folder])) == {"sample_00000001", "sample_00000002", "sample_00000003"}
+
+
+def test_the_corpus_names_are_declared_once_and_are_the_settings_defaults():
+    from flows.config import CorpusSettings
+    from tasks.corpus import layout
+
+    c = CorpusSettings()
+    assert (c.labeled_dir, c.unlabeled_dir) == (layout.LABELED_DIR, layout.UNLABELED_DIR)
+    assert (c.labels_csv, c.transcripts_csv) == (layout.LABELS_CSV, layout.TRANSCRIPTS_CSV)
+    assert tuple(c.video_extensions) == layout.VIDEO_EXTENSIONS
+    assert layout.POOL_OF_FOLDER == {"video-labeled": "labeled", "video-unlabeled": "unlabeled"}
+
+
+def test_a_mer_corpus_keeps_its_two_pool_folders(folder, tmp_path):
+    from tasks.corpus.layout import corpus_layout
+
+    (folder.parent / "loose.mp4").write_bytes(b"")  # beside the pool folders: not scanned
+    found = corpus_layout(folder.parent)
+    assert found.video_dirs == [folder.resolve()] and not found.plain
+    assert found.pool is None and found.note() == ""
+
+
+def test_a_plain_folder_is_a_corpus_of_unlabelled_videos(folder, tmp_path):
+    from tasks.corpus.layout import corpus_layout
+
+    flat = tmp_path / "clips"
+    flat.mkdir()
+    for p in folder.iterdir():
+        (flat / p.name).write_bytes(p.read_bytes())
+    (flat / "notes.txt").write_text("not a video")
+    found = corpus_layout(flat)
+    assert found.plain and found.video_dirs == [flat.resolve()] and found.n_videos == 2
+    assert found.note() == (
+        f"{flat.resolve()} has no video-labeled/ or video-unlabeled/: its 2 videos are treated "
+        "as unlabelled"
+    )
+    store = Store(tmp_path / "root")
+    scan_videos(found.video_dirs, store, pool=found.pool)
+    m = store.read(tables.MANIFEST)
+    assert set(m.video_id) == {"sample_00000001", "sample_00000002"}  # the file stems
+    assert set(m.pool) == {"unlabeled"}
+
+
+def test_a_missing_or_video_less_corpus_is_refused(tmp_path):
+    from tasks.corpus.layout import CorpusError, corpus_layout
+
+    with pytest.raises(CorpusError, match="does not exist"):
+        corpus_layout(tmp_path / "nowhere")
+    (tmp_path / "notes.txt").write_text("not a video")
+    with pytest.raises(CorpusError, match="holds no videos"):
+        corpus_layout(tmp_path)
+    assert isinstance(CorpusError("x"), ValueError)  # exit 2 under the command line's rule

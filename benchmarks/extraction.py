@@ -125,7 +125,7 @@ def ensure_corpus(out: Path, n: int, seed: int) -> tuple[Path, float | None]:
     if (folder / TRUTH_CSV).exists() and len(list(folder.rglob("*.mp4"))) == n:
         return folder, None
     t0 = time.perf_counter()
-    made = make_demo_corpus(folder, n_labeled=n, n_unlabeled=0, seed=seed, overwrite=True)
+    made = make_demo_corpus(folder, n_labelled=n, n_unlabelled=0, seed=seed, overwrite=True)
     return made.root, time.perf_counter() - t0
 
 

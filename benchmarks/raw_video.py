@@ -115,7 +115,7 @@ def main() -> None:
 
             t0 = time.perf_counter()
             made = make_demo_corpus(
-                Path(tmp), n_labeled=args.n, n_unlabeled=0, size=args.size, fps=args.clip_fps
+                Path(tmp), n_labelled=args.n, n_unlabelled=0, size=args.size, fps=args.clip_fps
             )
             corpus = made.root
             print(f"generated {args.n} demo clips in {time.perf_counter() - t0:.1f} s")

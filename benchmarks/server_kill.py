@@ -40,7 +40,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="server-kill-"))
     corpus, root, models = tmp / "corpus", tmp / "root", tmp / "models"
-    make_demo_corpus(corpus, n_labeled=args.clips // 2, n_unlabeled=args.clips // 2, seed=3)
+    make_demo_corpus(corpus, n_labelled=args.clips // 2, n_unlabelled=args.clips // 2, seed=3)
     build_tiny_models(models, seed=0)
     env = {**os.environ, "PYTHONPATH": str(args.repo), "MERFLOW_STATE_DIR": str(tmp / "state")}
     env.pop("PREFECT_API_URL", None)

@@ -218,7 +218,7 @@ def main() -> None:
     corpus = args.out / "corpus"
     t = time.perf_counter()
     if not (corpus / "label-disdim.csv").exists():
-        make_demo_corpus(corpus, n_labeled=args.labeled, n_unlabeled=args.unlabeled, seed=0)
+        make_demo_corpus(corpus, n_labelled=args.labelled, n_unlabelled=args.unlabelled, seed=0)
     corpus_s = time.perf_counter() - t
     build_tiny_models(args.out / "models", seed=0)
     data_root = args.out / "data"

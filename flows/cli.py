@@ -68,14 +68,14 @@ def config_cmd(profile: ProfileOpt = "demo", overrides: Overrides = None) -> Non
 @app.command("demo-corpus")
 def demo_corpus_cmd(
     out_dir: Annotated[Path, typer.Argument(help="folder to write the corpus into")],
-    labeled: Annotated[int, typer.Option(help="labelled clips")] = 60,
-    unlabeled: Annotated[int, typer.Option(help="unlabelled clips")] = 120,
+    labelled: Annotated[int, typer.Option(help="labelled clips")] = 60,
+    unlabelled: Annotated[int, typer.Option(help="unlabelled clips")] = 120,
     seed: Annotated[int, typer.Option(help="random seed (same seed, same corpus)")] = 0,
 ) -> None:
     """Write a small MER2024-shaped corpus with real faces, Chinese speech and transcripts."""
     from tasks.demo.corpus import make_demo_corpus
 
-    corpus = make_demo_corpus(out_dir, n_labeled=labeled, n_unlabeled=unlabeled, seed=seed)
+    corpus = make_demo_corpus(out_dir, n_labelled=labelled, n_unlabelled=unlabelled, seed=seed)
     typer.echo(f"demo corpus: {corpus}")
 
 
@@ -216,8 +216,8 @@ def demo_cmd(
     out_dir: Annotated[
         Path, typer.Option("--out", help="where the corpus and data root go")
     ] = Path("demo-run"),
-    labeled: Annotated[int, typer.Option(help="labelled clips")] = 60,
-    unlabeled: Annotated[int, typer.Option(help="unlabelled clips")] = 120,
+    labelled: Annotated[int, typer.Option(help="labelled clips")] = 60,
+    unlabelled: Annotated[int, typer.Option(help="unlabelled clips")] = 120,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     serve: Annotated[
         bool,
@@ -231,7 +231,7 @@ def demo_cmd(
     settings = _settings("demo", overrides)
     corpus_dir = (out_dir / "corpus").resolve()
     if not (corpus_dir / settings.corpus.labels_csv).exists():
-        make_demo_corpus(corpus_dir, n_labeled=labeled, n_unlabeled=unlabeled, seed=seed)
+        make_demo_corpus(corpus_dir, n_labelled=labelled, n_unlabelled=unlabelled, seed=seed)
     root = settings.resolved_data_root(corpus_dir)
     env = _connect(settings, settings.local_root(root))
     _run_extract(corpus_dir, settings, "demo", overrides, None, env=env)

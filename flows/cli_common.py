@@ -96,7 +96,7 @@ def checked_corpus(corpus_dir: Path, settings: Settings) -> CorpusLayout:
 
     c = settings.corpus
     try:
-        found = corpus_layout(corpus_dir, c.labeled_dir, c.unlabeled_dir, c.video_extensions)
+        found = corpus_layout(corpus_dir, c.labelled_dir, c.unlabelled_dir, c.video_extensions)
     except CorpusError as e:
         raise UsageProblem(str(e)) from e
     return found
@@ -154,7 +154,7 @@ def run_flow(
     if corpus_dir is not None:
         found = checked_corpus(corpus_dir, settings)
         if found.plain:  # one line: the videos are taken as unlabelled
-            typer.echo(found.note(settings.corpus.labeled_dir, settings.corpus.unlabeled_dir))
+            typer.echo(found.note(settings.corpus.labelled_dir, settings.corpus.unlabelled_dir))
     root = normalize_root(data_root) if data_root else settings.resolved_data_root(corpus_dir)
     # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
     env = env or connect_server(settings, settings.local_root(root))

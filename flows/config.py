@@ -62,8 +62,8 @@ class CorpusSettings(_Section):
     a folder without the two video folders is a plain folder of unlabelled videos. The
     defaults are declared in tasks/corpus/layout.py."""
 
-    labeled_dir: str = layout.LABELED_DIR
-    unlabeled_dir: str = layout.UNLABELED_DIR
+    labelled_dir: str = layout.LABELLED_DIR
+    unlabelled_dir: str = layout.UNLABELLED_DIR
     labels_csv: str = layout.LABELS_CSV
     transcripts_csv: str = layout.TRANSCRIPTS_CSV
     video_extensions: list[str] = Field(default_factory=lambda: list(layout.VIDEO_EXTENSIONS))

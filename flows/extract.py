@@ -106,8 +106,8 @@ def _resolve_corpus(corpus_dir: str, settings: Settings, video_dirs: list[str] |
     if video_dirs:
         return corpus, [Path(d).expanduser().resolve() for d in video_dirs], None, ""
     c = settings.corpus
-    found = corpus_layout(corpus, c.labeled_dir, c.unlabeled_dir, c.video_extensions)
-    return corpus, found.video_dirs, found.pool, found.note(c.labeled_dir, c.unlabeled_dir)
+    found = corpus_layout(corpus, c.labelled_dir, c.unlabelled_dir, c.video_extensions)
+    return corpus, found.video_dirs, found.pool, found.note(c.labelled_dir, c.unlabelled_dir)
 
 
 def stage_tasks(settings: Settings) -> dict[str, Any]:

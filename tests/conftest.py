@@ -40,7 +40,7 @@ def small_corpus(tmp_path_factory) -> Path:
     from tasks.demo.corpus import make_demo_corpus
 
     out = tmp_path_factory.mktemp("corpus") / "corpus"
-    make_demo_corpus(out, n_labeled=12, n_unlabeled=6, seed=7)
+    make_demo_corpus(out, n_labelled=12, n_unlabelled=6, seed=7)
     return out
 
 

@@ -12,17 +12,17 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-LABELED_DIR = "video-labeled"
-UNLABELED_DIR = "video-unlabeled"
+LABELLED_DIR = "video-labeled"
+UNLABELLED_DIR = "video-unlabeled"
 LABELS_CSV = "label-disdim.csv"
 TRANSCRIPTS_CSV = "label-transcription.csv"
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv")
 
 # The manifest's pool of a video: MER2024's folder names map to these; a plain folder's videos
 # are all UNLABELED_POOL; any other folder scanned (`merflow scan DIR`) is its own pool.
-LABELED_POOL = "labeled"
-UNLABELED_POOL = "unlabeled"
-POOL_OF_FOLDER = {LABELED_DIR: LABELED_POOL, UNLABELED_DIR: UNLABELED_POOL}
+LABELLED_POOL = "labeled"
+UNLABELLED_POOL = "unlabeled"
+POOL_OF_FOLDER = {LABELLED_DIR: LABELLED_POOL, UNLABELLED_DIR: UNLABELLED_POOL}
 
 
 class CorpusError(ValueError):
@@ -54,22 +54,22 @@ class CorpusLayout:
     @property
     def pool(self) -> str | None:
         """The pool of every scanned video (None: each folder's own, POOL_OF_FOLDER)."""
-        return UNLABELED_POOL if self.plain else None
+        return UNLABELLED_POOL if self.plain else None
 
-    def note(self, labeled_dir: str = LABELED_DIR, unlabeled_dir: str = UNLABELED_DIR) -> str:
+    def note(self, labelled_dir: str = LABELLED_DIR, unlabelled_dir: str = UNLABELLED_DIR) -> str:
         """One line for people when the folder is plain ("" otherwise)."""
         if not self.plain:
             return ""
         return (
-            f"{self.corpus} has no {labeled_dir}/ or {unlabeled_dir}/: its {self.n_videos} "
+            f"{self.corpus} has no {labelled_dir}/ or {unlabelled_dir}/: its {self.n_videos} "
             "videos are treated as unlabelled"
         )
 
 
 def corpus_layout(
     corpus_dir: str | Path,
-    labeled_dir: str = LABELED_DIR,
-    unlabeled_dir: str = UNLABELED_DIR,
+    labelled_dir: str = LABELLED_DIR,
+    unlabelled_dir: str = UNLABELLED_DIR,
     extensions: Collection[str] | None = None,
 ) -> CorpusLayout:
     """The corpus's video folders: those of `labeled_dir`/`unlabeled_dir` that exist, else the
@@ -83,7 +83,7 @@ def corpus_layout(
             f"corpus folder {corpus_dir} does not exist; give a folder of videos or a "
             "MER2024-shaped corpus (`merflow demo-corpus DIR` creates one)"
         )
-    pools = [corpus / labeled_dir, corpus / unlabeled_dir]
+    pools = [corpus / labelled_dir, corpus / unlabelled_dir]
     present = [d for d in pools if d.is_dir()]
     if present:
         return CorpusLayout(corpus, present)
@@ -92,7 +92,7 @@ def corpus_layout(
     if not n:
         raise CorpusError(
             f"corpus folder {corpus_dir} holds no videos ({', '.join(sorted(exts))}) and "
-            f"neither {labeled_dir}/ nor {unlabeled_dir}/; give a folder of videos or a "
+            f"neither {labelled_dir}/ nor {unlabelled_dir}/; give a folder of videos or a "
             "MER2024-shaped corpus (`merflow demo-corpus DIR` creates one)"
         )
     return CorpusLayout(corpus, [corpus], plain=True, n_videos=n)

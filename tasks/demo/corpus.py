@@ -29,7 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_contracts.labels import CLASSES, MER2024_TRAIN_COUNTS
-from tasks.corpus.layout import LABELED_DIR, LABELS_CSV, TRANSCRIPTS_CSV, UNLABELED_DIR
+from tasks.corpus.layout import LABELLED_DIR, LABELS_CSV, TRANSCRIPTS_CSV, UNLABELLED_DIR
 from tasks.demo.media import (
     EXPRESSIONS,
     ClipFormat,
@@ -145,15 +145,15 @@ class DemoCorpus:
     """Paths and counts of a generated demo corpus."""
 
     root: Path
-    labeled_dir: Path
-    unlabeled_dir: Path
+    labelled_dir: Path
+    unlabelled_dir: Path
     labels_csv: Path
     transcripts_csv: Path
     truth_csv: Path
-    n_labeled: int
-    n_unlabeled: int
-    labeled_counts: dict[str, int]
-    unlabeled_counts: dict[str, int]
+    n_labelled: int
+    n_unlabelled: int
+    labelled_counts: dict[str, int]
+    unlabelled_counts: dict[str, int]
     clips: tuple[DemoClip, ...] = field(repr=False)  # one line per clip: too long to print
     seed: int
     seconds: float
@@ -206,16 +206,16 @@ def draw_cues(label: str, rng: np.random.Generator) -> Cues:
     return Cues(**shown)
 
 
-def plan_corpus(n_labeled: int, n_unlabeled: int, seed: int) -> list[ClipSpec]:
+def plan_corpus(n_labelled: int, n_unlabelled: int, seed: int) -> list[ClipSpec]:
     """Draw every clip's class, cues and variation from one seeded generator."""
     rng = np.random.default_rng(seed)
     labels = {}
-    for pool, n in (("labeled", n_labeled), ("unlabeled", n_unlabeled)):
+    for pool, n in (("labeled", n_labelled), ("unlabeled", n_unlabelled)):
         pool_labels = [c for c, k in class_counts(n).items() for _ in range(k)]
         labels[pool] = [pool_labels[i] for i in rng.permutation(n)]
     # MER ids interleave the pools; so do ours, so that no code may assume contiguous ranges.
-    ids = rng.permutation(n_labeled + n_unlabeled) + 1
-    pools = ["labeled"] * n_labeled + ["unlabeled"] * n_unlabeled
+    ids = rng.permutation(n_labelled + n_unlabelled) + 1
+    pools = ["labeled"] * n_labelled + ["unlabeled"] * n_unlabelled
     classes = labels["labeled"] + labels["unlabeled"]
     specs = []
     for sample_id, pool, label in zip(ids, pools, classes, strict=True):
@@ -270,11 +270,11 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     tmp.replace(path)
 
 
-def _check_params(n_labeled: int, n_unlabeled: int, fmt: ClipFormat) -> None:
+def _check_params(n_labelled: int, n_unlabelled: int, fmt: ClipFormat) -> None:
     size, fps, min_s, max_s = fmt.size, fmt.fps, fmt.min_seconds, fmt.max_seconds
-    if n_labeled < 0 or n_unlabeled < 0 or n_labeled + n_unlabeled == 0:
+    if n_labelled < 0 or n_unlabelled < 0 or n_labelled + n_unlabelled == 0:
         raise DemoCorpusError(
-            f"need a positive number of clips, got labeled={n_labeled} unlabeled={n_unlabeled}"
+            f"need a positive number of clips, got labeled={n_labelled} unlabeled={n_unlabelled}"
         )
     if not 224 <= size <= 320 or size % 2:
         # Below 224 px the face drops under ~100 px and dlib's HOG detector starts missing it.
@@ -288,7 +288,7 @@ def _check_params(n_labeled: int, n_unlabeled: int, fmt: ClipFormat) -> None:
 
 
 def _clear_outputs(root: Path, overwrite: bool) -> None:
-    names = (LABELED_DIR, UNLABELED_DIR, LABELS_CSV, TRANSCRIPTS_CSV, TRUTH_CSV)
+    names = (LABELLED_DIR, UNLABELLED_DIR, LABELS_CSV, TRANSCRIPTS_CSV, TRUTH_CSV)
     existing = [root / n for n in names if (root / n).exists()]
     if existing and not overwrite:
         raise DemoCorpusError(
@@ -304,8 +304,8 @@ def _clear_outputs(root: Path, overwrite: bool) -> None:
 
 def make_demo_corpus(
     out_dir: Path,
-    n_labeled: int = 60,
-    n_unlabeled: int = 120,
+    n_labelled: int = 60,
+    n_unlabelled: int = 120,
     seed: int = 0,
     *,
     size: int = 256,
@@ -318,15 +318,15 @@ def make_demo_corpus(
     """Write a MER2024-shaped corpus of generated clips under out_dir; same seed, same corpus."""
     started = time.perf_counter()
     fmt = ClipFormat(size, fps, min_seconds, max_seconds)
-    _check_params(n_labeled, n_unlabeled, fmt)
+    _check_params(n_labelled, n_unlabelled, fmt)
     tools = require_tools()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     _clear_outputs(root, overwrite)
-    dirs = {"labeled": root / LABELED_DIR, "unlabeled": root / UNLABELED_DIR}
+    dirs = {"labeled": root / LABELLED_DIR, "unlabeled": root / UNLABELLED_DIR}
     for d in dirs.values():
         d.mkdir()
-    specs = plan_corpus(n_labeled, n_unlabeled, seed)
+    specs = plan_corpus(n_labelled, n_unlabelled, seed)
     workers = workers or min(2, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [
@@ -334,8 +334,8 @@ def make_demo_corpus(
         ]
         clips = sorted((f.result() for f in futures), key=lambda c: c.name)
     # CSVs last: a crash leaves videos without labels, never labels without videos.
-    labeled = [c for c in clips if c.pool == "labeled"]
-    _write_csv(root / LABELS_CSV, ["name", "discrete"], [[c.name, c.label] for c in labeled])
+    labelled = [c for c in clips if c.pool == "labeled"]
+    _write_csv(root / LABELS_CSV, ["name", "discrete"], [[c.name, c.label] for c in labelled])
     _write_csv(root / TRANSCRIPTS_CSV, ["name", "chinese"], [[c.name, c.transcript] for c in clips])
     _write_csv(
         root / TRUTH_CSV, ["name", "discrete", "pool"], [[c.name, c.label, c.pool] for c in clips]
@@ -347,15 +347,15 @@ def make_demo_corpus(
 
     return DemoCorpus(
         root=root,
-        labeled_dir=dirs["labeled"],
-        unlabeled_dir=dirs["unlabeled"],
+        labelled_dir=dirs["labeled"],
+        unlabelled_dir=dirs["unlabeled"],
         labels_csv=root / LABELS_CSV,
         transcripts_csv=root / TRANSCRIPTS_CSV,
         truth_csv=root / TRUTH_CSV,
-        n_labeled=n_labeled,
-        n_unlabeled=n_unlabeled,
-        labeled_counts=counts("labeled"),
-        unlabeled_counts=counts("unlabeled"),
+        n_labelled=n_labelled,
+        n_unlabelled=n_unlabelled,
+        labelled_counts=counts("labeled"),
+        unlabelled_counts=counts("unlabeled"),
         clips=tuple(clips),
         seed=seed,
         seconds=time.perf_counter() - started,

@@ -21,13 +21,12 @@ from data_contracts.contracts import META_CONTRACT, META_VERSION, feature_contra
 from data_contracts.labels import MODALITIES
 from data_contracts.store import Store
 from data_contracts.tables import NO_VIDEO, TableRef
+from tasks.corpus.layout import LABELLED_POOL, UNLABELLED_POOL
 from tasks.dag import FEATURE_STAGE, chain
 
 log = logging.getLogger(__name__)
 
 LEVELS = ("error", "warning", "info")
-LABELLED_POOL = "labeled"
-UNLABELLED_POOL = "unlabeled"  # of a feature-only video without a label (MER's folder name)
 REPORT = "reports/check.md"
 # Where a modality's missing row is explained: its own stage, then the stages it reads from.
 UPSTREAM = {m: (*reversed(chain(stage)), "probe") for m, stage in FEATURE_STAGE.items()}

@@ -42,7 +42,7 @@ def extracted(prefect_server, tiny_models, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("ablate")
     corpus, root = base / "corpus", base / "root"
-    make_demo_corpus(corpus, n_labeled=36, n_unlabeled=12, seed=5)
+    make_demo_corpus(corpus, n_labelled=36, n_unlabelled=12, seed=5)
     models = [f"models.models_dir={tiny_models}", "models.build_tiny=false"]
     extract_flow(str(corpus), profile="demo", data_root=str(root), overrides=models)
     return corpus, root, [*models, *TINY]

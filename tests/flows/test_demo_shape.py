@@ -17,7 +17,7 @@ from tasks.training.steps import train_in_process
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # One corpus, extracted once; smaller and faster than the demo's (60 + 120 clips, 3 folds).
-N_LABELED, N_UNLABELED, CORPUS_SEED = 48, 24, 3
+N_LABELLED, N_UNLABELLED, CORPUS_SEED = 48, 24, 3
 FAST = ["train.n_splits=2", "train.pretrain_epochs=2"]
 SINGLE = ("A", "V", "T")
 
@@ -29,7 +29,7 @@ def demo(prefect_server, tiny_models, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("shape")
     corpus = base / "corpus"
-    make_demo_corpus(corpus, n_labeled=N_LABELED, n_unlabeled=N_UNLABELED, seed=CORPUS_SEED)
+    make_demo_corpus(corpus, n_labelled=N_LABELLED, n_unlabelled=N_UNLABELLED, seed=CORPUS_SEED)
     overrides = [f"models.models_dir={tiny_models}", "models.build_tiny=false"]
     extract_flow(str(corpus), profile="demo", data_root=str(base / "root"), overrides=overrides)
     return training_context(str(base / "root"), "demo", [*overrides, *FAST], str(corpus))

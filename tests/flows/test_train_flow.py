@@ -34,7 +34,7 @@ def extracted(prefect_server, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("train")
     corpus = base / "corpus"
-    make_demo_corpus(corpus, n_labeled=48, n_unlabeled=24, seed=11)
+    make_demo_corpus(corpus, n_labelled=48, n_unlabelled=24, seed=11)
     models = base / "models"
     build_tiny_models(models, seed=0)
     overrides = [f"models.models_dir={models}", "models.build_tiny=false"]

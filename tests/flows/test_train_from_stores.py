@@ -79,7 +79,7 @@ def test_train_on_imported_mertools_features_without_a_corpus_folder(prefect_ser
     from tasks.demo.corpus import make_demo_corpus
 
     corpus, root = tmp_path / "corpus", tmp_path / "root"
-    make_demo_corpus(corpus, n_labeled=36, n_unlabeled=12, seed=5)
+    make_demo_corpus(corpus, n_labelled=36, n_unlabelled=12, seed=5)
     videos = [str(corpus / "video-labeled"), str(corpus / "video-unlabeled")]
     _merflow("scan", *videos, "--data-root", str(root))  # hashes and probes only
     truth = pd.read_csv(corpus / "demo-truth.csv")

@@ -24,22 +24,22 @@ NON_ASCII = "样本_情绪 ü"
 def bad_corpus(small_corpus, tmp_path):
     """Four good labelled clips; an unlabelled folder of broken files and one non-ASCII name."""
     root = tmp_path / "corpus"
-    labeled, unlabeled = root / "video-labeled", root / "video-unlabeled"
-    labeled.mkdir(parents=True)
-    unlabeled.mkdir()
+    labelled, unlabelled = root / "video-labeled", root / "video-unlabeled"
+    labelled.mkdir(parents=True)
+    unlabelled.mkdir()
     good = sorted((small_corpus / "video-labeled").glob("*.mp4"))[:4]
     for f in good:
-        shutil.copy(f, labeled / f.name)
+        shutil.copy(f, labelled / f.name)
     labels = pd.read_csv(small_corpus / "label-disdim.csv", dtype=str)
     labels[labels.name.isin([f.stem for f in good])].to_csv(root / "label-disdim.csv", index=False)
-    shutil.copy(good[0], unlabeled / f"{NON_ASCII}.mp4")
-    badmedia.zero_byte(unlabeled / "bad_zero.mp4")
-    badmedia.text_as_mp4(unlabeled / "bad_text.mp4")
-    badmedia.truncated(good[1], unlabeled / "bad_truncated.mp4", keep=0.5)
-    badmedia.face_clip(unlabeled / "bad_noaudio.mp4", seconds=1.0, rate=5, audio=False)
-    badmedia.audio_only(unlabeled / "bad_novideo.mp4")
-    badmedia.one_frame(unlabeled / "bad_oneframe.mp4")
-    badmedia.testsrc_clip(unlabeled / "bad_noface.mp4", seconds=1.0, rate=5)
+    shutil.copy(good[0], unlabelled / f"{NON_ASCII}.mp4")
+    badmedia.zero_byte(unlabelled / "bad_zero.mp4")
+    badmedia.text_as_mp4(unlabelled / "bad_text.mp4")
+    badmedia.truncated(good[1], unlabelled / "bad_truncated.mp4", keep=0.5)
+    badmedia.face_clip(unlabelled / "bad_noaudio.mp4", seconds=1.0, rate=5, audio=False)
+    badmedia.audio_only(unlabelled / "bad_novideo.mp4")
+    badmedia.one_frame(unlabelled / "bad_oneframe.mp4")
+    badmedia.testsrc_clip(unlabelled / "bad_noface.mp4", seconds=1.0, rate=5)
     return root
 
 

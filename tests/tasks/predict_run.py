@@ -43,7 +43,7 @@ def predict_run(small_corpus: Path, tiny_models: Path, tmp_path_factory) -> Pred
     extract_flow(str(small_corpus), profile="demo", data_root=str(root), overrides=overrides)
     report = train_flow(str(small_corpus), "demo", str(root), overrides)
     fresh = base / "fresh-corpus"
-    make_demo_corpus(fresh, n_labeled=0, n_unlabeled=3, seed=23)
+    make_demo_corpus(fresh, n_labelled=0, n_unlabelled=3, seed=23)
     clips = sorted((fresh / "video-unlabeled").glob("*.mp4"))
     new = base / "new-clips"
     new.mkdir()

@@ -34,14 +34,16 @@ from tasks.demo.corpus import (
     plan_corpus,
 )
 
-N_LABELED, N_UNLABELED, SEED = 12, 6, 7
+N_LABELLED, N_UNLABELLED, SEED = 12, 6, 7
 SMALL = {"min_seconds": 2.0, "max_seconds": 2.0}
 MODALITIES = tuple(CUE_STATES)  # voice, words, face
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
-    return make_demo_corpus(tmp_path_factory.mktemp("demo"), N_LABELED, N_UNLABELED, SEED, **SMALL)
+    return make_demo_corpus(
+        tmp_path_factory.mktemp("demo"), N_LABELLED, N_UNLABELLED, SEED, **SMALL
+    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -68,13 +70,13 @@ def haar_faces(frame: np.ndarray) -> np.ndarray:
 def test_files_and_csvs_agree(corpus: DemoCorpus) -> None:
     truth = read_csv(corpus.truth_csv)
     names = [r["name"] for r in truth]
-    assert len(names) == len(set(names)) == N_LABELED + N_UNLABELED
+    assert len(names) == len(set(names)) == N_LABELLED + N_UNLABELLED
     assert all(re.fullmatch(r"sample_\d{8}", n) for n in names)
     assert {r["discrete"] for r in truth} <= set(CLASSES)
     for r in truth:
-        folder = corpus.labeled_dir if r["pool"] == "labeled" else corpus.unlabeled_dir
+        folder = corpus.labelled_dir if r["pool"] == "labeled" else corpus.unlabelled_dir
         assert (folder / f"{r['name']}.mp4").is_file()
-    on_disk = {p.stem for d in (corpus.labeled_dir, corpus.unlabeled_dir) for p in d.iterdir()}
+    on_disk = {p.stem for d in (corpus.labelled_dir, corpus.unlabelled_dir) for p in d.iterdir()}
     assert on_disk == set(names)  # no stray or partial files
     labels = read_csv(corpus.labels_csv)
     assert list(labels[0]) == ["name", "discrete"]
@@ -84,8 +86,8 @@ def test_files_and_csvs_agree(corpus: DemoCorpus) -> None:
     transcripts = read_csv(corpus.transcripts_csv)
     assert list(transcripts[0]) == ["name", "chinese"]
     assert [r["name"] for r in transcripts] == names
-    assert corpus.labeled_counts == class_counts(N_LABELED)
-    assert corpus.unlabeled_counts == class_counts(N_UNLABELED)
+    assert corpus.labelled_counts == class_counts(N_LABELLED)
+    assert corpus.unlabelled_counts == class_counts(N_UNLABELLED)
 
 
 def test_class_counts_follow_mer_imbalance() -> None:
@@ -230,7 +232,7 @@ def test_audio_has_speech(corpus: DemoCorpus) -> None:
 
 
 def test_same_seed_same_corpus(corpus: DemoCorpus, tmp_path: Path) -> None:
-    again = make_demo_corpus(tmp_path, N_LABELED, N_UNLABELED, SEED, workers=1, **SMALL)
+    again = make_demo_corpus(tmp_path, N_LABELLED, N_UNLABELLED, SEED, workers=1, **SMALL)
     for name in ("labels_csv", "transcripts_csv", "truth_csv"):
         assert getattr(again, name).read_bytes() == getattr(corpus, name).read_bytes()
     for a, b in zip(corpus.clips, again.clips, strict=True):
@@ -260,14 +262,14 @@ def test_existing_corpus_needs_overwrite(corpus: DemoCorpus, tmp_path: Path) -> 
     make_demo_corpus(tmp_path, 2, 1, **SMALL)
     again = make_demo_corpus(tmp_path, 1, 0, overwrite=True, **SMALL)
     assert len(read_csv(again.truth_csv)) == 1
-    assert len(list(again.unlabeled_dir.iterdir())) == 0
+    assert len(list(again.unlabelled_dir.iterdir())) == 0
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only the corpus's own files go
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"n_labeled": 0, "n_unlabeled": 0}, "positive number of clips"),
+        ({"n_labelled": 0, "n_unlabelled": 0}, "positive number of clips"),
         ({"size": 128}, "frame size"),
         ({"fps": 60}, "fps"),
         ({"min_seconds": 3.0, "max_seconds": 2.0}, "min_seconds"),

@@ -96,7 +96,7 @@ def test_the_corpus_names_are_declared_once_and_are_the_settings_defaults():
     from tasks.corpus import layout
 
     c = CorpusSettings()
-    assert (c.labeled_dir, c.unlabeled_dir) == (layout.LABELED_DIR, layout.UNLABELED_DIR)
+    assert (c.labelled_dir, c.unlabelled_dir) == (layout.LABELLED_DIR, layout.UNLABELLED_DIR)
     assert (c.labels_csv, c.transcripts_csv) == (layout.LABELS_CSV, layout.TRANSCRIPTS_CSV)
     assert tuple(c.video_extensions) == layout.VIDEO_EXTENSIONS
     assert layout.POOL_OF_FOLDER == {"video-labeled": "labeled", "video-unlabeled": "unlabeled"}

@@ -73,15 +73,16 @@ from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 
-from train_synthetic import make_synthetic, standardized
+from train_synthetic import make_synthetic, zscored
 
 from data_contracts.labels import CLASSES, MER2024_TRAIN_COUNTS, MODALITIES
 from flows.config import load_settings
 from models.baseline import BaselineNet
+from models.metrics import reference_wafs, waf
 from models.mrccl import PAPER_DIMS
 from models.recipe import RecipeConfig, _fold_cfg, recipe_from_settings
 from models.selftrain import STEP1_TARGETS, STEP2_TARGETS
-from models.training import predict, reference_wafs, train_baseline, waf
+from models.training import predict, train_baseline
 from tasks.training.data import TrainingData
 from tasks.training.steps import freeze_run, load_fold, run_step, step_names
 
@@ -474,7 +475,7 @@ def main() -> None:
             n_unl = round(args.unlabelled_ratio * n)
             labelled, unlabelled, truth = make_synthetic(counts, n_unl, seed, dims)
             if standardize:  # the train flow's inputs are z-scored before any step
-                labelled, unlabelled = standardized(labelled, unlabelled)
+                labelled, unlabelled = zscored(labelled, unlabelled)
             data = TrainingData(
                 labelled, unlabelled, extractor_ids={m: "synth" for m in MODALITIES}
             )

@@ -150,7 +150,7 @@ def main() -> None:
     load_s = time.perf_counter() - started
     print(f"rows {args.rows} ({len(data.labelled)} labelled), store {size:.0f} MiB on disk")
     print(f"write through the Store in shards of {args.shard}: {write_s:.1f} s")
-    print(f"load into tensors (join, masks, standardise): {load_s:.2f} s")
+    print(f"load into tensors (join, masks, z-score): {load_s:.2f} s")
     print(f"peak RSS: {_peak_mib():.0f} MiB (before load {before:.0f} MiB)")
     from tasks.training.data import with_folds
     from tasks.training.inputs import save_inputs

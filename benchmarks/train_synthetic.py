@@ -44,23 +44,17 @@ from flows.config import load_settings
 from models.baseline import BaselineConfig, BaselineNet
 from models.distributed import World, barrier, init_from_env, local_device, shutdown
 from models.featureset import FeatureSet, as_index_tensor, take, to_tensors
+from models.losses import fine_tune_loss, pretrain_loss
+from models.metrics import waf
 from models.mrccl import MRCCL, PAPER_DIMS, MRCCLConfig
 from models.recipe import recipe_from_settings
 from models.selftrain import STEP1_TARGETS, STEP2_TARGETS
 from models.settings import TrainSettings
-from models.training import (
-    TrainConfig,
-    fine_tune,
-    fine_tune_loss,
-    predict,
-    pretrain,
-    pretrain_loss,
-    train_baseline,
-    waf,
-)
+from models.training import TrainConfig, fine_tune, predict, pretrain, train_baseline
 from tasks.training.ablate_report import BASELINE, SYSTEMS, System
-from tasks.training.data import TrainingData, standardize
-from tasks.training.steps import load_fold, train_in_process
+from tasks.training.data import TrainingData, zscore
+from tasks.training.report import train_in_process
+from tasks.training.steps import load_fold
 
 
 @dataclass
@@ -139,11 +133,11 @@ def make_synthetic(
     return labelled, unlabelled.with_labels(np.full(n_unlabelled, -1)), hidden_truth
 
 
-def standardized(labelled: FeatureSet, unlabelled: FeatureSet) -> tuple[FeatureSet, FeatureSet]:
+def zscored(labelled: FeatureSet, unlabelled: FeatureSet) -> tuple[FeatureSet, FeatureSet]:
     """Both sets z-scored per modality over every present row with the train flow's own code
-    (tasks/train_data.standardize; train.standardize, docs/method.md §3)."""
+    (tasks/training/data.py zscore; train.standardize, docs/method.md §3)."""
     both = FeatureSet.concat([labelled, unlabelled])
-    standardize(both.features, both.present)  # in place, on the concatenated copy
+    zscore(both.features, both.present)  # in place, on the concatenated copy
     n = len(labelled)
     return both.subset(np.arange(n)), both.subset(np.arange(n, len(both)))
 
@@ -199,7 +193,7 @@ def compare(args: argparse.Namespace) -> None:
     only = {int(i) for i in args.only.split(",")} if args.only else None
     runs = systems(bench_overrides(args))
     if runs[0][1].standardize:  # the train flow's inputs are z-scored before any step
-        labelled, unlabelled = standardized(labelled, unlabelled)
+        labelled, unlabelled = zscored(labelled, unlabelled)
     data = TrainingData(labelled, unlabelled, extractor_ids={m: "synthetic" for m in MODALITIES})
     work = Path(tempfile.mkdtemp(prefix="train-synthetic-"))
     rows = []

@@ -42,14 +42,8 @@ from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
 from models.settings import available_cpus
 from models.training import EPOCH_RECORD, PROGRESS_RECORD, BatchProgress, EpochReport
 from tasks.engine.gpu_slots import CpuClaim, cpu_cores, gpu_slot
-from tasks.stores.quality import (
-    named_feature_tables,
-    quality_mask,
-    quality_signals,
-    quality_thresholds,
-    stored_table_choice,
-)
-from tasks.training.data import load_training_data, mask_modalities
+from tasks.stores.quality import named_feature_tables, quality_thresholds, stored_table_choice
+from tasks.training.data import load_training_data, quality_kept, without_empty
 from tasks.training.inputs import INPUTS
 from tasks.training.report import build_report, fold_rows, report_markdown
 from tasks.training.steps import (
@@ -270,17 +264,16 @@ def _epochs_at_info(step: int) -> None:
 
 
 def _quality_filtered(data, store: Store, settings, corpus: Path | None):
-    thresholds = quality_thresholds(settings.train)
-    if all(v is None for v in thresholds.values()):
-        return data
+    """`data` with the run's quality filters applied (tasks/training/data.py quality_kept) and
+    the videos left without any modality dropped."""
+    if all(v is None for v in quality_thresholds(settings.train).values()):
+        return data  # no filter: no plan to make
     # The signals live in the upstream tables of the plan (faces, audio, transcripts).
     plan = plan_extraction(settings, store.root, corpus) if corpus else stored_plan(settings, store)
-    signals = quality_signals(store, plan.faces.extractor_id, plan.audio_id, plan.transcripts_id)
+    kept = quality_kept(store, plan, settings.train, data.labelled, data.unlabelled)
     parts, dropped = {}, list(data.dropped)
-    for name in ("labelled", "unlabelled"):
-        fs = getattr(data, name)
-        keep = quality_mask(store, fs.video_ids, signals=signals, **thresholds)
-        parts[name], lost = mask_modalities(fs, keep)
+    for name, fs in zip(("labelled", "unlabelled"), kept, strict=True):
+        parts[name], lost = without_empty(fs)
         dropped += lost
     missing = {
         m: int((~parts["labelled"].present[m]).sum() + (~parts["unlabelled"].present[m]).sum())

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from data_contracts.labels import MODALITIES, NUM_CLASSES
-from models.mrccl import PAPER_DIMS, config_from_dict, masked_rows, standardise
+from models.mrccl import PAPER_DIMS, config_from_dict, masked_rows, normalize_rows
 from models.settings import default
 
 
@@ -69,7 +69,7 @@ class BaselineNet(nn.Module):
         """Class logits (B, C) for a batch of B videos."""
         hidden = [
             masked_rows(
-                self.encoders[m](standardise(masked_rows(features[m], present[m]))), present[m]
+                self.encoders[m](normalize_rows(masked_rows(features[m], present[m]))), present[m]
             )
             for m in MODALITIES
         ]  # 3 x (B, hidden), zero where the modality is missing

@@ -110,7 +110,7 @@ def mrccl_config(name: str, **overrides: Any) -> MRCCLConfig:
     return MRCCLConfig.from_dict({**MRCCL_PRESETS[name], **overrides})
 
 
-def standardise(x: torch.Tensor) -> torch.Tensor:
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     """Per-row zero mean, unit variance: extractors differ wildly in output scale."""
     return F.layer_norm(x, (x.shape[-1],))
 
@@ -235,7 +235,7 @@ class MRCCL(nn.Module):
         noisy_view = with_contrastive and self.nee is not None
         specific, noisy, invariant = {}, {}, {}
         for m in MODALITIES:
-            x = standardise(masked_rows(features[m], present[m]))  # (B, d_m)
+            x = normalize_rows(masked_rows(features[m], present[m]))  # (B, d_m)
             if noisy_view:
                 # NEE on the standardised input, so a timestep means the same noise-to-signal
                 # ratio for every extractor; clean and noisy share one encoder call.

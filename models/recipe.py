@@ -20,6 +20,7 @@ import torch
 from data_contracts.labels import CLASSES, CLASSIFIERS, NUM_CLASSES
 from models.baseline import BaselineConfig, BaselineNet
 from models.featureset import UNLABELLED, FeatureSet
+from models.metrics import reference_wafs, waf
 from models.mrccl import MRCCL, MRCCLConfig, config_from_dict
 from models.selftrain import (
     DEFAULT_PREFERRED,
@@ -38,10 +39,8 @@ from models.training import (
     fine_tune,
     predict,
     pretrain,
-    reference_wafs,
     train_baseline,
     training_stage,
-    waf,
 )
 
 log = logging.getLogger(__name__)

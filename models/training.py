@@ -1,13 +1,16 @@
-"""The training engine: the loops every stage of the recipe runs (pretraining, fine-tuning,
-the baseline) and prediction. The recipe that calls them (folds, oversampling, pseudo labels,
-voting) is models/recipe.py; what the loops log as they go is models/epoch_reports.py.
+"""The training loop every stage of the recipe runs (pretraining, fine-tuning, the baseline), and
+prediction. The recipe that calls them (folds, oversampling, pseudo labels, voting) is
+models/recipe.py; the loss each stage minimises is models/losses.py; the scores are
+models/metrics.py; what the loop logs as it goes is models/epoch_reports.py.
 
-Read top to bottom: loop settings, metrics, batching, the loss of each stage,
-the loops (pretrain, fine_tune, train_baseline), predict.
+Read top to bottom: loop settings; batches and the DDP wrapper (all a rank of a torchrun job
+does differently); early stopping; `fit`, the loop; the stages (pretrain, fine_tune,
+train_baseline); predict.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -15,11 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import f1_score
 from torch import nn
 
-from data_contracts.labels import CLASSES, CLASSIFIERS, NUM_CLASSES
+from data_contracts.labels import CLASSIFIERS, NUM_CLASSES
 from models.baseline import BaselineNet
 from models.distributed import (
     RANK_SEED_STRIDE,
@@ -51,10 +52,16 @@ from models.featureset import (
     take,
     to_tensors,
 )
+from models.losses import baseline_loss, fine_tune_loss, pretrain_loss
+from models.metrics import waf
 from models.mrccl import MRCCL
 from models.settings import default
 
 log = logging.getLogger(__name__)
+
+# A stage's loss (models/losses.py): (model, this rank's rows, the whole batch, gather) ->
+# (loss, its terms as floats).
+StageLoss = Callable[[nn.Module, TensorBatch, TensorBatch, Gather], tuple[torch.Tensor, dict]]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -83,47 +90,7 @@ class TrainConfig:
             )
 
 
-# ----------------------------------------------------------------------------- metrics
-
-
-def waf(labels: np.ndarray, predicted: np.ndarray) -> float:
-    """Weighted-average F1 over the six classes (scikit-learn, average='weighted')."""
-    return float(
-        f1_score(
-            labels, predicted, labels=list(range(NUM_CLASSES)), average="weighted", zero_division=0
-        )
-    )
-
-
-def per_class_f1(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    """F1 of each class, by class name."""
-    scores = f1_score(
-        labels, predicted, labels=list(range(NUM_CLASSES)), average=None, zero_division=0
-    )
-    return {name: float(s) for name, s in zip(CLASSES, scores, strict=True)}
-
-
-def reference_wafs(train_labels: np.ndarray, val_labels: np.ndarray) -> dict[str, float]:
-    """What needs no features, for reading a WAF against (docs/method.md §9):
-
-    - `majority`: every validation row predicted as the training rows' most frequent class;
-    - `class_prior`: the expected WAF of guessing each row's class at random with the training
-      rows' class frequencies q. A class of n_c validation rows out of N then has expected
-      true positives n_c q_c and predictions N q_c, so F1_c = 2 n_c q_c / (n_c + N q_c).
-    """
-    q = np.bincount(train_labels, minlength=NUM_CLASSES) / max(1, len(train_labels))
-    n = np.bincount(val_labels, minlength=NUM_CLASSES).astype(np.float64)
-    total = n.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(n + total * q > 0, 2 * n * q / (n + total * q), 0.0)
-    majority = np.full(len(val_labels), int(q.argmax()))
-    return {
-        "majority": waf(val_labels, majority),
-        "class_prior": float((n / max(total, 1.0)) @ f1),
-    }
-
-
-# ----------------------------------------------------------------------------- batching
+# ----------------------------------------------------------------------------- batches and DDP
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
@@ -132,130 +99,6 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterat
     size = max(1, min(batch_size, n))
     for start in range(0, n, size):
         yield order[start : start + size]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-class _EarlyStop:
-    """Patience on a held-out score: keeps the best epoch's weights, says when to stop, and
-    puts the best weights back at the end (docs/method.md §7). `higher`: a higher score is
-    better (WAF); else lower (a loss)."""
-
-    def __init__(self, patience: int, higher: bool) -> None:
-        self.patience, self.higher = patience, higher
-        self.best = -float("inf") if higher else float("inf")
-        self.best_epoch, self.state, self.stale = 0, None, 0
-
-    def should_stop(self, model: nn.Module, epoch: int, score: float) -> bool:
-        """Record `score` of `epoch`; True once `patience` epochs in a row did no better."""
-        if score > self.best if self.higher else score < self.best:
-            self.best, self.best_epoch, self.state, self.stale = score, epoch, _state_copy(model), 0
-            return False
-        self.stale += 1
-        return self.stale >= self.patience
-
-    def restore(self, model: nn.Module) -> None:
-        """Load the best epoch's weights (nothing when no score was recorded)."""
-        if self.state is not None:
-            model.load_state_dict(self.state)
-
-
-# ----------------------------------------------------------------------------- losses per stage
-
-# A loss sees this rank's rows (`local`: features for the forward), the whole global batch's
-# labels and presence (`whole`) and a `gather` that turns per-row outputs of the local rows into
-# the whole batch's (the identity in a single process). Every rank then computes the same loss
-# of the whole batch: see models/distributed.py for why that gives the single-process gradient.
-LossFn = Callable[[nn.Module, TensorBatch, TensorBatch, Gather], tuple[torch.Tensor, dict]]
-
-
-def pretrain_loss(
-    model: MRCCL, local: TensorBatch, whole: TensorBatch, gather: Gather = no_gather
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Contrastive only: L_intra + L_imc."""
-    reps = model.encode(local.features, local.present, with_contrastive=True).map(gather)
-    # whole.groups: copies of a video (oversampling) are not each other's negatives.
-    out = model.heads(reps, whole.present, with_contrastive=True, groups=whole.groups)
-    loss = out.l_intra + out.l_imc
-    return loss, {"loss": loss.item(), "l_intra": out.l_intra.item(), "l_imc": out.l_imc.item()}
-
-
-def fine_tune_loss(
-    model: MRCCL,
-    local: TensorBatch,
-    whole: TensorBatch,
-    gather: Gather = no_gather,
-    lambda_con: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean CE of A, V, T, F + CE of the voted scores + lambda_con * (L_intra + L_imc)."""
-    contrastive = lambda_con > 0
-    reps = model.encode(local.features, local.present, with_contrastive=contrastive).map(gather)
-    out = model.heads(reps, whole.present, with_contrastive=contrastive, groups=whole.groups)
-    y = whole.labels
-    # A classifier whose modality is missing in a row does not learn from that row.
-    ces = [
-        F.cross_entropy(out.logits[c][out.presence[c]], y[out.presence[c]])
-        for c in CLASSIFIERS
-        if bool(out.presence[c].any())
-    ]
-    ce = torch.stack(ces).mean()
-    ce_vote = F.nll_loss(model.vote(out).clamp_min(1e-12).log(), y)
-    con = out.l_intra + out.l_imc
-    loss = ce + ce_vote + lambda_con * con
-    return loss, {
-        "loss": loss.item(),
-        "ce": ce.item(),
-        "ce_vote": ce_vote.item(),
-        "con": con.item(),
-    }
-
-
-def baseline_loss(
-    model: BaselineNet, local: TensorBatch, whole: TensorBatch, gather: Gather = no_gather
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Plain cross-entropy."""
-    logits = gather(model(local.features, local.present))
-    loss = F.cross_entropy(logits, whole.labels)
-    return loss, {"loss": loss.item()}
-
-
-class _Step(nn.Module):
-    """One training step's forward (model + loss) as a module, so that DDP can wrap all of it:
-    parameters used after the gather (heads, temperatures) are then DDP's too."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(
-        self, local: TensorBatch, whole: TensorBatch, gather: Gather
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.loss_fn(self.model, local, whole, gather)
-
-
-def _stepper(model: nn.Module, loss_fn: LossFn, w: World) -> nn.Module:
-    """The step module, wrapped in DistributedDataParallel when there is more than one rank."""
-    step = _Step(model, loss_fn)
-    if not w.distributed:
-        return step
-    # Unused parameters are normal here: the classifiers during pretraining, the contrastive
-    # heads when lambda_con is 0. device_ids=None: inputs are already on the rank's device.
-    return nn.parallel.DistributedDataParallel(step, find_unused_parameters=True)
-
-
-def _seed_rank(seed: int, w: World) -> None:
-    """torch's global stream (dropout, NEE) per rank; rank 0 matches a single-process run."""
-    torch.manual_seed(seed + RANK_SEED_STRIDE * w.rank)
-
-
-# ----------------------------------------------------------------------------- loops
 
 
 def _labels_and_presence(data: TensorBatch, index: torch.Tensor) -> TensorBatch:
@@ -269,105 +112,177 @@ def _labels_and_presence(data: TensorBatch, index: torch.Tensor) -> TensorBatch:
     )
 
 
-def _train_epoch(
-    step: nn.Module,
-    data: TensorBatch,
-    optimizer: torch.optim.Optimizer,
-    batch_size: int,
-    rng: np.random.Generator,
-    w: World,
-    rows: np.ndarray | None = None,
-    progress: EpochProgress | None = None,
-) -> dict[str, float]:
-    """One pass over `data` (its `rows` only, when given) in shuffled batches; returns the
-    row-weighted mean of each stat; tells `progress` after each batch.
-
-    Every rank draws the same order (same rng seed), so a global batch holds the same rows as
-    in a single-process run; each rank forwards its share of it.
-    """
-    step.train()
-    n = len(data.labels) if rows is None else len(rows)
+def _split_batch(
+    data: TensorBatch, idx: np.ndarray, w: World
+) -> tuple[TensorBatch, TensorBatch, Gather]:
+    """The global batch of rows `idx` as this rank sees it: (its own share, to forward; the whole
+    batch's labels and presence, for the loss; the gather from the one to the other). Every rank
+    draws the same batches, so a global batch holds the rows of a single-process run. In one
+    process: (the batch, the batch, the identity)."""
     device = data.labels.device
-    sums: dict[str, float] = {}
-    done = 0
-    for batches, idx in enumerate(_batches(n, batch_size, rng), 1):
-        idx = idx if rows is None else rows[idx]
-        whole_index = as_index_tensor(idx, device)
-        if w.distributed:
-            mine, sizes = shard_batch(idx, w)
-            local = take(data, as_index_tensor(mine, device))
-            whole, gather = _labels_and_presence(data, whole_index), RowGather(sizes, device)
-        else:
-            local = whole = take(data, whole_index)
-            gather = no_gather
-        loss, stats = step(local, whole, gather)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v * len(idx)
-        done += len(idx)
-        if progress is not None:
-            progress.batch_done(batches, done)
-    return {k: v / n for k, v in sums.items()}
+    whole_index = as_index_tensor(idx, device)
+    if not w.distributed:
+        batch = take(data, whole_index)
+        return batch, batch, no_gather
+    mine, sizes = shard_batch(idx, w)
+    local = take(data, as_index_tensor(mine, device))
+    return local, _labels_and_presence(data, whole_index), RowGather(sizes, device)
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+class _ModelWithLoss(nn.Module):
+    """A model and its stage loss as one module, for DDP to wrap: the parameters the loss uses
+    after the gather (heads, temperatures) are then DDP's too."""
+
+    def __init__(self, model: nn.Module, loss: StageLoss) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, local: TensorBatch, whole: TensorBatch, gather: Gather):
+        return self.loss(self.model, local, whole, gather)
 
 
-class _Loop:
-    """What every training stage sets up: this rank's seed, the batch order shared by all ranks,
-    the data on the device, the (DDP-wrapped) step and the optimiser."""
+def _loss_on_ranks(
+    model: nn.Module, loss: StageLoss, w: World
+) -> Callable[[TensorBatch, TensorBatch, Gather], tuple[torch.Tensor, dict]]:
+    """A batch's loss: `loss` of `model` in one process; under torchrun the two wrapped in
+    DistributedDataParallel, which averages the gradients over the ranks."""
+    if not w.distributed:
+        return functools.partial(loss, model)
+    # Unused parameters are normal here: the classifiers during pretraining, the contrastive
+    # heads when lambda_con is 0. device_ids=None: inputs are already on the rank's device.
+    return nn.parallel.DistributedDataParallel(
+        _ModelWithLoss(model, loss), find_unused_parameters=True
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class _EarlyStop:
+    """Early stopping on rows a stage does not train on (docs/method.md §7): after every epoch
+    `scores(data)` (data: the stage's tensors) gives held-out scores, and patience on the one
+    named `watch` keeps the best epoch's weights, says when to stop, and puts the best weights
+    back at the end. `higher`: a higher score is better (WAF); else lower (a loss)."""
 
     def __init__(
         self,
-        model: nn.Module,
-        data: FeatureSet,
-        cfg: TrainConfig,
-        loss_fn: LossFn,
-        rows: np.ndarray | None = None,
-    ):
-        self.world = world()
-        self.rows = rows  # the rows trained on (None: all); the others stay on the device too
-        _seed_rank(cfg.seed, self.world)
-        self.rng = np.random.default_rng(cfg.seed)  # the same on every rank: one batch order
-        self.batch_size = cfg.batch_size
-        model.to(cfg.device)
-        self.tensors = to_tensors(data, cfg.device)
-        self.step = _stepper(model, loss_fn, self.world)
-        self.optimizer = _optimizer(model, cfg)
+        patience: int,
+        scores: Callable[[TensorBatch], dict[str, float]],
+        watch: str,
+        higher: bool,
+    ) -> None:
+        self.patience, self.scores, self.watch, self.higher = patience, scores, watch, higher
+        self.best = -float("inf") if higher else float("inf")
+        self.best_epoch, self.state, self.stale = 0, None, 0
 
-    def epoch(self, stage: str, epoch: int, epochs: int) -> dict[str, float]:
-        """One epoch; `stage`, `epoch` and `epochs` name it in the progress lines."""
-        n = len(self.tensors.labels) if self.rows is None else len(self.rows)
-        of = -(-n // max(1, min(self.batch_size, n)))  # the batches of _batches
+    def should_stop(self, model: nn.Module, epoch: int, stats: dict[str, float]) -> bool:
+        """Record the score of `epoch`; True once `patience` epochs in a row did no better."""
+        score = stats[self.watch]
+        if score > self.best if self.higher else score < self.best:
+            self.best, self.best_epoch, self.state, self.stale = score, epoch, _state_copy(model), 0
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the best epoch's weights (nothing when no score was recorded)."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class FitResult:
+    """Per-epoch history of a stage and the epoch whose state the model ends with."""
+
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_waf: float | None  # on the early-stopping set; None without one
+
+
+def fit(
+    model: nn.Module,
+    data: FeatureSet,
+    cfg: TrainConfig,
+    loss: StageLoss,
+    stage: str,
+    epochs: int,
+    early: _EarlyStop | None = None,
+    rows: np.ndarray | None = None,
+) -> list[dict[str, float]]:
+    """Train `model` on `data` (its `rows` only, when given) by minimising `loss` for at most
+    `epochs`; returns each epoch's stats. With `early`, every epoch is scored on held-out rows,
+    training stops when they stop improving and the model ends with the best epoch's state;
+    without, every epoch runs and the last state is kept. `stage` names the epochs in the
+    report lines when no training_stage does.
+    """
+    w = world()
+    torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * w.rank)  # dropout, NEE; rank 0 = one process
+    rng = np.random.default_rng(cfg.seed)  # the same on every rank: one batch order
+    model.to(cfg.device)
+    tensors = to_tensors(data, cfg.device)  # the rows not trained on stay on the device too
+    loss_of = _loss_on_ranks(model, loss, w)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(data) if rows is None else len(rows)
+    of = -(-n // max(1, min(cfg.batch_size, n)))  # the batches of _batches
+    history: list[dict[str, float]] = []
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
         progress = EpochProgress(current_stage(stage), epoch, epochs, of)
-        return _train_epoch(
-            self.step,
-            self.tensors,
-            self.optimizer,
-            self.batch_size,
-            self.rng,
-            self.world,
-            self.rows,
-            progress,
-        )
+        model.train()
+        sums: dict[str, float] = {}
+        done = 0
+        for batches, idx in enumerate(_batches(n, cfg.batch_size, rng), 1):
+            idx = idx if rows is None else rows[idx]
+            local, whole, gather = _split_batch(tensors, idx, w)
+            value, terms = loss_of(local, whole, gather)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            done += len(idx)
+            progress.batch_done(batches, done)
+        stats = {k: v / n for k, v in sums.items()}  # each term's mean over the epoch's rows
+        if early is not None:
+            stats |= early.scores(tensors)  # the same on every rank: all stop at one epoch
+        history.append({"epoch": epoch, **stats})  # no wall time in it: a rerun's is identical
+        report_epoch(stage, epoch, epochs, stats, started)
+        if early is not None and early.should_stop(model, epoch, stats):
+            break
+    if early is not None:
+        early.restore(model)
+    return history
+
+
+# ----------------------------------------------------------------------------- the stages
 
 
 @torch.no_grad()
-def _held_out_loss(model: MRCCL, loop: _Loop, held: np.ndarray, seed: int) -> float:
-    """Pretraining's loss on the rows `held` (eval mode, batches in row order, the NEE noise
-    drawn from `seed`): the same rows and noise every epoch, so epochs compare, and on every
-    rank, so all ranks stop at the same epoch."""
+def _held_out_loss(
+    model: MRCCL, data: TensorBatch, held: np.ndarray, batch_size: int, seed: int
+) -> float:
+    """Pretraining's loss on the rows `held` of `data` (eval mode, batches in row order, the NEE
+    noise drawn from `seed`): the same rows and noise every epoch, so epochs compare, and on
+    every rank, so all ranks stop at the same epoch."""
     model.eval()
-    device = loop.tensors.labels.device
+    device = data.labels.device
     devices = [torch.cuda.current_device()] if device.type == "cuda" else []
     total = 0.0
     with torch.random.fork_rng(devices=devices):  # training's random stream is left as it was
         torch.manual_seed(seed)
-        for idx in _batches(len(held), loop.batch_size, None):
-            batch = take(loop.tensors, as_index_tensor(held[idx], device))
+        for idx in _batches(len(held), batch_size, None):
+            batch = take(data, as_index_tensor(held[idx], device))
             loss, _ = pretrain_loss(model, batch, batch)
             total += loss.item() * len(idx)
     return total / len(held)
@@ -384,49 +299,29 @@ def pretrain(
     stats. With `held_out` rows of `data`: trains on the others, stops after cfg.patience epochs
     without a lower loss on the held-out rows and ends with the best state (docs/method.md §7);
     without: every epoch on every row, the last state kept."""
-    held = None if held_out is None else np.sort(np.asarray(held_out, dtype=np.int64))
-    fit = None if held is None else np.setdiff1d(np.arange(len(data)), held)
-    if held is not None and (len(held) < 2 or len(fit) < 2):
+    if held_out is None:
+        return fit(model, data, cfg, pretrain_loss, "pretrain", epochs)
+    held = np.sort(np.asarray(held_out, dtype=np.int64))
+    rows = np.setdiff1d(np.arange(len(data)), held)
+    if len(held) < 2 or len(rows) < 2:
         raise ValueError(
-            f"pretraining's held-out rows ({len(held)}) and training rows ({len(fit)}) need two "
+            f"pretraining's held-out rows ({len(held)}) and training rows ({len(rows)}) need two "
             "rows each (a contrastive term compares rows); hold out fewer or none"
         )
-    loop = _Loop(model, data, cfg, pretrain_loss, rows=fit)
-    history: list[dict[str, float]] = []
-    early = _EarlyStop(cfg.patience, higher=False)
-    for epoch in range(1, epochs + 1):
-        started = time.perf_counter()
-        stats = loop.epoch("pretrain", epoch, epochs)
-        if held is not None:
-            stats["val_loss"] = _held_out_loss(model, loop, held, cfg.seed)
-        history.append({"epoch": epoch, **stats})
-        report_epoch("pretrain", epoch, epochs, stats, started)
-        if held is not None and early.should_stop(model, epoch, stats["val_loss"]):
-            break
-    early.restore(model)
-    return history
+
+    def val_loss(tensors: TensorBatch) -> dict[str, float]:
+        return {"val_loss": _held_out_loss(model, tensors, held, cfg.batch_size, cfg.seed)}
+
+    early = _EarlyStop(cfg.patience, val_loss, "val_loss", higher=False)
+    return fit(model, data, cfg, pretrain_loss, "pretrain", epochs, early, rows)
 
 
-@dataclass
-class FitResult:
-    """Per-epoch history of a supervised stage and the epoch whose state the model ends with."""
-
-    history: list[dict[str, float]]
-    best_epoch: int
-    best_val_waf: float | None  # on the early-stopping set; None without one
-
-
-def _fit(
-    model: nn.Module,
-    train: FeatureSet,
-    stop: FeatureSet | None,
-    cfg: TrainConfig,
-    loss_fn: LossFn,
-    stage_name: str,
-) -> FitResult:
-    """Train for at most cfg.max_epochs. With an early-stopping set `stop`, stop after
-    cfg.patience epochs without a better WAF on it and end with the best state; without one,
-    train every epoch and keep the last state.
+def _waf_early_stop(
+    model: nn.Module, train: FeatureSet, stop: FeatureSet | None, cfg: TrainConfig
+) -> _EarlyStop | None:
+    """A supervised stage's early stopping: after cfg.patience epochs without a better WAF on
+    the early-stopping set `stop` (None: none, every epoch runs and the last state is kept).
+    Both sets must be non-empty and fully labelled.
 
     `stop` must be rows the caller will not report scores on (docs/method.md §7): a figure
     measured on the rows that chose the epoch is optimistic.
@@ -435,47 +330,47 @@ def _fit(
     for name, part in parts:
         if (part.labels == UNLABELLED).any() or len(part) == 0:
             raise ValueError(f"the {name} set must be non-empty and fully labelled")
-    loop = _Loop(model, train, cfg, loss_fn)
-    history: list[dict[str, float]] = []
-    early = _EarlyStop(cfg.patience, higher=True)
-    for epoch in range(1, cfg.max_epochs + 1):
-        started = time.perf_counter()
-        stats = loop.epoch(stage_name, epoch, cfg.max_epochs)
-        row: dict[str, float] = {"epoch": epoch, **stats}
-        if stop is not None:
-            # Every rank sees the same probabilities (gathered), so all stop at the same epoch.
-            voted = predict(model, stop, cfg.eval_batch_size)["voted"]
-            picked = np.clip(voted[np.arange(len(stop)), stop.labels], 1e-12, None)
-            row |= {"val_ce": float(-np.log(picked).mean())}
-            row |= {"val_waf": waf(stop.labels, voted.argmax(1))}
-        history.append(row)  # no wall time in it: a rerun's history is identical
-        scores = {k: v for k, v in row.items() if k != "epoch"}
-        report_epoch(stage_name, epoch, cfg.max_epochs, scores, started)
-        if stop is None:
-            early.best_epoch = epoch  # no epoch choice: the last one is kept
-            continue
-        if early.should_stop(model, epoch, row["val_waf"]):
-            break
-    early.restore(model)
-    return FitResult(history, early.best_epoch, early.best if stop is not None else None)
+    if stop is None:
+        return None
+
+    def val_scores(_: TensorBatch) -> dict[str, float]:
+        # Every rank sees the same probabilities (gathered).
+        voted = predict(model, stop, cfg.eval_batch_size)["voted"]
+        picked = np.clip(voted[np.arange(len(stop)), stop.labels], 1e-12, None)
+        return {
+            "val_ce": float(-np.log(picked).mean()),
+            "val_waf": waf(stop.labels, voted.argmax(1)),
+        }
+
+    return _EarlyStop(cfg.patience, val_scores, "val_waf", higher=True)
+
+
+def _result(history: list[dict[str, float]], early: _EarlyStop | None) -> FitResult:
+    if early is None:
+        return FitResult(history, len(history), None)  # the last epoch is kept
+    return FitResult(history, early.best_epoch, early.best)
 
 
 def fine_tune(
     model: MRCCL, train: FeatureSet, stop: FeatureSet | None, cfg: TrainConfig
 ) -> FitResult:
-    """Supervised MR-CCL training with the full fine-tuning loss (early stopping on `stop`)."""
-
-    def loss(m: nn.Module, local: TensorBatch, whole: TensorBatch, gather: Gather):
-        return fine_tune_loss(m, local, whole, gather, cfg.lambda_con)
-
-    return _fit(model, train, stop, cfg, loss, "fine-tune")
+    """Supervised MR-CCL training with the full fine-tuning loss for at most cfg.max_epochs,
+    early-stopped on the WAF of `stop` (_waf_early_stop)."""
+    early = _waf_early_stop(model, train, stop, cfg)
+    loss = functools.partial(fine_tune_loss, lambda_con=cfg.lambda_con)
+    return _result(fit(model, train, cfg, loss, "fine-tune", cfg.max_epochs, early), early)
 
 
 def train_baseline(
     model: BaselineNet, train: FeatureSet, stop: FeatureSet | None, cfg: TrainConfig
 ) -> FitResult:
-    """Supervised training of the challenge baseline (early stopping on `stop`)."""
-    return _fit(model, train, stop, cfg, baseline_loss, "baseline")
+    """Supervised training of the challenge baseline for at most cfg.max_epochs, early-stopped
+    on the WAF of `stop` (_waf_early_stop)."""
+    early = _waf_early_stop(model, train, stop, cfg)
+    return _result(fit(model, train, cfg, baseline_loss, "baseline", cfg.max_epochs, early), early)
+
+
+# ----------------------------------------------------------------------------- prediction
 
 
 @torch.no_grad()

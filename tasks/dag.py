@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from data_contracts.store import Store
     from data_contracts.tables import TableRef
     from tasks.engine.stage import Stage
+    from tasks.faces.settings import FaceSettings
 
 AUDIO, FACES = "audio", "faces"
 ACOUSTIC, TRANSCRIBE, TEXT, VISUAL = "acoustic", "transcribe", "text", "visual"
@@ -35,8 +36,10 @@ class Plan(Protocol):
     """What tasks read of an extraction plan (flows/plan.py ExtractionPlan builds it from the
     settings): each stage as the engine runs it, and the ids keying its rows."""
 
-    official_transcripts: bool
+    faces: FaceSettings
+    audio_id: str
     transcripts_id: str
+    official_transcripts: bool
 
     def stage(self, name: str, official: dict[str, str] | None = None) -> Stage: ...
 

@@ -35,6 +35,7 @@ from models.settings import TrainSettings
 from tasks.dag import STAGES, Plan, pending_per_stage
 from tasks.engine.stage import run_stage
 from tasks.training.ablate_report import SWITCHES
+from tasks.training.data import apply_zscore, quality_kept
 from tasks.training.report import average_over_folds, prediction_rows
 from tasks.training.steps import load_normalizer
 
@@ -270,29 +271,6 @@ def read_features(
     return FeatureSet(np.array(ids), features, present, np.full(n, UNLABELLED, np.int64))
 
 
-def standardized(data: FeatureSet, stats: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Z-score `data` in place with a run's statistics, as train_data.standardize did its inputs."""
-    for m, (mean, std) in stats.items():
-        x, p = data.features[m], data.present[m]
-        x[p] = (x[p] - mean) / std
-        x[~p] = 0.0
-
-
-def quality_kept(store: Store, plan: Plan, ts: TrainSettings, data: FeatureSet) -> FeatureSet:
-    """`data` with the run's quality filters applied (train.quality_min_*), as training masked
-    its inputs; unchanged when the run had none. Videos outside the manifest have no signals and
-    keep every modality."""
-    from tasks.stores.quality import quality_mask, quality_signals, quality_thresholds
-
-    thresholds = quality_thresholds(ts)
-    if all(v is None for v in thresholds.values()) or not len(data):
-        return data
-    signals = quality_signals(store, plan.faces.extractor_id, plan.audio_id, plan.transcripts_id)
-    keep = quality_mask(store, data.video_ids, signals=signals, **thresholds)
-    present = {m: data.present[m] & keep[m] for m in MODALITIES}
-    return FeatureSet(data.video_ids, data.features, present, data.labels)
-
-
 # ----------------------------------------------------------------------------- predictions
 
 
@@ -324,10 +302,10 @@ def label_videos(
     (video, class, the six voted probabilities, modalities present, run key). A video without
     any modality gets no class (its failures say why) and no predictions row."""
     data = read_features(store, plan.feature_tables(), videos)
-    data = quality_kept(store, plan, run.settings, data)
+    (data,) = quality_kept(store, plan, run.settings, data)
     mods = modalities_present(data)
     if run.normalizer is not None:
-        standardized(data, run.normalizer)
+        apply_zscore(data.features, data.present, run.normalizer)
     ok = np.flatnonzero([m != "none" for m in mods])
     labelled = data.subset(ok)
     probs = fold_averaged(run, labelled) if len(ok) else {}

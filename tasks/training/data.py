@@ -1,4 +1,6 @@
-"""From the feature stores to in-memory training sets: join on video, mask missing modalities.
+"""From the feature stores to in-memory training sets: join on video, mask missing modalities,
+z-score each modality (zscore; apply_zscore applies a run's z-score to other videos) and apply
+the run's quality filters (quality_kept), as training and prediction both do.
 
 The videos a run trains on are the manifest's, at their current bytes (video_id + sha256), and
 the ids the chosen feature tables hold as feature-only rows (imported without their videos,
@@ -10,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,7 +25,11 @@ from data_contracts.store import Store
 from data_contracts.tables import NO_VIDEO, TableRef
 from models.featureset import UNLABELLED, FeatureSet
 from tasks.engine.errors import BadInputError
-from tasks.stores.quality import current_videos
+from tasks.stores.quality import current_videos, quality_mask, quality_signals, quality_thresholds
+
+if TYPE_CHECKING:
+    from models.settings import TrainSettings
+    from tasks.dag import Plan
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +61,11 @@ def with_folds(data: TrainingData, n_splits: int, seed: int) -> TrainingData:
     return dataclasses.replace(data, folds=assign_folds(data.labelled.labels, n_splits, seed))
 
 
-def standardize(
+def zscore(
     features: dict[str, np.ndarray], present: dict[str, np.ndarray]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Z-score each modality in place with the mean/std of its present rows; returns the stats.
+    """Z-score each modality's columns in place with the mean/std of its present rows; returns
+    the stats (float32 mean, std), which apply_zscore applies to other videos.
 
     Label-free (every video, labelled or not), so no label leaks into validation folds.
     Extractor outputs differ wildly in scale (a random tiny HuBERT's per-dimension spread is
@@ -64,19 +73,48 @@ def standardize(
     """
     stats = {}
     for m, x in features.items():
-        every = bool(present[m].all())
-        rows = x if every else x[present[m]]  # every row present: no copy of the matrix
+        rows = x if bool(present[m].all()) else x[present[m]]  # all present: no copy
         mean = rows.mean(0) if len(rows) else np.zeros(x.shape[1], np.float32)
         std = rows.std(0) if len(rows) > 1 else np.ones(x.shape[1], np.float32)
-        std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
-        if every:  # in place: the same float operations as (rows - mean) / std
+        stats[m] = (mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32))
+    apply_zscore(features, present, stats)
+    return stats
+
+
+def apply_zscore(
+    features: Mapping[str, np.ndarray],
+    present: Mapping[str, np.ndarray],
+    stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
+) -> None:
+    """(x - mean) / std in place on each modality of `stats` (what zscore returned, or a run's
+    normalizer.npz), on its present rows; absent rows become 0."""
+    for m, (mean, std) in stats.items():
+        x, p = features[m], present[m]
+        if bool(p.all()):  # in place: the same float operations as (x - mean) / std, no copy
             x -= mean
             x /= std
         else:
-            x[present[m]] = (rows - mean) / std
-            x[~present[m]] = 0.0
-        stats[m] = (mean.astype(np.float32), std)
-    return stats
+            x[p] = (x[p] - mean) / std
+            x[~p] = 0.0
+
+
+def quality_kept(
+    store: Store, plan: Plan, ts: TrainSettings, *sets: FeatureSet
+) -> list[FeatureSet]:
+    """Each of `sets` with the run's quality filters (train.quality_min_*) applied: a modality of
+    a video that fails them is masked (present False); rows and features stay. Unchanged when
+    the run has none. The signals come from the plan's faces, audio and transcript tables;
+    videos outside the manifest have none and keep every modality."""
+    thresholds = quality_thresholds(ts)
+    if all(v is None for v in thresholds.values()) or not any(len(fs) for fs in sets):
+        return list(sets)
+    signals = quality_signals(store, plan.faces.extractor_id, plan.audio_id, plan.transcripts_id)
+    kept = []
+    for fs in sets:
+        keep = quality_mask(store, fs.video_ids, signals=signals, **thresholds)
+        present = {m: fs.present[m] & keep[m] for m in MODALITIES}
+        kept.append(FeatureSet(fs.video_ids, fs.features, present, fs.labels))
+    return kept
 
 
 _BLOCK = 8192  # rows copied at a time from a store's matrix into the training matrix
@@ -91,10 +129,10 @@ def training_videos(store: Store, feature_tables: dict[str, TableRef]) -> pd.Dat
 
 
 def load_training_data(
-    store: Store, feature_tables: dict[str, TableRef], standardized: bool = True
+    store: Store, feature_tables: dict[str, TableRef], zscored: bool = True
 ) -> TrainingData:
     """Join every modality's features onto the training videos (training_videos: video_id +
-    sha256).
+    sha256), each modality z-scored (zscore) unless `zscored` is False.
 
     A feature row of an older version of a video (another sha256) is not used; a modality
     without a row is masked (present=False), never zero-filled silently.
@@ -136,7 +174,7 @@ def load_training_data(
         dtype=np.int64,
     )
     _say_unknown_labels(set(label_of) - set(videos.video_id), store)
-    stats = standardize(features, present) if standardized else None
+    stats = zscore(features, present) if zscored else None
     anything = np.stack([present[m] for m in MODALITIES]).any(axis=0)
     dropped = videos.video_id[~anything].tolist()
     keep = np.flatnonzero(anything)
@@ -223,16 +261,8 @@ def label_frame(data: FeatureSet) -> pd.DataFrame:
     return pd.DataFrame({"video_id": data.video_ids, "label": data.labels})
 
 
-def mask_modalities(data: FeatureSet, keep: dict[str, np.ndarray]) -> tuple[FeatureSet, list[str]]:
-    """`data` with modalities masked where `keep` is False (quality filters); videos left with
-    no modality at all are dropped and returned by id."""
-    present = {m: data.present[m] & keep[m] for m in MODALITIES}
-    anything = np.stack([present[m] for m in MODALITIES]).any(axis=0)
-    rows = np.flatnonzero(anything)
-    masked = FeatureSet(
-        video_ids=data.video_ids[rows],
-        features={m: data.features[m][rows] for m in MODALITIES},
-        present={m: present[m][rows] for m in MODALITIES},
-        labels=data.labels[rows],
-    )
-    return masked, data.video_ids[~anything].tolist()
+def without_empty(data: FeatureSet) -> tuple[FeatureSet, list[str]]:
+    """`data` without the videos that have no modality left (e.g. after quality_kept), and the
+    ids of those videos."""
+    anything = np.stack([data.present[m] for m in MODALITIES]).any(axis=0)
+    return data.subset(np.flatnonzero(anything)), data.video_ids[~anything].tolist()

@@ -1,7 +1,8 @@
 """The training report, the last step of a run: what each part of the method adds (WAF of each
 classifier, the baseline, step 1 and step 2, per fold and mean, beside reference WAFs that use no
 features), per-class F1, confusion matrix, pseudo-label counts (the paper's Table 2), curves,
-predictions under their contract, the submission CSV."""
+predictions under their contract, the submission CSV. train_in_process runs a whole run, steps
+(tasks/training/steps.py) and report, in this process."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ from data_contracts.labels import (
 )
 from data_contracts.store import Store
 from models.featureset import FeatureSet
-from models.training import per_class_f1, waf
+from models.metrics import per_class_f1, waf
+from models.recipe import RecipeConfig
 from tasks.training.data import TrainingData
-from tasks.training.steps import load_fold
+from tasks.training.steps import freeze_run, load_fold, run_step, step_names
 
 PROB_KEYS = (*CLASSIFIERS, "voted")
 # A fold's stages, in the order they train (models/recipe.py train_fold).
@@ -275,6 +277,23 @@ ROW_NAMES = {
     "step1": "MR-CCL step 1, voted",
     "voted": "full method (voted)",
 }
+
+
+def train_in_process(
+    run_dir: Path,
+    data: TrainingData,
+    recipe: RecipeConfig,
+    key: str = "local",
+    store: Store | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A whole run in this process on in-memory inputs: freeze, every step in order, the report
+    (tests and benchmarks; the train flow runs the same steps as Prefect tasks). Returns the
+    report."""
+    frozen = freeze_run(run_dir, data, key, key, recipe, store)
+    for step in step_names(recipe.n_splits):
+        run_step(step, run_dir, frozen, recipe)
+    return build_report(run_dir, key, frozen, recipe.n_splits, store, settings or {})
 
 
 def has_input(data: FeatureSet, classifier: str) -> np.ndarray:

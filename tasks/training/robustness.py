@@ -28,16 +28,12 @@ import pandas as pd
 from data_contracts import tables
 from data_contracts.labels import CLASS_INDEX, CLASSIFIERS
 from data_contracts.store import Store
-from models.training import predict, waf
+from models.metrics import waf
+from models.training import predict
 from tasks.corrupt import CLEAN, Corruption, severity_order
 from tasks.dag import Plan
-from tasks.predict import (
-    RunFolderError,
-    TrainedRun,
-    quality_kept,
-    read_features,
-    standardized,
-)
+from tasks.predict import RunFolderError, TrainedRun, read_features
+from tasks.training.data import apply_zscore, quality_kept
 from tasks.training.folds import read_run_folds
 from tasks.training.report import has_input, save_png, write_text
 
@@ -116,10 +112,10 @@ def score_fold(
     """Fold k's model on its validation `videos` under `plan`'s features: per classifier its
     WAF and the share of the videos it had its input for (A, V, T: their modality)."""
     data = read_features(store, plan.feature_tables(), videos)
-    data = quality_kept(store, plan, run.settings, data)
+    (data,) = quality_kept(store, plan, run.settings, data)
     data = data.with_labels(np.array(videos.label, np.int64))
     if run.normalizer is not None:
-        standardized(data, run.normalizer)
+        apply_zscore(data.features, data.present, run.normalizer)
     probs = predict(run.models[k], data)
     out = {}
     for c in SCORED:

@@ -1,8 +1,9 @@
-"""The steps of a training run over its frozen inputs: freeze, pretrain, fold k, and the report
-(tasks/training/report.py). Each writes its outputs under the run folder and is skipped when they
-are already there, so a killed run resumes from the last finished step; runs that would pretrain
-the same model share one pretraining (pretrain_step). The train flow, the
-torchrun worker, the tests and benchmarks/train_synthetic.py all run these same functions.
+"""The steps of a training run over its frozen inputs: freeze, then run_step for pretraining and
+each fold k; the report follows (tasks/training/report.py). Each step writes its outputs under
+the run folder and is skipped when they are already there, so a killed run resumes from the
+last finished step; runs that would pretrain the same model share one pretraining
+(pretrain_step). The train flow, the torchrun worker, the tests and the benchmarks all run these
+same functions (tasks/training/report.py train_in_process: a whole run in one process).
 
 A step reads the run's frozen inputs and checks their run key against its own settings: it
 never reads the stores, so a store that grows during the run changes nothing in it."""
@@ -128,7 +129,7 @@ def _mark_done(folder: Path, info: dict) -> None:
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=float))
 
 
-# The recipe's loop settings that pretraining reads (models/training.py pretrain and _Loop), and
+# The recipe's loop settings that pretraining reads (models/training.py pretrain and fit), and
 # the device; the fine-tuning ones (max_epochs, lambda_con) it does not. Its epochs, held-out
 # share and patience are the recipe's (pretrain_key).
 _PRETRAIN_LOOP = ("lr", "batch_size", "weight_decay", "seed", "patience")
@@ -274,25 +275,6 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def fold_step(k: int, run_dir: Path, data: TrainingData, recipe: RecipeConfig) -> Path:
-    """One CV fold: step 1, baseline, pseudo labels, step 2; writes run_dir/fold-k/ (or skips)."""
-    folder = run_dir / f"fold-{k}"
-    if _done(folder) is not None:
-        log.info("fold %d already done in %s", k, folder)
-        return folder
-    if data.folds is None:
-        raise ValueError("fold_step needs the run's folds: freeze the inputs first (freeze_run)")
-    w = world()  # under torchrun every rank trains; rank 0 alone writes
-    start = load_checkpoint(run_dir / "pretrain").model.state_dict()
-    outcome = train_fold(
-        k, data.labelled, data.unlabelled, data.unlabelled, recipe, start, data.folds
-    )
-    if w.main:
-        _save_fold(folder, outcome, data)
-    barrier(w)
-    return folder
-
-
 def _save_fold(folder: Path, outcome: FoldOutcome, data: TrainingData) -> None:
     save_checkpoint(outcome.model, folder / "model", data.extractor_ids, FEATURES_VERSION)
     arrays = {f"val_{c}": p for c, p in outcome.val_probs.items()}
@@ -310,37 +292,34 @@ def _save_fold(folder: Path, outcome: FoldOutcome, data: TrainingData) -> None:
     _mark_done(folder, {**outcome.summary(), "world_size": world().size})
 
 
-def train_in_process(
-    run_dir: Path,
-    data: TrainingData,
-    recipe: RecipeConfig,
-    key: str = "local",
-    store: Store | None = None,
-    settings: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A whole run in this process on in-memory inputs: freeze, every step in order, the report
-    (tests and benchmarks; the train flow runs the same steps as Prefect tasks). Returns the
-    report."""
-    from tasks.training.report import build_report  # the report reads this module's fold outputs
-
-    frozen = freeze_run(run_dir, data, key, key, recipe, store)
-    for step in step_names(recipe.n_splits):
-        run_step(step, run_dir, frozen, recipe)
-    return build_report(run_dir, key, frozen, recipe.n_splits, store, settings or {})
-
-
 def step_names(n_splits: int) -> list[str]:
     """The training steps of a run, in the order they run (the names of its folders)."""
     return ["pretrain", *(f"fold-{k}" for k in range(n_splits))]
 
 
 def run_step(step: str, run_dir: Path, data: TrainingData, recipe: RecipeConfig) -> Path:
-    """A training step by name: 'pretrain' or 'fold-K' (the names of the run's folders)."""
+    """A training step by name, into run_dir/<step>/ (skipped when done there): 'pretrain'
+    (pretrain_step), or 'fold-K': step 1, baselines, pseudo labels and step 2 of fold K
+    (models/recipe.py train_fold), from the pretrained checkpoint."""
     if step == "pretrain":
         return pretrain_step(run_dir, data, recipe)
-    if step.startswith("fold-") and step[5:].isdigit():
-        return fold_step(int(step[5:]), run_dir, data, recipe)
-    raise ValueError(f"unknown training step {step!r}; valid: pretrain, fold-K")
+    if not (step.startswith("fold-") and step[5:].isdigit()):
+        raise ValueError(f"unknown training step {step!r}; valid: pretrain, fold-K")
+    k, folder = int(step[5:]), run_dir / step
+    if _done(folder) is not None:
+        log.info("fold %d already done in %s", k, folder)
+        return folder
+    if data.folds is None:
+        raise ValueError("a fold step needs the run's folds: freeze the inputs first (freeze_run)")
+    w = world()  # under torchrun every rank trains; rank 0 alone writes
+    start = load_checkpoint(run_dir / "pretrain").model.state_dict()
+    outcome = train_fold(
+        k, data.labelled, data.unlabelled, data.unlabelled, recipe, start, data.folds
+    )
+    if w.main:
+        _save_fold(folder, outcome, data)
+    barrier(w)
+    return folder
 
 
 def load_fold(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -12,7 +12,7 @@ import pytest
 from flows.extract import extract_flow
 from flows.train import training_context
 from models.recipe import recipe_from_settings
-from tasks.training.steps import train_in_process
+from tasks.training.report import train_in_process
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -154,7 +154,8 @@ def test_training_losses_use_the_whole_batch_groups_as_under_ddp() -> None:
     import numpy as np
 
     from models.featureset import take, to_tensors
-    from models.training import _labels_and_presence, fine_tune_loss, pretrain_loss
+    from models.losses import fine_tune_loss, pretrain_loss
+    from models.training import _labels_and_presence
     from tests.models.synthetic import make_featureset
 
     model = MRCCL(mrccl_config("tiny", dims=DIMS, dropout=0.0, use_nee=False)).eval()

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from models.featureset import FeatureSet, to_tensors
+from models.losses import fine_tune_loss, pretrain_loss
 from models.mrccl import MRCCL, mrccl_config
-from models.training import fine_tune_loss, pretrain_loss
 from tests.models.synthetic import DIMS, make_featureset
 
 LOSSES = {"pretrain": pretrain_loss, "fine-tune": fine_tune_loss}

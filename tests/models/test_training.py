@@ -10,17 +10,10 @@ import torch
 
 from models import training
 from models.baseline import BaselineConfig, BaselineNet
+from models.metrics import reference_wafs, waf
 from models.mrccl import MRCCL, mrccl_config
 from models.recipe import RecipeConfig, early_stopping_split, pretraining_held_out
-from models.training import (
-    TrainConfig,
-    fine_tune,
-    predict,
-    pretrain,
-    reference_wafs,
-    train_baseline,
-    waf,
-)
+from models.training import TrainConfig, fine_tune, predict, pretrain, train_baseline
 from tests.models.synthetic import DIMS, make_featureset
 
 FAST = TrainConfig(lr=3e-3, batch_size=32, max_epochs=12, patience=12, seed=0)
@@ -97,20 +90,22 @@ def test_pretraining_stops_on_the_held_out_loss_and_keeps_the_best_state() -> No
     best = int(np.argmin(losses))
     assert len(history) < 40, losses  # a learning rate this high stops improving early
     assert len(history) == best + 1 + cfg.patience
-    loop = training._Loop(model, data, cfg, training.pretrain_loss)
-    assert training._held_out_loss(model, loop, held, cfg.seed) == pytest.approx(losses[best])
-    # The held-out rows are not trained on: the training loss averages the other 72 rows.
+    tensors = training.to_tensors(data)
+    val_loss = training._held_out_loss(model, tensors, held, cfg.batch_size, cfg.seed)
+    assert val_loss == pytest.approx(losses[best])
+    # The held-out rows are not trained on: the training batches hold the other 72 rows.
     seen: list[np.ndarray] = []
-    real = training._train_epoch
+    real = training._split_batch
 
-    def spy(step, data, optimizer, batch_size, rng, w, rows=None, progress=None):
-        seen.append(rows)
-        return real(step, data, optimizer, batch_size, rng, w, rows, progress)
+    def spy(data, idx, w):
+        seen.append(idx)
+        return real(data, idx, w)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training, "_train_epoch", spy)
+        mp.setattr(training, "_split_batch", spy)
         pretrain(tiny_mrccl(), data, cfg, epochs=1, held_out=held)
-    assert len(seen[0]) == 72 and not set(seen[0]) & set(held)
+    trained = np.concatenate(seen)
+    assert len(trained) == 72 and not set(trained) & set(held)
 
 
 def small_recipe(**changes: object) -> RecipeConfig:

@@ -16,8 +16,8 @@ from models.featureset import FeatureSet
 from models.mrccl import mrccl_config
 from tasks.training.data import TrainingData
 from tasks.training.folds import read_run_folds
-from tasks.training.report import report_markdown
-from tasks.training.steps import load_fold, train_in_process
+from tasks.training.report import report_markdown, train_in_process
+from tasks.training.steps import load_fold
 from tests.models.synthetic import DIMS, make_featureset
 from tests.models.test_training import small_recipe
 

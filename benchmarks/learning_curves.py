@@ -77,12 +77,14 @@ from train_synthetic import make_synthetic, zscored
 
 from data_contracts.labels import CLASSES, MER2024_TRAIN_COUNTS, MODALITIES
 from flows.config import load_settings
+from models import training
 from models.baseline import BaselineNet
+from models.losses import baseline_loss
 from models.metrics import reference_wafs, waf
 from models.mrccl import PAPER_DIMS
 from models.recipe import RecipeConfig, _fold_cfg, recipe_from_settings
 from models.selftrain import STEP1_TARGETS, STEP2_TARGETS
-from models.training import predict, train_baseline
+from models.training import predict
 from tasks.training.data import TrainingData
 from tasks.training.steps import freeze_run, load_fold, run_step, step_names
 
@@ -155,7 +157,7 @@ def baseline_no_oversampling(
     fold_cfg = _fold_cfg(cfg, k)  # the recipe's baseline stage: its seed and loop settings
     torch.manual_seed(fold_cfg.seed)  # as train_fold seeds the baseline's initialisation
     base = BaselineNet(cfg.baseline)
-    train_baseline(base, labelled.subset(fit), stop, fold_cfg)
+    training.fit(base, labelled.subset(fit), fold_cfg, baseline_loss, "baseline", stop=stop)
     va = np.setdiff1d(np.arange(len(labelled)), tr)
     probs = predict(base, labelled.subset(va), cfg.train.eval_batch_size)["voted"]
     return waf(labelled.labels[va], probs.argmax(1))

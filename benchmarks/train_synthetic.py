@@ -25,6 +25,7 @@ points with this generator, 8 with nuisance and noise at 1).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -44,13 +45,13 @@ from flows.config import load_settings
 from models.baseline import BaselineConfig, BaselineNet
 from models.distributed import World, barrier, init_from_env, local_device, shutdown
 from models.featureset import FeatureSet, as_index_tensor, take, to_tensors
-from models.losses import fine_tune_loss, pretrain_loss
+from models.losses import baseline_loss, fine_tune_loss, pretrain_loss
 from models.metrics import waf
 from models.mrccl import MRCCL, PAPER_DIMS, MRCCLConfig
 from models.recipe import recipe_from_settings
 from models.selftrain import STEP1_TARGETS, STEP2_TARGETS
 from models.settings import TrainSettings
-from models.training import TrainConfig, fine_tune, predict, pretrain, train_baseline
+from models.training import TrainConfig, fit, predict
 from tasks.training.ablate_report import BASELINE, SYSTEMS, System
 from tasks.training.data import TrainingData, zscore
 from tasks.training.report import train_in_process
@@ -288,11 +289,18 @@ def throughput(args: argparse.Namespace) -> None:
     step_rates(args, mcfg, data, say)
     if args.no_epochs:
         return
-    timed("MR-CCL pretraining epoch", lambda: pretrain(model, data, cfg, epochs=1))
-    timed("MR-CCL fine-tuning epoch (+512 val rows)", lambda: fine_tune(model, data, val, cfg))
+    tune = functools.partial(fine_tune_loss, lambda_con=cfg.lambda_con)
+    timed("MR-CCL pretraining epoch", lambda: fit(model, data, cfg, pretrain_loss, "pretrain", 1))
+    timed(
+        "MR-CCL fine-tuning epoch (+512 val rows)",
+        lambda: fit(model, data, cfg, tune, "fine-tune", stop=val),
+    )
     timed("MR-CCL prediction", lambda: predict(model, data, cfg.eval_batch_size))
     base = BaselineNet(BaselineConfig(hidden=args.hidden))
-    timed("baseline training epoch (+512 val rows)", lambda: train_baseline(base, data, val, cfg))
+    timed(
+        "baseline training epoch (+512 val rows)",
+        lambda: fit(base, data, cfg, baseline_loss, "baseline", stop=val),
+    )
     say(f"peak RSS {peak_rss_gib():.2f} GiB (rank 0)")
     if cuda:
         say(f"peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import DataRootUrlOpt, Overrides, ProfileOpt, UsageProblem, run_flow
+from flows.cli_common import DataRootUrlOpt, Overrides, ProfileOpt, UsageProblem, flow_run
 
 
 def ablate_cmd(
@@ -48,18 +48,8 @@ def ablate_cmd(
     from tasks.training.ablate_report import table_markdown
 
     settings = load_settings(profile, overrides or [])
-    table = run_flow(
-        ablate_flow,
-        corpus_dir,
-        settings,
-        profile,
-        overrides,
-        data_root,
-        None,
-        seeds=seeds,
-        parallel=parallel,
-        robustness=robustness,
-    )
+    with flow_run(corpus_dir, settings, profile, overrides, data_root) as args:
+        table = ablate_flow(**args, seeds=seeds, parallel=parallel, robustness=robustness)
     typer.echo(table_markdown(table))
     if "robustness" in table:
         from tasks.training.robustness import comparison_markdown

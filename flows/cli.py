@@ -19,9 +19,9 @@ from flows.cli_common import (
     UsageProblem,
     checked_corpus,
     corpus_or_override,
+    flow_run,
 )
 from flows.cli_common import connect_server as _connect
-from flows.cli_common import run_flow as _run_flow
 from flows.config import Settings, load_settings
 
 app = typer.Typer(
@@ -124,10 +124,8 @@ def _run_extract(
     from flows.extract import ExtractionSummary, extract_flow
     from flows.runners import with_runner
 
-    flow_fn = with_runner(extract_flow, settings)
-    summary = _run_flow(
-        flow_fn, corpus_dir, settings, profile, overrides, data_root, env, only_new=only_new
-    )
+    with flow_run(corpus_dir, settings, profile, overrides, data_root, env) as args:
+        summary = with_runner(extract_flow, settings)(**args, only_new=only_new)
     typer.echo(ExtractionSummary(**summary).markdown())
     return summary
 
@@ -154,16 +152,13 @@ def extract_cmd(
         raise typer.Exit(3)
 
 
-def _run_train(corpus_dir, settings, profile, overrides, data_root, env=None, **kw) -> dict:
-    from flows.train import train_flow
+def _show_report(report: dict) -> None:
     from tasks.training.report import report_markdown
 
-    report = _run_flow(train_flow, corpus_dir, settings, profile, overrides, data_root, env, **kw)
     typer.echo(report_markdown(report))
     typer.echo(
         f"report: {report['report_dir']} (report.md, confusion.png, curves.png, submission.csv)"
     )
-    return report
 
 
 @app.command("train")
@@ -190,7 +185,11 @@ def train_cmd(
     if labels is not None and not labels.is_file():
         raise UsageProblem(f"label file {labels} does not exist; give a CSV with name, discrete")
     kw = {"labels_csv": str(labels.resolve())} if labels is not None else {}
-    _run_train(corpus, settings, profile, overrides, data_root, **kw)
+    from flows.train import train_flow
+
+    with flow_run(corpus, settings, profile, overrides, data_root) as args:
+        report = train_flow(**args, **kw)
+    _show_report(report)
 
 
 @app.command("train-join")
@@ -235,7 +234,11 @@ def demo_cmd(
     root = settings.resolved_data_root(corpus_dir)
     env = _connect(settings, settings.local_root(root))
     _run_extract(corpus_dir, settings, "demo", overrides, None, env=env)
-    report = _run_train(corpus_dir, settings, "demo", overrides, None, env=env)
+    from flows.train import train_flow
+
+    with flow_run(corpus_dir, settings, "demo", overrides, None, env) as args:
+        report = train_flow(**args)
+    _show_report(report)
     for line in score_against_truth(corpus_dir, Path(report["report_dir"]).parent):
         typer.echo(line)
     serve_args = _demo_serve_args(corpus_dir, overrides)

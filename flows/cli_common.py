@@ -17,7 +17,9 @@ traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -142,12 +144,23 @@ def connect_server(settings: Settings, root: Path) -> dict[str, str]:
     return conn.env
 
 
-def run_flow(
-    flow_fn, corpus_dir: Path, settings: Settings, profile: str, overrides, data_root, env, **kw
-) -> dict:
-    """Run a flow against the data root's Prefect server (or the one `env` names), watched
-    (flows/server_watch.py). A corpus folder that does not exist or holds no videos is refused
-    first (checked_corpus)."""
+@contextlib.contextmanager
+def flow_run(
+    corpus_dir: Path | None,
+    settings: Settings,
+    profile: str,
+    overrides: list[str] | None,
+    data_root: str | Path | None,
+    env: dict[str, str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Where a command calls its flow: connected to the data root's Prefect server (or the one
+    `env` names) and watched (flows/server_watch.py); yields the flow's common arguments
+    (corpus_dir, profile, data_root, overrides). A corpus folder that does not exist or holds no
+    videos is refused first (checked_corpus).
+
+        with flow_run(corpus, settings, profile, overrides, data_root) as args:
+            report = train_flow(**args)
+    """
     from data_contracts.location import normalize_root
     from flows.server_watch import watching
 
@@ -159,13 +172,12 @@ def run_flow(
     # The Prefect server lives on a local disk: the data root, or a URL root's work folder.
     env = env or connect_server(settings, settings.local_root(root))
     with watching(env):
-        return flow_fn(
-            str(corpus_dir) if corpus_dir is not None else None,
-            profile=profile,
-            data_root=str(root),
-            overrides=list(overrides or []),
-            **kw,
-        )
+        yield {
+            "corpus_dir": str(corpus_dir) if corpus_dir is not None else None,
+            "profile": profile,
+            "data_root": str(root),
+            "overrides": list(overrides or []),
+        }
 
 
 # -- errors to exit codes ----------------------------------------------------------------------

@@ -38,9 +38,9 @@ from flows.extract import load_labels_task
 from flows.plan import plan_extraction, stored_plan, training_tables
 from flows.safety import check_all_under_roots, checked_data_root, trusted_roots
 from flows.train_worker import launch, worker_args
+from models.epoch_reports import EPOCH_RECORD, PROGRESS_RECORD, BatchProgress, EpochReport
 from models.recipe import RecipeConfig, epoch_plan, recipe_from_settings
 from models.settings import available_cpus
-from models.training import EPOCH_RECORD, PROGRESS_RECORD, BatchProgress, EpochReport
 from tasks.engine.gpu_slots import CpuClaim, cpu_cores, gpu_slot
 from tasks.stores.quality import named_feature_tables, quality_thresholds, stored_table_choice
 from tasks.training.data import load_training_data, quality_kept, without_empty

@@ -36,7 +36,7 @@ from models.settings import available_cpus
 from tasks.engine.errors import MerflowError
 
 if TYPE_CHECKING:
-    from models.training import EpochReport
+    from models.epoch_reports import EpochReport
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def launch(
     reports through this process's training logger (models/training.py `log_epoch`), as if it
     trained the step itself; raise DistributedStepError (with the last lines) when any rank
     fails. `threads`: each process's threads (default: its share of this worker's cores)."""
-    from models.training import log_epoch
+    from models.epoch_reports import log_epoch
 
     check_devices(ts)
     cmd = torchrun_command(ts, f"merflow-{key}-{step}", args)
@@ -141,7 +141,7 @@ def _epoch_report(line: str) -> EpochReport | None:
     """The epoch report an EPOCH_MARK line carries; None for any other (or a garbled) line."""
     if EPOCH_MARK not in line:
         return None
-    from models.training import EpochReport
+    from models.epoch_reports import EpochReport
 
     try:
         return EpochReport.from_json(line.split(EPOCH_MARK, 1)[1])
@@ -163,7 +163,7 @@ class _EpochMarks(logging.Filter):
     """Epoch records (models/training.py) as one EPOCH_MARK line of JSON each."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from models.training import EPOCH_RECORD
+        from models.epoch_reports import EPOCH_RECORD
 
         report = getattr(record, EPOCH_RECORD, None)
         if report is not None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_contracts.labels import CLASSIFIER_OF_MODALITY, CLASSIFIERS, MODALITIES, NUM_CLASSES
-from models.losses import LearnableTemperature, imcl_ae, imcl_ne, temperature_names
+from models.contrastive import LearnableTemperature, imcl_ae, imcl_ne, temperature_names
 from models.nee import NOISE_KINDS, NoiseSchedule
 from models.settings import default
 from models.voting import DEFAULT_VOTING_WEIGHTS, check_weights, classifier_presence, soft_vote

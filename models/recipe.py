@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ import torch
 
 from data_contracts.labels import CLASSES, CLASSIFIERS, NUM_CLASSES
 from models.baseline import BaselineConfig, BaselineNet
+from models.epoch_reports import training_stage
 from models.featureset import UNLABELLED, FeatureSet
+from models.losses import baseline_loss, fine_tune_loss, pretrain_loss
 from models.metrics import reference_wafs, waf
 from models.mrccl import MRCCL, MRCCLConfig, config_from_dict
 from models.selftrain import (
@@ -33,15 +36,7 @@ from models.selftrain import (
     targets_by_index,
 )
 from models.settings import TrainSettings, default
-from models.training import (
-    FitResult,
-    TrainConfig,
-    fine_tune,
-    predict,
-    pretrain,
-    train_baseline,
-    training_stage,
-)
+from models.training import FitResult, TrainConfig, fit, predict
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +252,11 @@ def pretrain_start(
             )
         held = pretraining_held_out(len(everything), cfg.inner_val_fraction, cfg.train.seed)
         with training_stage("pretrain"):
-            history = pretrain(template, everything, cfg.train, cfg.pretrain_epochs, held)
+            epochs = cfg.pretrain_epochs
+            run = fit(
+                template, everything, cfg.train, pretrain_loss, "pretrain", epochs, held_out=held
+            )
+            history = run.history
     return template.cpu(), history
 
 
@@ -302,7 +301,7 @@ class FoldOutcome:
 
 
 def stage_record(
-    data: FeatureSet, cfg: TrainConfig, fit: FitResult, pseudo: FeatureSet | None = None
+    data: FeatureSet, cfg: TrainConfig, result: FitResult, pseudo: FeatureSet | None = None
 ) -> dict[str, Any]:
     """A stage as it ran: its rows (oversampled copies and rows of the pseudo-labelled videos
     `pseudo` among them), learning rate, most epochs and the epoch whose weights it kept."""
@@ -313,8 +312,8 @@ def stage_record(
         "pseudo_rows": n_pseudo,
         "lr": cfg.lr,
         "max_epochs": cfg.max_epochs,
-        "epochs": len(fit.history),
-        "best_epoch": fit.best_epoch,
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
     }
 
 
@@ -352,7 +351,8 @@ def train_fold(
     _warn_absent(k, train, cfg)
     fit_set = _oversampled(train, cfg.oversample_step1, cfg, step1.seed)
     with training_stage(stage_name(k, "step1")):
-        fit1 = fine_tune(model, fit_set, stop, step1)
+        tune = functools.partial(fine_tune_loss, lambda_con=step1.lambda_con)
+        fit1 = fit(model, fit_set, step1, tune, "fine-tune", stop=stop)
     history: dict[str, Any] = {"step1": fit1.history}
     stages = {"step1": stage_record(fit_set, step1, fit1)}
     step1_waf = waf(val.labels, predict(model, val, cfg.train.eval_batch_size)["voted"].argmax(1))
@@ -366,7 +366,7 @@ def train_fold(
         torch.manual_seed(step1.seed)  # both baselines start from the same weights
         base = BaselineNet(cfg.baseline)
         with training_stage(stage_name(k, name)):
-            fitb = train_baseline(base, base_rows[name], stop, base_cfg)
+            fitb = fit(base, base_rows[name], base_cfg, baseline_loss, "baseline", stop=stop)
         base_val[name] = predict(base, val, cfg.train.eval_batch_size)["voted"]
         history[name] = fitb.history
         stages[name] = stage_record(base_rows[name], base_cfg, fitb)
@@ -379,7 +379,8 @@ def train_fold(
     step2 = _fold_cfg(cfg, k, max_epochs=cfg.final_epochs, lr=cfg.lr_step2)
     grown = _oversampled(FeatureSet.concat([train, pseudo]), cfg.oversample_step2, cfg, step2.seed)
     with training_stage(stage_name(k, "step2")):
-        fit2 = fine_tune(model, grown, stop, step2)
+        tune = functools.partial(fine_tune_loss, lambda_con=step2.lambda_con)
+        fit2 = fit(model, grown, step2, tune, "fine-tune", stop=stop)
     history["step2"] = fit2.history
     stages["step2"] = stage_record(grown, step2, fit2, pseudo)
     val_probs = predict(model, val, cfg.train.eval_batch_size)

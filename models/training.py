@@ -4,8 +4,8 @@ models/recipe.py; the loss each stage minimises is models/losses.py; the scores 
 models/metrics.py; what the loop logs as it goes is models/epoch_reports.py.
 
 Read top to bottom: loop settings; batches and the DDP wrapper (all a rank of a torchrun job
-does differently); early stopping; `fit`, the loop; the stages (pretrain, fine_tune,
-train_baseline); predict.
+does differently); early stopping; `fit`, the loop every stage runs with its loss (pretraining,
+fine-tuning, the baseline: models/recipe.py calls it with each); predict.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from data_contracts.labels import CLASSIFIERS, NUM_CLASSES
-from models.baseline import BaselineNet
 from models.distributed import (
     RANK_SEED_STRIDE,
     Gather,
@@ -33,17 +32,7 @@ from models.distributed import (
     share,
     world,
 )
-from models.epoch_reports import (  # noqa: F401  (EPOCH_RECORD .. log_epoch: re-exported)
-    EPOCH_RECORD,
-    PROGRESS_RECORD,
-    BatchProgress,
-    EpochProgress,
-    EpochReport,
-    current_stage,
-    log_epoch,
-    report_epoch,
-    training_stage,
-)
+from models.epoch_reports import EpochProgress, current_stage, report_epoch
 from models.featureset import (
     UNLABELLED,
     FeatureSet,
@@ -52,7 +41,7 @@ from models.featureset import (
     take,
     to_tensors,
 )
-from models.losses import baseline_loss, fine_tune_loss, pretrain_loss
+from models.losses import pretrain_loss
 from models.metrics import waf
 from models.mrccl import MRCCL
 from models.settings import default
@@ -216,16 +205,20 @@ def fit(
     cfg: TrainConfig,
     loss: StageLoss,
     stage: str,
-    epochs: int,
-    early: _EarlyStop | None = None,
-    rows: np.ndarray | None = None,
-) -> list[dict[str, float]]:
-    """Train `model` on `data` (its `rows` only, when given) by minimising `loss` for at most
-    `epochs`; returns each epoch's stats. With `early`, every epoch is scored on held-out rows,
-    training stops when they stop improving and the model ends with the best epoch's state;
-    without, every epoch runs and the last state is kept. `stage` names the epochs in the
-    report lines when no training_stage does.
+    epochs: int | None = None,
+    *,
+    stop: FeatureSet | None = None,
+    held_out: np.ndarray | None = None,
+) -> FitResult:
+    """Train `model` on `data` by minimising `loss` (models/losses.py) for at most `epochs`
+    (default cfg.max_epochs). The epoch kept (docs/method.md §7): with `stop`, a labelled
+    early-stopping set, the best WAF on it; with `held_out`, rows of `data` not trained on
+    (pretraining), the lowest loss on them; with neither, the last. Training ends after
+    cfg.patience epochs without a better score. `stage` names the epochs in the report lines
+    when no training_stage does.
     """
+    early, rows = _early_stopping(model, data, cfg, loss, stop, held_out)
+    epochs = cfg.max_epochs if epochs is None else epochs
     w = world()
     torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * w.rank)  # dropout, NEE; rank 0 = one process
     rng = np.random.default_rng(cfg.seed)  # the same on every rank: one batch order
@@ -260,9 +253,10 @@ def fit(
         report_epoch(stage, epoch, epochs, stats, started)
         if early is not None and early.should_stop(model, epoch, stats):
             break
-    if early is not None:
-        early.restore(model)
-    return history
+    if early is None:
+        return FitResult(history, len(history), None)  # the last epoch is kept
+    early.restore(model)
+    return FitResult(history, early.best_epoch, early.best)
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -288,53 +282,44 @@ def _held_out_loss(
     return total / len(held)
 
 
-def pretrain(
-    model: MRCCL,
+def _early_stopping(
+    model: nn.Module,
     data: FeatureSet,
     cfg: TrainConfig,
-    epochs: int,
-    held_out: np.ndarray | None = None,
-) -> list[dict[str, float]]:
-    """Contrastive pretraining (L_intra + L_imc), labels unused, for at most `epochs`; per-epoch
-    stats. With `held_out` rows of `data`: trains on the others, stops after cfg.patience epochs
-    without a lower loss on the held-out rows and ends with the best state (docs/method.md §7);
-    without: every epoch on every row, the last state kept."""
-    if held_out is None:
-        return fit(model, data, cfg, pretrain_loss, "pretrain", epochs)
-    held = np.sort(np.asarray(held_out, dtype=np.int64))
-    rows = np.setdiff1d(np.arange(len(data)), held)
-    if len(held) < 2 or len(rows) < 2:
-        raise ValueError(
-            f"pretraining's held-out rows ({len(held)}) and training rows ({len(rows)}) need two "
-            "rows each (a contrastive term compares rows); hold out fewer or none"
-        )
+    loss: StageLoss,
+    stop: FeatureSet | None,
+    held_out: np.ndarray | None,
+) -> tuple[_EarlyStop | None, np.ndarray | None]:
+    """fit's early stopping and the rows it trains on (None: all of `data`).
 
-    def val_loss(tensors: TensorBatch) -> dict[str, float]:
-        return {"val_loss": _held_out_loss(model, tensors, held, cfg.batch_size, cfg.seed)}
-
-    early = _EarlyStop(cfg.patience, val_loss, "val_loss", higher=False)
-    return fit(model, data, cfg, pretrain_loss, "pretrain", epochs, early, rows)
-
-
-def _waf_early_stop(
-    model: nn.Module, train: FeatureSet, stop: FeatureSet | None, cfg: TrainConfig
-) -> _EarlyStop | None:
-    """A supervised stage's early stopping: after cfg.patience epochs without a better WAF on
-    the early-stopping set `stop` (None: none, every epoch runs and the last state is kept).
-    Both sets must be non-empty and fully labelled.
-
-    `stop` must be rows the caller will not report scores on (docs/method.md §7): a figure
-    measured on the rows that chose the epoch is optimistic.
+    `stop` (supervised stages): the WAF of the voted scores on it, every rank seeing the same
+    gathered probabilities; `data` and `stop` must be non-empty and fully labelled. `stop` must
+    be rows the caller will not report scores on: a figure measured on the rows that chose the
+    epoch is optimistic. `held_out` (pretraining):
+    the pretraining loss on those rows of `data` (_held_out_loss); training takes the others.
     """
-    parts = [("training", train), *([("early-stopping", stop)] if stop is not None else [])]
-    for name, part in parts:
+    if stop is not None and held_out is not None:
+        raise ValueError("early stopping takes an early-stopping set or held-out rows, not both")
+    if held_out is not None:
+        held = np.sort(np.asarray(held_out, dtype=np.int64))
+        rows = np.setdiff1d(np.arange(len(data)), held)
+        if len(held) < 2 or len(rows) < 2:
+            raise ValueError(
+                f"pretraining's held-out rows ({len(held)}) and training rows ({len(rows)}) need "
+                "two rows each (a contrastive term compares rows); hold out fewer or none"
+            )
+
+        def val_loss(tensors: TensorBatch) -> dict[str, float]:
+            return {"val_loss": _held_out_loss(model, tensors, held, cfg.batch_size, cfg.seed)}
+
+        return _EarlyStop(cfg.patience, val_loss, "val_loss", higher=False), rows
+    if stop is None:
+        return None, None
+    for name, part in (("training", data), ("early-stopping", stop)):
         if (part.labels == UNLABELLED).any() or len(part) == 0:
             raise ValueError(f"the {name} set must be non-empty and fully labelled")
-    if stop is None:
-        return None
 
     def val_scores(_: TensorBatch) -> dict[str, float]:
-        # Every rank sees the same probabilities (gathered).
         voted = predict(model, stop, cfg.eval_batch_size)["voted"]
         picked = np.clip(voted[np.arange(len(stop)), stop.labels], 1e-12, None)
         return {
@@ -342,32 +327,7 @@ def _waf_early_stop(
             "val_waf": waf(stop.labels, voted.argmax(1)),
         }
 
-    return _EarlyStop(cfg.patience, val_scores, "val_waf", higher=True)
-
-
-def _result(history: list[dict[str, float]], early: _EarlyStop | None) -> FitResult:
-    if early is None:
-        return FitResult(history, len(history), None)  # the last epoch is kept
-    return FitResult(history, early.best_epoch, early.best)
-
-
-def fine_tune(
-    model: MRCCL, train: FeatureSet, stop: FeatureSet | None, cfg: TrainConfig
-) -> FitResult:
-    """Supervised MR-CCL training with the full fine-tuning loss for at most cfg.max_epochs,
-    early-stopped on the WAF of `stop` (_waf_early_stop)."""
-    early = _waf_early_stop(model, train, stop, cfg)
-    loss = functools.partial(fine_tune_loss, lambda_con=cfg.lambda_con)
-    return _result(fit(model, train, cfg, loss, "fine-tune", cfg.max_epochs, early), early)
-
-
-def train_baseline(
-    model: BaselineNet, train: FeatureSet, stop: FeatureSet | None, cfg: TrainConfig
-) -> FitResult:
-    """Supervised training of the challenge baseline for at most cfg.max_epochs, early-stopped
-    on the WAF of `stop` (_waf_early_stop)."""
-    early = _waf_early_stop(model, train, stop, cfg)
-    return _result(fit(model, train, cfg, baseline_loss, "baseline", cfg.max_epochs, early), early)
+    return _EarlyStop(cfg.patience, val_scores, "val_waf", higher=True), None
 
 
 # ----------------------------------------------------------------------------- prediction

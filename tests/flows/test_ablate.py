@@ -15,7 +15,7 @@ import pytest
 from data_contracts.labels import MODALITIES
 from flows.ablate import ablate_flow
 from flows.extract import extract_flow
-from models.training import EPOCH_RECORD
+from models.epoch_reports import EPOCH_RECORD
 from tasks.training.ablate_report import BASELINE, BASELINE_OVERSAMPLED, SYSTEMS
 from tasks.training.data import TrainingData
 from tasks.training.steps import pretrain_step

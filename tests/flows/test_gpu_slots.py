@@ -283,7 +283,7 @@ def test_a_training_step_follows_its_share_at_each_epoch_and_keeps_its_counts(
     import torch
 
     from flows.train import _cores
-    from models.training import EpochReport, log_epoch
+    from models.epoch_reports import EpochReport, log_epoch
     from tasks.engine.gpu_slots import cpu_cores
 
     monkeypatch.setenv("MERFLOW_CPU_DIR", str(tmp_path / "cpus"))

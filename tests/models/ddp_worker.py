@@ -19,8 +19,9 @@ from data_contracts.labels import MODALITIES, NUM_CLASSES
 from models.baseline import BaselineConfig, BaselineNet
 from models.distributed import init_from_env, shutdown, world
 from models.featureset import FeatureSet
+from models.losses import baseline_loss, fine_tune_loss, pretrain_loss
 from models.mrccl import MRCCL, MRCCLConfig
-from models.training import TrainConfig, fine_tune, predict, pretrain, train_baseline
+from models.training import TrainConfig, fit, predict
 
 DIMS = {"visual": 24, "acoustic": 32, "text": 40}
 
@@ -59,18 +60,18 @@ def main(out: Path, stochastic: bool) -> None:
     tc = TrainConfig(lr=1e-3, batch_size=8, max_epochs=2, patience=5, seed=3)
     torch.manual_seed(0)
     model = MRCCL(cfg)
-    pre = pretrain(model, pool, tc, epochs=2)
-    fit = fine_tune(model, train, val, tc)
+    pre = fit(model, pool, tc, pretrain_loss, "pretrain", epochs=2).history
+    tuned = fit(model, train, tc, fine_tune_loss, "fine-tune", stop=val)
     torch.manual_seed(1)
     base = BaselineNet(BaselineConfig(dims=DIMS, hidden=16, dropout=dropout))
-    fitb = train_baseline(base, train, val, tc)
+    fitb = fit(base, train, tc, baseline_loss, "baseline", stop=val)
     probs = predict(model, pool, batch_size=16)["voted"]
     if w.main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "mrccl.pt")
         torch.save({k: v.cpu() for k, v in base.state_dict().items()}, out / "baseline.pt")
         np.save(out / "probs.npy", probs)
-        history = {"pretrain": pre, "fine_tune": fit.history, "baseline": fitb.history}
+        history = {"pretrain": pre, "fine_tune": tuned.history, "baseline": fitb.history}
         (out / "history.json").write_text(json.dumps({"world": w.size, **history}))
     shutdown()
 

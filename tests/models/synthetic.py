@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from models.featureset import FeatureSet
+from models.losses import baseline_loss, fine_tune_loss, pretrain_loss
+from models.training import FitResult, TrainConfig, fit
 
 DIMS = {"visual": 24, "acoustic": 32, "text": 40}
 
@@ -35,3 +39,19 @@ def make_featureset(
         present=present,
         labels=y if labelled else np.full(n, -1),
     )
+
+
+# The recipe's three stages as models/recipe.py runs them through the one loop (models/training.py).
+def pretrain(model, data: FeatureSet, cfg: TrainConfig, epochs: int, held_out=None) -> list:
+    return fit(model, data, cfg, pretrain_loss, "pretrain", epochs, held_out=held_out).history
+
+
+def fine_tune(model, train: FeatureSet, stop: FeatureSet | None, cfg: TrainConfig) -> FitResult:
+    loss = functools.partial(fine_tune_loss, lambda_con=cfg.lambda_con)
+    return fit(model, train, cfg, loss, "fine-tune", stop=stop)
+
+
+def train_baseline(
+    model, train: FeatureSet, stop: FeatureSet | None, cfg: TrainConfig
+) -> FitResult:
+    return fit(model, train, cfg, baseline_loss, "baseline", stop=stop)

@@ -101,7 +101,7 @@ def test_paper_preset_has_the_paper_dims() -> None:
 
 
 def test_groups_reach_every_contrastive_term_and_distinct_groups_change_nothing() -> None:
-    from models.losses import imcl_ae, imcl_ne
+    from models.contrastive import imcl_ae, imcl_ne
 
     model = tiny()
     n = 6

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from models import training
+from models import epoch_reports, training
 from models.baseline import BaselineConfig, BaselineNet
 from models.metrics import reference_wafs, waf
 from models.mrccl import MRCCL, mrccl_config
 from models.recipe import RecipeConfig, early_stopping_split, pretraining_held_out
-from models.training import TrainConfig, fine_tune, predict, pretrain, train_baseline
-from tests.models.synthetic import DIMS, make_featureset
+from models.training import TrainConfig, predict
+from tests.models.synthetic import DIMS, fine_tune, make_featureset, pretrain, train_baseline
 
 FAST = TrainConfig(lr=3e-3, batch_size=32, max_epochs=12, patience=12, seed=0)
 
@@ -160,14 +160,14 @@ def test_long_epochs_log_progress_lines_with_batches_and_rows_per_second(caplog,
     monkeypatch.setattr("models.epoch_reports.PROGRESS_EVERY_S", 0.0)  # a line after each batch
     data = make_featureset(100, seed=1)
     cfg = dataclasses.replace(FAST, batch_size=32)
-    with caplog.at_level("INFO", logger="models.training"), training.training_stage("pre"):
+    with caplog.at_level("INFO", logger="models.training"), epoch_reports.training_stage("pre"):
         pretrain(tiny_mrccl(), data, cfg, epochs=2)
-    progress = [getattr(r, training.PROGRESS_RECORD, None) for r in caplog.records]
+    progress = [getattr(r, epoch_reports.PROGRESS_RECORD, None) for r in caplog.records]
     progress = [p for p in progress if p is not None]
     # 4 batches an epoch (32, 32, 32, 4 rows); the last one is the epoch's own report.
     assert [(p.epoch, p.batches, p.of, p.rows) for p in progress] == [
         (e, b, 4, 32 * b) for e in (1, 2) for b in (1, 2, 3)
     ]
     assert all(p.stage == "pre" and p.epochs == 2 and p.seconds > 0 for p in progress)
-    line = next(r.getMessage() for r in caplog.records if hasattr(r, training.PROGRESS_RECORD))
+    line = next(r.getMessage() for r in caplog.records if hasattr(r, epoch_reports.PROGRESS_RECORD))
     assert line.startswith("pre: epoch 1/2 batch 1/4 (32 rows, ") and line.endswith(" rows/s)")

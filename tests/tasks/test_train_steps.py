@@ -38,13 +38,14 @@ def test_a_run_keeps_pseudo_labels_and_early_stopping_rows_out_of_validation(
     labelled = make_featureset(60, seed=5, missing=0.1)
     unlabelled = make_featureset(90, seed=6, labelled=False, missing=0.1)
     seen: list[tuple[FeatureSet, FeatureSet | None]] = []
-    real = recipe_module.fine_tune
+    real = recipe_module.fit
 
-    def spy(model, train, stop, cfg):
-        seen.append((train, stop))
-        return real(model, train, stop, cfg)
+    def spy(model, train, cfg, loss, stage, epochs=None, **early):
+        if stage == "fine-tune":
+            seen.append((train, early.get("stop")))
+        return real(model, train, cfg, loss, stage, epochs, **early)
 
-    monkeypatch.setattr(recipe_module, "fine_tune", spy)
+    monkeypatch.setattr(recipe_module, "fit", spy)
     report = train_in_process(tmp_path / "a", _data(labelled, unlabelled), small_recipe())
     assert len(seen) == 4  # 2 folds x (step 1, step 2)
     folds = read_run_folds(tmp_path / "a")
@@ -145,17 +146,18 @@ def test_shuffled_labels_report_chance_not_an_optimistic_figure(tmp_path) -> Non
 
 
 def _stage_sets(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
-    """What the recipe's stages train on: (training set, config) of each fine_tune and
-    train_baseline call, in order."""
+    """What the recipe's stages train on: (training set, config) of each fine-tuning and
+    baseline stage, in order."""
     seen: dict[str, list] = {"fine_tune": [], "train_baseline": []}
-    for name in seen:
-        real = getattr(recipe_module, name)
+    key = {"fine-tune": "fine_tune", "baseline": "train_baseline"}
+    real = recipe_module.fit
 
-        def spy(model, train, stop, cfg, real=real, name=name):
-            seen[name].append((train, cfg))
-            return real(model, train, stop, cfg)
+    def spy(model, train, cfg, loss, stage, epochs=None, **early):
+        if stage in key:
+            seen[key[stage]].append((train, cfg))
+        return real(model, train, cfg, loss, stage, epochs, **early)
 
-        monkeypatch.setattr(recipe_module, name, spy)
+    monkeypatch.setattr(recipe_module, "fit", spy)
     return seen
 
 

@@ -115,7 +115,6 @@ class ExtractSettings(_Section):
 
     shard_size: int = Field(64, gt=0)
     prefer_official_transcripts: bool = True
-    gpu_concurrency: int = Field(1, gt=0)
     # Prefect retries of a stage's shard on transient errors.
     retries: int = Field(DEFAULT_RETRIES, ge=0)
     # torch intra-op threads (and ASR threads) of each model stage; None: half the cores this
@@ -143,6 +142,10 @@ class PrefectSettings(_Section):
     # PREFECT_SERVER_API_AUTH_STRING set.
     host: str = "127.0.0.1"
     port: int = Field(4200, gt=0, lt=65536)
+    # Slots per GPU of a machine: the global concurrency limit `gpu:<host>:<device>` that every
+    # GPU task (an extraction shard's model stage, a training step, prediction) holds one slot
+    # of (tasks/engine/gpu_slots.py); 1: one task per GPU at a time.
+    gpu_slots: int = Field(1, gt=0)
 
 
 class Settings(_Section):

@@ -156,7 +156,7 @@ def submit_stages(
     transcripts (None: ASR text only, under the plan's transcripts extractor id).
     """
     if any(m.device != "cpu" for m in plan.models.values()):
-        ensure_gpu_slots(settings.extract.gpu_concurrency)
+        ensure_gpu_slots(settings.prefect.gpu_slots)
     futures: dict[str, list[PrefectFuture]] = defaultdict(list)
     tasks = stage_tasks(settings)
     fresh = {stage: t.with_options(refresh_cache=True) for stage, t in tasks.items()}

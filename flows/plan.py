@@ -167,7 +167,7 @@ def model_choices(
         "dtype": dtype,
         "allow_download": m.allow_download,
         "trust_remote_code": m.trust_remote_code,
-        "gpu_slots": settings.extract.gpu_concurrency,
+        "gpu_slots": settings.prefect.gpu_slots,
         # None: resolved where the stage computes (tasks/embed.py ModelChoice.compute_threads).
         "threads": settings.extract.model_threads,
     }

@@ -61,7 +61,7 @@ def label_task(
 ) -> pd.DataFrame:
     """Prefect task: the run's fold models on the videos' stored features (tasks/predict.py)."""
     device = resolve_device(settings.models.device)
-    with gpu_slot(device, slots_per_device=settings.extract.gpu_concurrency):
+    with gpu_slot(device, slots_per_device=settings.prefect.gpu_slots):
         load_models(run, device)
         return label_videos(Store(data_root), run, plan, videos)
 

@@ -50,7 +50,7 @@ def score_task(
 ) -> list[dict[str, Any]]:
     """Prefect task: every fold's model on its validation videos at every level."""
     device = resolve_device(settings.models.device)
-    with gpu_slot(device, slots_per_device=settings.extract.gpu_concurrency):
+    with gpu_slot(device, slots_per_device=settings.prefect.gpu_slots):
         load_models(run, device)
         store = Store(data_root)
         return [score_level(store, run, level, plan, folds) for level in levels]

@@ -69,10 +69,9 @@ def _run_step(step: str, key: str, run_dir: str, profile: str, overrides: list[s
     the step's folder."""
     settings = load_settings(profile, overrides)
     ts = settings.train
-    # One slot of each GPU the step trains on, per machine (tasks/engine/gpu_slots.py); none on a
-    # CPU.
-    slots = settings.extract.gpu_concurrency
-    with gpu_slot(ts.device, slots_per_device=slots, n_devices=ts.nproc_per_node):
+    # One slot of each GPU the step trains on, per machine (tasks/engine/gpu_slots.py); none on
+    # a CPU.
+    with gpu_slot(ts.device, settings.prefect.gpu_slots, n_devices=ts.nproc_per_node):
         if ts.world_size == 1:
             data, recipe = step_inputs(Path(run_dir), key, ts)
             want = ts.process_threads(available_cpus())
@@ -492,7 +491,7 @@ def join_training(
         if (run_dir / step / DONE).is_file():
             continue
         args = worker_args(step, key, str(run_dir), profile, overrides)
-        ts, slots = settings.train, settings.extract.gpu_concurrency
+        ts, slots = settings.train, settings.prefect.gpu_slots
         with gpu_slot(ts.device, slots_per_device=slots, n_devices=ts.nproc_per_node):
             launch(ts, step, key, args, emit=emit)
         joined.append(step)

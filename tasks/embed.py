@@ -76,7 +76,7 @@ class ModelChoice:
     batch: float | None = None  # crops, audio samples or tokens per forward; None: default
     chunk_seconds: float | None = None  # audio models: chunk length; None: the spec's
     recipe: str | None = None  # "merflow" or "mertools" (models.registry.RECIPES); None: spec's
-    gpu_slots: int = 1  # shards sharing one GPU of a machine (extract.gpu_concurrency)
+    gpu_slots: int = 1  # shards sharing one GPU of a machine (prefect.gpu_slots)
     threads: int | None = None  # torch intra-op (and ASR) threads; None: compute_threads()
     # Frame-level features beside the utterance ones (visual: one row per face crop; acoustic:
     # HuBERT frames mean-pooled to `frame_rate` windows per second), in the same pass.

@@ -1,7 +1,7 @@
 """GPU slots per machine and device: Prefect global concurrency limits `gpu:<host>:<device>`.
 
 A GPU-bound task takes one slot of the device it computes on (`gpu_slot`) around its model
-work, so at most `extract.gpu_concurrency` shards share one GPU, on every machine: each machine
+work, so at most `prefect.gpu_slots` shards share one GPU, on every machine: each machine
 and device has its own limit, created on first use with the configured slots, and the limits of
 one machine never hold back another. On a CPU-only machine (or a CPU device) nothing is created,
 nothing is asked of the server and nothing waits. Without a Prefect API (a single task run
@@ -162,7 +162,7 @@ def _upsert(names: list[str], limit: int) -> None:
                 except ObjectAlreadyExists:  # another process of this machine was first
                     current = client.read_global_concurrency_limit_by_name(name)
             if current.limit != limit or not current.active:
-                # The configured slots are the truth: extract.gpu_concurrency=2 takes effect.
+                # The configured slots are the truth: prefect.gpu_slots=2 takes effect.
                 client.update_global_concurrency_limit(
                     name, GlobalConcurrencyLimitUpdate(limit=limit, active=True)
                 )
@@ -182,7 +182,7 @@ def gpu_slot(
 
     `device`: where the model runs (as `device_index` reads it); `n_devices`: that device and
     the next ones (a torchrun step of K processes per machine takes K devices from cuda:0);
-    `slots_per_device`: `extract.gpu_concurrency`, used when the limit is created or resized.
+    `slots_per_device`: `prefect.gpu_slots`, used when the limit is created or resized.
     Yields the names of the limits held; [] when nothing was taken: a CPU device or machine, or
     no Prefect API configured. `host` and `count` are for tests with fake GPUs.
 

@@ -183,15 +183,6 @@ def add_noise(x: np.ndarray, c: Corruption, rng: np.random.Generator) -> np.ndar
     return mix.astype(np.float32)
 
 
-def measured_snr(clean: np.ndarray, noisy: np.ndarray) -> float:
-    """The SNR (dB) of `noisy` against `clean`, allowing for a gain between them (add_noise
-    scales a mix that would clip): the clean part is noisy's projection on clean."""
-    clean, noisy = np.asarray(clean, np.float64), np.asarray(noisy, np.float64)
-    gain = float(noisy @ clean / (clean @ clean))
-    residual = noisy - gain * clean
-    return float(10 * np.log10((gain**2 * (clean @ clean)) / (residual @ residual)))
-
-
 # -- video ----------------------------------------------------------------------------------------
 class FrameCorruptor:
     """Corrupts one video's decoded frames in order (RGB uint8); None: the frame is dropped."""
@@ -216,13 +207,3 @@ class FrameCorruptor:
         for size in reversed(sizes):  # back up to each octave's own size
             rgb = cv2.pyrUp(rgb, dstsize=size)
         return rgb
-
-
-def sharpness(images: np.ndarray) -> float:
-    """Mean variance of the Laplacian over images (n, h, w, 3) uint8: lower is blurrier."""
-    import cv2
-
-    values = [
-        cv2.Laplacian(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for im in images
-    ]
-    return float(np.mean(values)) if values else float("nan")

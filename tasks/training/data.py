@@ -256,11 +256,6 @@ def _say_unknown_labels(ids: set[str], store: Store) -> None:
     )
 
 
-def label_frame(data: FeatureSet) -> pd.DataFrame:
-    """video_id and class index of a feature set, for reports."""
-    return pd.DataFrame({"video_id": data.video_ids, "label": data.labels})
-
-
 def without_empty(data: FeatureSet) -> tuple[FeatureSet, list[str]]:
     """`data` without the videos that have no modality left (e.g. after quality_kept), and the
     ids of those videos."""

@@ -15,15 +15,33 @@ from tasks.corrupt import (
     CorruptionError,
     FrameCorruptor,
     add_noise,
-    measured_snr,
     parse_levels,
-    sharpness,
 )
 from tasks.engine.stage import run_stage
 from tasks.faces.crop import faces_stage
 from tasks.faces.crop_files import load_crops
 from tasks.faces.settings import FaceSettings
 from tasks.media import audio_extractor_id, audio_stage, load_wav
+
+
+# -- the measurements ------------------------------------------------------------------------------
+def measured_snr(clean: np.ndarray, noisy: np.ndarray) -> float:
+    """The SNR (dB) of `noisy` against `clean`, allowing for a gain between them (add_noise
+    scales a mix that would clip): the clean part is noisy's projection on clean."""
+    clean, noisy = np.asarray(clean, np.float64), np.asarray(noisy, np.float64)
+    gain = float(noisy @ clean / (clean @ clean))
+    residual = noisy - gain * clean
+    return float(10 * np.log10((gain**2 * (clean @ clean)) / (residual @ residual)))
+
+
+def sharpness(images: np.ndarray) -> float:
+    """Mean variance of the Laplacian over images (n, h, w, 3) uint8: lower is blurrier."""
+    import cv2
+
+    values = [
+        cv2.Laplacian(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for im in images
+    ]
+    return float(np.mean(values)) if values else float("nan")
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ On the class-conditional synthetic features of benchmarks/train_synthetic.py (it
 z-scoring, the train flow's settings path and steps), for each number of labelled clips (MER2024's
 class mix, `--unlabelled-ratio` times as many unlabelled clips of the same law) this trains one
 run of the recipe (models/recipe.py through tasks/training/steps.py's steps, as `train_in_process`
-does)
-and reads from it, per fold:
+does) and reads from it, per fold:
 
 - full method: voted, after step 2 (the fold's final model);
 - step 1: MR-CCL step 1, voted (before the pseudo labels);

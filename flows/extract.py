@@ -117,9 +117,8 @@ def stage_tasks(settings: Settings) -> dict[str, Any]:
 
 def ensure_gpu_slots(slots_per_device: int) -> int:
     """This machine's GPU slot limits, one per device (tasks/engine/gpu_slots.py), created or
-    resized
-    to slots_per_device; returns how many devices have one (0 on a CPU-only machine, where the
-    server is not asked). Workers on other machines create their own on first use."""
+    resized to slots_per_device; returns how many devices have one (0 on a CPU-only machine,
+    where the server is not asked). Workers on other machines create their own on first use."""
     from tasks.engine.gpu_slots import ensure_gpu_slots as ensure_device_slots
 
     return len(ensure_device_slots(slots_per_device))

@@ -6,8 +6,7 @@ audio split, blur, downscaling or dropped frames in the faces): rows of their ow
 clean ones, cached and resumable like every stage, so a second invocation computes nothing.
 Then each fold's model is scored on its own validation videos at every level
 (tasks/training/robustness.py): the table and plot go to the run folder's `robustness/` and to the
-UI
-as artifacts.
+UI as artifacts.
 """
 
 from __future__ import annotations

@@ -412,8 +412,7 @@ def train_flow(
     _save_beside_stores(settings, ctx["store"])
     with _Watch(ctx["recipe"], run_dir).watching() as watch:
         # Every step and the report read these, never the stores again (tasks/training/steps.py);
-        # the
-        # copy read from the stores is dropped once frozen (at paper size it is ~3 GB).
+        # the copy read from the stores is dropped once frozen (at paper size it is ~3 GB).
         store, read = ctx["store"], ctx.pop("data")
         data = freeze_run(run_dir, read, key, ctx["fingerprint"], ctx["recipe"], store)
         del read

@@ -75,8 +75,7 @@ class TrainSettings(BaseModel):
     preferred_baseline: list[str] = Field(default_factory=lambda: ["happy", "worried", "surprise"])
     vote_weights: list[float] = Field(default_factory=lambda: [0.7, 0.5, 0.4, 0.7])  # A V T F
     # Quality filters (tasks/stores/quality.py): mask a modality of a video whose signal is below
-    # the
-    # threshold. Off by default so that the paper's numbers stay comparable.
+    # the threshold. Off by default so that the paper's numbers stay comparable.
     quality_min_face_ratio: float | None = Field(None, ge=0, le=1)
     quality_min_face_confidence: float | None = None
     quality_min_speech_ratio: float | None = Field(None, ge=0, le=1)

@@ -1,8 +1,7 @@
 """Feature extraction stages: CLIP on face crops, HuBERT on audio, ASR, LLM on transcripts.
 
 Each is a `tasks.engine.stage.Stage` run by the one engine (`run_stage`): it computes only the keys
-its
-table lacks, batches across the shard's videos in bounded groups, pools one vector per video and
+its table lacks, batches across the shard's videos in bounded groups, pools one vector per video and
 writes it through the store. A video whose input is missing (no face, no audio, empty text) gets
 a failure row and no feature row: a missing modality, never a zero vector. Audio reaches the
 speech models at their own sample rate, resampled when the audio split used another.
@@ -127,8 +126,7 @@ class ModelChoice:
     def compute_threads(self) -> int:
         """The threads it computes with: `threads`, else, while a shard holds a share of the
         machine's cores (tasks/engine/stage.py, tasks/engine/gpu_slots.py cpu_cores), that share,
-        else
-        wanted_threads. More threads than free cores make every batched op wait at a barrier
+        else wanted_threads. More threads than free cores make every batched op wait at a barrier
         for a thread the OS has descheduled: 5-10x slower on a busy 2-core machine."""
         claim = current_claim()
         return claim.threads if claim is not None and not self.threads else self.wanted_threads

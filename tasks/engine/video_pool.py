@@ -7,8 +7,7 @@ separate cores. A stage that runs its per-video function in these processes leav
 the model stages; with several processes, the videos of a shard are cropped side by side.
 
 Each worker is `python -m tasks.engine.video_pool`, fed pickled jobs on its stdin: it builds a
-stage's
-per-video function (its `setup`: the face backend loaded) on its first job of those settings
+stage's per-video function (its `setup`: the face backend loaded) on its first job of those settings
 and keeps it for later shards; the pool lives as long as the process that made it. Plain
 subprocesses, not multiprocessing: spawn and forkserver re-import the caller's main script (a
 script that runs a flow at its top level would run it again), and fork would copy locks held by

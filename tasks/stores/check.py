@@ -342,8 +342,7 @@ def check_stores(
     """Check every feature table of the store; write the findings table and reports/check.md.
 
     Leakage across CV folds is tested on the latest training run's folds (tasks/training/folds.py),
-    or,
-    before any run or for other n_splits/seed, on the folds a run would make."""
+    or, before any run or for other n_splits/seed, on the folds a run would make."""
     if not store.has_stores():
         raise BadInputError(
             f"{store.root} holds no stores/ folder: it is not a merflow data root; give the data "

@@ -98,8 +98,7 @@ def fold_assignment(store: Store, n_splits: int | None = None, seed: int | None 
     asked for, else the data root's saved settings) computed with the same function over the
     rows a run would train on: the labelled videos (of the manifest, or imported without their
     files: tasks/stores/quality.py current_videos), sorted by id, that have at least one modality
-    in the
-    table a run trains on per modality (train.feature_tables of the saved settings, else the
+    in the table a run trains on per modality (train.feature_tables of the saved settings, else the
     newest; a run's quality filters, when set, may drop more).
     Raises ValueError when there are too few labelled videos for the folds."""
     latest = _parse(store.read_text(LATEST_FOLDS))

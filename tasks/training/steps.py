@@ -91,8 +91,7 @@ def freeze_run(
 ) -> TrainingData:
     """Freeze a run's inputs once: assign its folds over exactly its labelled rows, write the
     inputs (tasks/training/inputs.py) and the folds (tasks/training/folds.py; beside the stores too
-    when a
-    store is given), and return the inputs as every step will read them (mapped)."""
+    when a store is given), and return the inputs as every step will read them (mapped)."""
     ids = data.labelled.video_ids
     folds = run_assignment(ids, data.labelled.labels, recipe.n_splits, recipe.train.seed, key)
     data = dataclasses.replace(data, folds=np.array([folds.folds[v] for v in ids], np.int64))

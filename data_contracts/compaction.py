@@ -47,19 +47,35 @@ class Compaction:
     def _maybe_compact(self, table: TableRef) -> None:
         small = self._small_parts(table, self.target_part_bytes // 2)
         if len(small) > self.max_small_parts:
-            self._merge(table, list(small))
+            for run in self._runs(small):
+                self._merge(table, run)
 
     def compact(self, table: TableRef) -> int:
-        """Merge all small part files of a table into one; returns the number merged.
+        """Merge the small part files of a table (below the target part size) into parts of
+        about the target size; returns the number merged.
 
         On object storage only parts older than `compact_grace_s` are merged, and one process
         at a time should compact a table (see data_contracts.store).
         """
         with self.backend.locked(table.name):
             small = self._small_parts(table, self.target_part_bytes)
-            if len(small) > 1 and self._merge(table, list(small)):
-                return len(small)
-            return 0
+            return sum(len(run) for run in self._runs(small) if self._merge(table, run))
+
+    def _runs(self, small: Listing) -> list[list[Part]]:
+        """The parts `small` in sequence order, cut into runs of two or more whose files add up
+        to at most the target part size: a merge reads its run into memory, so memory follows
+        one target part, never the table (a 2.3 GB table merged at once held ~5 GB)."""
+        runs: list[list[Part]] = []
+        run: list[Part] = []
+        size = 0
+        for p in sorted(small, key=part_seq):
+            if run and size + small[p][0] > self.target_part_bytes:
+                runs.append(run)
+                run, size = [], 0
+            run.append(p)
+            size += small[p][0]
+        runs.append(run)
+        return [r for r in runs if len(r) > 1]
 
     def _merge(self, table: TableRef, parts: list[Part]) -> bool:
         """Merge `parts` into one part; False when one of them vanished meanwhile.

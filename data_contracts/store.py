@@ -50,6 +50,7 @@ Writers on other machines (object storage)
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,48 @@ class Store(Compaction, Artifacts):
             return t.drop_columns([column]).to_pandas(), np.zeros((0, dim), np.float32)
         values = arr.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
         return t.drop_columns([column]).to_pandas(), values.astype(np.float32, copy=False)
+
+    def vector_parts(
+        self, table: TableRef, column: str = "embedding"
+    ) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+        """The table's current rows part file by part file: (key columns, float32 (n, dim)
+        matrix of `column`) per part, the newest row of each key only (as read_vectors gives
+        them, in other order), so a reader holds one part's vectors at a time, never the table.
+
+        The keys of every part are read first to choose each key's newest row; a part that a
+        concurrent writer removes meanwhile (a merge elsewhere) raises a transient
+        StoreAccessError: read again.
+        """
+        key = list(table.key)
+        dim = dict(table.contract.vector_dims)[column]
+        listing = None
+        for _ in range(_READ_ATTEMPTS):
+            listing = self.backend.listing(table.name)
+            if listing is not None:
+                break
+        if not listing:
+            return
+        winners = self._concat(table, listing, key)
+        of_part = winners.column("__part").to_numpy()
+        for i, part in enumerate(listing):
+            wanted = rows.keys(winners.filter(pa.array(of_part == i)), key)
+            if not wanted:
+                continue
+            try:
+                ((_, schema, t),) = self.backend.read_parts(
+                    table.name, {part: listing[part]}, [*key, column]
+                )
+            except FileNotFoundError as e:
+                raise StoreAccessError(
+                    f"table {table.name!r} of {self.url} changed while it was read (a part was "
+                    f"merged or removed); run again",
+                    self.url,
+                    True,
+                ) from e
+            t = table.contract.conform(t, schema, self.backend.describe(part), [*key, column])
+            t = t.filter(rows.key_mask(t, key, wanted))
+            values = t.column(column).combine_chunks().values.to_numpy(zero_copy_only=False)
+            yield t.select(key).to_pandas(), values.reshape(-1, dim).astype(np.float32, copy=False)
 
     # -- writing -------------------------------------------------------------------------------
     def upsert(self, table: TableRef, df: pd.DataFrame) -> WriteReport:

@@ -152,3 +152,29 @@ def test_failures_are_rows(store):
     back = store.read(tables.FAILURES)
     assert set(back["stage"]) == {"audio", "faces"}
     assert back.loc[back.video_id == "x", "error_type"].item() == "ValueError"
+
+
+def test_vector_parts_give_each_keys_newest_vector_one_part_at_a_time(store):
+    """What load_training_data reads part by part is what read_vectors reads whole: every key
+    once, its newest version, even where a crash left an older copy in another part."""
+    table = tables.features("visual", "tiny-clip-00000000", 8)
+    store.upsert(table, feature_rows(["a", "b", "c"], seed=1))
+    store.upsert(table, feature_rows(["d", "e"], seed=2))
+    store.upsert(table, feature_rows(["b", "x"], seed=3))  # b replaced: b's old row is dropped
+    # A second copy of e's key with other values in a newer part, as a crash between writing a
+    # merged part and removing its sources leaves: the newer one wins, in both reads.
+    newer = table.contract.to_arrow(feature_rows(["d", "e"], seed=4).iloc[[1]])
+    store._write_part(table, newer)
+    parts = list(store.vector_parts(table))
+    assert len(parts) == len(list(store.table_dir(table).glob("part-*.parquet")))  # one at a time
+    got = {}
+    for keys, mat in parts:
+        assert mat.dtype == np.float32 and mat.shape == (len(keys), 8)
+        for (v, s), row in zip(zip(keys.video_id, keys.sha256, strict=True), mat, strict=True):
+            assert (v, s) not in got
+            got[(v, s)] = row
+    keys, whole = store.read_vectors(table)
+    assert set(got) == set(zip(keys.video_id, keys.sha256, strict=True))
+    for (v, s), row in zip(zip(keys.video_id, keys.sha256, strict=True), whole, strict=True):
+        np.testing.assert_array_equal(got[(v, s)], row)
+    assert np.array_equal(got[("e", f"{1:0>64}")], feature_rows(["d", "e"], seed=4).embedding[1])

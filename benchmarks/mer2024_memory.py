@@ -5,8 +5,8 @@ MER2024: 115,595 videos, 5,030 labelled, features 768 (CLIP), 1024 (HuBERT) and 
 float32 per video, 3.2 GB in all. This writes seeded random features of that shape as Parquet
 tables (a list column per row, as a MERTools-style export), then in fresh processes:
 
-1. `merflow import-features MODALITY bench SOURCE --without-videos` for each table: peak RSS
-   and wall time of the command (its whole process tree, sampled every 0.2 s);
+1. `merflow import-features MODALITY bench SOURCE --without-videos` for each table: peak
+   resident memory and wall time of the command (its whole process tree, sampled every 0.2 s);
 2. `merflow train --profile paper` on the imported tables with a label CSV for the labelled
    5,030: RSS of the command's process tree until pretraining has logged its first batches (or
    `--train-seconds` pass), then it is stopped; the Prefect server it started is stopped too.
@@ -14,7 +14,10 @@ tables (a list column per row, as a MERTools-style export), then in fresh proces
     python benchmarks/mer2024_memory.py --out /tmp/merflow-mer2024 [--rows 115595]
         [--labelled 5030] [--phases import,train] [--train-seconds 600]
 
-Figures depend on the machine; the features alone are printed beside them for the ratio. The
+Resident memory is reported whole and as its anonymous part (the process's own arrays): the
+file-backed part of training is the run's frozen inputs mapped from disk, page cache that the
+ranks of a step share and the kernel can drop. Figures depend on the machine; the features
+alone are printed beside them for the ratio. The
 server's own memory (a separate process, not the command's child) is left out of the train
 figure. Nothing here is a test: run it by hand.
 """
@@ -78,13 +81,28 @@ def write_sources(out: Path, rows: int, labelled: int, seed: int) -> dict[str, P
     return paths
 
 
+def _anon_file_mib(pid: int) -> tuple[float, float]:
+    """A process's anonymous resident memory (its own: arrays, tensors) and its file-backed
+    resident pages (mapped files such as a run's frozen inputs: page cache the kernel can drop
+    and other processes share), in MiB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return (
+        (int(fields["RssAnon"].split()[0]) + int(fields["RssShmem"].split()[0])) / 1024,
+        int(fields["RssFile"].split()[0]) / 1024,
+    )
+
+
 class TreeRss:
-    """Peak resident memory (MiB) of a process and its children, sampled every 0.2 s."""
+    """Peak resident memory (MiB) of a process and its children, sampled every 0.2 s: `peak`
+    (anonymous + file-backed), `peak_anon` (anonymous alone) and `peak_file`."""
 
     def __init__(self, pid: int) -> None:
         import psutil
 
         self.proc, self.peak, self.samples = psutil.Process(pid), 0.0, []
+        self.peak_anon = self.peak_file = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -96,10 +114,13 @@ class TreeRss:
         while not self._stop.is_set():
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
-                rss = sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
-            except psutil.Error:
-                rss = 0.0
+                pairs = [_anon_file_mib(p.pid) for p in procs if p.is_running()]
+            except (psutil.Error, OSError, KeyError):
+                pairs = []
+            anon, file = sum(a for a, _ in pairs), sum(f for _, f in pairs)
+            rss = anon + file
             self.peak = max(self.peak, rss)
+            self.peak_anon, self.peak_file = max(self.peak_anon, anon), max(self.peak_file, file)
             self.samples.append((round(time.perf_counter() - started, 1), round(rss)))
             self._stop.wait(0.2)
 
@@ -138,6 +159,7 @@ def run_import(paths: dict[str, Path], root: Path) -> list[dict]:
             "modality": m,
             "seconds": round(time.perf_counter() - started, 1),
             "peak_rss_mib": round(peak),
+            "peak_anon_mib": round(rss.peak_anon),
             "source_mib": round(table),
         }
         print(json.dumps(row), flush=True)
@@ -191,8 +213,10 @@ def run_train(paths: dict[str, Path], root: Path, seconds: float, rows: int) -> 
         "seconds_to_pretraining": first_epoch,
         "seconds_to_first_batches": first_batches,
         "peak_rss_mib": round(peak),
+        "peak_anon_mib": round(rss.peak_anon),
+        "peak_file_mib": round(rss.peak_file),
         "features_mib": round(features),
-        "ratio": round(peak / features, 2),
+        "anon_ratio": round(rss.peak_anon / features, 2),
     }
     if first_batches is None:
         row["log_tail"] = "".join(log[-20:])

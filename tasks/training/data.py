@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -62,10 +62,13 @@ def with_folds(data: TrainingData, n_splits: int, seed: int) -> TrainingData:
 
 
 def zscore(
-    features: dict[str, np.ndarray], present: dict[str, np.ndarray]
+    features: dict[str, np.ndarray],
+    present: dict[str, np.ndarray],
+    order: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Z-score each modality's columns in place with the mean/std of its present rows; returns
-    the stats (float32 mean, std), which apply_zscore applies to other videos.
+    the stats (float32 mean, std), which apply_zscore applies to other videos. `order`: per
+    modality, the present rows in the order they are summed (default: matrix order).
 
     Label-free (every video, labelled or not), so no label leaks into validation folds.
     Extractor outputs differ wildly in scale (a random tiny HuBERT's per-dimension spread is
@@ -73,12 +76,43 @@ def zscore(
     """
     stats = {}
     for m, x in features.items():
-        rows = x if bool(present[m].all()) else x[present[m]]  # all present: no copy
-        mean = rows.mean(0) if len(rows) else np.zeros(x.shape[1], np.float32)
-        std = rows.std(0) if len(rows) > 1 else np.ones(x.shape[1], np.float32)
-        stats[m] = (mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32))
+        rows = np.flatnonzero(present[m]) if order is None else order[m]
+        mean, std = column_stats(x, rows)
+        stats[m] = (mean, np.where(std > 1e-8, std, 1.0).astype(np.float32))
     apply_zscore(features, present, stats)
     return stats
+
+
+def column_stats(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 mean and std of the rows `rows` of `x` (zeros and ones for fewer than one and
+    two rows), bit for bit numpy's x[rows].mean(0) and .std(0): the rows are summed one after
+    the other in `rows`' order, block by block, so no temporary is larger than a block (numpy's
+    std makes a copy of the whole matrix, 2.4 GB for MER2024's text features)."""
+    d = x.shape[1]
+    if len(rows) == 0:
+        return np.zeros(d, np.float32), np.ones(d, np.float32)
+
+    def sequential_sum(blocks: Iterator[np.ndarray]) -> np.ndarray:
+        total = None
+        for b in blocks:  # continuing from the running total: the order of one long sum
+            total = np.add.reduce(b if total is None else np.concatenate([total[None], b]), 0)
+        return total
+
+    def blocks(transform: Callable[[np.ndarray], np.ndarray]) -> Iterator[np.ndarray]:
+        for lo in range(0, len(rows), _BLOCK):
+            yield transform(x[rows[lo : lo + _BLOCK]].astype(np.float32, copy=False))
+
+    mean = sequential_sum(blocks(lambda b: b))
+    mean = np.true_divide(mean, len(rows), out=mean, casting="unsafe")
+    if len(rows) == 1:
+        return mean, np.ones(d, np.float32)
+
+    def squared(b: np.ndarray) -> np.ndarray:
+        b = b - mean
+        return np.multiply(b, b, out=b)
+
+    var = sequential_sum(blocks(squared))
+    return mean, np.sqrt(np.true_divide(var, len(rows), out=var, casting="unsafe"))
 
 
 def apply_zscore(
@@ -93,9 +127,11 @@ def apply_zscore(
         if bool(p.all()):  # in place: the same float operations as (x - mean) / std, no copy
             x -= mean
             x /= std
-        else:
-            x[p] = (x[p] - mean) / std
-            x[~p] = 0.0
+            continue
+        for lo in range(0, len(x), _BLOCK):  # block by block: no copy of the present rows
+            xb, pb = x[lo : lo + _BLOCK], p[lo : lo + _BLOCK]
+            xb[pb] = (xb[pb] - mean) / std
+            xb[~pb] = 0.0
 
 
 def quality_kept(
@@ -151,24 +187,15 @@ def load_training_data(
         (v, s): i for i, (v, s) in enumerate(zip(videos.video_id, videos.sha256, strict=True))
     }
     n = len(videos)
-    features, present, ext_ids = {}, {}, {}
-    for modality in MODALITIES:
-        table = feature_tables[modality]
-        dim = dict(table.contract.vector_dims)["embedding"]
-        x = np.zeros((n, dim), dtype=np.float32)
-        p = np.zeros(n, dtype=bool)
-        # Part file by part file: memory holds the training matrix and one part, never a second
-        # copy of the table (at MER2024 size the text table alone is 2.4 GB).
-        for keys, mat in store.vector_parts(table):
-            rows = [position.get(k) for k in zip(keys.video_id, keys.sha256, strict=True)]
-            src = np.flatnonzero(np.array([r is not None for r in rows], dtype=bool))
-            idx = np.array([r for r in rows if r is not None], dtype=np.int64)
-            for lo in range(0, len(idx), _BLOCK):  # block by block: no temporary of the part
-                x[idx[lo : lo + _BLOCK]] = mat[src[lo : lo + _BLOCK]]
-            p[idx] = True
-            del keys, mat
-        features[modality], present[modality] = x, p
-        ext_ids[modality] = table.name.rsplit("/", 1)[-1]
+    # Which videos have each modality, from the key columns alone; then the rows in their
+    # final order (labelled first, each part in video order), so the matrices are filled once
+    # in place and the labelled and unlabelled sets are views of them, not copies.
+    had: dict[str, np.ndarray] = {}
+    for m in MODALITIES:
+        keys = store.read(feature_tables[m], columns=["video_id", "sha256"])
+        had[m] = np.zeros(n, dtype=bool)
+        found = [position.get(k) for k in zip(keys.video_id, keys.sha256, strict=True)]
+        had[m][[i for i in found if i is not None]] = True
     labels_df = store.read(tables.LABELS)
     label_of = dict(zip(labels_df.video_id, labels_df.label, strict=True))
     labels = np.array(
@@ -176,11 +203,9 @@ def load_training_data(
         dtype=np.int64,
     )
     _say_unknown_labels(set(label_of) - set(videos.video_id), store)
-    stats = zscore(features, present) if zscored else None
-    anything = np.stack([present[m] for m in MODALITIES]).any(axis=0)
+    anything = np.stack([had[m] for m in MODALITIES]).any(axis=0)
     dropped = videos.video_id[~anything].tolist()
     keep = np.flatnonzero(anything)
-    ids = videos.video_id.to_numpy()[keep]
     lab = labels[keep] != UNLABELLED
     if not lab.any():
         raise BadInputError(
@@ -188,9 +213,38 @@ def load_training_data(
             f"both features and a label; check the label CSV's names against the video file "
             f"stems (or the imported ids)"
         )
-    missing = {m: int((~present[m][keep]).sum()) for m in MODALITIES}
-    labelled, unlabelled = _split_rows(
-        ids, features, present, labels[keep], keep, [np.flatnonzero(lab), np.flatnonzero(~lab)]
+    order = np.concatenate([keep[lab], keep[~lab]])  # video positions in final row order
+    row_of = np.full(n, -1, dtype=np.int64)
+    row_of[order] = np.arange(len(order))
+    features, present, ext_ids, sums = {}, {}, {}, {}
+    for m in MODALITIES:
+        table = feature_tables[m]
+        x = np.zeros((len(order), dict(table.contract.vector_dims)["embedding"]), np.float32)
+        # Part file by part file: memory holds the training matrix and one part, never a
+        # second copy of the table (at MER2024 size the text table alone is 2.4 GB).
+        for keys, mat in store.vector_parts(table):
+            found = [position.get(k) for k in zip(keys.video_id, keys.sha256, strict=True)]
+            src = np.flatnonzero(np.array([i is not None for i in found], dtype=bool))
+            dst = row_of[np.array([i for i in found if i is not None], dtype=np.int64)]
+            for lo in range(0, len(dst), _BLOCK):  # block by block: no temporary of the part
+                x[dst[lo : lo + _BLOCK]] = mat[src[lo : lo + _BLOCK]]
+            del keys, mat
+        features[m], present[m] = x, had[m][order]
+        # The z-score sums a modality's rows in video order, whatever the row order.
+        sums[m] = row_of[np.flatnonzero(had[m])]
+        ext_ids[m] = table.name.rsplit("/", 1)[-1]
+    stats = zscore(features, present, sums) if zscored else None
+    ids = videos.video_id.to_numpy()[order]
+    missing = {m: int((~present[m]).sum()) for m in MODALITIES}
+    n_lab = int(lab.sum())
+    labelled, unlabelled = (
+        FeatureSet(
+            video_ids=ids[part],
+            features={m: x[part] for m, x in features.items()},
+            present={m: p[part] for m, p in present.items()},
+            labels=labels[order][part],
+        )
+        for part in (slice(0, n_lab), slice(n_lab, None))
     )
     data = TrainingData(
         labelled=labelled,
@@ -212,34 +266,6 @@ def load_training_data(
         data.load_seconds,
     )
     return data
-
-
-def _split_rows(
-    ids: np.ndarray,
-    features: dict[str, np.ndarray],
-    present: dict[str, np.ndarray],
-    labels: np.ndarray,
-    keep: np.ndarray,
-    parts: list[np.ndarray],
-) -> list[FeatureSet]:
-    """FeatureSets of the rows `parts` (indices into `keep`, which indexes the matrices in
-    `features`), modality by modality, each matrix dropped from `features` once split: at most
-    one modality is held twice, never the whole features."""
-    split: list[dict[str, np.ndarray]] = [{} for _ in parts]
-    for m in MODALITIES:
-        x = features.pop(m)
-        for out, rows in zip(split, parts, strict=True):
-            out[m] = x[keep[rows]]
-        del x
-    return [
-        FeatureSet(
-            video_ids=ids[rows],
-            features=out,
-            present={m: present[m][keep[rows]] for m in MODALITIES},
-            labels=labels[rows],
-        )
-        for out, rows in zip(split, parts, strict=True)
-    ]
 
 
 def _say_unknown_labels(ids: set[str], store: Store) -> None:

@@ -422,3 +422,24 @@ def test_nothing_to_train_on_names_both_ways_in(tmp_path):
     refs = {m: tables.features(m, "imported-x", 4) for m in ("visual", "acoustic", "text")}
     with pytest.raises(BadInputError, match=r"merflow extract.*--without-videos"):
         load_training_data(bare, refs)
+
+
+def test_column_stats_are_numpys_mean_and_std_bit_for_bit():
+    """The z-score's block-by-block statistics (no copy of the matrix) equal numpy's on the
+    same rows in the same order, to the bit: a run's inputs do not change with the rewrite."""
+    from tasks.training.data import _BLOCK, column_stats
+
+    rng = np.random.default_rng(0)
+    for n, d in [(1, 4), (2, 3), (_BLOCK - 1, 8), (_BLOCK + 5, 16), (3 * _BLOCK + 1, 5)]:
+        scale, shift = rng.uniform(1e-3, 100, d), rng.uniform(-50, 50, d)
+        x = (rng.standard_normal((n, d)) * scale + shift).astype(np.float32)
+        present = rng.random(n) > 0.3
+        present[0] = True
+        stored = rng.permutation(n)  # where each row sits in the matrix the stats read
+        matrix = np.empty_like(x)
+        matrix[stored] = x
+        for rows in (np.arange(n), np.flatnonzero(present)):
+            mean, std = column_stats(matrix, stored[rows])
+            assert np.array_equal(mean, x[rows].mean(0))
+            want = x[rows].std(0) if len(rows) > 1 else np.ones(d, np.float32)
+            assert np.array_equal(std, want) and mean.dtype == std.dtype == np.float32

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from data_contracts import tables
 from data_contracts.labels import MODALITIES
-from data_contracts.store import Store
+from data_contracts.store import Store, arrow_system_memory
 from data_contracts.tables import NO_VIDEO
 from tasks.corpus.scan import sha256_file
 from tasks.engine.errors import BadInputError
@@ -364,16 +364,10 @@ def import_features(
     store: Store, modality: str, name: str, source: Path, without_videos: bool = False
 ) -> ImportReport:
     """Import `source` as the feature table `features/<modality>/imported-<name>`; videos the
-    manifest lacks are left out, or with `without_videos` stored as feature-only rows.
-
-    Arrow allocates through the system allocator meanwhile: its default (mimalloc) keeps the
-    memory of freed chunks, so a streamed read grew by most of a chunk per chunk."""
-    previous = pa.default_memory_pool()
-    pa.set_memory_pool(pa.system_memory_pool())
-    try:
+    manifest lacks are left out, or with `without_videos` stored as feature-only rows. The
+    source is streamed, through the system allocator (arrow_system_memory)."""
+    with arrow_system_memory():
         return _import(store, modality, name, source, without_videos)
-    finally:
-        pa.set_memory_pool(previous)
 
 
 def _import(

@@ -21,7 +21,7 @@ import pandas as pd
 
 from data_contracts import tables
 from data_contracts.labels import CLASS_INDEX, MODALITIES
-from data_contracts.store import Store
+from data_contracts.store import Store, arrow_system_memory
 from data_contracts.tables import NO_VIDEO, TableRef
 from models.featureset import UNLABELLED, FeatureSet
 from tasks.engine.errors import BadInputError
@@ -164,6 +164,7 @@ def training_videos(store: Store, feature_tables: dict[str, TableRef]) -> pd.Dat
     return current_videos(store, feature_tables.values())[["video_id", "sha256"]]
 
 
+@arrow_system_memory()  # the tables are read part by part: nothing kept once read
 def load_training_data(
     store: Store, feature_tables: dict[str, TableRef], zscored: bool = True
 ) -> TrainingData:

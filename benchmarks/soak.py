@@ -5,7 +5,7 @@ Prints what a long run must keep flat or proportional: the process's memory samp
 the transient faults injected and retried, and the rows lost (must be 0). A second run over
 the same corpus shows what a rerun costs (every shard cached).
 
-    python benchmarks/soak.py --out /tmp/merflow-soak --labeled 300 --unlabeled 700
+    python benchmarks/soak.py --out /tmp/merflow-soak --labelled 300 --unlabelled 700
 
 Generating 1000 clips takes ~2 min on 2 cores; the corpus is reused when it is already there.
 """
@@ -201,8 +201,8 @@ def main() -> None:
     """Build the corpus and models, start a server, run twice, print the figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/merflow-soak"))
-    ap.add_argument("--labeled", type=int, default=300)
-    ap.add_argument("--unlabeled", type=int, default=700)
+    ap.add_argument("--labelled", type=int, default=300)
+    ap.add_argument("--unlabelled", type=int, default=700)
     ap.add_argument("--shard-size", type=int, default=32)
     ap.add_argument("--fault-every", type=int, default=200, help="0: inject no faults")
     ap.add_argument("--sample-every", type=float, default=0.5, help="seconds between samples")

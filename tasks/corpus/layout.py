@@ -72,7 +72,7 @@ def corpus_layout(
     unlabelled_dir: str = UNLABELLED_DIR,
     extensions: Collection[str] | None = None,
 ) -> CorpusLayout:
-    """The corpus's video folders: those of `labeled_dir`/`unlabeled_dir` that exist, else the
+    """The corpus's video folders: those of `labelled_dir`/`unlabelled_dir` that exist, else the
     corpus folder itself when it holds videos (its videos are unlabelled).
 
     Reads only folder listings (no file is opened), so commands can refuse a bad folder before

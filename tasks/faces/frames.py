@@ -17,6 +17,7 @@ from typing import Protocol
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from tasks.media import TruncatedMediaError, UnreadableMediaError, media_error
 
@@ -157,11 +158,14 @@ class FrameSampler:
                 stream.thread_count = self.threads
                 rate = stream.average_rate or stream.guessed_rate
                 self.plan(stream.frames or None, float(rate) if rate else None)
+                # One converter for the stream: `frame.to_ndarray` builds a new swscale context
+                # for every frame (same pixels, ~1 ms more per 640x360 frame).
+                to_rgb = VideoReformatter()
                 for idx, frame in enumerate(container.decode(stream)):
                     t = frame.time if frame.time is not None else idx / float(rate or 25)
                     if self.accept(t):
                         self.times[idx] = t
-                        rgb = frame.to_ndarray(format="rgb24")
+                        rgb = to_rgb.reformat(frame, format="rgb24").to_ndarray()
                         if self.corrupt is not None:
                             rgb = self.corrupt(rgb)
                         if rgb is not None:

@@ -33,8 +33,10 @@ THRESHOLDS: dict[str, dict[str, float | int | bool]] = {
     "opencv": {"scale_factor": 1.1, "min_neighbors": 5, "min_face_side_fraction": 0.125},
     "openface": {"nobadaligned": True},
 }
-# Bump when a code change alters crops for the same settings, so old artifacts are not reused.
-FACES_CODE_VERSION = 1
+# Per backend: bump when a code change alters its crops for the same settings, so old artifacts
+# are not reused. dlib 2: detection on a grey copy; with detect_every k > 1, detection on every
+# k-th frame while no face is followed, confirmations that look only for the followed faces' sizes.
+FACES_CODE_VERSION: dict[str, int] = {"dlib": 2, "opencv": 1, "openface": 1}
 # Bump when the speaking-face choice (tasks/faces/speaker.py) can change for the same faces and
 # audio.
 SPEAKING_RULE_VERSION = 2
@@ -82,7 +84,7 @@ def _id_settings(
         # The OpenFace binary does its own detection and framing; these do not change its crops.
         "detect_max_side": None if backend == "openface" else detect,
         "padding": None if backend == "openface" else padding,
-        "code": FACES_CODE_VERSION,
+        "code": FACES_CODE_VERSION.get(backend, 1),
     }
 
 

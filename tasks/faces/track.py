@@ -13,12 +13,15 @@ from tasks.faces.frames import Face
 
 
 class Detector(Protocol):
-    """What the tracker needs of its backend (tasks/faces/backends.py DlibBackend): detection,
-    the landmark fit on a box, the aligned chip and the points of a fit."""
+    """What the tracker needs of its backend (tasks/faces/backends.py DlibBackend): detection
+    (`min_side`: only faces at least that large), the landmark fit on a box, the aligned chip
+    and the points of a fit."""
 
     detect_every: int
 
-    def detect(self, rgb: np.ndarray) -> list[tuple[tuple, float]]: ...
+    def detect(
+        self, rgb: np.ndarray, min_side: float | None = None
+    ) -> list[tuple[tuple, float]]: ...
 
     def landmarks(self, rgb: np.ndarray, box: tuple) -> Any: ...
 
@@ -33,6 +36,12 @@ class Detector(Protocol):
 # A tracked frame's landmarks must put the face where the next detection finds it: below this
 # IoU the tracked frames since the last detection are detected one by one instead.
 TRACK_MIN_IOU = 0.5
+# While faces are followed, a detection that confirms them looks only for faces about as large as
+# the smallest followed one (DlibBackend.detect's `min_side`: 2-4x cheaper, the same boxes and
+# scores); every FULL_DETECT_EVERY-th detection, and any that fails to confirm, looks for faces
+# of every size.
+FULL_DETECT_EVERY = 5
+CONFIRM_MIN_SIDE = 0.8  # of the smallest followed face's side
 
 
 def _points(shape) -> np.ndarray:
@@ -85,23 +94,78 @@ class LandmarkTracker:
     overlaps it. When the largest is not confirmed, or no face is found, those frames are
     detected one by one as with k = 1, so tracking never adds a face detection would miss nor
     keeps one it would drop. Confidence of a tracked face: its confirming detection's score.
-    Holds at most k - 1 decoded frames (those pending).
+
+    Without a face to follow, detection also runs on every k-th frame only: the frames between
+    two detections that both find no face are taken as faceless, and when a detection finds one
+    the frames since the last are detected one by one (a face that comes into view is cropped
+    from its first frame). Only a face seen for fewer than k frames, between two faceless
+    detections, is missed. Holds at most k - 1 decoded frames (those pending).
     """
 
     def __init__(self, backend: Detector, size: int):
         self.b, self.size = backend, size
-        # frame index, frame, and for each followed face: (crop, box, landmarks)
-        self.pending: list[tuple[int, np.ndarray, list[tuple[np.ndarray, tuple, np.ndarray]]]] = []
+        # frame index, frame, and for each followed face: (crop, box, landmarks); None until
+        # the faces are followed through it (_follow_pending)
+        self.pending: list[
+            tuple[int, np.ndarray, list[tuple[np.ndarray, tuple, np.ndarray]] | None]
+        ] = []
         self.followed: list[_Followed] = []  # [0]: the largest face of the last detection
-        self.since = 0  # sampled frames since the last detection
+        self.since = backend.detect_every - 1  # sampled frames since the last detection (the
+        # first frame is detected)
+        self.detections = 0  # since the last one that looked for faces of every size
+
+    def _confirmed(self, found: list[tuple[tuple, float]], boxes: list[tuple]) -> bool:
+        return bool(found) and box_iou(found[0][0], boxes[0]) >= TRACK_MIN_IOU
+
+    def _detect(self, rgb: np.ndarray, boxes: list[tuple]) -> list[tuple[tuple, float]]:
+        """This frame's faces: while faces are followed, only those about as large as the
+        smallest of them (the same boxes and scores; every size on every FULL_DETECT_EVERY-th
+        detection); every size otherwise, or when the followed faces are not confirmed."""
+        self.detections += 1
+        if boxes and self.detections < FULL_DETECT_EVERY:
+            smallest = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes)
+            found = self.b.detect(rgb, min_side=CONFIRM_MIN_SIDE * smallest)
+            if self._confirmed(found, boxes):
+                return found
+        self.detections = 0
+        return self.b.detect(rgb)
+
+    def _follow_pending(self) -> None:
+        """Follow the faces through the pending frames, kept as they were decoded: the fits of
+        one model back to back (landmarks, then crops, then points) run ~2x faster than one
+        fit between two decodes, which push dlib's model out of the CPU's caches."""
+        todo = [n for n, (_, _, faces) in enumerate(self.pending) if faces is None]
+        fits = []
+        for n in todo:
+            rgb = self.pending[n][1]
+            fits.append([])
+            for f in self.followed:
+                shape = self.b.landmarks(rgb, f.box())
+                f.points = _points(shape)
+                fits[-1].append((shape, f.box()))
+        crops = [
+            [self.b.chip(self.pending[n][1], sh, self.size) for sh, _ in fit]
+            for n, fit in zip(todo, fits, strict=True)
+        ]
+        for n, fit, frame_crops in zip(todo, fits, crops, strict=True):
+            i, rgb, _ = self.pending[n]
+            faces = [
+                (crop, box, self.b.points(rgb, shape, box))
+                for (shape, box), crop in zip(fit, frame_crops, strict=True)
+            ]
+            self.pending[n] = (i, rgb, faces)
 
     def _detected(self, idx: int, rgb: np.ndarray) -> list[Face]:
         """Detect on this frame; settle the pending frames; restart tracking from here."""
-        found = self.b.detect(rgb)
+        self._follow_pending()
+        boxes = [f.box() for f in self.followed]
+        found = self._detect(rgb, boxes)
         out: list[Face] = []
-        if self.pending:
-            boxes = [f.box() for f in self.followed]
-            if found and box_iou(found[0][0], boxes[0]) >= TRACK_MIN_IOU:
+        if self.pending and not self.followed:
+            if found:  # a face came into view since the last (faceless) detection
+                out += self._one_by_one()
+        elif self.pending:
+            if self._confirmed(found, boxes):
                 scores = [found[0][1]] + [_confirming(b, found) for b in boxes[1:]]
                 for i, _, faces in self.pending:
                     out += [
@@ -129,21 +193,16 @@ class LandmarkTracker:
     def frame(self, idx: int, rgb: np.ndarray) -> list[Face]:
         """The faces this frame settles (its own, and pending tracked ones), in frame order."""
         self.since += 1
-        if not self.followed or self.since >= self.b.detect_every:
+        if self.since >= self.b.detect_every:
             return self._detected(idx, rgb)
-        faces = []
-        for f in self.followed:
-            shape = self.b.landmarks(rgb, f.box())
-            f.points = _points(shape)
-            box = f.box()
-            faces.append((self.b.chip(rgb, shape, self.size), box, self.b.points(rgb, shape, box)))
-        self.pending.append((idx, rgb, faces))
+        self.pending.append((idx, rgb, None))  # followed when the next detection is due
         return []
 
     def finish(self) -> list[Face]:
         """Settle what is pending at the end of the video: its last frame is detected."""
         if not self.pending:
             return []
+        self._follow_pending()
         idx, rgb, _ = self.pending.pop()
         return self._detected(idx, rgb)
 

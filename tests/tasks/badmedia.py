@@ -152,14 +152,16 @@ def face_clip(
     return path
 
 
-def face_then_blank_clip(path: Path, rate: int = 10) -> Path:
-    """One second of the face followed by one second of a plain grey picture."""
+def face_then_blank_clip(path: Path, rate: int = 10, blank_first: bool = False) -> Path:
+    """One second of the face followed by one second of a plain grey picture (`blank_first`:
+    the grey second first)."""
     png = path.with_name(f".{path.stem}-face.png")
     Image.fromarray(face_image(0.0, 256)).save(png)
+    order = "[1:v][0:v]" if blank_first else "[0:v][1:v]"
     run_ffmpeg(
         "-loop", "1", "-framerate", str(rate), "-t", "1", "-i", png,
         "-f", "lavfi", "-i", f"color=c=gray:size=256x256:rate={rate}:duration=1",
-        "-filter_complex", "[0:v][1:v]concat=n=2:v=1:a=0[v]", "-map", "[v]",
+        "-filter_complex", f"{order}concat=n=2:v=1:a=0[v]", "-map", "[v]",
         *_h264(rate), path,
     )  # fmt: skip
     png.unlink()

@@ -118,6 +118,19 @@ def test_frames_stream_in_bounded_memory(tmp_path):
     assert peak - base < 150 * 2**20
 
 
+def test_frames_are_the_pixels_ffmpeg_converts(tmp_path):
+    # The sampler converts every frame with one converter for the stream; the pixels are those
+    # of PyAV's own per-frame conversion, colour matrix and rounding included.
+    import av
+
+    clip = badmedia.testsrc_clip(tmp_path / "t.mp4", seconds=1, size="320x240", audio=False)
+    with av.open(str(clip)) as container:
+        expected = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    got = [rgb for _, rgb in FrameSampler().frames(clip)]
+    assert len(got) == len(expected) > 5
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 # -- backends ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["dlib", "opencv"])
 def test_backend_crops_the_face_of_every_frame(clips, tmp_path, backend):

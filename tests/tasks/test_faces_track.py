@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -25,6 +26,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("track")
     return {
         "face_then_blank": badmedia.face_then_blank_clip(d / "fb.mp4", rate=5),
+        "blank_then_face": badmedia.face_then_blank_clip(d / "bf.mp4", rate=5, blank_first=True),
         "face": badmedia.face_clip(d / "face.mp4", seconds=1.0, rate=5),
     }
 
@@ -56,14 +58,58 @@ def test_tracking_never_keeps_a_face_detection_would_drop(clips, tmp_path):
         assert np.isfinite(crops.confidence).all()
 
 
+def test_a_face_coming_into_view_is_cropped_from_its_first_frame(clips, tmp_path, monkeypatch):
+    # Frames 0-4 grey, 5-9 the face. Without a face to follow, detection still runs on every
+    # k-th frame only; the one that first finds the face has the frames since the last detected
+    # one by one, so the crops are those of detection on every frame.
+    _, every = _crops(clips["blank_then_face"], tmp_path / "every.npz", detect_every=1)
+    assert list(every.frame_idx) == [5, 6, 7, 8, 9]
+    for k in (2, 3, 4, 5):
+        backend = face_backends.DlibBackend(detect_every=k)
+        calls: list[int] = []
+        detect = backend.detect
+        monkeypatch.setattr(
+            backend, "detect", lambda rgb, d=detect, c=calls, **kw: c.append(1) or d(rgb, **kw)
+        )
+        faces = list(backend.faces(clips["blank_then_face"], FrameSampler(), 112))
+        assert [f.frame_idx for f in faces] == [5, 6, 7, 8, 9], k
+        assert len(calls) < 10  # the grey frames were not all detected
+        _, tracked = _crops(clips["blank_then_face"], tmp_path / f"{k}.npz", detect_every=k)
+        assert list(tracked.frame_idx) == [5, 6, 7, 8, 9]
+        ious = [box_iou(a, b) for a, b in zip(every.boxes, tracked.boxes, strict=True)]
+        assert min(ious) > 0.8, (k, ious)
+
+
 def test_tracking_detects_less_often(clips, tmp_path, monkeypatch):
     backend = face_backends.DlibBackend(detect_every=5)
     calls = []
     detect = backend.detect
-    monkeypatch.setattr(backend, "detect", lambda rgb: calls.append(1) or detect(rgb))
+    monkeypatch.setattr(backend, "detect", lambda rgb, **kw: calls.append(1) or detect(rgb, **kw))
     faces = list(backend.faces(clips["face"], FrameSampler(), 112))
     assert [f.frame_idx for f in faces] == [0, 1, 2, 3, 4]
     assert len(calls) == 2  # frame 0, and frame 4 closing the video; 1-3 were tracked
+
+
+def test_a_detection_for_large_faces_finds_them_with_the_same_boxes_and_scores():
+    # Confirming followed faces skips the pyramid copies where they would be too small for the
+    # detector's window; the boxes must be those of the whole pyramid to the pixel (1 px moves
+    # the 5 landmarks by ~0.7 % of the eye distance) and the scores the same.
+    backend = face_backends.DlibBackend()
+    sides = []
+    for size in (300, 420, 560):
+        for angle in (0.0, 9.0, -13.0):
+            head = badmedia.face_image(angle)[:300, 80:380]  # the face fills more of the frame
+            head = cv2.resize(head, (size, size), interpolation=cv2.INTER_LINEAR)
+            for dx, dy in ((0, 0), (13, 7), (37, 50)):
+                rgb = np.ascontiguousarray(np.pad(head, ((dy, 0), (dx, 0), (0, 0))))
+                full = backend.detect(rgb)
+                if not full:  # HOG misses some tilts at some sizes
+                    continue
+                side = min(box[2] - box[0] for box, _ in full)
+                sides.append(side * min(1.0, backend.detect_max_side / max(rgb.shape[:2])))
+                assert backend.detect(rgb, min_side=0.8 * side) == full, (size, angle, dx, dy)
+    # Faces from ~1.2x to ~2.5x the window: 0 to 3 copies skipped.
+    assert len(sides) >= 24 and min(sides) < 100 and max(sides) > 170
 
 
 def test_detect_every_keys_the_extractor_id_and_one_keeps_the_old_id():

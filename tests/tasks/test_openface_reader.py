@@ -173,7 +173,7 @@ def test_an_unknown_recipe_is_refused(binary):
 
 def test_only_openface_mertools_keys_a_new_faces_id():
     # Today's ids, pinned: merflow's recipe keeps them.
-    assert FaceSettings().extractor_id == "faces-dlib-112-all-d05fb83e"
+    assert FaceSettings().extractor_id == "faces-dlib-112-all-91c577bf"
     assert FaceSettings(backend="openface").extractor_id == "faces-openface-112-all-0e1b3f6e"
     assert FaceSettings(recipe="mertools").extractor_id == FaceSettings().extractor_id
     mertools = FaceSettings(backend="openface", recipe="mertools").extractor_id

@@ -296,10 +296,13 @@ def phase_pure(args: argparse.Namespace) -> dict[str, Any]:
 
 def corpus_videos(args: argparse.Namespace, settings: Any, plan: Any) -> tuple[list[Path], dict]:
     """The corpus's video files, sorted, and the official transcripts the plan uses (if any)."""
-    from flows.extract import _resolve_corpus
     from tasks.corpus.labels import load_transcripts
+    from tasks.corpus.layout import corpus_layout
 
-    _, dirs = _resolve_corpus(str(args.corpus), settings, None)
+    c = settings.corpus
+    dirs = corpus_layout(
+        Path(args.corpus).resolve(), c.labelled_dir, c.unlabelled_dir, c.video_extensions
+    ).video_dirs
     exts = set(settings.corpus.video_extensions)
     videos = sorted(p for d in dirs for p in d.iterdir() if p.suffix.lower() in exts)
     official: dict[str, str] = {}

@@ -132,8 +132,9 @@ class LandmarkTracker:
 
     def _follow_pending(self) -> None:
         """Follow the faces through the pending frames, kept as they were decoded: the fits of
-        one model back to back (landmarks, then crops, then points) run ~2x faster than one
-        fit between two decodes, which push dlib's model out of the CPU's caches."""
+        one model back to back (landmarks, then crops, then points), while its data stays in
+        the CPU's caches (a 5-point fit took 0.42 ms warm, 0.84 ms after 32 MB of other work;
+        a decode between two fits is such work)."""
         todo = [n for n, (_, _, faces) in enumerate(self.pending) if faces is None]
         fits = []
         for n in todo:

@@ -366,7 +366,7 @@ def random_encoder(
     if spec.loader == "open_clip":
         import open_clip
 
-        from models.visual import VisualEncoder
+        from models.visual import MERTOOLS, VisualEncoder, mertools_preprocess
 
         precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         if spec.tiny:
@@ -379,6 +379,9 @@ def random_encoder(
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.architecture, pretrained=None, precision=precision, device=device
             )
+        if spec.recipe == MERTOOLS:  # the baseline's PIL processor, as load_visual uses it
+            side = model.visual.image_size
+            preprocess = mertools_preprocess(None, side[0] if isinstance(side, tuple) else side)
         return VisualEncoder(spec, model.visual, preprocess, device=device, dtype=dtype)
     if spec.loader == "hf-hubert":
         from transformers import HubertModel, Wav2Vec2FeatureExtractor

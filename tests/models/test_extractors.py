@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 # No test may reach the Hugging Face hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -593,6 +594,50 @@ def test_bf16_runs_on_cpu_close_to_fp32(tiny_dir: Path, visual, acoustic, text) 
 def test_clip_vit_l14_gives_768_per_crop() -> None:
     encoder = random_encoder("clip-vit-large-patch14")
     assert encoder.embed(_crops(1, size=224)).shape == (1, 768)
+
+
+def test_clip_preprocessing_by_batch_and_threads_is_per_crop_preprocessing() -> None:
+    # open_clip's transform runs its PIL stages per crop (on threads) and to_tensor + normalize
+    # as one table lookup: the same values, to the bit, as the whole transform crop by crop.
+    encoder = random_encoder("clip-vit-large-patch14")
+    assert encoder._split is not None and encoder._split.side == 224
+    crops = _crops(3) + _crops(2, seed=1, size=224) + [np.zeros((112, 112, 3), np.uint8)]
+    one_by_one = torch.stack([encoder.preprocess(Image.fromarray(c)) for c in crops])
+    batched = torch.full_like(one_by_one, float("nan"))
+    pixels = torch.zeros(one_by_one.shape, dtype=torch.uint8)
+    for i, c in enumerate(crops):
+        encoder._prepare(i, c, batched[i])  # writes row i in place
+        encoder._prepare(i, c, pixels[i])  # uint8: the pixels, looked up on the device later
+    assert torch.equal(batched, one_by_one)
+    table = torch.from_numpy(encoder._split.table)
+    assert torch.equal(encoder._split.on_device(pixels, table), one_by_one)
+    # The baseline's processor is no torchvision Compose: it runs whole, per crop.
+    mertools = dataclasses.replace(get_spec("tiny-clip-vit"), recipe="mertools")
+    assert random_encoder(mertools)._split is None
+
+
+@pytest.mark.parametrize("recipe", ["merflow", "mertools"])
+def test_clip_embeds_alike_on_threads_and_prefetching(visual, tiny_dir: Path, recipe) -> None:
+    # One thread, two threads, and the GPU's way (batches prepared ahead, uint8 pixels looked
+    # up where the model runs) give the same features; a bad crop is named from any of them.
+    spec = dataclasses.replace(visual.spec, recipe=recipe)
+    encoder = load_extractor(spec, tiny_dir / spec.name, "cpu")
+    crops = _crops(7) + _crops(2, seed=1, size=224)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = encoder.embed(crops, batch_size=2)
+        torch.set_num_threads(2)
+        pooled = encoder.embed(crops, batch_size=2)
+        encoder.prefetch = True
+        ahead = encoder.embed(crops, batch_size=2)
+        with pytest.raises(ExtractorInputError, match="face crop 6 is float32"):
+            encoder.embed([*crops[:6], crops[6].astype(np.float32), *crops[7:]], batch_size=2)
+    finally:
+        encoder.prefetch = False
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(pooled, alone, rtol=1e-6, atol=1e-7)  # the GEMMs' threads
+    np.testing.assert_array_equal(ahead, pooled)
 
 
 def test_chinese_hubert_large_gives_1024() -> None:

@@ -299,6 +299,19 @@ def get_spec(name: str) -> ExtractorSpec:
         ) from None
 
 
+def spec_as_run(
+    name: str, chunk_seconds: float | None = None, recipe: str | None = None
+) -> ExtractorSpec:
+    """The spec called `name` with a stage's chunk length and recipe in place of its own
+    (None keeps the spec's); a changed one then keys the extractor id."""
+    spec = get_spec(name)
+    if chunk_seconds is not None and chunk_seconds != spec.chunk_seconds:
+        spec = dataclasses.replace(spec, chunk_seconds=float(chunk_seconds))
+    if recipe is not None and recipe != spec.recipe:
+        spec = dataclasses.replace(spec, recipe=recipe)
+    return spec
+
+
 def specs_of(models: Any) -> dict[str, ExtractorSpec]:
     """The spec per kind (visual, acoustic, asr, text) that a `models:` settings section names
     (an object with one attribute per kind); refuses an unknown name or a spec of another kind.

@@ -27,10 +27,10 @@ from data_contracts.store import Store
 from models.extractors import load_extractor, planned_extractor_id, quiet_progress_bars
 from models.registry import (
     ExtractorSpec,
-    get_spec,
     id_settings,
     pooling_of,
     resolve_model_path,
+    spec_as_run,
 )
 from models.settings import available_cpus
 from tasks.corrupt import Corruption
@@ -85,12 +85,7 @@ class ModelChoice:
     @property
     def spec(self) -> ExtractorSpec:
         """The registry spec, with this choice's chunk length and recipe (which then key the id)."""
-        spec = get_spec(self.spec_name)
-        if self.chunk_seconds is not None and self.chunk_seconds != spec.chunk_seconds:
-            spec = dataclasses.replace(spec, chunk_seconds=float(self.chunk_seconds))
-        if self.recipe is not None and self.recipe != spec.recipe:
-            spec = dataclasses.replace(spec, recipe=self.recipe)
-        return spec
+        return spec_as_run(self.spec_name, self.chunk_seconds, self.recipe)
 
     def model_path(self) -> Path:
         """The checkpoint folder (a clear error naming where it looked when absent)."""

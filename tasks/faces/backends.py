@@ -143,14 +143,17 @@ class DlibBackend(FrameBackend):
     def detect(
         self, rgb: np.ndarray, min_side: float | None = None
     ) -> list[tuple[tuple[float, float, float, float], float]]:
-        """Every face's box (frame pixels) and HOG score, the largest first; detects on a
-        downscaled grey copy (dlib's HOG on colour takes each pixel's strongest channel gradient,
-        ~1.3x the time for the same faces). `min_side`: faces at least this large (frame pixels)
-        are looked for, with the same boxes and scores: dlib scans a pyramid of copies, each 5/6
-        the size of the last, with a HOG_WINDOW window; the copies where such faces would be
-        smaller than the window are skipped, the rest made by dlib's own pyramid (the very same
-        pixels, HOG features and scores), at a fraction of the cost."""
-        small, scale = downscale(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), self.detect_max_side)
+        """Every face's box (frame pixels) and HOG score, the largest first, as dlib's detector
+        gives them on the colour frame (downscaled to `detect_max_side`). On colour its HOG
+        takes each pixel's strongest channel gradient: a grey copy is ~1.2x faster but moves
+        the reported box by a pyramid step (IoU ~0.7) on ~1 frame in 12 of real footage, and
+        a tracked face carries that box on (docs/faces.md). `min_side`: faces at least this
+        large (frame pixels) are looked for, with the same boxes and scores: dlib scans a
+        pyramid of copies, each 5/6 the size of the last, with a HOG_WINDOW window; the copies
+        where such faces would be smaller than the window are skipped, the rest made by dlib's
+        own pyramid (the very same pixels, HOG features and scores), at a fraction of the
+        cost."""
+        small, scale = downscale(rgb, self.detect_max_side)
         skip = 0
         if min_side:
             skip = max(0, math.floor(math.log(min_side * scale / HOG_WINDOW) / math.log(6 / 5)))

@@ -34,9 +34,13 @@ THRESHOLDS: dict[str, dict[str, float | int | bool]] = {
     "openface": {"nobadaligned": True},
 }
 # Per backend: bump when a code change alters its crops for the same settings, so old artifacts
-# are not reused. dlib 2: detection on a grey copy; with detect_every k > 1, detection on every
-# k-th frame while no face is followed, confirmations that look only for the followed faces' sizes.
-FACES_CODE_VERSION: dict[str, int] = {"dlib": 2, "opencv": 1, "openface": 1}
+# are not reused. (dlib's version 2 detected on a grey copy; version 3 is back on colour, with
+# version 1's crops, so detection on every frame keeps version 1's id.)
+FACES_CODE_VERSION: dict[str, int] = {"dlib": 1, "opencv": 1, "openface": 1}
+# dlib with detect_every k > 1 (tasks/faces/track.py), keyed into those ids only. 2: grey
+# detection; detection on every k-th frame while no face is followed; confirmations that look
+# only for the followed faces' sizes. 3: detection on the colour frame again, the rest as 2.
+TRACKING_CODE_VERSION = 3
 # Bump when the speaking-face choice (tasks/faces/speaker.py) can change for the same faces and
 # audio.
 SPEAKING_RULE_VERSION = 2
@@ -64,7 +68,11 @@ def _id_settings(
 ) -> dict[str, Any]:
     # Settings at their defaults (detection on every frame, the largest face) stay out of the
     # hash: a stored faces table keeps its id as long as its crops would be the same.
-    tracked = {"detect_every": detect_every} if detect_every > 1 and backend == "dlib" else {}
+    tracked = (
+        {"detect_every": detect_every, "tracking": TRACKING_CODE_VERSION}
+        if detect_every > 1 and backend == "dlib"
+        else {}
+    )
     chosen = {"select": select} if select != "largest" else {}
     if select == "speaking":
         chosen["speaking_rule"] = SPEAKING_RULE_VERSION

@@ -92,8 +92,10 @@ class LandmarkTracker:
     Tracked faces are emitted only once the next detection confirms them: the largest face
     (rank 0) when the next detection's largest overlaps it, each other face when some detection
     overlaps it. When the largest is not confirmed, or no face is found, those frames are
-    detected one by one as with k = 1, so tracking never adds a face detection would miss nor
-    keeps one it would drop. Confidence of a tracked face: its confirming detection's score.
+    detected one by one as with k = 1, so tracking keeps no face the next detection drops; a
+    face that both detections around some frames find is kept in them even where detection on
+    that frame alone would miss it. Confidence of a tracked face: its confirming detection's
+    score.
 
     Without a face to follow, detection also runs on every k-th frame only: the frames between
     two detections that both find no face are taken as faceless, and when a detection finds one

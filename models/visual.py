@@ -170,7 +170,7 @@ class VisualEncoder(Extractor):
         GPU (`prefetch`) the next two batches are preprocessed while the model runs one, and
         open_clip's transform ends on the GPU: uint8 pixels are copied and looked up there. On
         one core the transform takes ~1 ms a 112 px crop, the baseline's processor ~2 ms, and
-        an H200 runs ViT-L/14 in bf16 at ~1,900 crops/s (docs/sizing.md)."""
+        an H200 runs ViT-L/14 in bf16 at ~1,800 crops/s, the tower alone (docs/sizing.md)."""
         size = batch_size or self.batch_size
         rows: list[np.ndarray] = [np.zeros((0, self.output_dim), dtype=np.float32)]
         starts = range(0, len(crops), size)

@@ -33,9 +33,9 @@ THRESHOLDS: dict[str, dict[str, float | int | bool]] = {
     "opencv": {"scale_factor": 1.1, "min_neighbors": 5, "min_face_side_fraction": 0.125},
     "openface": {"nobadaligned": True},
 }
-# Per backend: bump when a code change alters its crops for the same settings, so old artifacts
-# are not reused. (dlib's version 2 detected on a grey copy; version 3 is back on colour, with
-# version 1's crops, so detection on every frame keeps version 1's id.)
+# Per backend, detection on every sampled frame: bump when a code change alters its crops for
+# the same settings, so old artifacts are not reused. (dlib was 2 for a while, detecting on a grey
+# copy; detecting on colour again gives version 1's crops, so it is 1 again.)
 FACES_CODE_VERSION: dict[str, int] = {"dlib": 1, "opencv": 1, "openface": 1}
 # dlib with detect_every k > 1 (tasks/faces/track.py), keyed into those ids only. 2: grey
 # detection; detection on every k-th frame while no face is followed; confirmations that look

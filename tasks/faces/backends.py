@@ -89,6 +89,10 @@ def mouth_points(rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.
 # right - left of every box dlib's frontal face detector finds on one copy of its pyramid (its
 # window); the boxes it reports are that box mapped up from the copy where it was found.
 HOG_WINDOW = 72
+# Where on a copy those windows lie: dlib's HOG cells are 8 px, and every window it reports has
+# left and top at 5 modulo 8 (seen on every detection of real and demo footage; a test pins that
+# each reported box is on this grid).
+HOG_CELL, HOG_GRID_OFFSET = 8, 5
 
 
 class DlibBackend(FrameBackend):
@@ -154,15 +158,13 @@ class DlibBackend(FrameBackend):
         own pyramid (the very same pixels, HOG features and scores), at a fraction of the
         cost."""
         small, scale = downscale(rgb, self.detect_max_side)
-        skip = 0
-        if min_side:
-            skip = max(0, math.floor(math.log(min_side * scale / HOG_WINDOW) / math.log(6 / 5)))
-            for _ in range(skip):
-                small = self._pyramid(small)
+        skip = self.skips(rgb.shape, min_side) if min_side else 0
+        for _ in range(skip):
+            small = self._pyramid(small)
         rects, scores, _ = self.detector.run(small, 0, DLIB_MIN_SCORE)
         if skip:
             rects = [self._full_pyramid_box(r, skip) for r in rects]
-        elif not min_side and len(rects) == 0 and 2 * max(small.shape[:2]) <= self.detect_max_side:
+        elif len(rects) == 0 and 2 * max(small.shape[:2]) <= self.detect_max_side:
             # HOG finds faces from ~80 px up: a small frame gets a second look at twice its
             # size (4-5x the cost, so only when the first look found nothing). Large frames
             # never: there it found no more real faces and added a false positive.
@@ -173,6 +175,12 @@ class DlibBackend(FrameBackend):
             box = (r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
             out.append((box, float(scores[i])))
         return out
+
+    def skips(self, shape: tuple, min_side: float) -> int:
+        """How many copies of its pyramid a detection for faces at least `min_side` large (frame
+        pixels) on a frame of `shape` skips: 0 when it is a detection for every size."""
+        scale = min(1.0, self.detect_max_side / max(shape[0], shape[1]))
+        return max(0, math.floor(math.log(min_side * scale / HOG_WINDOW) / math.log(6 / 5)))
 
     def _full_pyramid_box(self, rect, skip: int):
         """The box the whole pyramid reports for a face found on a copy `skip` levels down.
@@ -197,6 +205,30 @@ class DlibBackend(FrameBackend):
             ):
                 return pyramid.rect_up(window, level + skip)
         return pyramid.rect_up(d.drectangle(rect), skip)  # not seen: within a pixel
+
+    def snap(self, box: tuple, shape: tuple) -> tuple[float, float, float, float]:
+        """The box dlib's detector would report for a face at `box` on a frame of `shape`: the
+        window of its pyramid nearest in size (the copy where the face is HOG_WINDOW wide) and
+        in position (the cell grid of that copy), mapped up to frame pixels as `detect` maps
+        its detections. A box the detector reported is its own snap. dlib's landmark model was
+        trained on its detector's boxes and its fit depends on where the box lies: a tracked
+        face fitted in a snapped box gets the landmarks that detection on that frame gives
+        whenever the detector picks that window (docs/faces.md). A face smaller than the
+        window (found on a small frame's upsampled look) is returned as it is."""
+        d, pyramid = self._dlib, self._pyramid
+        scale = min(1.0, self.detect_max_side / max(shape[0], shape[1]))
+        x0, y0, x1, y1 = (v * scale for v in box)
+        if x1 - x0 < HOG_WINDOW * 11 / 12:  # below the frame's window: the upsampled look's grid
+            return tuple(float(v) for v in box)
+        # dlib's sizes count pixels (right - left + 1): 73 on the copy, ~73 * (6/5)^level up
+        level = max(0, round(math.log((x1 - x0 + 1) / (HOG_WINDOW + 1)) / math.log(6 / 5)))
+        centre = pyramid.point_down(d.dpoint((x0 + x1) / 2, (y0 + y1) / 2), level)
+        left, top = (
+            round((v - HOG_WINDOW / 2 - HOG_GRID_OFFSET) / HOG_CELL) * HOG_CELL + HOG_GRID_OFFSET
+            for v in (centre.x, centre.y)
+        )
+        up = pyramid.rect_up(d.rectangle(left, top, left + HOG_WINDOW, top + HOG_WINDOW), level)
+        return (up.left() / scale, up.top() / scale, up.right() / scale, up.bottom() / scale)
 
     def landmarks(self, rgb: np.ndarray, box: tuple[float, float, float, float]):
         """dlib's 5-point shape of the face in `box` (frame pixels)."""

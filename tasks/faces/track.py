@@ -14,14 +14,19 @@ from tasks.faces.frames import Face
 
 class Detector(Protocol):
     """What the tracker needs of its backend (tasks/faces/backends.py DlibBackend): detection
-    (`min_side`: only faces at least that large), the landmark fit on a box, the aligned chip
-    and the points of a fit."""
+    (`min_side`: only faces at least that large; `skips`: whether that saves anything), the box
+    detection would report near a box (`snap`), the landmark fit on a box, the aligned chip and
+    the points of a fit."""
 
     detect_every: int
 
     def detect(
         self, rgb: np.ndarray, min_side: float | None = None
     ) -> list[tuple[tuple, float]]: ...
+
+    def skips(self, shape: tuple, min_side: float) -> int: ...
+
+    def snap(self, box: tuple, shape: tuple) -> tuple: ...
 
     def landmarks(self, rgb: np.ndarray, box: tuple) -> Any: ...
 
@@ -34,7 +39,8 @@ class Detector(Protocol):
 
 # -- tracking between detections -----------------------------------------------------------------
 # A tracked frame's landmarks must put the face where the next detection finds it: below this
-# IoU the tracked frames since the last detection are detected one by one instead.
+# IoU the frames between are not settled by tracking (LandmarkTracker: the frame halfway is
+# detected, and so on).
 TRACK_MIN_IOU = 0.5
 # While faces are followed, a detection that confirms them looks only for faces about as large as
 # the smallest followed one (DlibBackend.detect's `min_side`: 2-4x cheaper, the same boxes and
@@ -87,31 +93,26 @@ class _Followed:
 class LandmarkTracker:
     """Detect on every k-th sampled frame; between, re-fit the 5 landmarks of each face on a box
     carried over from the previous frame's landmarks (dlib's landmark model is cheap, detection
-    is not).
+    is not), put where the detector would put it (`snap`: its pyramid's window nearest in size
+    and position; the fit depends on the box it starts from).
 
-    Tracked faces are emitted only once the next detection confirms them: the largest face
-    (rank 0) when the next detection's largest overlaps it, each other face when some detection
-    overlaps it. When the largest is not confirmed, or no face is found, those frames are
-    detected one by one as with k = 1, so tracking keeps no face the next detection drops; a
-    face that both detections around some frames find is kept in them even where detection on
-    that frame alone would miss it. Confidence of a tracked face: its confirming detection's
-    score.
-
-    Without a face to follow, detection also runs on every k-th frame only: the frames between
-    two detections that both find no face are taken as faceless, and when a detection finds one
-    the frames since the last are detected one by one (a face that comes into view is cropped
-    from its first frame). Only a face seen for fewer than k frames, between two faceless
-    detections, is missed. Holds at most k - 1 decoded frames (those pending).
+    The frames between two detections are settled when the two agree: both find no face (the
+    frames between are faceless), or the later confirms the faces followed from the earlier
+    (the largest, rank 0, when the later's largest overlaps it; each other face when some
+    detection overlaps it; they are kept in those frames, with the confirming detection's
+    score). When they do not agree, the frame halfway between is detected and each half is
+    settled the same way, down to single frames: a face that comes into view, leaves, or is
+    replaced by another at a cut costs a few detections, not one per frame. So tracking keeps
+    no face that the detections around it drop, and a face that both find is kept in the
+    frames between even where detection on one of them alone would miss it. Only a face seen
+    for fewer frames than lie between two faceless detections is missed. Holds at most k - 1
+    decoded frames (those pending).
     """
 
     def __init__(self, backend: Detector, size: int):
         self.b, self.size = backend, size
-        # frame index, frame, and for each followed face: (crop, box, landmarks); None until
-        # the faces are followed through it (_follow_pending)
-        self.pending: list[
-            tuple[int, np.ndarray, list[tuple[np.ndarray, tuple, np.ndarray]] | None]
-        ] = []
-        self.followed: list[_Followed] = []  # [0]: the largest face of the last detection
+        self.pending: list[tuple[int, np.ndarray]] = []  # frames since the last detection
+        self.followed: list[_Followed] = []  # its faces, [0] the largest
         self.since = backend.detect_every - 1  # sampled frames since the last detection (the
         # first frame is detected)
         self.detections = 0  # since the last one that looked for faces of every size
@@ -125,59 +126,89 @@ class LandmarkTracker:
         detection); every size otherwise, or when the followed faces are not confirmed."""
         self.detections += 1
         if boxes and self.detections < FULL_DETECT_EVERY:
-            smallest = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes)
-            found = self.b.detect(rgb, min_side=CONFIRM_MIN_SIDE * smallest)
-            if self._confirmed(found, boxes):
-                return found
+            smallest = CONFIRM_MIN_SIDE * min(min(b[2] - b[0], b[3] - b[1]) for b in boxes)
+            if self.b.skips(rgb.shape, smallest):  # else it would be a detection for every size
+                found = self.b.detect(rgb, min_side=smallest)
+                if self._confirmed(found, boxes):
+                    return found
         self.detections = 0
         return self.b.detect(rgb)
 
-    def _follow_pending(self) -> None:
-        """Follow the faces through the pending frames, kept as they were decoded: the fits of
-        one model back to back (landmarks, then crops, then points), while its data stays in
-        the CPU's caches (a 5-point fit took 0.42 ms warm, 0.84 ms after 32 MB of other work;
-        a decode between two fits is such work)."""
-        todo = [n for n, (_, _, faces) in enumerate(self.pending) if faces is None]
-        fits = []
-        for n in todo:
-            rgb = self.pending[n][1]
-            fits.append([])
-            for f in self.followed:
-                shape = self.b.landmarks(rgb, f.box())
+    def _follow(self, start: list[_Followed], frames: list[tuple[int, np.ndarray]]) -> list:
+        """Follow the faces of `start` (left as they are) through `frames`: per frame, per face,
+        the landmark fit and the box it was fitted in, and the box carried on to the next
+        frame. The fits of one model back to back, while its data stays in the CPU's caches (a
+        5-point fit took 0.42 ms warm, 0.84 ms after 32 MB of other work; a decode between two
+        fits is such work)."""
+        faces = [_Followed(f.points, f.offset, f.extent) for f in start]
+        out = []
+        for _, rgb in frames:
+            out.append([])
+            for f in faces:
+                box = self.b.snap(f.box(), rgb.shape)  # from the last frame's landmarks
+                shape = self.b.landmarks(rgb, box)
                 f.points = _points(shape)
-                fits[-1].append((shape, f.box()))
-        crops = [
-            [self.b.chip(self.pending[n][1], sh, self.size) for sh, _ in fit]
-            for n, fit in zip(todo, fits, strict=True)
+                moved = self.b.snap(f.box(), rgb.shape)  # from this frame's
+                if moved != box:  # fitted again in the box recorded, as detection fits its box
+                    box, shape = moved, self.b.landmarks(rgb, moved)
+                    f.points = _points(shape)
+                out[-1].append((shape, box, f.box()))
+        return out
+
+    def _emit(self, frames: list, tracked: list, found: list, boxes: list[tuple]) -> list[Face]:
+        """The tracked faces of `frames` that the detection `found` confirms, with its scores:
+        crops, then landmarks (each model's calls back to back)."""
+        scores = [found[0][1]] + [_confirming(b, found) for b in boxes[1:]]
+        kept = [
+            (i, rgb, r, shape, box)
+            for (i, rgb), fits in zip(frames, tracked, strict=True)
+            for r, (shape, box, _) in enumerate(fits)
+            if scores[r] is not None
         ]
-        for n, fit, frame_crops in zip(todo, fits, crops, strict=True):
-            i, rgb, _ = self.pending[n]
-            faces = [
-                (crop, box, self.b.points(rgb, shape, box))
-                for (shape, box), crop in zip(fit, frame_crops, strict=True)
-            ]
-            self.pending[n] = (i, rgb, faces)
+        crops = [self.b.chip(rgb, shape, self.size) for _, rgb, _, shape, _ in kept]
+        return [
+            Face(i, crop, box, scores[r], r, self.b.points(rgb, shape, box))
+            for (i, rgb, r, shape, box), crop in zip(kept, crops, strict=True)
+        ]
+
+    def _settle(
+        self,
+        start: list[_Followed],
+        frames: list[tuple[int, np.ndarray]],
+        found: list[tuple[tuple, float]],
+        tracked: list | None = None,
+    ) -> list[Face]:
+        """The faces of `frames`, which lie between a detection whose faces are `start` and one
+        that found `found` (see the class): tracked when the later confirms them, none when
+        both are faceless, else the frame halfway is detected and each half settled alike.
+        `tracked`: `_follow(start, frames)`, when already done."""
+        if not frames:
+            return []
+        if start:
+            tracked = tracked if tracked is not None else self._follow(start, frames)
+            boxes = [carried for *_, carried in tracked[-1]]
+            if self._confirmed(found, boxes):
+                return self._emit(frames, tracked, found, boxes)
+        elif not found:
+            return []
+        mid = len(frames) // 2
+        i, rgb = frames[mid]
+        aligned = self.b.align_all(rgb, self.size)
+        here = [Face(i, c, box, sc, r, pts) for r, (c, box, sc, pts) in enumerate(aligned)]
+        middle = [(box, score) for _, box, score, _ in aligned]
+        before = self._settle(start, frames[:mid], middle, tracked[:mid] if start else None)
+        return before + here + self._settle(self._start(rgb, middle), frames[mid + 1 :], found)
+
+    def _start(self, rgb: np.ndarray, found: list[tuple[tuple, float]]) -> list[_Followed]:
+        return [_Followed.start(_points(self.b.landmarks(rgb, box)), box) for box, _ in found]
 
     def _detected(self, idx: int, rgb: np.ndarray) -> list[Face]:
         """Detect on this frame; settle the pending frames; restart tracking from here."""
-        self._follow_pending()
-        boxes = [f.box() for f in self.followed]
+        tracked = self._follow(self.followed, self.pending) if self.followed else None
+        boxes = [carried for *_, carried in tracked[-1]] if tracked else []
+        boxes = boxes or [f.box() for f in self.followed]  # nothing pending: from the detection
         found = self._detect(rgb, boxes)
-        out: list[Face] = []
-        if self.pending and not self.followed:
-            if found:  # a face came into view since the last (faceless) detection
-                out += self._one_by_one()
-        elif self.pending:
-            if self._confirmed(found, boxes):
-                scores = [found[0][1]] + [_confirming(b, found) for b in boxes[1:]]
-                for i, _, faces in self.pending:
-                    out += [
-                        Face(i, crop, box, scores[r], r, points)
-                        for r, (crop, box, points) in enumerate(faces)
-                        if scores[r] is not None
-                    ]
-            else:
-                out += self._one_by_one()
+        out = self._settle(self.followed, self.pending, found, tracked)
         self.pending, self.since, self.followed = [], 0, []
         for rank, (box, score) in enumerate(found):
             shape = self.b.landmarks(rgb, box)
@@ -186,27 +217,19 @@ class LandmarkTracker:
             out.append(Face(idx, crop, box, score, rank, self.b.points(rgb, shape, box)))
         return out
 
-    def _one_by_one(self) -> list[Face]:
-        out = []
-        for i, rgb, _ in self.pending:
-            for rank, (crop, box, score, points) in enumerate(self.b.align_all(rgb, self.size)):
-                out.append(Face(i, crop, box, score, rank, points))
-        return out
-
     def frame(self, idx: int, rgb: np.ndarray) -> list[Face]:
         """The faces this frame settles (its own, and pending tracked ones), in frame order."""
         self.since += 1
         if self.since >= self.b.detect_every:
             return self._detected(idx, rgb)
-        self.pending.append((idx, rgb, None))  # followed when the next detection is due
+        self.pending.append((idx, rgb))  # followed when the next detection is due
         return []
 
     def finish(self) -> list[Face]:
         """Settle what is pending at the end of the video: its last frame is detected."""
         if not self.pending:
             return []
-        self._follow_pending()
-        idx, rgb, _ = self.pending.pop()
+        idx, rgb = self.pending.pop()
         return self._detected(idx, rgb)
 
 

@@ -90,6 +90,32 @@ def test_tracking_detects_less_often(clips, tmp_path, monkeypatch):
     assert len(calls) == 2  # frame 0, and frame 4 closing the video; 1-3 were tracked
 
 
+def test_frames_between_two_detections_that_disagree_are_bisected(clips, monkeypatch):
+    # k = 5 on 10 frames: detections on frames 0 and 5, and 9 closing the video. When frame 5's
+    # detection disagrees with frame 0's (face, then grey; grey, then face), frame 3 (halfway)
+    # is detected, then frame 4 (between 3 and 5, still disagreeing); frames 1-2 lie between two
+    # that agree: tracked (face, face) or faceless (grey, grey).
+    # Each frame is looked at once: the face (44 px, found on the 256 px frame's upsampled
+    # look) is too small for a confirmation to skip pyramid copies, so it is a full detection.
+    cases = {
+        "face_then_blank": ([0, 1, 2, 3, 4], [0, 5, 3, 4, 9]),
+        "blank_then_face": ([5, 6, 7, 8, 9], [0, 5, 3, 4, 9]),
+    }
+    for clip, (want, looked_at) in cases.items():
+        frames = [np.ascontiguousarray(rgb) for _, rgb in FrameSampler().frames(clips[clip])]
+        backend = face_backends.DlibBackend(detect_every=5)
+        detected: list[np.ndarray] = []
+        detect = backend.detect
+        monkeypatch.setattr(
+            backend, "detect", lambda rgb, d=detect, s=detected, **kw: s.append(rgb) or d(rgb, **kw)
+        )
+        faces = list(backend.faces(clips[clip], FrameSampler(), 112))
+        assert [f.frame_idx for f in faces] == want, clip
+        assert len(detected) == len(looked_at), clip
+        for rgb, i in zip(detected, looked_at, strict=True):
+            assert np.array_equal(rgb, frames[i]), (clip, i)
+
+
 def test_a_detection_for_large_faces_finds_them_with_the_same_boxes_and_scores():
     # Confirming followed faces skips the pyramid copies where they would be too small for the
     # detector's window; the boxes must be those of the whole pyramid to the pixel (1 px moves
@@ -144,6 +170,49 @@ def test_detection_is_dlibs_own_on_the_colour_frame(small_corpus):
             ]
             seen += bool(got)
     assert seen >= 3
+
+
+def test_every_box_the_detector_reports_is_its_own_snap(small_corpus):
+    # `snap` puts a tracked face's box where the detector would: on its pyramid's window grid.
+    # Every box the detector reports must be a fixed point, on frames it detects on as they
+    # are (demo clips; the synthetic head from 1.2x to 2.5x the window: pyramid copies 1-5) and
+    # on frames it downscales first (the same, twice as large); a box a few pixels off comes
+    # back to it.
+    backend = face_backends.DlibBackend()
+    frames = []
+    for video in sorted(small_corpus.rglob("*.mp4"))[:2]:
+        frames += [np.ascontiguousarray(rgb) for _, rgb in list(FrameSampler().frames(video))[::9]]
+    for size in (300, 420, 560):
+        head = badmedia.face_image(0.0)[:300, 80:380]
+        frames.append(cv2.resize(head, (size, size), interpolation=cv2.INTER_LINEAR))
+    frames += [cv2.resize(f, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR) for f in frames]
+    seen = set()
+    for rgb in frames:
+        for box, _ in backend.detect(rgb):
+            if box[2] - box[0] < face_backends.HOG_WINDOW * max(1.0, max(rgb.shape[:2]) / 640):
+                continue  # found on a small frame's upsampled look: left as it is
+            assert backend.snap(box, rgb.shape) == box, (rgb.shape, box)
+            side = box[2] - box[0]
+            off = (box[0] + 0.03 * side, box[1] - 0.02 * side, box[2] + 0.04 * side, box[3])
+            assert backend.snap(off, rgb.shape) == box, (rgb.shape, box, off)
+            seen.add((max(rgb.shape[:2]) > 640, round(side)))
+    assert {big for big, _ in seen} == {False, True} and len(seen) >= 6, seen
+
+
+def test_tracked_faces_are_fitted_in_the_box_they_record(small_corpus):
+    # As detection fits the landmarks in the box it reports, a tracked face's 5 landmarks are
+    # those dlib fits in its recorded box, and that box is on the detector's grid.
+    backend = face_backends.DlibBackend(detect_every=4)
+    video = sorted(small_corpus.rglob("*.mp4"))[0]
+    frames = {i: np.ascontiguousarray(rgb) for i, rgb in FrameSampler().frames(video)}
+    faces = list(backend.faces(video, FrameSampler(), 64))
+    tracked = [f for f in faces if f.frame_idx % 4]  # frames 0, 4, 8, ... were detected
+    assert len(tracked) >= 6
+    for f in tracked:
+        rgb = frames[f.frame_idx]
+        assert backend.snap(f.box, rgb.shape) == f.box
+        fit = backend.landmarks(rgb, f.box)
+        assert np.array_equal(f.landmarks, backend.points(rgb, fit, f.box)), f.frame_idx
 
 
 def test_detect_every_keys_the_extractor_id_and_one_keeps_the_old_id():

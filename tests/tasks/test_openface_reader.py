@@ -175,7 +175,7 @@ def test_only_openface_mertools_keys_a_new_faces_id():
     # Today's ids, pinned: merflow's recipe keeps them. dlib on every frame has version 1's id
     # again (its crops are version 1's; version 2's grey detection had 91c577bf).
     assert FaceSettings().extractor_id == "faces-dlib-112-all-d05fb83e"
-    assert FaceSettings(detect_every=5).extractor_id == "faces-dlib-112-all-3ddc0bec"  # v3
+    assert FaceSettings(detect_every=5).extractor_id == "faces-dlib-112-all-d3729247"  # v4
     assert FaceSettings(backend="openface").extractor_id == "faces-openface-112-all-0e1b3f6e"
     assert FaceSettings(recipe="mertools").extractor_id == FaceSettings().extractor_id
     mertools = FaceSettings(backend="openface", recipe="mertools").extractor_id

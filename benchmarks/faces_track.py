@@ -15,8 +15,8 @@ reference is this run's first k, or `--reference FILE`: the first k of another r
 `--save FILE` (another checkout's code, to compare crops before and after a change).
 
 `--stage`: the faces stage itself, `crop_faces` as a worker runs it (crops file written, one
-decoder thread, the paper's every frame and detect_every=5 unless told), per video and in all:
-sampled frames per CPU second; with `--repeats N` each video's least CPU time of N runs.
+decoder thread, every frame and the paper profile's detect_every unless told), per video and in
+all: sampled frames per CPU second; with `--repeats N` each video's least CPU time of N runs.
 
 Real footage is not shipped with merflow; docs/sizing.md names the clips its figures come from.
 """
@@ -165,7 +165,13 @@ def stage_mode(videos: list[Path], args: argparse.Namespace) -> None:
     from tasks.faces.crop import crop_faces
     from tasks.faces.settings import FaceSettings
 
-    every = int(args.every) if args.every else 5
+    if args.every:
+        every = int(args.every)
+    else:  # the paper profile's
+        from flows.config import load_settings
+        from flows.plan import face_settings
+
+        every = face_settings(load_settings("paper")).detect_every
     settings = FaceSettings(
         backend="dlib", size=args.size, fps=args.fps, detect_every=every, select=args.select,
         decode_threads=1, processes=0,
@@ -209,7 +215,9 @@ def main() -> None:
     """Parse the arguments and run the chosen mode."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--every", help="detect_every values (default 1,3,5,10; --stage: one, 5)")
+    p.add_argument(
+        "--every", help="detect_every values (default 1,3,5,10; --stage: one, the paper profile's)"
+    )
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default every frame)")
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--limit", type=int, default=None, help="at most this many videos")

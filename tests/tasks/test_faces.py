@@ -473,7 +473,7 @@ def test_cli_crop_faces_writes_crops_and_a_preview(clips, tmp_path):
 
 def test_cli_crop_faces_runs_the_profiles_face_settings(clips, tmp_path):
     """`--profile paper` crops as the paper profile's flow does: its backend (OpenFace, dlib where
-    the binary is missing), 112 px, the speaking face, detection every 5th frame; the extractor id
+    the binary is missing), 112 px, the speaking face, detection every 10th frame; the extractor id
     is the flow's."""
     from flows.config import load_settings
     from flows.plan import face_settings
@@ -482,14 +482,14 @@ def test_cli_crop_faces_runs_the_profiles_face_settings(clips, tmp_path):
     result = CliRunner().invoke(task_app, args)
     assert result.exit_code == 0, result.output
     paper = face_settings(load_settings("paper"))
-    assert (paper.select, paper.detect_every, paper.size) == ("speaking", 5, 112)
-    line = f"faces    {paper.backend}, 112 px, select speaking, detect every 5 (profile paper; "
+    assert (paper.select, paper.detect_every, paper.size) == ("speaking", 10, 112)
+    line = f"faces    {paper.backend}, 112 px, select speaking, detect every 10 (profile paper; "
     assert f"{line}{paper.extractor_id})" in result.output
     assert "x 112x112 RGB crops" in result.output
     # An option given on the command line replaces the profile's value, and only that one.
     again = CliRunner().invoke(task_app, [*args, "--select", "largest"])
     assert again.exit_code == 0, again.output
-    assert "select largest, detect every 5 (profile paper;" in again.output
+    assert "select largest, detect every 10 (profile paper;" in again.output
 
 
 def test_cli_crop_faces_reports_no_face(clips, tmp_path):

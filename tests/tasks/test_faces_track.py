@@ -37,7 +37,10 @@ def _crops(video: Path, out: Path, **kw) -> tuple:
 
 
 def test_tracked_crops_match_detection_on_every_frame(small_corpus, tmp_path):
-    # Demo clips: a real face that drifts, scales and wobbles from frame to frame.
+    # Demo clips: a real face that drifts, scales and wobbles from frame to frame. Tracked boxes
+    # on the detector's grid give detection's own crops wherever it would pick the same window:
+    # 0.18 grey levels apart on average here, against 0.60 with boxes not snapped (version 3).
+    gaps = []
     for video in sorted(small_corpus.rglob("*.mp4"))[:3]:
         _, every = _crops(video, tmp_path / "a.npz", size=64, detect_every=1)
         _, tracked = _crops(video, tmp_path / "b.npz", size=64, detect_every=4)
@@ -46,6 +49,8 @@ def test_tracked_crops_match_detection_on_every_frame(small_corpus, tmp_path):
         assert gap < 4.0, f"{video.name}: tracked crops differ by {gap:.1f} grey levels"
         ious = [box_iou(a, b) for a, b in zip(every.boxes, tracked.boxes, strict=True)]
         assert min(ious) > 0.6
+        gaps.append(gap)
+    assert np.mean(gaps) < 0.3, gaps
 
 
 def test_tracking_never_keeps_a_face_detection_would_drop(clips, tmp_path):

@@ -27,6 +27,7 @@ from tasks.faces.frames import (
     FaceBackend,
     FrameBackend,
     FrameSampler,
+    detect_scale,
     downscale,
 )
 from tasks.faces.openface import OpenFaceBackend
@@ -179,7 +180,7 @@ class DlibBackend(FrameBackend):
     def skips(self, shape: tuple, min_side: float) -> int:
         """How many copies of its pyramid a detection for faces at least `min_side` large (frame
         pixels) on a frame of `shape` skips: 0 when it is a detection for every size."""
-        scale = min(1.0, self.detect_max_side / max(shape[0], shape[1]))
+        scale = detect_scale(shape, self.detect_max_side)
         return max(0, math.floor(math.log(min_side * scale / HOG_WINDOW) / math.log(6 / 5)))
 
     def _full_pyramid_box(self, rect, skip: int):
@@ -216,7 +217,7 @@ class DlibBackend(FrameBackend):
         whenever the detector picks that window (docs/faces.md). A face smaller than the
         window (found on a small frame's upsampled look) is returned as it is."""
         d, pyramid = self._dlib, self._pyramid
-        scale = min(1.0, self.detect_max_side / max(shape[0], shape[1]))
+        scale = detect_scale(shape, self.detect_max_side)
         x0, y0, x1, y1 = (v * scale for v in box)
         if x1 - x0 < HOG_WINDOW * 11 / 12:  # below the frame's window: the upsampled look's grid
             return tuple(float(v) for v in box)

@@ -184,10 +184,15 @@ class FrameSampler:
             raise media_error(video, e, f"decode frame {self.n_decoded} of") from e
 
 
+def detect_scale(shape: tuple, max_side: int) -> float:
+    """The factor `downscale` shrinks a frame of `shape` by (1.0: not shrunk)."""
+    return min(1.0, max_side / max(shape[0], shape[1]))
+
+
 def downscale(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     """`rgb` shrunk so its longer side is at most `max_side`, and the scale factor used."""
     h, w = rgb.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
+    scale = detect_scale(rgb.shape, max_side)
     if scale >= 1.0:
         return rgb, 1.0
     size = (max(1, round(w * scale)), max(1, round(h * scale)))

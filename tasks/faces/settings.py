@@ -41,7 +41,7 @@ FACES_CODE_VERSION: dict[str, int] = {"dlib": 1, "opencv": 1, "openface": 1}
 # detection; detection on every k-th frame while no face is followed; confirmations that look
 # only for the followed faces' sizes. 3: detection on the colour frame again, the rest as 2.
 # 4: tracked boxes snapped to the detector's window grid, landmarks fitted in the box recorded;
-# frames detected one by one go from the last back; no pruned confirmation that prunes nothing.
+# two detections that disagree are bisected; no pruned confirmation that prunes nothing.
 TRACKING_CODE_VERSION = 4
 # Bump when the speaking-face choice (tasks/faces/speaker.py) can change for the same faces and
 # audio.
